@@ -1,0 +1,52 @@
+"""The Hydra application behind ``kvprime run`` (also ``python -m kvprime.app``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .errors import USER_ERRORS, debug, explain
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    only = hc.runtime.choices.get("condition")
+    only = None if only in (None, "null") else only
+    print(f"kvprime: run directory {run_dir.resolve()}", file=sys.stderr)
+    from .runner import run_experiment
+
+    try:
+        results = run_experiment(cfg, run_dir, only=only)
+    except USER_ERRORS as err:
+        if debug():
+            raise
+        print(explain(err), file=sys.stderr)
+        raise SystemExit(2) from None
+    _print_summary(results)
+    print(f"kvprime: wrote {run_dir.resolve()}/report.md", file=sys.stderr)
+
+
+def _print_summary(results: dict) -> None:
+    rows = results["summary"]
+    print(f"\n{results['experiment']['name']}: {results['counts']['scored_samples']} samples, "
+          f"baseline {results['experiment']['baseline']!r} (delta > 0: condition better)")
+    print(f"{'condition':<24}{'mean NLL':>10}{'delta':>10}{'95% CI':>22}{'win':>7}{'p_holm':>10}  verdict")
+    for r in rows:
+        if r["verdict"] == "baseline":
+            print(f"{r['condition']:<24}{r['mean']:>10.4f}{'':>10}{'':>22}{'':>7}{'':>10}  baseline")
+            continue
+        ci = f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        print(f"{r['condition']:<24}{r['mean']:>10.4f}{r['mean_delta']:>+10.4f}{ci:>22}{r['win_rate']:>7.0%}"
+              f"{r['p_holm']:>10.2g}  {r['verdict']}")
+    for d in results.get("diagnosis", []):
+        print(f"[{d['status']}] {d['text']}")
+
+
+if __name__ == "__main__":
+    main()

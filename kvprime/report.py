@@ -1,0 +1,127 @@
+"""Tables, diagnosis and ``report.md`` from a run's scores (no model needed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+DEFINITIONS = """\
+- **NLL**: mean natural-log negative log-likelihood of the answer tokens given the cache and the prompt
+  (lower is better); `nll_sum` and `n_answer_tokens` are in `scores.csv`.
+- **delta** = reference NLL - condition NLL, per sample, paired by `sample_id` (positive: the condition
+  is better). Against the baseline, the reference is the baseline.
+- **win / tie / loss**: delta > 0 strictly / delta == 0 exactly / delta < 0; ties are counted apart.
+- **d_z**: mean(delta) / std(delta, ddof=1) (Cohen's d for paired samples). std uses ddof=1 everywhere.
+- **CI**: seeded bootstrap (scipy, BCa; percentile where BCa is degenerate) of mean delta.
+- **p**: paired t-test (`p_ttest`) and Wilcoxon signed-rank (`p_wilcoxon`); `p_holm` is the t-test p
+  Holm-adjusted over every test in this run (each condition vs baseline and each named comparison).
+- **verdict**: better/worse when p_holm < alpha, else "no significant difference".
+- Non-finite NLLs are flagged (`n_nonfinite`) and never averaged."""
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.2e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(df: pd.DataFrame, columns: Sequence[str]) -> str:
+    columns = [c for c in columns if c in df.columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def diagnose(comparisons: pd.DataFrame, rules: Sequence[Mapping]) -> list[dict]:
+    """The notebook's diagnosis rules: compare the paired mean delta with a threshold, and say next to
+    each call whether the difference is statistically significant, since a threshold alone is not."""
+    out = []
+    for rule in rules:
+        row = comparisons[(comparisons.treatment == rule["treatment"]) & (comparisons.reference == rule["reference"])]
+        if row.empty:
+            continue
+        row = row.iloc[0]
+        delta, threshold = float(row.mean_delta), float(rule["threshold"])
+        if delta > threshold:
+            status, text = "OK", rule["ok"]
+        elif delta < -threshold:
+            status, text = "PROBLEM", rule["problem"]
+        else:
+            status, text = "UNCLEAR", rule["unclear"]
+        significant = bool(row.p_holm < 0.05) if not math.isnan(row.p_holm) else False
+        out.append({
+            "check": rule["name"], "status": status, "text": text, "mean_delta": delta,
+            "threshold": threshold, "p_holm": float(row.p_holm), "significant": significant,
+            "ci": [float(row.ci_low), float(row.ci_high)],
+        })
+    return out
+
+
+def diagnosis_text(items: Sequence[Mapping]) -> str:
+    lines = []
+    for d in items:
+        sig = "significant" if d["significant"] else "not significant"
+        lines.append(
+            f"- **[{d['status']}] {d['check']}**: {d['text']} (mean delta {d['mean_delta']:+.4f} vs threshold "
+            f"±{d['threshold']:g}; 95% CI [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]; p_holm {_fmt(d['p_holm'])}, {sig})"
+        )
+    return "\n".join(lines)
+
+
+SUMMARY_COLUMNS = ("condition", "n", "n_nonfinite", "mean", "std", "sem", "mean_delta", "ci_low", "ci_high",
+                   "win_rate", "tie_rate", "p_ttest", "p_wilcoxon", "p_holm", "d_z", "verdict")
+COMPARISON_COLUMNS = ("name", "treatment", "reference", "n", "mean_delta", "ci_low", "ci_high", "win_rate",
+                      "tie_rate", "p_ttest", "p_wilcoxon", "p_holm", "d_z", "verdict")
+
+
+def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
+    exp, meta = results["experiment"], results["metadata"]
+    conds = results["conditions"]
+    parts = [
+        f"# {exp['name']}: {exp.get('title', '')}".rstrip(": "),
+        exp.get("description", "").strip(),
+        f"Model **{meta['model']['name']}** ({meta['model'].get('dtype')}, {meta['environment']['device']}), "
+        f"dataset **{meta['dataset']['name']}**: {results['counts']['scored_samples']} samples scored "
+        f"({results['counts']['skipped_samples']} skipped as too long, {results['counts']['rejected_records']} "
+        f"records rejected at load). Baseline: `{exp['baseline']}`. Sink policy: `{meta['model']['sink']}`.",
+        "## Conditions",
+        markdown_table(pd.DataFrame([{"condition": n, **c} for n, c in conds.items()]),
+                       ("condition", "builder", "surrogate", "rope_fix", "position_offset", "description")),
+        "## Results against the baseline",
+        "Sorted as run; delta > 0 means the condition has lower NLL than the baseline.",
+        markdown_table(summary, SUMMARY_COLUMNS),
+    ]
+    if len(comparisons):
+        parts += ["## Named comparisons", "delta = reference NLL - treatment NLL (positive: treatment better).",
+                  markdown_table(comparisons, COMPARISON_COLUMNS)]
+    if results.get("diagnosis"):
+        parts += ["## Diagnosis", "The notebook's rules (thresholds on the mean delta), with the statistics "
+                  "beside each call.", diagnosis_text(results["diagnosis"])]
+    notes = [n for n in results.get("notes", []) if n]
+    if notes:
+        parts += ["## Notes", "\n".join(f"- {n}" for n in notes)]
+    if results.get("skipped"):
+        parts += ["## Skipped samples", "\n".join(f"- `{s['sample_id']}`: {s['reason']}" for s in results["skipped"])]
+    if results.get("rejected"):
+        shown = results["rejected"][:20]
+        parts += ["## Rejected records (first 20)",
+                  "\n".join(f"- `{r['source_id']}`: {r['reason']}" for r in shown)]
+    parts += ["## Definitions", DEFINITIONS, "## Run",
+              "\n".join(f"- {k}: `{v}`" for k, v in [
+                  ("kvprime", meta["versions"].get("kvprime")), ("torch", meta["versions"].get("torch")),
+                  ("transformers", meta["versions"].get("transformers")), ("git commit", meta["git"]["commit"]),
+                  ("git dirty", meta["git"]["dirty"]), ("seed", meta["seed"]),
+                  ("sample ids sha256", meta["dataset"]["sample_ids_sha256"]),
+                  ("wall time per stage (s)", meta["timings_s"])]),
+              "Files: `inputs.jsonl` (evaluated samples), `scores.jsonl`/`scores.csv` (per sample and condition), "
+              "`summary.csv`, `comparisons.csv`, `results.json` (everything, with metadata), `.hydra/` (config)."]
+    return "\n\n".join(p for p in parts if p) + "\n"
