@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -37,11 +38,13 @@ def markdown_table(df: pd.DataFrame, columns: Sequence[str]) -> str:
     columns = [c for c in columns if c in df.columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
+        cells = [("" if (df[c].dtype == object and isinstance(row[c], float) and math.isnan(row[c]))
+                  else _fmt(row[c])) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def diagnose(comparisons: pd.DataFrame, rules: Sequence[Mapping]) -> list[dict]:
+def diagnose(comparisons: pd.DataFrame, rules: Sequence[Mapping], alpha: float = 0.05) -> list[dict]:
     """The notebook's diagnosis rules: compare the paired mean delta with a threshold, and say next to
     each call whether the difference is statistically significant, since a threshold alone is not."""
     out = []
@@ -57,7 +60,9 @@ def diagnose(comparisons: pd.DataFrame, rules: Sequence[Mapping]) -> list[dict]:
             status, text = "PROBLEM", rule["problem"]
         else:
             status, text = "UNCLEAR", rule["unclear"]
-        significant = bool(row.p_holm < 0.05) if not math.isnan(row.p_holm) else False
+        significant = bool(row.p_holm < alpha) if not math.isnan(row.p_holm) else False
+        if status != "UNCLEAR" and not significant:
+            text += " But the difference is not statistically significant, so the data do not support this call."
         out.append({
             "check": rule["name"], "status": status, "text": text, "mean_delta": delta,
             "threshold": threshold, "p_holm": float(row.p_holm), "significant": significant,
@@ -75,6 +80,15 @@ def diagnosis_text(items: Sequence[Mapping]) -> str:
             f"±{d['threshold']:g}; 95% CI [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]; p_holm {_fmt(d['p_holm'])}, {sig})"
         )
     return "\n".join(lines)
+
+
+def rejection_counts(rejected: Sequence[Mapping]) -> list[tuple[str, int]]:
+    """Reasons with their numbers masked ("passage has N words (> max_passage_words=150)"), most common first."""
+    counts: dict[str, int] = {}
+    for r in rejected:
+        reason = re.sub(r"\b\d+ words", "N words", r["reason"])
+        counts[reason] = counts.get(reason, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])
 
 
 SUMMARY_COLUMNS = ("condition", "n", "n_nonfinite", "mean", "std", "sem", "mean_delta", "ci_low", "ci_high",
@@ -112,9 +126,8 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame) -
     if results.get("skipped"):
         parts += ["## Skipped samples", "\n".join(f"- `{s['sample_id']}`: {s['reason']}" for s in results["skipped"])]
     if results.get("rejected"):
-        shown = results["rejected"][:20]
-        parts += ["## Rejected records (first 20)",
-                  "\n".join(f"- `{r['source_id']}`: {r['reason']}" for r in shown)]
+        parts += ["## Records rejected at load", "Counted by reason (every record is listed in `results.json`).",
+                  "\n".join(f"- {n} × {reason}" for reason, n in rejection_counts(results["rejected"]))]
     parts += ["## Definitions", DEFINITIONS, "## Run",
               "\n".join(f"- {k}: `{v}`" for k, v in [
                   ("kvprime", meta["versions"].get("kvprime")), ("torch", meta["versions"].get("torch")),

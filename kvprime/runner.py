@@ -190,6 +190,10 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
             engine.forget()
         rows = list(log.rows)
         repaired = log.repaired
+    if not rows:
+        raise RunError(f"no sample was scored: all {len(samples)} selected samples were skipped "
+                       f"(first reason: {skipped[0]['reason'] if skipped else 'none'}). Use shorter passages "
+                       "(dataset.filters.max_passage_words) or a model with a longer context.")
     timings["score"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -203,7 +207,8 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
                                     n_boot=int(st_cfg.get("n_boot", 10000)), seed=seed,
                                     alpha=float(st_cfg.get("alpha", 0.05)),
                                     confidence=float(st_cfg.get("confidence", 0.95)))
-    diagnosis = report.diagnose(comp, exp.get("diagnosis") or []) if len(comp) else []
+    diagnosis = report.diagnose(comp, exp.get("diagnosis") or [], alpha=float(st_cfg.get("alpha", 0.05))) \
+        if len(comp) else []
     timings["stats"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 

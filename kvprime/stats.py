@@ -17,9 +17,10 @@ Definitions (NLL is natural-log negative log-likelihood; lower is better):
   NaN when every delta is zero.
 * CI: scipy.stats.bootstrap of mean(delta), BCa, falling back to percentile
   when BCa fails or is NaN (e.g. constant deltas); ``ci_method`` says which.
-* Holm family: in ``summarize``, ALL tests of one run form one family --
-  every non-baseline condition vs the baseline plus every named comparison --
-  Holm-adjusted together on p_ttest.  NaN p-values are not counted in m.
+* Holm family: in ``summarize``, ALL distinct tests of one run form one family --
+  every non-baseline condition vs the baseline plus every named comparison, a
+  comparison identical to a vs-baseline test counted once -- Holm-adjusted
+  together on p_ttest.  NaN p-values are not counted in m.
 """
 from __future__ import annotations
 
@@ -133,8 +134,10 @@ def summarize(scores: pd.DataFrame, *, baseline: str, conditions: list[str] | No
               alpha: float = 0.05, confidence: float = 0.95) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Summary per condition vs ``baseline`` plus named comparisons.
 
-    Holm family = every non-baseline condition vs baseline AND every named comparison of this
-    call, adjusted together on ``p_ttest``.  Comparison delta = reference - treatment.
+    Holm family = every distinct (reference, treatment) test of this call: each non-baseline
+    condition vs baseline and each named comparison, a named comparison that repeats a
+    vs-baseline test counted once; adjusted together on ``p_ttest``.
+    Comparison delta = reference - treatment.
     """
     missing = {"sample_id", "condition", "nll"} - set(scores.columns)
     if missing:
@@ -152,29 +155,39 @@ def summarize(scores: pd.DataFrame, *, baseline: str, conditions: list[str] | No
         raise ValueError(f"unknown condition(s) {unknown}; available: {available}")
     by = {c: g.set_index("sample_id")["nll"] for c, g in scores.groupby("condition", sort=False)}
 
-    def run(name, reference, treatment):
-        j = pd.concat({"r": by[reference], "t": by[treatment]}, axis=1, join="inner").sort_index()
-        return paired_test(j["r"].to_numpy(), j["t"].to_numpy(), n_boot=n_boot,
-                           seed=_derive_seed(seed, name), confidence=confidence)
+    tests: dict[tuple[str, str], dict] = {}
+
+    def run(reference, treatment):
+        # One test per (reference, treatment) pair: a named comparison that repeats a vs-baseline test
+        # shares its numbers (same bootstrap seed, same CI) and counts once in the Holm family.
+        key = (reference, treatment)
+        if key not in tests:
+            j = pd.concat({"r": by[reference], "t": by[treatment]}, axis=1, join="inner").sort_index()
+            tests[key] = paired_test(j["r"].to_numpy(), j["t"].to_numpy(), n_boot=n_boot,
+                                     seed=_derive_seed(seed, f"{treatment} vs {reference}"), confidence=confidence)
+        return dict(tests[key])
 
     rows = []
     for c in conditions:
         row = {"condition": c, "is_baseline": c == baseline, **describe(by[c].to_numpy())}
         res = dict.fromkeys(PAIRED_FIELDS, _NAN) | {"ci_method": None}
         if c != baseline:
-            res = run(f"{c} vs {baseline}", baseline, c)
+            res = run(baseline, c)
         res["n_pairs"] = res.pop("n")
-        rows.append(row | res)
+        rows.append(row | {"_key": (baseline, c) if c != baseline else None} | res)
     comp_rows = [{"name": c["name"], "treatment": c["treatment"], "reference": c["reference"],
-                  **run(c["name"], c["reference"], c["treatment"])} for c in comparisons]
+                  "_key": (c["reference"], c["treatment"]), **run(c["reference"], c["treatment"])}
+                 for c in comparisons]
 
-    tested = [r for r in rows if not r["is_baseline"]] + comp_rows
-    for r, p in zip(tested, holm([r["p_ttest"] for r in tested])):
-        r["p_holm"] = float(p)
-        r["verdict"] = verdict(r["mean_delta"], r["p_holm"], alpha)
-    for r in rows:
-        if r["is_baseline"]:
+    keys = list(tests)
+    p_holm = dict(zip(keys, holm([tests[k]["p_ttest"] for k in keys])))
+    for r in rows + comp_rows:
+        key = r.pop("_key")
+        if key is None:
             r.update(p_holm=_NAN, verdict="baseline")
+        else:
+            r["p_holm"] = float(p_holm[key])
+            r["verdict"] = verdict(r["mean_delta"], r["p_holm"], alpha)
     paired_cols = [f for f in PAIRED_FIELDS if f != "n"]
     summary_cols = ["condition", "is_baseline", *describe([]), *paired_cols, "n_pairs", "p_holm", "verdict"]
     comp_cols = ["name", "treatment", "reference", *PAIRED_FIELDS, "p_holm", "verdict"]

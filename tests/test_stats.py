@@ -201,3 +201,24 @@ def test_summarize_deterministic_and_row_order_invariant():
     s4, _ = summarize(_scores(), baseline="A", comparisons=COMP, n_boot=NB, seed=4)
     ci = ["ci_low", "ci_high"]
     assert not np.array_equal(s4.loc[1:, ci].to_numpy(), s1.loc[1:, ci].to_numpy())
+
+
+def test_named_comparison_repeating_a_baseline_test_counts_once():
+    rng = np.random.default_rng(3)
+    base = rng.normal(3, 1, 12)
+    rows = [{"sample_id": f"s{i}", "condition": c, "nll": v}
+            for c, vals in {"A": base, "B": base - 0.3 + rng.normal(0, .2, 12),
+                            "C": base + rng.normal(0, .2, 12)}.items() for i, v in enumerate(vals)]
+    df = pd.DataFrame(rows)
+    comps = [{"name": "B vs A", "treatment": "B", "reference": "A"}, {"name": "B vs C", "treatment": "B",
+                                                                      "reference": "C"}]
+    summary, comp = summarize(df, baseline="A", comparisons=comps, n_boot=500, seed=1)
+    b = summary.set_index("condition").loc["B"]
+    same = comp.set_index("name").loc["B vs A"]
+    assert (b.ci_low, b.ci_high, b.p_holm) == (same.ci_low, same.ci_high, same.p_holm)
+    # Family of 3 distinct tests (B-A, C-A, B-C), not 4.
+    raw = {("A", "B"): b.p_ttest, ("A", "C"): summary.set_index("condition").loc["C"].p_ttest,
+           ("C", "B"): comp.set_index("name").loc["B vs C"].p_ttest}
+    expected = dict(zip(raw, holm(list(raw.values()))))
+    assert b.p_holm == pytest.approx(expected[("A", "B")])
+    assert comp.set_index("name").loc["B vs C"].p_holm == pytest.approx(expected[("C", "B")])

@@ -1,0 +1,43 @@
+# kvprime: `make help` lists the targets. Everything runs inside $(VENV), made by `make setup`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel that lies on this machine kind's disk; on a GPU box: make setup TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+export KVPRIME_HOME ?= $(HOME)/.cache/kvprime
+STAMP := $(VENV)/.kvprime-installed
+
+ARGS ?=
+PYTEST_ARGS ?=
+MODEL ?= smollm2_135m_instruct
+DATASET ?= squad_v11
+N ?= 50
+
+.PHONY: help setup run test test-fast reproduce-exp21
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@echo "  variables: ARGS='<hydra overrides>' MODEL= DATASET= N= TORCH_SPEC= VENV= KVPRIME_HOME=$(KVPRIME_HOME)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(STAMP) ## make .venv, install kvprime (+ CPU torch), fetch the sha256-pinned model and data
+	$(BIN)/kvprime setup
+
+run: setup ## exp21 on SmolLM2-135M-Instruct + 50 SQuAD v1.1 dev samples (ARGS= for overrides)
+	$(BIN)/kvprime run $(ARGS)
+
+test: setup ## every test, the real-model smoke run included
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup ## the tests without the real model (-m "not slow")
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+reproduce-exp21: setup ## the exp21 notebook: its sanity example, then MODEL/DATASET/N
+	$(BIN)/kvprime run experiment=exp21 model=$(MODEL) dataset=exp21_sanity stats.n_boot=1000 $(ARGS)
+	$(BIN)/kvprime run experiment=exp21 model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(N) $(ARGS)
