@@ -9,8 +9,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .confdir import CONF_DIR
+from .confdir import CONF_DIR, register_resolvers
 from .errors import USER_ERRORS, debug, explain
+
+register_resolvers()  # before Hydra resolves hydra.run.dir
 
 
 # An absolute path: Hydra resolves a relative one against the launching module, which breaks under `-m`.

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# conf/ sits beside the package in the repository (installed with `pip install -e .`).
+import os
+
+# conf/ and outputs/ sit beside the package in the repository (installed with `pip install -e .`).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+OUTPUTS_DIR = CONF_DIR.parent / "outputs"
+
+
+def outputs_root() -> str:
+    """Where run directories go: $KVPRIME_OUTPUT_ROOT, else the project's outputs/ whatever the cwd is."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("KVPRIME_OUTPUT_ROOT") or str(OUTPUTS_DIR)))
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("kvprime_outputs", outputs_root, replace=True)
 
 
 def names(group: str) -> list[str]:
