@@ -77,6 +77,22 @@ def inspect(ctx: typer.Context) -> None:
 
 
 @app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory made by `kvprime run`.")) -> None:
+    """Rebuild tables, figures, results.json and report.md of a run from its files (no model is loaded)."""
+    from .errors import USER_ERRORS, debug, explain
+    from .finalize import finalize
+
+    try:
+        results = finalize(run_dir)
+    except USER_ERRORS as err:
+        if debug():
+            raise
+        typer.echo(explain(err), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"kvprime: wrote {run_dir.resolve()}/report.md ({results['counts']['score_lines']} scores)")
+
+
+@app.command()
 def conditions() -> None:
     """List the registered cache builders, conditions and experiments, one line each."""
     from . import confdir
@@ -85,14 +101,15 @@ def conditions() -> None:
     typer.echo("builders:")
     for name, doc in sorted(BUILDER_DOCS.items()):
         typer.echo(f"  {name:<20} {doc}")
-    typer.echo("conditions (conf/condition/):")
-    for name in confdir.names("condition"):
+    typer.echo("conditions (conf/condition/; select one with condition=<name>):")
+    names = confdir.names("condition")
+    width = max(map(len, names))
+    for name in names:
         cfg = confdir.load("condition", name)
-        desc = cfg.get("description", "")
         detail = f"builder={cfg.get('builder')} surrogate={cfg.get('surrogate', 'none')}"
         if cfg.get("rope_fix"):
             detail += f" rope_fix={cfg.get('rope_fix')}"
-        typer.echo(f"  {name:<20} {detail:<58} {desc}")
+        typer.echo(f"  {name:<{width}}  {detail:<70} {cfg.get('description', '')}")
     for group in ("experiment", "model", "dataset"):
         typer.echo(f"{group}s (conf/{group}/): {', '.join(confdir.names(group))}")
 

@@ -23,7 +23,9 @@ def register_resolvers() -> None:
 
 
 def names(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """Config names of a group, sub-folders included ("exp01/A1_baseline")."""
+    root = CONF_DIR / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
 def load(group: str, name: str):

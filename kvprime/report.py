@@ -97,7 +97,40 @@ COMPARISON_COLUMNS = ("name", "treatment", "reference", "n", "mean_delta", "ci_l
                       "tie_rate", "p_ttest", "p_wilcoxon", "p_holm", "d_z", "verdict")
 
 
-def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
+ANALYSIS_TITLES = {
+    "critical": "Critical test: does RoPE correction fix truncation? (C1 broken vs C2 corrected vs A1)",
+    "surrogate_quality": "Surrogate quality (all truncated and RoPE-corrected) against A1",
+    "full_vs_truncated": "Full context vs truncated: is the benefit baked into the cache?",
+    "ordering": "Ordering: surrogate before vs after the document",
+    "similarity_correlation": "Surrogate-query similarity vs benefit (Pearson)",
+    "quartiles": "C2's win rate by baseline difficulty (A1 NLL quartile)",
+    "numerical_floor": "Numerical floor: re-rotation vs exact shift, and the offset control",
+    "routing_choices": "Routing: which cache each router chose",
+}
+
+
+def inspect_text(inspect: Mapping) -> str:
+    conds = inspect["conditions"]
+    lines = [f"Sample `{inspect['sample_id']}`.", "",
+             "| condition | cache length | kept segments | sink | prefix (cut or kept) | document | positions | "
+             "scoring from |", "|---|---|---|---|---|---|---|---|"]
+    for name, c in conds.items():
+        seg, pos = c["segments"], c["cache_position_ids"]
+        lines.append(f"| {name} | {c['cache_len']} | {', '.join(c['kept_segments'])} | {len(seg['sink'])} | "
+                     f"{len(seg['prefix'])} | {len(seg['document'])} | {pos[0]}..{pos[-1]} | {c['next_position']} |")
+    lens = {c["cache_len"] for c in conds.values()}
+    lines += ["", f"Cache lengths {'match' if len(lens) == 1 else 'DIFFER'}; document token ids "
+              f"{'identical' if inspect['same_document_ids'] else 'DIFFER'} across the two conditions.", "",
+              "Per-layer similarity of the document's entries (cosine over all heads and positions; max |diff|):", "",
+              "| layer | keys cos | keys max abs diff | values cos | values max abs diff |", "|---|---|---|---|---|"]
+    for r in inspect["layers"]:
+        lines.append(f"| {r['layer']} | {r['keys_cos']:.6f} | {r['keys_max_abs_diff']:.3e} | {r['values_cos']:.6f} | "
+                     f"{r['values_max_abs_diff']:.3e} |")
+    return "\n".join(lines)
+
+
+def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *,
+           analyses: Mapping[str, pd.DataFrame] | None = None, inspect: Mapping | None = None) -> str:
     exp, meta = results["experiment"], results["metadata"]
     conds = results["conditions"]
     parts = [
@@ -117,9 +150,16 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame) -
     if len(comparisons):
         parts += ["## Named comparisons", "delta = reference NLL - treatment NLL (positive: treatment better).",
                   markdown_table(comparisons, COMPARISON_COLUMNS)]
+    for key, fname in (results.get("figures") or {}).items():
+        parts += [f"![{key}]({fname})"]
+    for name, table in (analyses or {}).items():
+        parts += [f"## {ANALYSIS_TITLES.get(name, name)}",
+                  markdown_table(table, list(table.columns)) if len(table) else "_(no data: conditions missing)_"]
     if results.get("diagnosis"):
         parts += ["## Diagnosis", "The notebook's rules (thresholds on the mean delta), with the statistics "
                   "beside each call.", diagnosis_text(results["diagnosis"])]
+    if inspect:
+        parts += ["## Cache check (kvprime inspect)", inspect_text(inspect)]
     notes = [n for n in results.get("notes", []) if n]
     if notes:
         parts += ["## Notes", "\n".join(f"- {n}" for n in notes)]
@@ -135,6 +175,8 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame) -
                   ("git dirty", meta["git"]["dirty"]), ("seed", meta["seed"]),
                   ("sample ids sha256", meta["dataset"]["sample_ids_sha256"]),
                   ("wall time per stage (s)", meta["timings_s"])]),
-              "Files: `inputs.jsonl` (evaluated samples), `scores.jsonl`/`scores.csv` (per sample and condition), "
-              "`summary.csv`, `comparisons.csv`, `results.json` (everything, with metadata), `.hydra/` (config)."]
+              "Files: `inputs.jsonl` (evaluated samples, surrogates, similarities), `scores.jsonl`/`scores.csv` (per "
+              "sample and condition), `summary.csv`, `comparisons.csv`, `analyses/*.csv`, figures (`*.png`), "
+              "`results.json` (everything, with metadata), `config.json` and `.hydra/` (config). "
+              "`kvprime report <this dir>` rebuilds tables, figures and this report from those files."]
     return "\n\n".join(p for p in parts if p) + "\n"

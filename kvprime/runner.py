@@ -1,26 +1,27 @@
-"""Run one experiment into one run directory: validate, load, score, summarise, report.
+"""Run one experiment into one run directory: validate, load, generate surrogates, score, then finalize.
 
 Everything that can be checked without weights (condition definitions, templates, names, RoPE support,
 CUDA for 4-bit, the run directory's state) is checked first. Scores stream to ``scores.jsonl`` as they are
-computed; a rerun with ``resume=true`` into the same directory scores only what is missing.
+computed; a rerun with ``resume=true`` into the same directory scores only what is missing. Statistics,
+tables, figures and the report come from the directory's files alone (``kvprime.finalize``), so
+``kvprime report <run_dir>`` can redo them without a model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import pandas as pd
-
 from . import hf_internals as hf
-from . import metadata, models, report, stats, surrogates
+from . import metadata, models, surrogates
 from .builders import BUILDERS
 from .conditions import ConditionSpec, validate
 from .data import load_samples
-from .results_io import ScoreLog, write_atomic, write_json, write_jsonl, read_jsonl, dumps
 from .engine import Engine
+from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
 
 # Keys that may differ between a run and its resumption.
 _RESUME_FREE = ("resume", "progress")
@@ -30,23 +31,24 @@ class RunError(ValueError):
     """A configuration or run-directory problem, reported before any work is lost."""
 
 
-def _plain(cfg) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
+def plain(cfg) -> dict:
+    from omegaconf import DictConfig, OmegaConf
 
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return json.loads(json.dumps(cfg))
 
 
 def plan_conditions(cfg: Mapping, only: str | None = None) -> dict[str, ConditionSpec]:
-    """The run's conditions in order. ``only`` (``condition=<name>``) keeps that one and the baseline."""
+    """The run's conditions in order. ``only`` (``condition=<name>``) keeps that one and the baseline.
+
+    ``experiment.cache_variant: truncated`` turns every full cache with a prefix surrogate into its
+    truncated-and-corrected twin (the routing experiment's setting)."""
     exp = cfg["experiment"]
     defined = dict(cfg.get("conditions") or {})
     baseline = exp["baseline"]
     if only is not None:
+        only = only.rsplit("/", 1)[-1]  # condition=exp01/C2_... names the condition C2_...
         chosen = dict(cfg.get("condition") or {})
         names = [baseline] if only == baseline else [baseline, only]
         defined = {**{baseline: defined.get(baseline)}, only: chosen or defined.get(only)}
@@ -55,23 +57,30 @@ def plan_conditions(cfg: Mapping, only: str | None = None) -> dict[str, Conditio
     if baseline not in defined or defined[baseline] is None:
         raise RunError(f"experiment {exp['name']!r} names baseline {baseline!r}, which is not among its conditions "
                        f"({', '.join(n for n in defined if defined[n] is not None)}).")
+    variant = exp.get("cache_variant") or "as_defined"
+    if variant not in ("as_defined", "full", "truncated"):
+        raise RunError(f"experiment.cache_variant={variant!r} is not known. Accepted: as_defined, full, truncated.")
     specs = {}
     for name in names:
-        spec = ConditionSpec.from_config(name, defined[name])
+        fields = dict(defined[name])
+        if variant == "truncated" and fields.get("builder", "full") == "full" and fields.get("prefix_template") \
+                and fields.get("surrogate", "none") != "none":
+            fields.update(builder="truncate_prefix", rope_fix="rerotate")
+        spec = ConditionSpec.from_config(name, fields)
         validate(spec, BUILDERS)
         specs[name] = spec
     return specs
 
 
-def _comparisons(exp: Mapping, defined: Mapping, specs: Mapping) -> list[dict]:
+def comparisons_for(exp: Mapping, defined: Mapping, names) -> list[dict]:
     """Named comparisons whose two conditions are in this run (``condition=<name>`` runs fewer)."""
     out = []
     for comp in exp.get("comparisons") or []:
         for key in ("treatment", "reference"):
-            if comp[key] not in defined and comp[key] not in specs:
+            if comp[key] not in defined and comp[key] not in names:
                 raise RunError(f"experiment {exp['name']!r}: comparison {comp['name']!r} names {key} "
                                f"{comp[key]!r}, which is not one of its conditions ({', '.join(defined)}).")
-        if comp["treatment"] in specs and comp["reference"] in specs:
+        if comp["treatment"] in names and comp["reference"] in names:
             out.append({k: comp[k] for k in ("name", "treatment", "reference")})
     return out
 
@@ -95,19 +104,45 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
                        f"{diff}. Resume with the original overrides (see {stored_path}), or start a new run.")
 
 
+def _model_id(model_cfg: Mapping, info: Mapping) -> str:
+    """What generated surrogates are keyed on: the model's name and a digest of its weights."""
+    weights = json.dumps(info.get("weights_sha256") or info.get("path") or "", sort_keys=True)
+    return f"{model_cfg.get('name')}:{hashlib.sha256(weights.encode()).hexdigest()[:16]}"
+
+
+def generate_surrogates(cfg: Mapping, specs: Mapping, samples, model, tokenizer, model_id: str,
+                        progress: bool) -> dict:
+    """(template, sample_id) -> text for every ``generated:<template>`` source; the store is filled first."""
+    templates = sorted({s.surrogate.split(":", 1)[1] for s in specs.values() if s.surrogate.startswith("generated:")})
+    if not templates:
+        return {}
+    from .generation import GenerationSettings
+    from .surrogate_store import SurrogateStore, ensure
+
+    gcfg = dict(cfg.get("generation") or {})
+    settings = GenerationSettings(**{k: gcfg[k] for k in ("temperature", "max_new_tokens", "seed", "batch_size")
+                                     if k in gcfg})
+    store = SurrogateStore(Path(gcfg["store"]).expanduser()) if gcfg.get("store") else SurrogateStore()
+    out = {}
+    for template in templates:
+        texts = ensure(store, model, tokenizer, model_id=model_id, template_name=template,
+                       documents=[s.passage for s in samples], settings=settings, progress=progress)
+        out.update({(template, s.sample_id): t for s, t in zip(samples, texts)})
+    return out
+
+
 def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | None = None) -> dict:
     """Run ``cfg`` (a Hydra/OmegaConf config or plain dict) into ``run_dir``; returns ``results.json``'s dict."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     run_dir = Path(run_dir)
     exp = cfg["experiment"]
     seed = int(cfg.get("seed", 0))
     progress = cfg.get("progress", True) if progress is None else progress
 
     specs = plan_conditions(cfg, only)
-    baseline = exp["baseline"]
-    comparisons = _comparisons(exp, cfg.get("conditions") or {}, specs)
+    comparisons_for(exp, cfg.get("conditions") or {}, list(specs))  # names checked before any work
     model_cfg = cfg["model"]
     mconf = models.model_config(model_cfg)
     for spec in specs.values():
@@ -115,7 +150,8 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
             hf.check_config_supports(mconf, spec.rope_fix)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(run_dir, cfg)
-    write_json(run_dir / "config.json", {k: v for k, v in cfg.items()})
+    write_json(run_dir / "config.json", cfg)
+    write_json(run_dir / "plan.json", {"only": only, "conditions": {n: s.to_dict() for n, s in specs.items()}})
     timings["validate"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -133,12 +169,20 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     timings["load_model"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    generated = generate_surrogates(cfg, specs, samples, model, tokenizer, _model_id(model_cfg, model_info), progress)
+    timings["generate_surrogates"] = time.perf_counter() - t
     resolved = {
         s.sample_id: {name: surrogates.resolve(spec.surrogate, s, pool=pool, seed=seed, tokenizer=tokenizer,
-                                               n_tokens=spec.random_tokens) for name, spec in specs.items()}
+                                               n_tokens=spec.random_tokens, generated=generated)
+                      for name, spec in specs.items()}
         for s in samples
     }
-    inputs = [{**s.to_dict(), "surrogates": resolved[s.sample_id]} for s in samples]
+    t = time.perf_counter()
+    similarity = _similarities(samples, resolved) if exp.get("similarity") else {}
+    timings["similarity"] = time.perf_counter() - t
+
+    inputs = [{**s.to_dict(), "surrogates": resolved[s.sample_id],
+               "similarity": similarity.get(s.sample_id, {})} for s in samples]
     inputs_path = run_dir / "inputs.jsonl"
     if inputs_path.exists() and cfg.get("resume"):
         if read_jsonl(inputs_path) != [json.loads(dumps(r)) for r in inputs]:
@@ -146,20 +190,76 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
                            "loader changed; start a new run.")
     write_jsonl(inputs_path, inputs)
 
-    skipped, on_too_long = [], cfg.get("on_too_long", "skip")
-    save_tokens, per_token = bool(cfg.get("save_tokens")), bool(cfg.get("per_token"))
+    t = time.perf_counter()
+    skipped, repaired = _score_all(cfg, engine, specs, samples, resolved, similarity, run_dir, progress)
+    timings["score"] = time.perf_counter() - t
+
+    scoring_encodes, scoring_tokens = engine.n_encodes, engine.n_encoded_tokens
+    inspect_result = None
+    wanted = exp.get("inspect")
+    scored = [s for s in samples if s.sample_id not in {k["sample_id"] for k in skipped}]
+    if wanted and scored and all(c in specs for c in wanted):
+        from .inspect_cache import inspect_pair
+
+        engine.forget()
+        inspect_result = inspect_pair(engine, scored[0], {c: specs[c] for c in wanted}, pool=pool, seed=seed)
+        write_json(run_dir / "inspect.json", inspect_result)
+
+    timings["total_before_report"] = time.perf_counter() - t0
+    write_json(run_dir / "metadata.json", {
+        "versions": metadata.versions(), "git": metadata.git_state(), "seed": seed,
+        "environment": metadata.environment(engine.device),
+        "model": {"name": model_cfg.get("name"), "dtype": model_cfg.get("dtype"), "sink": engine.sink_policy,
+                  "sink_token_ids": engine.sink,
+                  "bos_added_by_tokenizer": tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id],
+                  "quantization": model_cfg.get("quantization"),
+                  "max_context": engine.max_context, "sliding_windows": sorted(set(engine.windows)), **model_info},
+        "dataset": {"name": cfg["dataset"].get("name"), "n_samples": cfg["dataset"].get("n_samples"),
+                    "selection": cfg["dataset"].get("selection"), "selection_seed": cfg["dataset"].get("seed"),
+                    "sample_ids_sha256": metadata.sample_ids_sha256([s.sample_id for s in samples]),
+                    "candidates": loaded.n_candidates, "rejected": [dict(r.__dict__) for r in loaded.rejected]},
+        "skipped": skipped,
+        "log_lines_repaired_on_resume": repaired,
+        "model_encodes": scoring_encodes, "encoded_tokens": scoring_tokens,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "run_dir": str(run_dir.resolve()),
+    })
+    from .finalize import finalize
+
+    return finalize(run_dir)
+
+
+def _similarities(samples, resolved) -> dict:
+    """sample_id -> {condition: cos(surrogate, query)} for every condition that has a surrogate."""
+    from .similarity import Embedder
+
+    pairs, keys = [], []
+    for s in samples:
+        for name, text in resolved[s.sample_id].items():
+            if text is not None:
+                pairs.append((text, s.query))
+                keys.append((s.sample_id, name))
+    out: dict = {}
+    for (sid, name), value in zip(keys, Embedder().cosine_pairs(pairs)):
+        out.setdefault(sid, {})[name] = value
+    return out
+
+
+def _score_all(cfg, engine, specs, samples, resolved, similarity, run_dir, progress):
     from tqdm.auto import tqdm
 
+    skipped, on_too_long = [], cfg.get("on_too_long", "skip")
+    save_tokens, per_token = bool(cfg.get("save_tokens")), bool(cfg.get("per_token"))
     with ScoreLog(run_dir / "scores.jsonl") as log:
-        bar = tqdm(samples, desc=f"{exp['name']} ({len(specs)} conditions)", unit="sample", disable=not progress)
+        bar = tqdm(samples, desc=f"{cfg['experiment']['name']} ({len(specs)} conditions)", unit="sample",
+                   disable=not progress)
         for sample in bar:
             segs = {name: engine.segments(spec, document=sample.passage, query=sample.query, answer=sample.answer,
                                           surrogate=resolved[sample.sample_id][name]) for name, spec in specs.items()}
             too_long = [n for n, spec in specs.items() if not engine.fits(segs[n], spec)]
             if too_long:
                 need = max(len(segs[n]) + specs[n].position_offset for n in too_long)
-                limit = engine.max_context if not engine.windows else min(engine.max_context or 1 << 30,
-                                                                          min(engine.windows))
+                limit = min([w for w in [engine.max_context, *engine.windows] if w])
                 reason = f"needs {need} tokens in condition {too_long[0]!r}; the model's limit is {limit}"
                 if on_too_long == "error":
                     raise RunError(f"sample {sample.sample_id!r} {reason} (on_too_long=error; use on_too_long=skip "
@@ -175,7 +275,8 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
                 row = {"sample_id": sample.sample_id, "condition": name, "nll": score.nll, "nll_sum": score.nll_sum,
                        "n_answer_tokens": score.n_answer_tokens, "cache_len": len(primed),
                        "next_position": primed.next_position, "encoded_tokens": primed.encoded_tokens,
-                       "surrogate": resolved[sample.sample_id][name]}
+                       "surrogate": resolved[sample.sample_id][name],
+                       "similarity": similarity.get(sample.sample_id, {}).get(name)}
                 if not score.finite:
                     row["nonfinite"] = repr(score.nll)
                 if save_tokens:
@@ -188,83 +289,9 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
                     row["token_logprobs"] = score.token_logprobs
                 log.append(row)
             engine.forget()
-        rows = list(log.rows)
-        repaired = log.repaired
-    if not rows:
+        n_rows, repaired = len(log.rows), log.repaired
+    if not n_rows:
         raise RunError(f"no sample was scored: all {len(samples)} selected samples were skipped "
                        f"(first reason: {skipped[0]['reason'] if skipped else 'none'}). Use shorter passages "
                        "(dataset.filters.max_passage_words) or a model with a longer context.")
-    timings["score"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    order = {s.sample_id: i for i, s in enumerate(samples)}
-    names = list(specs)
-    rows.sort(key=lambda r: (order.get(r["sample_id"], 1 << 30), names.index(r["condition"])))
-    scores = pd.DataFrame(rows)
-    scores["nll"] = scores["nll"].astype(float)  # nulls (non-finite) become NaN, flagged by stats
-    st_cfg = dict(cfg.get("stats") or {})
-    summary, comp = stats.summarize(scores, baseline=baseline, conditions=names, comparisons=comparisons,
-                                    n_boot=int(st_cfg.get("n_boot", 10000)), seed=seed,
-                                    alpha=float(st_cfg.get("alpha", 0.05)),
-                                    confidence=float(st_cfg.get("confidence", 0.95)))
-    diagnosis = report.diagnose(comp, exp.get("diagnosis") or [], alpha=float(st_cfg.get("alpha", 0.05))) \
-        if len(comp) else []
-    timings["stats"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-
-    flat_cols = [c for c in scores.columns if not isinstance(scores[c].iloc[0], (list, dict))]
-    write_atomic(run_dir / "scores.csv", scores[flat_cols].to_csv(index=False))
-    write_atomic(run_dir / "summary.csv", summary.to_csv(index=False))
-    write_atomic(run_dir / "comparisons.csv", comp.to_csv(index=False))
-    scored = scores["sample_id"].nunique()
-    results = {
-        "experiment": {k: exp.get(k) for k in ("name", "title", "description", "baseline")},
-        "conditions": {n: s.to_dict() for n, s in specs.items()},
-        "counts": {"selected_samples": len(samples), "scored_samples": int(scored), "skipped_samples": len(skipped),
-                   "rejected_records": len(loaded.rejected), "candidates": loaded.n_candidates,
-                   "score_lines": len(rows), "nonfinite_scores": int(scores["nll"].isna().sum()),
-                   "log_lines_repaired_on_resume": repaired},
-        "summary": summary.to_dict(orient="records"),
-        "comparisons": comp.to_dict(orient="records"),
-        "diagnosis": diagnosis,
-        "notes": _notes(specs, tokenizer, model_cfg, scores),
-        "skipped": skipped,
-        "rejected": [r.__dict__ if hasattr(r, "__dict__") else dict(r) for r in loaded.rejected],
-        "metadata": {
-            "versions": metadata.versions(), "git": metadata.git_state(), "seed": seed,
-            "environment": metadata.environment(engine.device),
-            "model": {"name": model_cfg.get("name"), "dtype": model_cfg.get("dtype"), "sink": engine.sink_policy,
-                      "sink_token_ids": engine.sink, "quantization": model_cfg.get("quantization"),
-                      "max_context": engine.max_context, "sliding_windows": sorted(set(engine.windows)),
-                      **model_info},
-            "dataset": {"name": cfg["dataset"].get("name"), "n_samples": cfg["dataset"].get("n_samples"),
-                        "selection": cfg["dataset"].get("selection"), "selection_seed": cfg["dataset"].get("seed"),
-                        "sample_ids_sha256": metadata.sample_ids_sha256([s.sample_id for s in samples])},
-            "model_encodes": engine.n_encodes, "encoded_tokens": engine.n_encoded_tokens,
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "run_dir": str(run_dir.resolve()),
-        },
-    }
-    write_json(run_dir / "results.json", results)
-    write_atomic(run_dir / "report.md", report.render(results, summary, comp))
-    return results
-
-
-def _notes(specs, tokenizer, model_cfg, scores) -> list[str]:
-    notes = []
-    if model_cfg.get("sink") == "bos":
-        added = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-        notes.append(f"Sink policy 'bos': every cache starts with the BOS token {tokenizer.bos_token!r}"
-                     + ("" if added else " (this tokenizer does not add it by itself; kvprime inserts it, as the "
-                                         "notebooks' caches all start with BOS)") + ".")
-    if any(s.builder == "truncate_suffix" for s in specs.values()):
-        notes.append("Suffix-truncated conditions keep exactly the entries of the bare cache (under causal attention "
-                     "the document never sees the suffix); any difference from the bare condition is float rounding.")
-    if any(s.truncates_prefix and s.rope_fix == "none" for s in specs.values()):
-        notes.append("rope_fix=none reproduces the notebooks' uncorrected truncation: the document keys stay rotated "
-                     "for positions S tokens too far, and scoring continues at the cache's end.")
-    bad = scores[scores["nll"].isna()]
-    if len(bad):
-        notes.append(f"{len(bad)} score(s) were non-finite and are excluded from every average: "
-                     + ", ".join(f"{r.sample_id}/{r.condition}" for r in bad.itertuples()))
-    return notes
+    return skipped, repaired

@@ -3,7 +3,8 @@
 Sources: ``none``; ``query`` (the sample's true query: an oracle); ``random_query`` (another sample's
 query, chosen per sample from the run seed); ``random_tokens`` (N token ids drawn per sample from the run
 seed, decoded to text, then re-encoded like any text); ``static:<name>`` (a fixed intent question from the
-static set). Every random draw uses its own ``numpy.random.Generator`` seeded from (run seed, sample id):
+static set); ``generated:<template>`` (written by the model for each document, seeded and stored on disk;
+see ``kvprime.generation``). Every random draw uses its own ``numpy.random.Generator`` seeded from (run seed, sample id):
 the same sample gets the same surrogate whatever else the run contains (the notebooks seeded numpy and drew
 from torch, so their "fixed" prefixes were not fixed).
 """
@@ -24,7 +25,7 @@ STATIC_SURROGATES: dict[str, str] = {
     "problem": "What problem does this solve?",
 }
 
-SOURCES = ("none", "query", "random_query", "random_tokens", "static:<name>")
+SOURCES = ("none", "query", "random_query", "random_tokens", "static:<name>", "generated:<template>")
 
 
 def _rng(seed: int, sample_id: str, purpose: str) -> np.random.Generator:
@@ -40,6 +41,16 @@ def validate_source(source: str, static_set: Mapping[str, str]) -> None:
             raise ValueError(
                 f"surrogate source {source!r} names an unknown static surrogate {name!r}. "
                 f"Accepted names: {', '.join(sorted(static_set))}."
+            )
+        return
+    if source.startswith("generated:"):
+        from .generation import GENERATION_TEMPLATES
+
+        name = source.split(":", 1)[1]
+        if name not in GENERATION_TEMPLATES:
+            raise ValueError(
+                f"surrogate source {source!r} names an unknown generation template {name!r}. "
+                f"Accepted templates: {', '.join(sorted(GENERATION_TEMPLATES))}."
             )
         return
     raise ValueError(f"surrogate source {source!r} is not known. Accepted: {', '.join(SOURCES)}.")
@@ -73,7 +84,8 @@ def random_tokens(sample, tokenizer, n_tokens: int, seed: int) -> str:
 
 
 def resolve(source: str, sample, *, pool: Sequence[str], seed: int, tokenizer=None, n_tokens: int = 20,
-            static_set: Mapping[str, str] = STATIC_SURROGATES) -> str | None:
+            static_set: Mapping[str, str] = STATIC_SURROGATES, generated: Mapping | None = None) -> str | None:
+    """The surrogate text for one sample; ``generated`` maps (template, sample_id) to pre-generated text."""
     if source == "none":
         return None
     if source == "query":
@@ -84,5 +96,10 @@ def resolve(source: str, sample, *, pool: Sequence[str], seed: int, tokenizer=No
         return random_tokens(sample, tokenizer, n_tokens, seed)
     if source.startswith("static:"):
         return static_set[source.split(":", 1)[1]]
+    if source.startswith("generated:"):
+        key = (source.split(":", 1)[1], sample.sample_id)
+        if not generated or key not in generated:
+            raise ValueError(f"no generated surrogate for {key}; generate the run's surrogates first")
+        return generated[key]
     validate_source(source, static_set)
     raise AssertionError("unreachable")

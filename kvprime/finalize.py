@@ -1,0 +1,156 @@
+"""Everything after scoring, from the run directory's files alone: derived (routed) conditions, statistics,
+the experiment's analyses, figures, ``results.json`` and ``report.md``.
+
+``kvprime report <run_dir>`` calls this on a finished (or partly finished) run; given the same files it
+writes the same tables byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from . import report, routing, stats
+from .results_io import read_jsonl, write_atomic, write_json
+
+FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_tokens", "cache_len", "next_position",
+                      "encoded_tokens", "surrogate", "similarity", "nonfinite")
+
+
+def _load(run_dir: Path, name: str):
+    path = run_dir / name
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a finished kvprime run directory: {name} is missing "
+                                "(a run writes it before scoring ends; resume the run first).")
+    return json.loads(path.read_text())
+
+
+def finalize(run_dir) -> dict:
+    from .runner import comparisons_for
+
+    run_dir = Path(run_dir)
+    cfg, plan, meta = _load(run_dir, "config.json"), _load(run_dir, "plan.json"), _load(run_dir, "metadata.json")
+    exp, seed = cfg["experiment"], int(cfg.get("seed", 0))
+    names = list(plan["conditions"])
+    inputs = read_jsonl(run_dir / "inputs.jsonl")
+    order = {r["sample_id"]: i for i, r in enumerate(inputs)}
+    rows = read_jsonl(run_dir / "scores.jsonl")
+    rows.sort(key=lambda r: (order.get(r["sample_id"], 1 << 30), names.index(r["condition"])))
+    scores = pd.DataFrame(rows)
+    scores["nll"] = scores["nll"].astype(float)  # nulls (non-finite) become NaN, flagged by stats
+    if "similarity" not in scores:
+        scores["similarity"] = float("nan")
+
+    rules = [dict(r) for r in exp.get("derived") or []]
+    rules = [r for r in rules if all(c in names for c in r.get("among", []))]  # condition=<x> runs a subset
+    routing.validate(rules, names)
+    derived = routing.derive(scores, rules, seed=seed)
+    all_scores = pd.concat([scores[["sample_id", "condition", "nll"]], derived[["sample_id", "condition", "nll"]]],
+                           ignore_index=True) if len(derived) else scores[["sample_id", "condition", "nll"]]
+    all_names = names + [r["name"] for r in rules]
+    defined = {**(cfg.get("conditions") or {}), **{r["name"]: r for r in exp.get("derived") or []}}
+    comparisons = comparisons_for(exp, defined, all_names)
+
+    st = dict(cfg.get("stats") or {})
+    alpha = float(st.get("alpha", 0.05))
+    summary, comp = stats.summarize(all_scores, baseline=exp["baseline"], conditions=all_names,
+                                    comparisons=comparisons, n_boot=int(st.get("n_boot", 10000)), seed=seed,
+                                    alpha=alpha, confidence=float(st.get("confidence", 0.95)))
+    diagnosis = report.diagnose(comp, exp.get("diagnosis") or [], alpha=alpha) if len(comp) else []
+
+    analyses = {}
+    similarity = _primary_similarity(scores, exp)
+    if exp.get("analyses") == "exp01":
+        from .analyses import exp01_analyses
+
+        analyses = exp01_analyses(scores[["sample_id", "condition", "nll"]], similarity, baseline=exp["baseline"],
+                                  n_boot=int(st.get("n_boot", 10000)), seed=seed)
+    if len(derived):
+        analyses["routing_choices"] = routing.routing_table(derived)
+
+    figures = {}
+    try:
+        from .figures import conditions_figure
+
+        figures["conditions"] = conditions_figure(summary, run_dir / "conditions.png",
+                                                  title=f"{exp['name']}: mean NLL and delta vs {exp['baseline']}").name
+        if exp.get("analyses") == "exp01":
+            from .figures import exp01_figure
+
+            figures["exp01"] = exp01_figure(scores[["sample_id", "condition", "nll"]], similarity,
+                                            run_dir / "exp01_figure.png", baseline=exp["baseline"]).name
+    except ImportError:  # figures are optional output; tables are not
+        pass
+
+    cols = [c for c in FLAT_SCORE_COLUMNS if c in scores.columns]
+    write_atomic(run_dir / "scores.csv", scores[cols].to_csv(index=False))
+    if len(derived):
+        write_atomic(run_dir / "routed_scores.csv", derived.to_csv(index=False))
+    write_atomic(run_dir / "summary.csv", summary.to_csv(index=False))
+    write_atomic(run_dir / "comparisons.csv", comp.to_csv(index=False))
+    for name, table in analyses.items():
+        write_atomic(run_dir / "analyses" / f"{name}.csv", table.to_csv(index=False))
+    inspect = json.loads((run_dir / "inspect.json").read_text()) if (run_dir / "inspect.json").exists() else None
+
+    results = {
+        "experiment": {k: exp.get(k) for k in ("name", "title", "description", "baseline")},
+        "conditions": plan["conditions"],
+        "derived": rules,
+        "counts": {"selected_samples": len(inputs), "scored_samples": int(scores["sample_id"].nunique()),
+                   "skipped_samples": len(meta.get("skipped", [])),
+                   "rejected_records": len(meta["dataset"].get("rejected", [])),
+                   "candidates": meta["dataset"].get("candidates"), "score_lines": len(rows),
+                   "nonfinite_scores": int(scores["nll"].isna().sum()),
+                   "log_lines_repaired_on_resume": meta.get("log_lines_repaired_on_resume", 0)},
+        "summary": summary.to_dict(orient="records"),
+        "comparisons": comp.to_dict(orient="records"),
+        "diagnosis": diagnosis,
+        "analyses": {k: v.to_dict(orient="records") for k, v in analyses.items()},
+        "figures": figures,
+        "notes": _notes(plan["conditions"], meta, scores),
+        "skipped": meta.get("skipped", []),
+        "rejected": meta["dataset"].get("rejected", []),
+        "metadata": meta,
+    }
+    write_json(run_dir / "results.json", results)
+    write_atomic(run_dir / "report.md", report.render(results, summary, comp, analyses=analyses, inspect=inspect))
+    return results
+
+
+def _primary_similarity(scores: pd.DataFrame, exp) -> pd.Series | None:
+    """Per-sample similarity of the experiment's main surrogate (``experiment.similarity_condition``)."""
+    cond = exp.get("similarity_condition")
+    if not cond or scores["similarity"].isna().all():
+        return None
+    part = scores[scores.condition == cond].set_index("sample_id")["similarity"].astype(float)
+    return part if part.notna().any() else None
+
+
+def _notes(conditions: dict, meta: dict, scores: pd.DataFrame) -> list[str]:
+    notes = []
+    model = meta["model"]
+    if model.get("sink") == "bos":
+        notes.append(f"Sink policy 'bos': every cache starts with the BOS token (id {model.get('sink_token_ids')})"
+                     + ("" if model.get("bos_added_by_tokenizer") else
+                        "; this tokenizer does not add it by itself, so kvprime inserts it, as the notebooks' caches "
+                        "all start with BOS") + ".")
+    if any(c["builder"] == "truncate_suffix" for c in conditions.values()):
+        notes.append("Suffix-truncated conditions keep exactly the entries of the bare cache (under causal attention "
+                     "the document never sees the suffix); any difference from the matching bare condition is float "
+                     "rounding, not an effect.")
+    if any(c["builder"] == "truncate_prefix" and c["rope_fix"] == "none" for c in conditions.values()):
+        notes.append("rope_fix=none reproduces the notebooks' uncorrected truncation: the document keys stay rotated "
+                     "for positions S tokens too far, and scoring continues at the cache's end.")
+    if any(c["builder"] == "truncate_prefix" and c["rope_fix"] == "shift" for c in conditions.values()):
+        notes.append("rope_fix=shift builds the truncated cache with no re-rotation (position ids lowered by S at "
+                     "encode time); its difference from the rerotate twin is the re-rotation round-off floor.")
+    if any(c.get("position_offset") for c in conditions.values()):
+        notes.append("A condition encoded at a position offset differs from its offset-0 twin only by float rounding "
+                     "(RoPE attention depends on relative positions): it is the numerical-noise control.")
+    bad = scores[scores["nll"].isna()]
+    if len(bad):
+        notes.append(f"{len(bad)} score(s) were non-finite and are excluded from every average: "
+                     + ", ".join(f"{r.sample_id}/{r.condition}" for r in bad.itertuples()))
+    return notes
