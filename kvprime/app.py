@@ -38,15 +38,16 @@ def main(cfg: DictConfig) -> None:
 
 def _print_summary(results: dict) -> None:
     rows = results["summary"]
+    w = max(len("condition"), *(len(r["condition"]) for r in rows)) + 2
     print(f"\n{results['experiment']['name']}: {results['counts']['scored_samples']} samples, "
           f"baseline {results['experiment']['baseline']!r} (delta > 0: condition better)")
-    print(f"{'condition':<24}{'mean NLL':>10}{'delta':>10}{'95% CI':>22}{'win':>7}{'p_holm':>10}  verdict")
+    print(f"{'condition':<{w}}{'mean NLL':>10}{'delta':>10}{'95% CI':>22}{'win':>7}{'p_holm':>10}  verdict")
     for r in rows:
         if r["verdict"] == "baseline":
-            print(f"{r['condition']:<24}{r['mean']:>10.4f}{'':>10}{'':>22}{'':>7}{'':>10}  baseline")
+            print(f"{r['condition']:<{w}}{r['mean']:>10.4f}{'':>10}{'':>22}{'':>7}{'':>10}  baseline")
             continue
         ci = f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
-        print(f"{r['condition']:<24}{r['mean']:>10.4f}{r['mean_delta']:>+10.4f}{ci:>22}{r['win_rate']:>7.0%}"
+        print(f"{r['condition']:<{w}}{r['mean']:>10.4f}{r['mean_delta']:>+10.4f}{ci:>22}{r['win_rate']:>7.0%}"
               f"{r['p_holm']:>10.2g}  {r['verdict']}")
     for d in results.get("diagnosis", []):
         print(f"[{d['status']}] {d['text']}")

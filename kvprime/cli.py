@@ -76,6 +76,53 @@ def inspect(ctx: typer.Context) -> None:
         raise typer.Exit(2) from None
 
 
+surrogates_app = typer.Typer(help="Generated surrogates: fill the on-disk store ahead of a run.", no_args_is_help=True)
+app.add_typer(surrogates_app, name="surrogates")
+
+
+@surrogates_app.command("generate", context_settings=PASSTHROUGH)
+def surrogates_generate(ctx: typer.Context) -> None:
+    """Generate (batched, seeded) every generated surrogate a run would need, and store them.
+
+    \b
+    kvprime surrogates generate experiment=exp01 dataset.n_samples=200
+    A later `kvprime run` with the same model, data, templates and generation settings reuses them.
+    """
+    from .errors import USER_ERRORS, debug, explain
+    from .inspect_cache import compose
+    from .runner import fill_surrogate_store
+
+    try:
+        counts = fill_surrogate_store(compose(list(ctx.args)))
+    except USER_ERRORS as err:
+        if debug():
+            raise
+        typer.echo(explain(err), err=True)
+        raise typer.Exit(2) from None
+    for template, n in counts.items():
+        typer.echo(f"{template}: {n} surrogates in the store")
+
+
+@app.command(context_settings=PASSTHROUGH)
+def walkthrough(ctx: typer.Context) -> None:
+    """One sample end to end, as the walkthrough notebook: surrogates, similarities, routing, NLLs, and the
+    answer's token-by-token probabilities under the baseline and the routed caches.
+
+    \b
+    kvprime walkthrough sample=<sample_id> [overrides, e.g. model=tiny_random_llama dataset=...]
+    """
+    from .errors import USER_ERRORS, debug, explain
+    from .walkthrough import walkthrough as run_walkthrough
+
+    try:
+        run_walkthrough(list(ctx.args))
+    except USER_ERRORS as err:
+        if debug():
+            raise
+        typer.echo(explain(err), err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory made by `kvprime run`.")) -> None:
     """Rebuild tables, figures, results.json and report.md of a run from its files (no model is loaded)."""

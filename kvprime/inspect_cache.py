@@ -60,12 +60,12 @@ def compare_caches(a, seg_a, b, seg_b) -> list[dict]:
     return rows
 
 
-def inspect_pair(engine: Engine, sample, specs: dict, *, pool, seed: int) -> dict:
+def inspect_pair(engine: Engine, sample, specs: dict, *, pool, seed: int, generated=None) -> dict:
     out = {"sample_id": sample.sample_id, "conditions": {}}
     built = {}
     for name, spec in specs.items():
         sur = surrogates.resolve(spec.surrogate, sample, pool=pool, seed=seed, tokenizer=engine.tokenizer,
-                                 n_tokens=spec.random_tokens)
+                                 n_tokens=spec.random_tokens, generated=generated)
         seg = engine.segments(spec, document=sample.passage, query=sample.query, answer=sample.answer, surrogate=sur)
         primed = engine.build(spec, seg)
         built[name] = (primed, seg)
@@ -117,9 +117,13 @@ def inspect_main(args: list[str]) -> dict:
             raise ValueError(f"sample={sample_id!r} is not among dataset {dataset['name']!r}'s usable samples "
                              f"(e.g. {', '.join(s.sample_id for s in samples[:3])}).")
         sample = match[0]
-    model, tok, _ = models.load(cfg["model"])
+    model, tok, info = models.load(cfg["model"])
     engine = Engine(model, tok, sink=cfg["model"].get("sink", "bos"), max_context=cfg["model"].get("max_context"))
-    result = inspect_pair(engine, sample, specs, pool=[s.query for s in samples], seed=int(cfg.get("seed", 0)))
+    from .runner import _model_id, generate_surrogates
+
+    generated = generate_surrogates(cfg, specs, [sample], model, tok, _model_id(cfg["model"], info), progress=False)
+    result = inspect_pair(engine, sample, specs, pool=[s.query for s in samples], seed=int(cfg.get("seed", 0)),
+                          generated=generated)
 
     print(f"sample {sample.sample_id}\n  query:  {sample.query}\n  answer: {sample.answer}")
     for name, info in result["conditions"].items():

@@ -120,7 +120,7 @@ def generate_surrogates(cfg: Mapping, specs: Mapping, samples, model, tokenizer,
     from .surrogate_store import SurrogateStore, ensure
 
     gcfg = dict(cfg.get("generation") or {})
-    settings = GenerationSettings(**{k: gcfg[k] for k in ("temperature", "max_new_tokens", "seed", "batch_size")
+    settings = GenerationSettings(**{k: gcfg[k] for k in ("temperature", "max_new_tokens", "seed", "batch_size", "clean")
                                      if k in gcfg})
     store = SurrogateStore(Path(gcfg["store"]).expanduser()) if gcfg.get("store") else SurrogateStore()
     out = {}
@@ -129,6 +129,20 @@ def generate_surrogates(cfg: Mapping, specs: Mapping, samples, model, tokenizer,
                        documents=[s.passage for s in samples], settings=settings, progress=progress)
         out.update({(template, s.sample_id): t for s, t in zip(samples, texts)})
     return out
+
+
+def fill_surrogate_store(cfg) -> dict[str, int]:
+    """``kvprime surrogates generate``: the generation step of a run, alone."""
+    cfg = plain(cfg)
+    specs = plan_conditions(cfg)
+    samples = load_samples({**cfg["dataset"]}).samples
+    model, tokenizer, info = models.load(cfg["model"])
+    generated = generate_surrogates(cfg, specs, samples, model, tokenizer, _model_id(cfg["model"], info),
+                                    progress=cfg.get("progress", True))
+    counts: dict[str, int] = {}
+    for template, _ in generated:
+        counts[template] = counts.get(template, 0) + 1
+    return counts
 
 
 def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | None = None) -> dict:
@@ -202,7 +216,8 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
         from .inspect_cache import inspect_pair
 
         engine.forget()
-        inspect_result = inspect_pair(engine, scored[0], {c: specs[c] for c in wanted}, pool=pool, seed=seed)
+        inspect_result = inspect_pair(engine, scored[0], {c: specs[c] for c in wanted}, pool=pool, seed=seed,
+                                      generated=generated)
         write_json(run_dir / "inspect.json", inspect_result)
 
     timings["total_before_report"] = time.perf_counter() - t0
@@ -217,7 +232,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
         "dataset": {"name": cfg["dataset"].get("name"), "n_samples": cfg["dataset"].get("n_samples"),
                     "selection": cfg["dataset"].get("selection"), "selection_seed": cfg["dataset"].get("seed"),
                     "sample_ids_sha256": metadata.sample_ids_sha256([s.sample_id for s in samples]),
-                    "candidates": loaded.n_candidates, "rejected": [dict(r.__dict__) for r in loaded.rejected]},
+                    "candidates": loaded.n_candidates, "rejected": [dict(r) for r in loaded.rejected]},
         "skipped": skipped,
         "log_lines_repaired_on_resume": repaired,
         "model_encodes": scoring_encodes, "encoded_tokens": scoring_tokens,

@@ -24,6 +24,7 @@ def samples_file(tmp_path):
          "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"}
         for i in range(6)
     ]
+    rows.append({"id": "empty", "passage": "A passage whose answer is missing.", "query": "What?", "answer": " "})
     path = tmp_path / "samples.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -72,6 +73,7 @@ def test_tiny_run_writes_every_file_with_consistent_contents(tmp_path, samples_f
     assert len(pd.read_csv(out / "comparisons.csv")) == 5
     assert results["metadata"]["model_encodes"] == 6 * 3  # bare, query+doc (B, C, D), random+doc (E)
     assert len(results["diagnosis"]) == 3
+    assert results["rejected"] == [{"source_id": "empty", "reason": "empty answer"}]
     report = (out / "report.md").read_text()
     assert "## Diagnosis" in report and "d_z" in report and "truncated_random" in report
 
@@ -129,7 +131,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, samples_file):
 
 def test_too_long_samples_are_skipped_and_counted(tmp_path, samples_file):
     cfg = tiny_cfg(samples_file, "model.max_context=150")
-    rows = [json.loads(l) for l in samples_file.read_text().splitlines()]
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
     rows[0]["passage"] = " ".join(["word"] * 200)
     samples_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = runner.run_experiment(cfg, tmp_path / "r")
