@@ -14,7 +14,7 @@ MODEL ?= smollm2_135m_instruct
 DATASET ?= squad_v11
 N ?= 50
 
-.PHONY: help setup run test test-fast reproduce-exp21
+.PHONY: help setup run test test-fast reproduce-exp21 reproduce-exp01 reproduce-walkthrough
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -38,6 +38,14 @@ test: setup ## every test, the real-model smoke run included
 test-fast: setup ## the tests without the real model (-m "not slow")
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-reproduce-exp21: setup ## the exp21 notebook: its sanity example, then MODEL/DATASET/N
+reproduce-exp21: setup ## the exp21 notebook: its France/Paris sanity example, then MODEL/DATASET/N
 	$(BIN)/kvprime run experiment=exp21 model=$(MODEL) dataset=exp21_sanity stats.n_boot=1000 $(ARGS)
 	$(BIN)/kvprime run experiment=exp21 model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(N) $(ARGS)
+
+reproduce-exp01: setup ## the exp01 notebook: 15 conditions (+ exact-shift twins), analyses, 4-panel figure
+	$(BIN)/kvprime run experiment=exp01 model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(N) $(ARGS)
+
+WALK_N ?= 20
+reproduce-walkthrough: setup ## the walkthrough notebook: routing over 5 static + 5 generated caches (WALK_N samples)
+	$(BIN)/kvprime run experiment=routing model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(WALK_N) $(ARGS)
+	$(BIN)/kvprime walkthrough model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(WALK_N) $(ARGS)

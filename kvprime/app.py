@@ -28,12 +28,26 @@ def main(cfg: DictConfig) -> None:
     try:
         results = run_experiment(cfg, run_dir, only=only)
     except USER_ERRORS as err:
+        _drop_if_empty(run_dir)
         if debug():
             raise
         print(explain(err), file=sys.stderr)
         raise SystemExit(2) from None
     _print_summary(results)
     print(f"kvprime: wrote {run_dir.resolve()}/report.md", file=sys.stderr)
+
+
+def _drop_if_empty(run_dir: Path) -> None:
+    """A run refused before it scored anything leaves no directory behind (Hydra makes it up front)."""
+    leftovers = {".hydra", "app.log", "config.json", "plan.json", "main.log"}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= leftovers:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            run_dir.parent.rmdir()  # outputs/<experiment>/ if this was its only run
+        except OSError:
+            pass
 
 
 def _print_summary(results: dict) -> None:

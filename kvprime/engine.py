@@ -37,6 +37,7 @@ class Engine:
         self.windows = [w for w in hf.sliding_windows(model) if w is not None]
         self._rope = None
         self._memo: dict = {}
+        self._kept: dict = {}
         self.n_encodes = 0  # model encodes actually run (memo hits excluded)
         self.n_encoded_tokens = 0
 
@@ -90,20 +91,23 @@ class Engine:
     def score(self, primed: PrimedCache, seg: Segments, *, per_token: bool = False) -> Score:
         return score_answer(self.model, primed, seg.prompt, seg.answer, per_token=per_token)
 
-    def encode(self, ids, positions) -> object:
+    def encode(self, ids, positions, *, keep: bool = False) -> object:
+        """KV cache of ``ids`` at ``positions``, memoised. ``keep=True`` for encodes that are the same for
+        every sample (the sink alone): they survive ``forget()``. Callers must not modify the result
+        beyond appending and cropping back (the scorer's way)."""
         key = (tuple(ids), int(positions[0]), len(positions))
-        cache = self._memo.get(key)
+        cache = self._kept.get(key) or self._memo.get(key)
         if cache is None:
             input_ids = torch.tensor([list(ids)], device=self.device)
             pos = torch.tensor([list(positions)], device=self.device)
             cache = hf.encode(self.model, input_ids, pos)
-            self._memo[key] = cache
+            (self._kept if keep else self._memo)[key] = cache
             self.n_encodes += 1
             self.n_encoded_tokens += len(ids)
         return cache
 
     def forget(self) -> None:
-        """Drop memoised encodes (call between samples: caches are freed as soon as nothing holds them)."""
+        """Drop the sample's memoised encodes (call between samples, so caches are freed)."""
         self._memo.clear()
 
     # ------------------------------------------------------------ notebook conveniences

@@ -156,7 +156,13 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     progress = cfg.get("progress", True) if progress is None else progress
 
     specs = plan_conditions(cfg, only)
-    comparisons_for(exp, cfg.get("conditions") or {}, list(specs))  # names checked before any work
+    derived = [dict(r) for r in exp.get("derived") or []]
+    if only is None:
+        from .routing import validate as validate_routing
+
+        validate_routing(derived, list(specs))
+    names = list(specs) + [r["name"] for r in derived]
+    comparisons_for(exp, {**(cfg.get("conditions") or {}), **{r["name"]: r for r in derived}}, names)
     model_cfg = cfg["model"]
     mconf = models.model_config(model_cfg)
     for spec in specs.values():

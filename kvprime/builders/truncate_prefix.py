@@ -34,7 +34,7 @@ def build_truncate_prefix(engine, seg, spec) -> PrimedCache:
         joint = engine.encode(ids, positions)
         parts = [(joint, doc_from, doc_from + n_doc, 0)]
         if n_sink:
-            sink = engine.encode(seg.sink, list(range(start, start + n_sink)))
+            sink = engine.encode(seg.sink, list(range(start, start + n_sink)), keep=True)
             parts.insert(0, (sink, 0, n_sink, 0))
         cache = hf.assemble(engine.model, parts)
         kept_pos = list(range(start, start + n_sink + n_doc))
