@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .confdir import CONF_DIR, register_resolvers
@@ -25,16 +26,33 @@ def main(cfg: DictConfig) -> None:
     print(f"kvprime: run directory {run_dir.resolve()}", file=sys.stderr)
     from .runner import run_experiment
 
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
         results = run_experiment(cfg, run_dir, only=only)
-    except USER_ERRORS as err:
-        _drop_if_empty(run_dir)
-        if debug():
+    except BaseException as err:
+        # A sweep job keeps its directory and says why it failed (the sweep report lists it); a single run
+        # refused before it scored anything leaves nothing behind.
+        if multirun or (run_dir / "scores.jsonl").exists():
+            _record_failure(run_dir, err)
+        else:
+            _drop_if_empty(run_dir)
+        if multirun or not isinstance(err, USER_ERRORS) or debug():
             raise
         print(explain(err), file=sys.stderr)
         raise SystemExit(2) from None
+    (run_dir / "error.json").unlink(missing_ok=True)
     _print_summary(results)
     print(f"kvprime: wrote {run_dir.resolve()}/report.md", file=sys.stderr)
+
+
+def _record_failure(run_dir: Path, err: BaseException) -> None:
+    """error.json beside the job's partial results, so a sweep report can say which job failed and why."""
+    import traceback
+
+    from .results_io import write_json
+
+    write_json(run_dir / "error.json", {"type": type(err).__name__, "message": str(err),
+                                        "traceback": traceback.format_exc()})
 
 
 def _drop_if_empty(run_dir: Path) -> None:

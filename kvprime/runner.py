@@ -131,6 +131,25 @@ def generate_surrogates(cfg: Mapping, specs: Mapping, samples, model, tokenizer,
     return out
 
 
+def shard(samples: list, run_cfg: Mapping) -> list:
+    """This job's deterministic slice of the selected samples (round-robin, so shards are balanced)."""
+    n, i = int(run_cfg.get("num_shards", 1)), int(run_cfg.get("shard", 0))
+    if n < 1 or not 0 <= i < n:
+        raise RunError(f"run.shard={i} with run.num_shards={n}: the shard must be in 0..num_shards-1 and "
+                       "num_shards >= 1.")
+    return samples[i::n]
+
+
+def _complete(run_dir: Path, samples, names) -> bool:
+    """A finished run: every (sample, condition) scored and the metadata written."""
+    if not (run_dir / "metadata.json").exists() or not (run_dir / "scores.jsonl").exists():
+        return False
+    meta = json.loads((run_dir / "metadata.json").read_text())
+    skipped = {s["sample_id"] for s in meta.get("skipped", [])}
+    done = {(r["sample_id"], r["condition"]) for r in read_jsonl(run_dir / "scores.jsonl")}
+    return all((s.sample_id, n) in done for s in samples if s.sample_id not in skipped for n in names)
+
+
 def fill_surrogate_store(cfg) -> dict[str, int]:
     """``kvprime surrogates generate``: the generation step of a run, alone."""
     cfg = plain(cfg)
@@ -176,12 +195,16 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
 
     t = time.perf_counter()
     loaded = load_samples({**cfg["dataset"]})
-    samples = loaded.samples
+    samples = shard(loaded.samples, cfg.get("run") or {})
     if not samples:
         raise RunError(f"dataset {cfg['dataset']['name']!r} gave no usable samples "
                        f"({len(loaded.rejected)} rejected; e.g. {loaded.rejected[:3]}).")
-    pool = [s.query for s in samples]
+    pool = [s.query for s in loaded.samples]  # random queries come from the whole selection, not the shard
     timings["load_data"] = time.perf_counter() - t
+    if cfg.get("resume") and _complete(run_dir, samples, list(specs)):
+        from .finalize import finalize
+
+        return finalize(run_dir)  # a finished job in a rerun sweep: nothing to load, nothing to score
 
     t = time.perf_counter()
     model, tokenizer, model_info = models.load(model_cfg)
