@@ -20,9 +20,9 @@ from dataclasses import replace
 import torch
 
 from . import hf_internals as hf
-from .builders import BUILDERS, PrimedCache
+from .builders import BUILDERS, PLANNERS, EncodeRequest, PrimedCache
 from .conditions import ConditionSpec, validate
-from .scoring import Score, score_answer
+from .scoring import Score, score_answer, score_batch
 from .segments import Segments, build_segments, sink_ids
 
 
@@ -105,6 +105,64 @@ class Engine:
             self.n_encodes += 1
             self.n_encoded_tokens += len(ids)
         return cache
+
+    def plan(self, spec: ConditionSpec, seg: Segments) -> list[EncodeRequest]:
+        """The encodes a condition's builder will ask for ([] if its builder has no planner)."""
+        planner = PLANNERS.get(spec.builder)
+        return planner(seg, spec) if planner else []
+
+    def prefill(self, requests, *, batch_tokens: int = 4096) -> None:
+        """Run every distinct, not yet memoised encode of ``requests`` as right-padded batches of similar
+        lengths (at most ``batch_tokens`` padded tokens a batch), so the builders then find them memoised."""
+        todo = {}
+        for req in requests:
+            if req.key not in self._memo and req.key not in self._kept:
+                todo.setdefault(req.key, req)
+        if not todo:
+            return
+        # A sliding-window cache keeps only its last window-1 entries: padding could push real ones out.
+        limit = min(self.windows) - 1 if self.windows else None
+        reqs = sorted(todo.values(), key=lambda r: len(r.ids))
+        batch: list[EncodeRequest] = []
+        for req in reqs + [None]:
+            width = len(req.ids) if req is not None else 0
+            if batch and (req is None or (len(batch) + 1) * width > batch_tokens
+                          or (limit is not None and width > limit)):
+                self._encode_batch(batch)
+                batch = []
+            if req is not None:
+                batch.append(req)
+
+    def _encode_batch(self, batch) -> None:
+        if len(batch) == 1:
+            self.encode(batch[0].ids, batch[0].positions, keep=batch[0].keep)
+            return
+        width = max(len(r.ids) for r in batch)
+        ids = torch.tensor([list(r.ids) + [0] * (width - len(r.ids)) for r in batch], device=self.device)
+        # Pads continue each row's positions; they are never attended to by a real token.
+        pos = torch.tensor([list(r.positions) + list(range(r.positions[-1] + 1, r.positions[-1] + 1 + width
+                                                           - len(r.ids))) for r in batch], device=self.device)
+        for req, cache in zip(batch, hf.encode_batch(self.model, ids, pos, [len(r.ids) for r in batch])):
+            (self._kept if req.keep else self._memo)[req.key] = cache
+            self.n_encodes += 1
+            self.n_encoded_tokens += len(req.ids)
+
+    def score_many(self, items, *, per_token: bool = False, batch_tokens: int = 4096) -> list[Score]:
+        """Scores of several (primed cache, segments) pairs, batched by cache length within ``batch_tokens``."""
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+        out: list[Score | None] = [None] * len(items)
+        group: list[int] = []
+        for i in order + [None]:
+            width = len(items[i][0]) if i is not None else 0
+            if group and (i is None or (len(group) + 1) * width > batch_tokens):
+                scores = score_batch(self.model, [(items[j][0], items[j][1].prompt, items[j][1].answer)
+                                                  for j in group], per_token=per_token)
+                for j, sc in zip(group, scores):
+                    out[j] = sc
+                group = []
+            if i is not None:
+                group.append(i)
+        return out
 
     def forget(self) -> None:
         """Drop the sample's memoised encodes (call between samples, so caches are freed)."""

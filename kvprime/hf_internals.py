@@ -217,6 +217,49 @@ def encode(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> Dynami
 
 
 @torch.inference_mode()
+def encode_batch(model, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int]) -> list[DynamicCache]:
+    """Encode right-padded rows in one pass and split the result into one cache per row.
+
+    Right padding needs no special care: under causal attention a real token never attends to the pads that
+    follow it, so each row's real entries are what an unpadded encode of that row computes (up to float
+    rounding from the batched matmuls). The per-row caches are views of the batch tensors."""
+    cache = new_cache(model)
+    mask = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            < torch.tensor(lengths, device=input_ids.device)[:, None]).long()
+    model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
+                     use_cache=True)
+    return [cache_from_layers(model, [(layer.keys[r:r + 1, :, :n], layer.values[r:r + 1, :, :n])
+                                      for layer in cache.layers]) for r, n in enumerate(lengths)]
+
+
+def stack_caches(model, caches: list[DynamicCache]) -> tuple[DynamicCache, torch.Tensor]:
+    """One batch cache from caches of different lengths, right-padded with zeros, and its 0/1 mask."""
+    lengths = [cache_length(c) for c in caches]
+    width = max(lengths)
+    layers = []
+    for i in range(len(caches[0].layers)):
+        k0 = caches[0].layers[i].keys
+        keys = k0.new_zeros((len(caches), k0.shape[1], width, k0.shape[3]))
+        values = k0.new_zeros((len(caches), k0.shape[1], width, caches[0].layers[i].values.shape[3]))
+        for r, c in enumerate(caches):
+            keys[r, :, :lengths[r]] = c.layers[i].keys[0]
+            values[r, :, :lengths[r]] = c.layers[i].values[0]
+        layers.append((keys, values))
+    mask = (torch.arange(width, device=k0.device)[None, :] < torch.tensor(lengths, device=k0.device)[:, None]).long()
+    return cache_from_layers(model, layers), mask
+
+
+@torch.inference_mode()
+def logits_batch(model, cache: DynamicCache, cache_mask: torch.Tensor, input_ids: torch.Tensor,
+                 input_mask: torch.Tensor, position_ids: torch.Tensor, keep_last: int) -> torch.Tensor:
+    """Logits of the last ``keep_last`` positions of left-padded rows read against a stacked cache."""
+    out = model(input_ids=input_ids, position_ids=position_ids,
+                attention_mask=torch.cat([cache_mask, input_mask], dim=1), past_key_values=cache, use_cache=True,
+                logits_to_keep=keep_last)
+    return out.logits
+
+
+@torch.inference_mode()
 def logits_after(
     model, cache: DynamicCache | None, input_ids: torch.Tensor, position_ids: torch.Tensor, keep_last: int
 ) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .engine import Engine
 from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
 
 # Keys that may differ between a run and its resumption.
-_RESUME_FREE = ("resume", "progress")
+_RESUME_FREE = ("resume", "progress", "batch")  # batching never changes a number
 
 
 class RunError(ValueError):
@@ -148,6 +148,23 @@ def _complete(run_dir: Path, samples, names) -> bool:
     skipped = {s["sample_id"] for s in meta.get("skipped", [])}
     done = {(r["sample_id"], r["condition"]) for r in read_jsonl(run_dir / "scores.jsonl")}
     return all((s.sample_id, n) in done for s in samples if s.sample_id not in skipped for n in names)
+
+
+def _row(sample, name, seg, primed, score, resolved, similarity, save_tokens, per_token) -> dict:
+    row = {"sample_id": sample.sample_id, "condition": name, "nll": score.nll, "nll_sum": score.nll_sum,
+           "n_answer_tokens": score.n_answer_tokens, "cache_len": len(primed), "next_position": primed.next_position,
+           "encoded_tokens": primed.encoded_tokens, "surrogate": resolved[sample.sample_id][name],
+           "similarity": similarity.get(sample.sample_id, {}).get(name)}
+    if not score.finite:
+        row["nonfinite"] = repr(score.nll)
+    if save_tokens:
+        row.update(cache_token_ids=primed.token_ids, cache_position_ids=primed.position_ids,
+                   prompt_token_ids=list(seg.prompt), answer_token_ids=list(seg.answer),
+                   kept_segments=list(primed.kept_segments),
+                   segment_token_ids={k: list(getattr(seg, k)) for k in ("sink", "prefix", "document", "suffix")})
+    if per_token:
+        row["token_logprobs"] = score.token_logprobs
+    return row
 
 
 def fill_surrogate_store(cfg) -> dict[str, int]:
@@ -290,49 +307,45 @@ def _similarities(samples, resolved) -> dict:
 
 
 def _score_all(cfg, engine, specs, samples, resolved, similarity, run_dir, progress):
+    """Score in chunks of samples: the chunk's distinct encodes run as padded batches, then every
+    (sample, condition) of the chunk is scored in batches, and its lines are appended before the next chunk."""
     from tqdm.auto import tqdm
 
     skipped, on_too_long = [], cfg.get("on_too_long", "skip")
     save_tokens, per_token = bool(cfg.get("save_tokens")), bool(cfg.get("per_token"))
+    batch = dict(cfg.get("batch") or {})
+    chunk_size = max(1, int(batch.get("samples", 4)))
+    encode_tokens, score_tokens = int(batch.get("encode_tokens", 4096)), int(batch.get("score_tokens", 8192))
     with ScoreLog(run_dir / "scores.jsonl") as log:
-        bar = tqdm(samples, desc=f"{cfg['experiment']['name']} ({len(specs)} conditions)", unit="sample",
-                   disable=not progress)
-        for sample in bar:
-            segs = {name: engine.segments(spec, document=sample.passage, query=sample.query, answer=sample.answer,
-                                          surrogate=resolved[sample.sample_id][name]) for name, spec in specs.items()}
-            too_long = [n for n, spec in specs.items() if not engine.fits(segs[n], spec)]
-            if too_long:
-                need = max(len(segs[n]) + specs[n].position_offset for n in too_long)
-                limit = min([w for w in [engine.max_context, *engine.windows] if w])
-                reason = f"needs {need} tokens in condition {too_long[0]!r}; the model's limit is {limit}"
-                if on_too_long == "error":
-                    raise RunError(f"sample {sample.sample_id!r} {reason} (on_too_long=error; use on_too_long=skip "
-                                   "to skip and count such samples).")
-                skipped.append({"sample_id": sample.sample_id, "reason": reason})
-                continue
-            for name, spec in specs.items():
-                if (sample.sample_id, name) in log.done:
+        bar = tqdm(total=len(samples), desc=f"{cfg['experiment']['name']} ({len(specs)} conditions)",
+                   unit="sample", disable=not progress)
+        for first in range(0, len(samples), chunk_size):
+            work = []  # (sample, condition name, segments)
+            for sample in samples[first:first + chunk_size]:
+                segs = {name: engine.segments(spec, document=sample.passage, query=sample.query,
+                                              answer=sample.answer, surrogate=resolved[sample.sample_id][name])
+                        for name, spec in specs.items()}
+                too_long = [n for n, spec in specs.items() if not engine.fits(segs[n], spec)]
+                if too_long:
+                    need = max(len(segs[n]) + specs[n].position_offset for n in too_long)
+                    limit = min([w for w in [engine.max_context, *engine.windows] if w])
+                    reason = f"needs {need} tokens in condition {too_long[0]!r}; the model's limit is {limit}"
+                    if on_too_long == "error":
+                        raise RunError(f"sample {sample.sample_id!r} {reason} (on_too_long=error; use "
+                                       "on_too_long=skip to skip and count such samples).")
+                    skipped.append({"sample_id": sample.sample_id, "reason": reason})
                     continue
-                seg = segs[name]
-                primed = engine.build(spec, seg)
-                score = engine.score(primed, seg, per_token=per_token)
-                row = {"sample_id": sample.sample_id, "condition": name, "nll": score.nll, "nll_sum": score.nll_sum,
-                       "n_answer_tokens": score.n_answer_tokens, "cache_len": len(primed),
-                       "next_position": primed.next_position, "encoded_tokens": primed.encoded_tokens,
-                       "surrogate": resolved[sample.sample_id][name],
-                       "similarity": similarity.get(sample.sample_id, {}).get(name)}
-                if not score.finite:
-                    row["nonfinite"] = repr(score.nll)
-                if save_tokens:
-                    row.update(cache_token_ids=primed.token_ids, cache_position_ids=primed.position_ids,
-                               prompt_token_ids=list(seg.prompt), answer_token_ids=list(seg.answer),
-                               kept_segments=list(primed.kept_segments),
-                               segment_token_ids={k: list(getattr(seg, k)) for k in
-                                                  ("sink", "prefix", "document", "suffix")})
-                if per_token:
-                    row["token_logprobs"] = score.token_logprobs
-                log.append(row)
+                work += [(sample, name, segs[name]) for name in specs if (sample.sample_id, name) not in log.done]
+            engine.prefill([r for _, name, seg in work for r in engine.plan(specs[name], seg)],
+                           batch_tokens=encode_tokens)
+            primed = [engine.build(specs[name], seg) for _, name, seg in work]
+            scores = engine.score_many(list(zip(primed, (seg for _, _, seg in work))), per_token=per_token,
+                                       batch_tokens=score_tokens)
+            for (sample, name, seg), pc, score in zip(work, primed, scores):
+                log.append(_row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token))
             engine.forget()
+            bar.update(min(chunk_size, len(samples) - first))
+        bar.close()
         n_rows, repaired = len(log.rows), log.repaired
     if not n_rows:
         raise RunError(f"no sample was scored: all {len(samples)} selected samples were skipped "

@@ -56,6 +56,40 @@ def score_answer(model, primed, prompt_ids, answer_ids, *, per_token: bool = Fal
     )
 
 
+def score_batch(model, items, *, per_token: bool = False) -> list[Score]:
+    """Score several (primed cache, prompt ids, answer ids) in one forward pass.
+
+    The caches are stacked into one right-padded batch cache (pads masked out) and the prompt+answer rows are
+    left-padded, so every row's answer ends at the last position and only the last max(answer)+1 positions
+    reach the LM head. Each row keeps its own position ids, so every number equals the one-at-a-time path up
+    to float rounding. The primed caches themselves are not touched."""
+    for primed, prompt, answer in items:
+        if not answer or not prompt:
+            return [score_answer(model, p, pr, an, per_token=per_token) for p, pr, an in items]
+    cache, cache_mask = hf.stack_caches(model, [p.cache for p, _, _ in items])
+    device = cache_mask.device
+    rows = [list(pr) + list(an) for _, pr, an in items]
+    width = max(map(len, rows))
+    pad = [width - len(r) for r in rows]
+    input_ids = torch.tensor([[0] * k + r for k, r in zip(pad, rows)], device=device)
+    input_mask = torch.tensor([[0] * k + [1] * len(r) for k, r in zip(pad, rows)], device=device)
+    position_ids = torch.stack([
+        torch.arange(p.next_position - k, p.next_position - k + width, device=device)
+        for (p, _, _), k in zip(items, pad)]).clamp_min(0)
+    keep = max(len(an) for _, _, an in items) + 1
+    logits = hf.logits_batch(model, cache, cache_mask, input_ids, input_mask, position_ids, keep_last=keep)
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    out = []
+    for r, (_, _, answer) in enumerate(items):
+        n = len(answer)
+        target = torch.tensor(answer, device=logprobs.device)
+        token_lp = logprobs[r, keep - 1 - n:].gather(-1, target[:, None])[:, 0]
+        nll_sum = float(-token_lp.sum())
+        out.append(Score(nll=nll_sum / n, nll_sum=nll_sum, n_answer_tokens=n,
+                         token_logprobs=[float(x) for x in token_lp] if per_token else None))
+    return out
+
+
 def score_without_cache(model, ids, n_answer: int) -> float:
     """Mean NLL of the last ``n_answer`` ids from one plain forward pass: the reference for tests."""
     input_ids = torch.tensor([list(ids)])

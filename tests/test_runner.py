@@ -85,26 +85,26 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path, samples_file, monk
     crashed = tmp_path / "crashed"
     from kvprime.engine import Engine
 
-    real_score, calls = Engine.score, {"n": 0}
+    real_score, calls = Engine.score_many, {"n": 0}
 
     def dying_score(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] > 13:
-            raise KeyboardInterrupt  # the run is killed in the middle of sample 3
+        if calls["n"] > 1:
+            raise KeyboardInterrupt  # the run is killed while scoring its second chunk of samples
         return real_score(self, *a, **k)
 
-    monkeypatch.setattr(Engine, "score", dying_score)
+    monkeypatch.setattr(Engine, "score_many", dying_score)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(tiny_cfg(samples_file), crashed)
-    monkeypatch.setattr(Engine, "score", real_score)
+        runner.run_experiment(tiny_cfg(samples_file, "batch.samples=2"), crashed)
+    monkeypatch.setattr(Engine, "score_many", real_score)
     assert not (crashed / "results.json").exists()
     with open(crashed / "scores.jsonl", "a") as fh:
         fh.write('{"sample_id": "s2", "condition": "trunc')  # killed mid-write too
-    assert len(read_jsonl_lenient(crashed / "scores.jsonl")) == 13
+    assert len(read_jsonl_lenient(crashed / "scores.jsonl")) == 2 * 5
 
     with pytest.raises(runner.RunError, match="resume=true"):
-        runner.run_experiment(tiny_cfg(samples_file), crashed)
-    results = runner.run_experiment(tiny_cfg(samples_file, "resume=true"), crashed)
+        runner.run_experiment(tiny_cfg(samples_file, "batch.samples=2"), crashed)
+    results = runner.run_experiment(tiny_cfg(samples_file, "batch.samples=2", "resume=true"), crashed)
     assert results["counts"]["log_lines_repaired_on_resume"] == 1
     a = pd.read_csv(full / "scores.csv").sort_values(["sample_id", "condition"]).reset_index(drop=True)
     b = pd.read_csv(crashed / "scores.csv").sort_values(["sample_id", "condition"]).reset_index(drop=True)
@@ -146,15 +146,16 @@ def test_too_long_samples_are_skipped_and_counted(tmp_path, samples_file):
 def test_nonfinite_scores_are_flagged_not_averaged(tmp_path, samples_file, monkeypatch):
     from kvprime.engine import Engine
 
-    real = Engine.score
+    real = Engine.score_many
 
-    def poisoned(self, primed, seg, **k):
-        s = real(self, primed, seg, **k)
-        if len(seg.prefix) and seg.prompt and seg.texts["document"].startswith("The river number 1 "):
-            s.nll = float("nan")
-        return s
+    def poisoned(self, items, **k):
+        scores = real(self, items, **k)
+        for (primed, seg), s in zip(items, scores):
+            if len(seg.prefix) and seg.texts["document"].startswith("The river number 1 "):
+                s.nll = float("nan")
+        return scores
 
-    monkeypatch.setattr(Engine, "score", poisoned)
+    monkeypatch.setattr(Engine, "score_many", poisoned)
     results = runner.run_experiment(tiny_cfg(samples_file), tmp_path / "r")
     summary = pd.read_csv(tmp_path / "r" / "summary.csv").set_index("condition")
     assert summary.loc["truncated_oracle", "n_nonfinite"] == 1 and summary.loc["truncated_oracle", "n"] == 5

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 BUILDERS: dict[str, Callable] = {}
 BUILDER_DOCS: dict[str, str] = {}
+# Optional: name -> function(seg, spec) -> list[EncodeRequest], the encodes the builder will ask for. With it
+# the engine runs a chunk of samples' encodes as padded batches before building; without it, a builder's
+# encodes simply run one at a time when it asks for them.
+PLANNERS: dict[str, Callable] = {}
 
 
 def register_builder(name: str):
@@ -22,6 +26,24 @@ def register_builder(name: str):
         BUILDER_DOCS[name] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         return fn
     return wrap
+
+
+def register_planner(name: str):
+    def wrap(fn):
+        PLANNERS[name] = fn
+        return fn
+    return wrap
+
+
+@dataclass(frozen=True)
+class EncodeRequest:
+    ids: tuple[int, ...]
+    positions: tuple[int, ...]
+    keep: bool = False  # the same for every sample (the sink alone): kept across samples
+
+    @property
+    def key(self):
+        return (self.ids, self.positions[0], len(self.positions))
 
 
 @dataclass

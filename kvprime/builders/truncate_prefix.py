@@ -15,7 +15,18 @@ After the prefix's S entries are cut, the document's keys are still rotated for 
 from __future__ import annotations
 
 from .. import hf_internals as hf
-from . import PrimedCache, register_builder
+from . import EncodeRequest, PrimedCache, register_builder, register_planner
+
+
+@register_planner("truncate_prefix")
+def plan_truncate_prefix(seg, spec) -> list[EncodeRequest]:
+    ids, start = seg.sink + seg.prefix + seg.document, spec.position_offset
+    if spec.rope_fix == "shift":
+        out = [EncodeRequest(ids, tuple(range(start - len(seg.prefix), start - len(seg.prefix) + len(ids))))]
+        if seg.sink:
+            out.append(EncodeRequest(seg.sink, tuple(range(start, start + len(seg.sink))), keep=True))
+        return out
+    return [EncodeRequest(ids, tuple(range(start, start + len(ids))))]
 
 
 @register_builder("truncate_prefix")
@@ -24,30 +35,23 @@ def build_truncate_prefix(engine, seg, spec) -> PrimedCache:
     if spec.rope_fix != "none":
         hf.check_config_supports(engine.model.config, spec.rope_fix)
     n_sink, n_prefix, n_doc = len(seg.sink), len(seg.prefix), len(seg.document)
-    ids = seg.sink + seg.prefix + seg.document
-    start = spec.position_offset
-    kept_ids = list(seg.sink + seg.document)
-    doc_from = n_sink + n_prefix
+    start, doc_from = spec.position_offset, n_sink + n_prefix
+    kept_ids, kept_pos = list(seg.sink + seg.document), list(range(start, start + n_sink + n_doc))
+    requests = plan_truncate_prefix(seg, spec)
+    joint_req = requests[0]
+    joint = engine.encode(joint_req.ids, joint_req.positions)
 
     if spec.rope_fix == "shift":
-        positions = list(range(start - n_prefix, start - n_prefix + len(ids)))
-        joint = engine.encode(ids, positions)
         parts = [(joint, doc_from, doc_from + n_doc, 0)]
         if n_sink:
-            sink = engine.encode(seg.sink, list(range(start, start + n_sink)), keep=True)
+            sink = engine.encode(requests[1].ids, requests[1].positions, keep=True)
             parts.insert(0, (sink, 0, n_sink, 0))
-        cache = hf.assemble(engine.model, parts)
-        kept_pos = list(range(start, start + n_sink + n_doc))
-        return PrimedCache(cache, kept_ids, kept_pos, start + n_sink + n_doc, ("sink", "document"), len(ids))
-
-    positions = list(range(start, start + len(ids)))
-    joint = engine.encode(ids, positions)
-    if spec.rope_fix == "rerotate":
-        delta, rope = -n_prefix, engine.rope
-        kept_pos = list(range(start, start + n_sink + n_doc))
+        rope = None
+    elif spec.rope_fix == "rerotate":
+        parts, rope = [(joint, 0, n_sink, 0), (joint, doc_from, doc_from + n_doc, -n_prefix)], engine.rope
     else:  # none: keys stay where they were encoded
-        delta, rope = 0, None
-        kept_pos = positions[:n_sink] + positions[doc_from:]
-    cache = hf.assemble(engine.model, [(joint, 0, n_sink, 0), (joint, doc_from, doc_from + n_doc, delta)], rope)
-    return PrimedCache(cache, kept_ids, kept_pos, start + n_sink + n_doc, ("sink", "document"), len(ids),
+        parts, rope = [(joint, 0, n_sink, 0), (joint, doc_from, doc_from + n_doc, 0)], None
+        kept_pos = list(joint_req.positions[:n_sink] + joint_req.positions[doc_from:])
+    cache = hf.assemble(engine.model, parts, rope)
+    return PrimedCache(cache, kept_ids, kept_pos, start + n_sink + n_doc, ("sink", "document"), len(joint_req.ids),
                        notes={"rope_fix": spec.rope_fix, "surrogate_tokens": n_prefix})

@@ -7,15 +7,24 @@ float rounding: the condition is a control, not an effect (exp01's D1).
 from __future__ import annotations
 
 from .. import hf_internals as hf
-from . import PrimedCache, register_builder
+from . import EncodeRequest, PrimedCache, register_builder, register_planner
+
+
+def _encode(seg, spec) -> EncodeRequest:
+    ids = seg.sink + seg.document + seg.suffix
+    return EncodeRequest(ids, tuple(range(spec.position_offset, spec.position_offset + len(ids))))
+
+
+@register_planner("truncate_suffix")
+def plan_truncate_suffix(seg, spec) -> list[EncodeRequest]:
+    return [_encode(seg, spec)]
 
 
 @register_builder("truncate_suffix")
 def build_truncate_suffix(engine, seg, spec) -> PrimedCache:
     """Encode sink+document+suffix, keep sink+document (positions are already right)."""
-    ids = seg.sink + seg.document + seg.suffix
-    start = spec.position_offset
-    positions = list(range(start, start + len(ids)))
+    req = _encode(seg, spec)
+    ids, start, positions = req.ids, spec.position_offset, list(req.positions)
     full = engine.encode(ids, positions)
     keep = len(seg.sink) + len(seg.document)
     cache = hf.assemble(engine.model, [(full, 0, keep, 0)])

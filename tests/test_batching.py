@@ -1,0 +1,75 @@
+"""Batching and shared encodes change no number: batched == one-at-a-time, shared == unshared."""
+
+import pytest
+
+from kvprime import hf_internals as hf
+from kvprime.conditions import ConditionSpec
+from kvprime.engine import Engine
+
+from test_cache_identities import engine_for, max_diff, segs
+
+SPECS = [ConditionSpec("full", builder="full"),
+         ConditionSpec("rerotate", builder="truncate_prefix", rope_fix="rerotate"),
+         ConditionSpec("shift", builder="truncate_prefix", rope_fix="shift"),
+         ConditionSpec("none", builder="truncate_prefix", rope_fix="none"),
+         ConditionSpec("suffix", builder="truncate_suffix"),
+         ConditionSpec("offset", builder="full", position_offset=9)]
+
+
+def samples():
+    # Unequal passage, prompt and answer lengths, so every batch is padded on both sides.
+    return [segs(n_prefix=2 + 3 * i, n_doc=7 + 11 * i, n_suffix=1 + i, n_prompt=2 + 2 * i, n_answer=1 + (i * 2) % 5,
+                 seed=10 + i) for i in range(5)]
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "gemma3", "phi_partial_rotary", "yarn_scaling"])
+def test_batched_scores_equal_one_at_a_time(variant):
+    data = samples()[:3] if variant == "gemma3" else samples()  # the tiny Gemma3's window is 64 tokens
+    single = engine_for(variant)
+    expected = []
+    for s in data:
+        expected += [single.score(single.build(spec, s), s).nll for spec in SPECS]
+        single.forget()
+    batched = engine_for(variant)
+    batched.prefill([r for s in data for spec in SPECS for r in batched.plan(spec, s)], batch_tokens=10_000)
+    items = [(batched.build(spec, s), s) for s in data for spec in SPECS]
+    got = [sc.nll for sc in batched.score_many(items, batch_tokens=10_000)]
+    assert len(got) == len(expected) == len(data) * len(SPECS)
+    assert max(abs(a - b) for a, b in zip(expected, got)) <= 1e-4
+
+
+def test_batched_encode_equals_single_encode_per_row():
+    eng = engine_for("llama")
+    S = samples()
+    reqs = [r for s in S for r in eng.plan(SPECS[0], s)]
+    eng.prefill(reqs, batch_tokens=10_000)
+    assert eng.n_encodes == len({r.key for r in reqs})
+    ref = engine_for("llama")
+    for r in reqs:
+        batched = eng.encode(r.ids, r.positions)  # memo hit: the batched encode
+        alone = ref.encode(r.ids, r.positions)
+        assert hf.cache_length(batched) == len(r.ids)
+        assert max_diff(batched, alone) <= 1e-5
+    assert eng.n_encodes == len({r.key for r in reqs})  # no encode ran twice
+
+
+def test_planned_encodes_are_the_distinct_encodes_and_shared_caches_equal_unshared():
+    eng = engine_for("llama")
+    s = samples()[2]
+    reqs = [r for spec in SPECS for r in eng.plan(spec, s)]
+    # full/rerotate/none share sink+prefix+document when there is no suffix; here full has a suffix.
+    distinct = {r.key for r in reqs}
+    eng.prefill(reqs)
+    shared = {spec.name: eng.build(spec, s) for spec in SPECS}
+    assert eng.n_encodes == len(distinct)
+    for spec in SPECS:
+        alone = engine_for("llama")  # a fresh engine: nothing memoised, nothing shared
+        assert max_diff(alone.build(spec, s).cache, shared[spec.name].cache) <= 1e-5
+
+
+def test_sliding_window_models_never_batch_past_the_window():
+    eng = engine_for("gemma3")  # window 64
+    s = samples()[0]
+    eng.prefill([r for spec in SPECS for r in eng.plan(spec, s)], batch_tokens=64 * 8)
+    for spec in SPECS:
+        assert eng.build(spec, s).cache is not None
