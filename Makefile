@@ -14,7 +14,7 @@ MODEL ?= smollm2_135m_instruct
 DATASET ?= squad_v11
 N ?= 50
 
-.PHONY: help setup run test test-fast reproduce-exp21 reproduce-exp01 reproduce-walkthrough
+.PHONY: help setup run test test-fast bench reproduce-exp21 reproduce-exp01 reproduce-walkthrough
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ test: setup ## every test, the real-model smoke run included
 
 test-fast: setup ## the tests without the real model (-m "not slow")
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup ## kvprime vs the notebooks' naive path on exp01, 20 samples, side by side (ARGS= for overrides)
+	$(BIN)/kvprime bench $(ARGS)
 
 reproduce-exp21: setup ## the exp21 notebook: its France/Paris sanity example, then MODEL/DATASET/N
 	$(BIN)/kvprime run experiment=exp21 model=$(MODEL) dataset=exp21_sanity stats.n_boot=1000 $(ARGS)

@@ -123,6 +123,32 @@ def walkthrough(ctx: typer.Context) -> None:
         raise typer.Exit(2) from None
 
 
+@app.command(context_settings=PASSTHROUGH)
+def bench(ctx: typer.Context) -> None:
+    """Time kvprime's path against the notebooks' naive path on the same work, side by side, and print the
+    speed-ups, the largest NLL difference, the share of the measured matmul throughput and peak memory.
+
+    \b
+    kvprime bench                                   # exp01, SmolLM2-135M, 20 SQuAD samples, CPU
+    kvprime bench dataset.n_samples=5 model=tiny_random_llama
+    Writes bench.json and bench.md to outputs/bench/<timestamp>/.
+    """
+    import datetime
+
+    from .bench import bench as run_bench
+    from .confdir import outputs_root
+    from .errors import USER_ERRORS, debug, explain
+
+    out = Path(outputs_root()) / "bench" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        run_bench(list(ctx.args), out_dir=out)
+    except USER_ERRORS as err:
+        if debug():
+            raise
+        typer.echo(explain(err), err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory made by `kvprime run`.")) -> None:
     """Rebuild tables, figures, results.json and report.md of a run from its files (no model is loaded)."""

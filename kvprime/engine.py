@@ -40,6 +40,7 @@ class Engine:
         self._kept: dict = {}
         self.n_encodes = 0  # model encodes actually run (memo hits excluded)
         self.n_encoded_tokens = 0
+        self.encode_lengths: list[int] = []  # real tokens of each encode run (the benchmark's FLOP count)
 
     @classmethod
     def load(cls, model: str = "smollm2_135m_instruct", **overrides) -> "Engine":
@@ -104,6 +105,7 @@ class Engine:
             (self._kept if keep else self._memo)[key] = cache
             self.n_encodes += 1
             self.n_encoded_tokens += len(ids)
+            self.encode_lengths.append(len(ids))
         return cache
 
     def plan(self, spec: ConditionSpec, seg: Segments) -> list[EncodeRequest]:
@@ -146,6 +148,7 @@ class Engine:
             (self._kept if req.keep else self._memo)[req.key] = cache
             self.n_encodes += 1
             self.n_encoded_tokens += len(req.ids)
+            self.encode_lengths.append(len(req.ids))
 
     def score_many(self, items, *, per_token: bool = False, batch_tokens: int = 4096) -> list[Score]:
         """Scores of several (primed cache, segments) pairs, batched by cache length within ``batch_tokens``."""
@@ -163,6 +166,15 @@ class Engine:
             if i is not None:
                 group.append(i)
         return out
+
+    def run_chunk(self, work, *, per_token: bool = False, encode_tokens: int = 4096,
+                  score_tokens: int = 8192) -> list[tuple[PrimedCache, Score]]:
+        """Build and score a chunk of (spec, segments): its distinct encodes batched, then its scores batched."""
+        self.prefill([r for spec, seg in work for r in self.plan(spec, seg)], batch_tokens=encode_tokens)
+        primed = [self.build(spec, seg) for spec, seg in work]
+        scores = self.score_many(list(zip(primed, (seg for _, seg in work))), per_token=per_token,
+                                 batch_tokens=score_tokens)
+        return list(zip(primed, scores))
 
     def forget(self) -> None:
         """Drop the sample's memoised encodes (call between samples, so caches are freed)."""

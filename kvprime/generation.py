@@ -212,8 +212,10 @@ def _generate_batch(model, rows: list[list[int]], generators: list[torch.Generat
 
 
 def generate(model, tokenizer, documents: list[str], template_text: str, settings: GenerationSettings,
-             *, progress: bool = False) -> list[str]:
-    """One cleaned surrogate per document, in input order; independent of batch size and batch mates."""
+             *, progress: bool = False, stats: dict | None = None) -> list[str]:
+    """One cleaned surrogate per document, in input order; independent of batch size and batch mates.
+
+    ``stats``, if given, receives the real prompt and generated token counts (the benchmark's FLOP count)."""
     if not documents:
         return []
     if settings.batch_size < 1:
@@ -239,6 +241,10 @@ def generate(model, tokenizer, documents: list[str], template_text: str, setting
     for batch in batches:
         gens = [torch.Generator().manual_seed(row_seed(settings.seed, documents[i])) for i in batch]
         new_tokens = _generate_batch(model, [encoded[i] for i in batch], gens, settings, pad_id, stop)
+        if stats is not None:
+            stats.setdefault("rows", []).extend(
+                (len(encoded[i]), min(len(toks) + 1, settings.max_new_tokens))  # +1: the stop token
+                for i, toks in zip(batch, new_tokens))
         for i, toks in zip(batch, new_tokens):
             results[i] = clean(tokenizer.decode(toks, skip_special_tokens=True), settings.clean)
     return results  # type: ignore[return-value]

@@ -336,12 +336,9 @@ def _score_all(cfg, engine, specs, samples, resolved, similarity, run_dir, progr
                     skipped.append({"sample_id": sample.sample_id, "reason": reason})
                     continue
                 work += [(sample, name, segs[name]) for name in specs if (sample.sample_id, name) not in log.done]
-            engine.prefill([r for _, name, seg in work for r in engine.plan(specs[name], seg)],
-                           batch_tokens=encode_tokens)
-            primed = [engine.build(specs[name], seg) for _, name, seg in work]
-            scores = engine.score_many(list(zip(primed, (seg for _, _, seg in work))), per_token=per_token,
-                                       batch_tokens=score_tokens)
-            for (sample, name, seg), pc, score in zip(work, primed, scores):
+            done = engine.run_chunk([(specs[name], seg) for _, name, seg in work], per_token=per_token,
+                                    encode_tokens=encode_tokens, score_tokens=score_tokens)
+            for (sample, name, seg), (pc, score) in zip(work, done):
                 log.append(_row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token))
             engine.forget()
             bar.update(min(chunk_size, len(samples) - first))

@@ -73,3 +73,14 @@ def test_sliding_window_models_never_batch_past_the_window():
     eng.prefill([r for spec in SPECS for r in eng.plan(spec, s)], batch_tokens=64 * 8)
     for spec in SPECS:
         assert eng.build(spec, s).cache is not None
+
+
+def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path):
+    from kvprime.bench import bench
+
+    r = bench(["model=tiny_random_llama", "dataset.n_samples=2", "generation.max_new_tokens=4",
+               f"generation.store={tmp_path / 'store'}"], out_dir=tmp_path, progress=False)
+    assert r["encode_score"]["max_abs_nll_diff"] <= 1e-4
+    assert r["generation"]["identical_outputs"]
+    assert r["encode_score"]["kvprime_encodes"] < r["encode_score"]["naive_encodes"]
+    assert (tmp_path / "bench.json").exists() and "speed-up" in (tmp_path / "bench.md").read_text()

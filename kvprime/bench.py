@@ -1,0 +1,242 @@
+"""``kvprime bench``: kvprime's path against the notebooks' naive path, side by side in one process.
+
+Same model, same samples, same conditions, same surrogates. The naive path does what the notebooks do: one
+sample and one condition at a time, every encode through the full model (logits for every position, thrown
+away), no encode shared between conditions, a deep copy of the cache before scoring, and separate query and
+answer passes (the walkthrough's way); surrogates generated one document at a time. kvprime's path: shared,
+planned and batched encodes without the LM head, batched scoring over stacked caches, batched generation.
+Both must give the same NLLs (the table reports the largest difference).
+
+FLOPs are counted from the model's shapes and the real (unpadded) tokens each path needed, and compared with
+this machine's fp32 matmul throughput measured in the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from . import hf_internals as hf
+from . import models, surrogates
+from .data import load_samples
+from .engine import Engine
+from .generation import GENERATION_TEMPLATES, GenerationSettings, generate
+from .inspect_cache import compose
+from .results_io import write_atomic, write_json
+from .runner import plan_conditions, shard
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def forward_flops(config, tokens: int, context: int = 0, logits: int = 0) -> float:
+    """Matmul FLOPs of one forward over ``tokens`` new tokens after ``context`` cached ones, with the LM head
+    on ``logits`` positions: projections, gated MLP, attention scores and mixing, LM head."""
+    c = config.get_text_config(decoder=True)
+    h, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    d = getattr(c, "head_dim", None) or h // heads
+    inter = c.intermediate_size
+    proj = 2 * (h * heads * d + 2 * h * kv * d + heads * d * h)
+    mlp = 2 * 3 * h * inter
+    attended = tokens * context + tokens * (tokens + 1) / 2  # keys each new token attends to, summed
+    attention = 2 * 2 * heads * d * attended
+    return layers * (tokens * (proj + mlp) + attention) + 2 * h * c.vocab_size * logits
+
+
+def matmul_gflops(n: int = 2048, repeat: int = 8) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        torch.mm(a, b)
+    return 2 * n ** 3 * repeat / (time.perf_counter() - t) / 1e9
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------- the naive path
+
+
+class NaiveEngine(Engine):
+    """The notebooks' way: nothing memoised, every encode through the whole model with all its logits."""
+
+    def encode(self, ids, positions, *, keep: bool = False):
+        cache = hf.new_cache(self.model)
+        input_ids = torch.tensor([list(ids)], device=self.device)
+        with torch.inference_mode():
+            self.model(input_ids=input_ids, position_ids=torch.tensor([list(positions)], device=self.device),
+                       past_key_values=cache, use_cache=True)  # full logits, discarded
+        self.n_encodes += 1
+        self.encode_lengths.append(len(ids))
+        return cache
+
+
+@torch.inference_mode()
+def naive_score(model, primed, seg) -> float:
+    """Deep copy, then a query pass and an answer pass; NLL over every answer token (defect 2 not repeated)."""
+    cache = copy.deepcopy(primed.cache)
+    device = next(model.parameters()).device
+    start, n_prompt = primed.next_position, len(seg.prompt)
+    q = model(input_ids=torch.tensor([list(seg.prompt)], device=device),
+              position_ids=torch.arange(start, start + n_prompt, device=device)[None], past_key_values=cache,
+              use_cache=True)
+    a = model(input_ids=torch.tensor([list(seg.answer)], device=device),
+              position_ids=torch.arange(start + n_prompt, start + n_prompt + len(seg.answer), device=device)[None],
+              past_key_values=q.past_key_values, use_cache=True)
+    logits = torch.cat([q.logits[0, -1:], a.logits[0, :-1]]).float()
+    target = torch.tensor(list(seg.answer), device=device)
+    return float(-torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean())
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -> dict:
+    cfg = compose(["experiment=exp01", "dataset.n_samples=20", "progress=false", *args])
+    specs = plan_conditions(cfg)
+    samples = shard(load_samples(dict(cfg["dataset"])).samples, cfg.get("run") or {})
+    model, tok, _ = models.load(cfg["model"])
+    config, seed = model.config, int(cfg.get("seed", 0))
+    gcfg = {k: v for k, v in (cfg.get("generation") or {}).items() if k in GenerationSettings.__dataclass_fields__}
+    batched_settings = GenerationSettings(**gcfg)
+    bcfg = dict(cfg.get("batch") or {})
+    chunk = max(1, int(bcfg.get("samples", 4)))
+    say = print if progress else (lambda *a, **k: None)
+    say(f"kvprime bench: {len(samples)} samples x {len(specs)} conditions of {cfg['experiment']['name']} on "
+        f"{cfg['model']['name']} ({next(model.parameters()).device}, {cfg['model'].get('dtype')})")
+
+    peak = matmul_gflops()
+    say(f"  fp32 matmul throughput (2048^3, torch.mm): {peak:.1f} GFLOP/s")
+
+    # Generated surrogates: batched vs one document at a time, same seeds, same outputs.
+    templates = sorted({s.surrogate.split(":", 1)[1] for s in specs.values() if s.surrogate.startswith("generated:")})
+    docs = [s.passage for s in samples]
+    gen = {"batched": {"s": 0.0, "rows": []}, "single": {"s": 0.0, "rows": []}}
+    texts: dict = {}
+    for template in templates:
+        for mode, settings in (("batched", batched_settings), ("single", GenerationSettings(**{**gcfg,
+                                                                                             "batch_size": 1}))):
+            stats: dict = {}
+            t = time.perf_counter()
+            out = generate(model, tok, docs, GENERATION_TEMPLATES[template], settings, stats=stats)
+            gen[mode]["s"] += time.perf_counter() - t
+            gen[mode]["rows"] += stats.get("rows", [])
+            texts.setdefault(template, {})[mode] = out
+        say(f"  generated {template!r} surrogates: batched {gen['batched']['s']:.1f} s, "
+            f"one at a time {gen['single']['s']:.1f} s")
+    identical = all(v["batched"] == v["single"] for v in texts.values())
+    generated = {(t, s.sample_id): v["batched"][i] for t, v in texts.items() for i, s in enumerate(samples)}
+    pool = [s.query for s in samples]
+    engine = Engine(model, tok, sink=cfg["model"].get("sink", "bos"), max_context=cfg["model"].get("max_context"))
+    work = [(s, name, spec) for s in samples for name, spec in specs.items()]
+    segs = [engine.segments(spec, document=s.passage, query=s.query, answer=s.answer,
+                            surrogate=surrogates.resolve(spec.surrogate, s, pool=pool, seed=seed, tokenizer=tok,
+                                                         n_tokens=spec.random_tokens, generated=generated))
+            for s, _, spec in work]
+
+    # kvprime's path (first, so its peak memory is read before the naive path runs).
+    t = time.perf_counter()
+    fast = []
+    per_sample = len(specs)
+    for first in range(0, len(work), chunk * per_sample):
+        part = list(range(first, min(first + chunk * per_sample, len(work))))
+        done = engine.run_chunk([(work[i][2], segs[i]) for i in part],
+                                encode_tokens=int(bcfg.get("encode_tokens", 4096)),
+                                score_tokens=int(bcfg.get("score_tokens", 8192)))
+        fast += [(pc, sc) for pc, sc in done]
+        engine.forget()
+    fast_s = time.perf_counter() - t
+    fast_rss = peak_rss_mb()
+    fast_flops = sum(forward_flops(config, n) for n in engine.encode_lengths) + sum(
+        forward_flops(config, len(seg.prompt) + len(seg.answer), len(pc), len(seg.answer) + 1)
+        for (pc, _), seg in zip(fast, segs))
+    say(f"  kvprime encode+score: {fast_s:.1f} s ({engine.n_encodes} encodes)")
+
+    # The naive path.
+    naive_engine = NaiveEngine(model, tok, sink=cfg["model"].get("sink", "bos"),
+                               max_context=cfg["model"].get("max_context"))
+    t = time.perf_counter()
+    slow = []
+    for (s, name, spec), seg in zip(work, segs):
+        primed = naive_engine.build(spec, seg)
+        slow.append(naive_score(model, primed, seg))
+    slow_s = time.perf_counter() - t
+    say(f"  naive encode+score: {slow_s:.1f} s ({naive_engine.n_encodes} encodes)")
+    diff = max(abs(sc.nll - n) for (_, sc), n in zip(fast, slow))
+
+    def gen_flops(rows):
+        return sum(forward_flops(config, p, 0, 1) + sum(forward_flops(config, 1, p + j, 1) for j in range(n - 1))
+                   for p, n in rows)
+
+    gen_tokens = sum(n for _, n in gen["batched"]["rows"])
+    end_fast, end_slow = fast_s + gen["batched"]["s"], slow_s + gen["single"]["s"]
+    result = {
+        "model": cfg["model"]["name"], "device": str(next(model.parameters()).device),
+        "dtype": cfg["model"].get("dtype"), "experiment": cfg["experiment"]["name"],
+        "samples": len(samples), "conditions": len(specs), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "matmul_gflops": peak,
+        "encode_score": {"naive_s": slow_s, "kvprime_s": fast_s, "speedup": slow_s / fast_s,
+                         "naive_encodes": naive_engine.n_encodes, "kvprime_encodes": engine.n_encodes,
+                         "max_abs_nll_diff": diff, "useful_gflop": fast_flops / 1e9,
+                         "kvprime_gflops": fast_flops / 1e9 / fast_s,
+                         "share_of_matmul_peak": fast_flops / 1e9 / fast_s / peak},
+        "generation": {"templates": templates, "batched_s": gen["batched"]["s"], "single_s": gen["single"]["s"],
+                       "generated_tokens": gen_tokens,
+                       "batched_tokens_per_s": gen_tokens / gen["batched"]["s"] if gen["batched"]["s"] else None,
+                       "single_tokens_per_s": gen_tokens / gen["single"]["s"] if gen["single"]["s"] else None,
+                       "speedup": gen["single"]["s"] / gen["batched"]["s"] if gen["batched"]["s"] else None,
+                       "identical_outputs": identical,
+                       "share_of_matmul_peak": (gen_flops(gen["batched"]["rows"]) / 1e9 / gen["batched"]["s"] / peak
+                                                if gen["batched"]["s"] else None)},
+        "end_to_end": {"naive_s": end_slow, "kvprime_s": end_fast, "speedup": end_slow / end_fast},
+        "peak_rss_mb": {"after_kvprime_path": fast_rss, "after_both": peak_rss_mb()},
+        "batch": {"samples": chunk, "encode_tokens": int(bcfg.get("encode_tokens", 4096)),
+                  "score_tokens": int(bcfg.get("score_tokens", 8192)),
+                  "generation_batch_size": batched_settings.batch_size},
+    }
+    md = render(result)
+    say("\n" + md)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "bench.json", result)
+        write_atomic(out_dir / "bench.md", md)
+        say(f"kvprime bench: wrote {out_dir}/bench.json and bench.md")
+    return result
+
+
+def render(r: dict) -> str:
+    es, g, e2e = r["encode_score"], r["generation"], r["end_to_end"]
+    gen_share = "n/a" if g["share_of_matmul_peak"] is None else f"{100 * g['share_of_matmul_peak']:.0f}%"
+
+    def f(x, spec=".2f"):
+        return "n/a" if x is None else format(x, spec)
+
+    rows = [
+        ("encode + score", f(es["naive_s"], ".1f") + " s", f(es["kvprime_s"], ".1f") + " s", f(es["speedup"]) + "x",
+         f"{es['max_abs_nll_diff']:.1e}"),
+        ("surrogate generation", f(g["single_s"], ".1f") + " s", f(g["batched_s"], ".1f") + " s",
+         f(g["speedup"]) + "x", "identical" if g["identical_outputs"] else "DIFFERENT"),
+        ("end to end", f(e2e["naive_s"], ".1f") + " s", f(e2e["kvprime_s"], ".1f") + " s", f(e2e["speedup"]) + "x", ""),
+    ]
+    lines = [f"{r['experiment']} on {r['model']} ({r['device']}, {r['dtype']}, {r['torch_threads']} threads): "
+             f"{r['samples']} samples x {r['conditions']} conditions", "",
+             "| stage | naive | kvprime | speed-up | max abs NLL diff / outputs |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", f"- encodes run: naive {es['naive_encodes']}, kvprime {es['kvprime_encodes']}",
+              f"- fp32 matmul throughput measured in this run: {r['matmul_gflops']:.1f} GFLOP/s",
+              f"- kvprime encode+score: {es['useful_gflop']:.1f} GFLOP of model work in {es['kvprime_s']:.1f} s = "
+              f"{es['kvprime_gflops']:.1f} GFLOP/s, {100 * es['share_of_matmul_peak']:.0f}% of the matmul throughput",
+              f"- generation: {g['generated_tokens']} tokens; {f(g['batched_tokens_per_s'], '.1f')} tok/s batched vs "
+              f"{f(g['single_tokens_per_s'], '.1f')} tok/s one document at a time; batched generation at "
+              f"{gen_share} of the matmul throughput",
+              f"- peak resident memory: {r['peak_rss_mb']['after_kvprime_path']:.0f} MB after kvprime's path, "
+              f"{r['peak_rss_mb']['after_both']:.0f} MB after both"]
+    return "\n".join(lines) + "\n"
