@@ -20,6 +20,19 @@ app = typer.Typer(
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+def _guarded(fn, *args, **kwargs):
+    """Run a command body; a user's mistake becomes one paragraph and exit code 2, not a traceback."""
+    from .errors import USER_ERRORS, debug, explain
+
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as err:
+        if debug():
+            raise
+        typer.echo(explain(err), err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command(context_settings=PASSTHROUGH)
 def run(ctx: typer.Context) -> None:
     """Run an experiment. Arguments are Hydra overrides, passed through as in any Hydra app.
@@ -64,16 +77,9 @@ def inspect(ctx: typer.Context) -> None:
     kvprime inspect sample=<sample_id> conditions=[bare,truncated_oracle] [overrides]
     Without sample=, the run's first sample; without conditions=, the baseline and the first truncated one.
     """
-    from .errors import USER_ERRORS, debug, explain
     from .inspect_cache import inspect_main
 
-    try:
-        inspect_main(list(ctx.args))
-    except USER_ERRORS as err:
-        if debug():
-            raise
-        typer.echo(explain(err), err=True)
-        raise typer.Exit(2) from None
+    _guarded(inspect_main, list(ctx.args))
 
 
 surrogates_app = typer.Typer(help="Generated surrogates: fill the on-disk store ahead of a run.", no_args_is_help=True)
@@ -88,17 +94,10 @@ def surrogates_generate(ctx: typer.Context) -> None:
     kvprime surrogates generate experiment=exp01 dataset.n_samples=200
     A later `kvprime run` with the same model, data, templates and generation settings reuses them.
     """
-    from .errors import USER_ERRORS, debug, explain
     from .inspect_cache import compose
     from .runner import fill_surrogate_store
 
-    try:
-        counts = fill_surrogate_store(compose(list(ctx.args)))
-    except USER_ERRORS as err:
-        if debug():
-            raise
-        typer.echo(explain(err), err=True)
-        raise typer.Exit(2) from None
+    counts = _guarded(lambda: fill_surrogate_store(compose(list(ctx.args))))
     for template, n in counts.items():
         typer.echo(f"{template}: {n} surrogates in the store")
 
@@ -111,16 +110,9 @@ def walkthrough(ctx: typer.Context) -> None:
     \b
     kvprime walkthrough sample=<sample_id> [overrides, e.g. model=tiny_random_llama dataset=...]
     """
-    from .errors import USER_ERRORS, debug, explain
     from .walkthrough import walkthrough as run_walkthrough
 
-    try:
-        run_walkthrough(list(ctx.args))
-    except USER_ERRORS as err:
-        if debug():
-            raise
-        typer.echo(explain(err), err=True)
-        raise typer.Exit(2) from None
+    _guarded(run_walkthrough, list(ctx.args))
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -137,31 +129,17 @@ def bench(ctx: typer.Context) -> None:
 
     from .bench import bench as run_bench
     from .confdir import outputs_root
-    from .errors import USER_ERRORS, debug, explain
 
     out = Path(outputs_root()) / "bench" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    try:
-        run_bench(list(ctx.args), out_dir=out)
-    except USER_ERRORS as err:
-        if debug():
-            raise
-        typer.echo(explain(err), err=True)
-        raise typer.Exit(2) from None
+    _guarded(run_bench, list(ctx.args), out_dir=out)
 
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory made by `kvprime run`.")) -> None:
     """Rebuild tables, figures, results.json and report.md of a run from its files (no model is loaded)."""
-    from .errors import USER_ERRORS, debug, explain
     from .finalize import finalize
 
-    try:
-        results = finalize(run_dir)
-    except USER_ERRORS as err:
-        if debug():
-            raise
-        typer.echo(explain(err), err=True)
-        raise typer.Exit(2) from None
+    results = _guarded(finalize, run_dir)
     typer.echo(f"kvprime: wrote {run_dir.resolve()}/report.md ({results['counts']['score_lines']} scores)")
 
 

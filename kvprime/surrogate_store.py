@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 from . import generation
+from .results_io import write_atomic
 from .generation import GENERATION_TEMPLATES, GenerationSettings, doc_hash
 
 
@@ -76,19 +75,8 @@ class SurrogateStore:
         return None
 
     def put(self, key: str, text: str, meta: dict) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         entry = {"key": key, "text": text, "text_sha256": _sha256(text), "meta": meta}
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(entry, fh, ensure_ascii=False, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.path(key), json.dumps(entry, ensure_ascii=False, indent=1))
 
 
 def ensure(store: SurrogateStore, model, tokenizer, *, model_id: str, template_name: str, documents: list[str],

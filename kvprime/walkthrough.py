@@ -67,7 +67,7 @@ def walkthrough(args: list[str]) -> dict:
         print(f"{router:<18} -> {chosen:<28} NLL {results[chosen]['nll']:.4f} "
               f"(baseline {results[baseline]['nll']:.4f})")
     shown = [baseline] + [routes[r] for r in ("static_routed", "generated_routed") if r in routes]
-    print(f"\ntoken-by-token probability of the answer (p = exp(log-prob)):")
+    print("\ntoken-by-token probability of the answer (p = exp(log-prob)):")
     print(f"{'token':<16}" + "".join(f"{n[:22]:>24}" for n in shown))
     for i, tid in enumerate(results[baseline]["answer_ids"]):
         cells = "".join(f"{math.exp(results[n]['token_logprobs'][i]):>24.4f}" for n in shown)

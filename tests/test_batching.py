@@ -4,7 +4,6 @@ import pytest
 
 from kvprime import hf_internals as hf
 from kvprime.conditions import ConditionSpec
-from kvprime.engine import Engine
 
 from test_cache_identities import engine_for, max_diff, segs
 
