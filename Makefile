@@ -14,7 +14,8 @@ MODEL ?= smollm2_135m_instruct
 DATASET ?= squad_v11
 N ?= 50
 
-.PHONY: help setup run test test-fast bench reproduce-exp21 reproduce-exp01 reproduce-walkthrough
+.PHONY: help setup run test test-fast bench reproduce-exp21 reproduce-exp01 reproduce-walkthrough \
+	sweep-offsets sweep-prefixes sweep-models
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -52,3 +53,23 @@ WALK_N ?= 20
 reproduce-walkthrough: setup ## the walkthrough notebook: routing over 5 static + 5 generated caches (WALK_N samples)
 	$(BIN)/kvprime run experiment=routing model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(WALK_N) $(ARGS)
 	$(BIN)/kvprime walkthrough model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(WALK_N) $(ARGS)
+
+LAUNCHER ?= basic
+SWEEP_DIR = $${KVPRIME_OUTPUT_ROOT:-$(CURDIR)/outputs}/multirun/$(1)/$$(date +%Y-%m-%d_%H-%M-%S)
+# The sweep report is written even when a job failed; the sweep's exit status is kept.
+define run_sweep
+	@d=$(call SWEEP_DIR,$(1)); \
+	$(BIN)/kvprime run -m experiment=$(1) $(2) dataset=$(DATASET) hydra/launcher=$(LAUNCHER) \
+	    hydra.sweep.dir=$$d $(ARGS); rc=$$?; \
+	$(BIN)/kvprime report $$d; exit $$rc
+endef
+
+sweep-offsets: setup ## offset sweep: baseline_offset at position offsets 0..100 (6 jobs, 20 samples) + sweep report
+	$(call run_sweep,offset_sweep,model=$(MODEL))
+
+sweep-prefixes: setup ## prefix-template sweep: truncated priming under 4 templates (4 jobs, 20 samples) + report
+	$(call run_sweep,prefix_sweep,model=$(MODEL))
+
+SWEEP_MODELS ?= smollm2_135m_instruct,qwen25_coder_05b_instruct,gemma3_270m
+sweep-models: setup ## exp21 on SmolLM2, Qwen2.5-0.5B and Gemma3-270m side by side (N samples) + sweep report
+	$(call run_sweep,exp21,model=$(SWEEP_MODELS) dataset.n_samples=$(N))

@@ -28,7 +28,7 @@ from .engine import Engine
 from .generation import GENERATION_TEMPLATES, GenerationSettings, generate
 from .inspect_cache import compose
 from .results_io import write_atomic, write_json
-from .runner import plan_conditions, shard
+from .runner import chunk_size, plan_conditions, shard
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -102,7 +102,7 @@ def naive_score(model, primed, seg) -> float:
 def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -> dict:
     cfg = compose(["experiment=exp01", "dataset.n_samples=20", "progress=false", *args])
     specs = plan_conditions(cfg)
-    samples = shard(load_samples(dict(cfg["dataset"])).samples, cfg.get("run") or {})
+    samples = shard(load_samples(dict(cfg["dataset"])).samples, cfg.get("run") or {}, chunk_size(cfg))
     model, tok, _ = models.load(cfg["model"])
     config, seed = model.config, int(cfg.get("seed", 0))
     gcfg = {k: v for k, v in (cfg.get("generation") or {}).items() if k in GenerationSettings.__dataclass_fields__}

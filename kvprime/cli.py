@@ -135,12 +135,42 @@ def bench(ctx: typer.Context) -> None:
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run directory made by `kvprime run`.")) -> None:
-    """Rebuild tables, figures, results.json and report.md of a run from its files (no model is loaded)."""
-    from .finalize import finalize
+def report(run_dir: Path = typer.Argument(..., help="A run directory (`kvprime run`) or a sweep directory "
+                                                     "(`kvprime run -m`).")) -> None:
+    """Rebuild tables, figures, results.json and report.md of a run from its files (no model is loaded).
 
+    For a sweep directory: sweep_summary.csv, jobs.csv, sweep_effect.png and sweep_report.md over its jobs,
+    with the failed jobs and why."""
+    from .finalize import finalize
+    from .sweep import is_sweep_dir, sweep_report
+
+    if not (run_dir / "config.json").exists() and is_sweep_dir(run_dir):
+        result = _guarded(sweep_report, run_dir)
+        counts = ", ".join(f"{n} {s}" for s, n in result["counts"].items() if n)
+        typer.echo(f"kvprime: wrote {run_dir.resolve()}/sweep_report.md ({counts})")
+        for f in result["failed"]:
+            typer.echo(f"  job {f['job']} failed: {f['type']}: {f['message']}", err=True)
+        return
     results = _guarded(finalize, run_dir)
     typer.echo(f"kvprime: wrote {run_dir.resolve()}/report.md ({results['counts']['score_lines']} scores)")
+
+
+@app.command()
+def merge(run_dirs: List[Path] = typer.Argument(..., help="The shards' run directories, or the sweep directory "
+                                                          "of a `kvprime run -m run.shard=0,1,...` multirun."),
+          out: Path = typer.Option(..., "--out", "-o", help="The merged run directory (a new one).")) -> None:
+    """Join the run directories of one sharded run (run.num_shards=N, run.shard=0..N-1) into one and report it.
+
+    \b
+    kvprime run -m run.num_shards=3 run.shard=0,1,2 [overrides]
+    kvprime merge outputs/multirun/exp21/<timestamp> --out outputs/exp21/merged
+    """
+    from .merge import expand_run_dirs, merge_runs
+
+    results = _guarded(lambda: merge_runs(expand_run_dirs(run_dirs), out))
+    m = results["merge"]
+    typer.echo(f"kvprime: merged {m['num_shards']} shards ({m['n_samples']} samples, {m['score_lines']} scores) "
+               f"into {out.resolve()}/report.md")
 
 
 @app.command()

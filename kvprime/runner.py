@@ -131,13 +131,21 @@ def generate_surrogates(cfg: Mapping, specs: Mapping, samples, model, tokenizer,
     return out
 
 
-def shard(samples: list, run_cfg: Mapping) -> list:
-    """This job's deterministic slice of the selected samples (round-robin, so shards are balanced)."""
+def shard(samples: list, run_cfg: Mapping, chunk: int = 1) -> list:
+    """This job's deterministic slice of the selection: whole chunks of ``chunk`` consecutive samples, dealt
+    round-robin. Dealing the scoring chunks (``batch.samples``) whole means a shard batches exactly the samples
+    the unsharded run batches together, so merged shards equal the unsharded run bit for bit."""
     n, i = int(run_cfg.get("num_shards", 1)), int(run_cfg.get("shard", 0))
     if n < 1 or not 0 <= i < n:
         raise RunError(f"run.shard={i} with run.num_shards={n}: the shard must be in 0..num_shards-1 and "
                        "num_shards >= 1.")
-    return samples[i::n]
+    chunk = max(1, int(chunk))
+    groups = [samples[k:k + chunk] for k in range(0, len(samples), chunk)]
+    return [s for group in groups[i::n] for s in group]
+
+
+def chunk_size(cfg: Mapping) -> int:
+    return max(1, int((cfg.get("batch") or {}).get("samples", 4)))
 
 
 def _complete(run_dir: Path, samples, names) -> bool:
@@ -212,7 +220,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
 
     t = time.perf_counter()
     loaded = load_samples({**cfg["dataset"]})
-    samples = shard(loaded.samples, cfg.get("run") or {})
+    samples = shard(loaded.samples, cfg.get("run") or {}, chunk_size(cfg))
     if not samples:
         raise RunError(f"dataset {cfg['dataset']['name']!r} gave no usable samples "
                        f"({len(loaded.rejected)} rejected; e.g. {loaded.rejected[:3]}).")
@@ -314,14 +322,14 @@ def _score_all(cfg, engine, specs, samples, resolved, similarity, run_dir, progr
     skipped, on_too_long = [], cfg.get("on_too_long", "skip")
     save_tokens, per_token = bool(cfg.get("save_tokens")), bool(cfg.get("per_token"))
     batch = dict(cfg.get("batch") or {})
-    chunk_size = max(1, int(batch.get("samples", 4)))
+    chunk = chunk_size(cfg)
     encode_tokens, score_tokens = int(batch.get("encode_tokens", 4096)), int(batch.get("score_tokens", 8192))
     with ScoreLog(run_dir / "scores.jsonl") as log:
         bar = tqdm(total=len(samples), desc=f"{cfg['experiment']['name']} ({len(specs)} conditions)",
                    unit="sample", disable=not progress)
-        for first in range(0, len(samples), chunk_size):
+        for first in range(0, len(samples), chunk):
             work = []  # (sample, condition name, segments)
-            for sample in samples[first:first + chunk_size]:
+            for sample in samples[first:first + chunk]:
                 segs = {name: engine.segments(spec, document=sample.passage, query=sample.query,
                                               answer=sample.answer, surrogate=resolved[sample.sample_id][name])
                         for name, spec in specs.items()}
@@ -341,7 +349,7 @@ def _score_all(cfg, engine, specs, samples, resolved, similarity, run_dir, progr
             for (sample, name, seg), (pc, score) in zip(work, done):
                 log.append(_row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token))
             engine.forget()
-            bar.update(min(chunk_size, len(samples) - first))
+            bar.update(min(chunk, len(samples) - first))
         bar.close()
         n_rows, repaired = len(log.rows), log.repaired
     if not n_rows:
