@@ -222,15 +222,54 @@ def sweep_report(sweep_dir) -> dict:
         kept = [t for t in task if t.split("=", 1)[0] != "resume"]
         resume_cmd = " ".join(["kvprime run -m", *map(shlex.quote, kept), shlex.quote(f"hydra.sweep.dir={sweep_dir}"),
                                "resume=true"])
+    unchanged = untouched_conditions(jobs)
     md = _markdown(sweep_dir, jobs_df, summary, swept, counts, failed, figure, baseline, resume_cmd)
+    if unchanged:
+        md += ("\n## Conditions the sweep does not touch\n\nRe-run in every job with the same definition, model "
+               "and data; their per-sample NLLs are compared across jobs (they must agree up to float rounding).\n\n"
+               "| condition | jobs | samples compared | max abs NLL difference |\n|---|---|---|---|\n"
+               + "".join(f"| {u['condition']} | {', '.join(map(str, u['jobs']))} | {u['samples']} | "
+                         f"{u['max_abs_diff']:.2e} |\n" for u in unchanged))
     write_atomic(sweep_dir / "sweep_report.md", md)
     result = {"sweep_dir": str(sweep_dir), "swept_keys": swept, "baseline": baseline, "counts": counts,
               "jobs": [{k: (str(v) if isinstance(v, Path) else v) for k, v in j.items()} for j in jobs],
-              "summary": summary.to_dict(orient="records"), "failed": failed,
+              "summary": summary.to_dict(orient="records"), "failed": failed, "untouched_conditions": unchanged,
               "files": {"summary": "sweep_summary.csv", "jobs": "jobs.csv", "figure": figure,
                         "report": "sweep_report.md"}}
     write_json(sweep_dir / "sweep_report.json", result)
     return result
+
+
+_NOT_SCORING = ("conditions", "condition", "resume", "progress", "batch", "run", "experiment", "hydra")
+
+
+def untouched_conditions(jobs) -> list[dict]:
+    """Conditions defined identically in several complete jobs that also share model, data and seed: the
+    sweep did not touch them, so their per-sample NLLs must agree across those jobs. Returns, per such
+    condition and group of jobs, the largest absolute NLL difference found."""
+    groups: dict = {}
+    for j in jobs:
+        d = j["dir"]
+        if j["status"] != "complete" or d is None or not (d / "plan.json").exists():
+            continue
+        cfg = json.loads((d / "config.json").read_text())
+        setting = json.dumps({k: v for k, v in cfg.items() if k not in _NOT_SCORING}, sort_keys=True)
+        for name, spec in json.loads((d / "plan.json").read_text())["conditions"].items():
+            groups.setdefault((name, setting, json.dumps(spec, sort_keys=True)), []).append(j)
+    out = []
+    for (name, _, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        per_job = []
+        for j in members:
+            rows = [json.loads(line) for line in (j["dir"] / "scores.jsonl").read_text().splitlines() if line]
+            per_job.append({r["sample_id"]: r["nll"] for r in rows if r["condition"] == name})
+        common = set.intersection(*(set(p) for p in per_job))
+        diffs = [abs(p[sid] - per_job[0][sid]) for p in per_job[1:] for sid in common
+                 if p[sid] is not None and per_job[0][sid] is not None]
+        out.append({"condition": name, "jobs": [j["job"] for j in members], "samples": len(common),
+                    "max_abs_diff": max(diffs, default=0.0)})
+    return sorted(out, key=lambda u: (u["condition"], u["jobs"]))
 
 
 def _figure(jobs, rows, treated, swept, numeric_key, baseline, path: Path) -> str | None:

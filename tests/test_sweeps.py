@@ -225,7 +225,13 @@ def test_offset_sweep_runs_six_jobs_and_reports_them(tmp_path, data_file):
         rows = {r["condition"]: r for r in read_jsonl(d / "scores.jsonl")[:3]}
         assert rows["baseline_offset"]["next_position"] == rows["baseline"]["next_position"] + offset
     assert (sweep / "sweep_effect.png").stat().st_size > 1000
+    # The sweep does not touch baseline and truncated_query: re-run in all 6 jobs and checked identical.
+    untouched = {u["condition"]: u for u in report["untouched_conditions"]}
+    assert set(untouched) == {"baseline", "truncated_query"}
+    assert untouched["baseline"]["jobs"] == list(range(6)) and untouched["baseline"]["samples"] > 0
+    assert untouched["baseline"]["max_abs_diff"] <= 1e-6
     md = (sweep / "sweep_report.md").read_text()
+    assert "Conditions the sweep does not touch" in md
     assert "![mean delta per job](sweep_effect.png)" in md and "6 complete" in md
     before = {p.name: p.read_bytes() for p in sweep.iterdir() if p.is_file() and p.suffix in (".csv", ".md", ".png")}
     sweep_report(sweep)
