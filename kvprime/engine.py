@@ -76,7 +76,10 @@ class Engine:
         return build_segments(self.tokenizer, sink=self.sink, texts=texts)
 
     def fits(self, seg: Segments, spec: ConditionSpec) -> bool:
-        """Whether encode + score stays inside the model's context (offset included)."""
+        """Whether encode + score stays inside the model's context (offset included) and, for sliding-window
+        models, inside the window (a longer sample's caches would not match their references)."""
+        if self.windows and len(seg) >= min(self.windows):
+            return False
         return self.max_context is None or spec.position_offset + len(seg) <= self.max_context
 
     def build(self, spec: ConditionSpec, seg: Segments) -> PrimedCache:
@@ -155,16 +158,23 @@ class Engine:
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
         out: list[Score | None] = [None] * len(items)
         group: list[int] = []
+        # Sliding layers mask by index in the padded batch: the padded cache width plus the padded input
+        # width must stay inside the window, or a row's first entries fall out of its window.
+        window = min(self.windows) if self.windows else None
+        longest_input = 0
         for i in order + [None]:
             width = len(items[i][0]) if i is not None else 0
-            if group and (i is None or (len(group) + 1) * width > batch_tokens):
+            row = len(items[i][1].prompt) + len(items[i][1].answer) if i is not None else 0
+            too_wide = window is not None and width + max(longest_input, row) >= window
+            if group and (i is None or (len(group) + 1) * width > batch_tokens or too_wide):
                 scores = score_batch(self.model, [(items[j][0], items[j][1].prompt, items[j][1].answer)
                                                   for j in group], per_token=per_token)
                 for j, sc in zip(group, scores):
                     out[j] = sc
-                group = []
+                group, longest_input = [], 0
             if i is not None:
                 group.append(i)
+                longest_input = max(longest_input, row)
         return out
 
     def run_chunk(self, work, *, per_token: bool = False, encode_tokens: int = 4096,

@@ -6,8 +6,6 @@ so a reader never sees a half-written PNG.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +27,17 @@ DPI = 150
 
 
 def _save(fig: Figure, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    import io
+
+    from .results_io import write_atomic
+
+    buf = io.BytesIO()
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fig.savefig(buf, format="png", dpi=DPI)
     finally:
         fig.clear()
-    return path
+    write_atomic(Path(path), buf.getvalue())
+    return Path(path)
 
 
 def _message(ax, text):

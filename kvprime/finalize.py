@@ -1,8 +1,8 @@
 """Everything after scoring, from the run directory's files alone: derived (routed) conditions, statistics,
 the experiment's analyses, figures, ``results.json`` and ``report.md``.
 
-``kvprime report <run_dir>`` calls this on a finished (or partly finished) run; given the same files it
-writes the same tables byte for byte.
+``kvprime report <run_dir>`` calls this on a finished run (a killed one: resume it first); given the same
+files it writes the same tables byte for byte.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _load(run_dir: Path, name: str):
     path = run_dir / name
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a finished kvprime run directory: {name} is missing "
-                                "(a run writes it before scoring ends; resume the run first).")
+                                "(a run writes it when scoring ends; `kvprime resume <run_dir>` finishes it).")
     return json.loads(path.read_text())
 
 
@@ -142,7 +142,8 @@ def _notes(conditions: dict, meta: dict, scores: pd.DataFrame) -> list[str]:
                      "rounding, not an effect.")
     if any(c["builder"] == "truncate_prefix" and c["rope_fix"] == "none" for c in conditions.values()):
         notes.append("rope_fix=none reproduces the notebooks' uncorrected truncation: the document keys stay rotated "
-                     "for positions S tokens too far, and scoring continues at the cache's end.")
+                     "for positions S tokens too far along while scoring continues at the cache's end, so the query "
+                     "sees the document S positions closer than it is.")
     if any(c["builder"] == "truncate_prefix" and c["rope_fix"] == "shift" for c in conditions.values()):
         notes.append("rope_fix=shift builds the truncated cache with no re-rotation (position ids lowered by S at "
                      "encode time); its difference from the rerotate twin is the re-rotation round-off floor.")

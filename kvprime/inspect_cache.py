@@ -106,9 +106,8 @@ def inspect_main(args: list[str]) -> dict:
         names = [baseline, next((n for n, s in specs.items() if s.truncates_prefix), list(specs)[-1])]
     specs = {n: specs[n] for n in names}
     dataset = dict(cfg["dataset"])
-    if sample_id is not None:
-        dataset["n_samples"] = None
-    samples = load_samples(dataset).samples
+    selection = load_samples(dataset).samples  # the run's selection: its random queries come from here
+    samples = selection if sample_id is None else load_samples({**dataset, "n_samples": None}).samples
     if sample_id is None:
         sample = samples[0]
     else:
@@ -122,7 +121,7 @@ def inspect_main(args: list[str]) -> dict:
     from .runner import _model_id, generate_surrogates
 
     generated = generate_surrogates(cfg, specs, [sample], model, tok, _model_id(cfg["model"], info), progress=False)
-    result = inspect_pair(engine, sample, specs, pool=[s.query for s in samples], seed=int(cfg.get("seed", 0)),
+    result = inspect_pair(engine, sample, specs, pool=[s.query for s in selection], seed=int(cfg.get("seed", 0)),
                           generated=generated)
 
     print(f"sample {sample.sample_id}\n  query:  {sample.query}\n  answer: {sample.answer}")

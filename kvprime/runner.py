@@ -24,7 +24,7 @@ from .engine import Engine
 from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
 
 # Keys that may differ between a run and its resumption.
-_RESUME_FREE = ("resume", "progress", "batch")  # batching never changes a number
+_RESUME_FREE = ("resume", "progress", "batch")  # batching changes no number beyond float rounding (tested <= 1e-4)
 
 
 class RunError(ValueError):
@@ -48,10 +48,26 @@ def plan_conditions(cfg: Mapping, only: str | None = None) -> dict[str, Conditio
     defined = dict(cfg.get("conditions") or {})
     baseline = exp["baseline"]
     if only is not None:
-        only = only.rsplit("/", 1)[-1]  # condition=exp01/C2_... names the condition C2_...
+        raw, only = only, only.rsplit("/", 1)[-1]  # condition=exp01/C2_... names the condition C2_...
         chosen = dict(cfg.get("condition") or {})
+        # Two sources can define it: the selected file (overridable as condition.*) and the experiment
+        # (overridable as conditions.<name>.*). Whichever the user changed from the file wins; both: an error.
+        from omegaconf import OmegaConf
+
+        from . import confdir
+
+        try:
+            original = OmegaConf.to_container(confdir.load("condition", raw), resolve=True)
+        except ValueError:
+            original = None
+        chosen_changed = bool(chosen) and chosen != original
+        defined_changed = defined.get(only) is not None and dict(defined[only]) != original
+        if chosen_changed and defined_changed:
+            raise RunError(f"condition={raw} was overridden both as condition.* and as conditions.{only}.*; "
+                           "use one of the two.")
         names = [baseline] if only == baseline else [baseline, only]
-        defined = {**{baseline: defined.get(baseline)}, only: chosen or defined.get(only)}
+        defined = {**{baseline: defined.get(baseline)},
+                   only: chosen if chosen_changed or defined.get(only) is None else defined[only]}
     else:
         names = list(defined)
     if baseline not in defined or defined[baseline] is None:
@@ -85,6 +101,20 @@ def comparisons_for(exp: Mapping, defined: Mapping, names) -> list[dict]:
     return out
 
 
+def _check_settings(cfg: Mapping) -> None:
+    """Settings that would otherwise fail late (after the model loads or after generation) or silently."""
+    from .generation import CLEAN_MODES
+
+    if cfg.get("on_too_long", "skip") not in ("skip", "error"):
+        raise RunError(f"on_too_long={cfg.get('on_too_long')!r} is not known. Accepted: skip, error.")
+    clean = (cfg.get("generation") or {}).get("clean", "first_content_line")
+    if clean not in CLEAN_MODES:
+        raise RunError(f"generation.clean={clean!r} is not known. Accepted: {', '.join(CLEAN_MODES)}.")
+    sink = (cfg.get("model") or {}).get("sink", "bos")
+    if sink not in ("bos", "none"):
+        raise RunError(f"model.sink={sink!r} is not a sink policy. Accepted: bos, none.")
+
+
 def _check_resume(run_dir: Path, cfg: dict) -> None:
     stored_path = run_dir / "config.json"
     scores = run_dir / "scores.jsonl"
@@ -105,8 +135,11 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
 
 
 def _model_id(model_cfg: Mapping, info: Mapping) -> str:
-    """What generated surrogates are keyed on: the model's name and a digest of its weights."""
-    weights = json.dumps(info.get("weights_sha256") or info.get("path") or "", sort_keys=True)
+    """What generated surrogates are keyed on: the model's name and a digest of its weights, hub revision,
+    dtype and quantization (any of them changes what the model writes)."""
+    weights = json.dumps([info.get("weights_sha256") or info.get("path") or "", info.get("commit"),
+                          model_cfg.get("dtype"), model_cfg.get("quantization"), model_cfg.get("compute_dtype")],
+                         sort_keys=True)
     return f"{model_cfg.get('name')}:{hashlib.sha256(weights.encode()).hexdigest()[:16]}"
 
 
@@ -205,6 +238,10 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
         from .routing import validate as validate_routing
 
         validate_routing(derived, list(specs))
+        if any(r["pick"] == "max_similarity" for r in derived) and not exp.get("similarity"):
+            raise RunError(f"experiment {exp['name']!r} routes by similarity (pick: max_similarity) but computes none; "
+                           "set experiment.similarity=true.")
+    _check_settings(cfg)
     names = list(specs) + [r["name"] for r in derived]
     comparisons_for(exp, {**(cfg.get("conditions") or {}), **{r["name"]: r for r in derived}}, names)
     model_cfg = cfg["model"]
@@ -253,7 +290,12 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
                "similarity": similarity.get(s.sample_id, {})} for s in samples]
     inputs_path = run_dir / "inputs.jsonl"
     if inputs_path.exists() and cfg.get("resume"):
-        if read_jsonl(inputs_path) != [json.loads(dumps(r)) for r in inputs]:
+        # Samples and surrogate texts must match; similarities are floats that may differ in the last bits
+        # on another machine, and are recomputed anyway.
+        def same(rows):
+            return [{k: v for k, v in r.items() if k != "similarity"} for r in rows]
+
+        if same(read_jsonl(inputs_path)) != same(json.loads(dumps(r)) for r in inputs):
             raise RunError(f"resume=true, but the samples now selected differ from {inputs_path}. The data or the "
                            "loader changed; start a new run.")
     write_jsonl(inputs_path, inputs)

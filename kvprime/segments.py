@@ -63,10 +63,6 @@ class Segments:
     def __len__(self) -> int:  # tokens a full encode + score needs
         return sum(len(getattr(self, name)) for name in CACHE_SEGMENTS + SCORE_SEGMENTS)
 
-    @property
-    def encoded_length(self) -> int:
-        return sum(len(getattr(self, name)) for name in CACHE_SEGMENTS)
-
 
 def build_segments(tokenizer, *, sink: list[int], texts: dict[str, str]) -> Segments:
     """``texts`` maps prefix/document/suffix/prompt/answer to rendered text."""

@@ -83,3 +83,24 @@ def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path):
     assert r["generation"]["identical_outputs"]
     assert r["encode_score"]["kvprime_encodes"] < r["encode_score"]["naive_encodes"]
     assert (tmp_path / "bench.json").exists() and "speed-up" in (tmp_path / "bench.md").read_text()
+
+
+def test_batched_scoring_on_sliding_layers_stays_inside_the_window():
+    """A long cache with a short question batched beside a short cache with a long question: each fits the
+    tiny Gemma3's 64-token window alone, but padded together (cache width + input width) they would not."""
+    from kvprime.segments import Segments
+
+    eng, ref = engine_for("gemma3"), engine_for("gemma3")
+    a = segs(n_prefix=0, n_doc=44, n_prompt=6, n_answer=3, seed=1)    # 45 cached + 9 scored
+    b = segs(n_prefix=0, n_doc=8, n_prompt=24, n_answer=6, seed=2)    # 9 cached + 30 scored
+    items = [(eng.build(SPECS[0], s), s) for s in (a, b)]
+    got = [sc.nll for sc in eng.score_many(items, batch_tokens=10_000)]
+    expected = [ref.score(ref.build(SPECS[0], s), s).nll for s in (a, b)]
+    assert max(abs(x - y) for x, y in zip(got, expected)) <= 1e-4
+    assert isinstance(b, Segments)
+
+
+def test_samples_crossing_the_window_are_skipped_not_fatal():
+    eng = engine_for("gemma3")
+    long = segs(n_doc=80)
+    assert not eng.fits(long, SPECS[0]) and eng.fits(segs(), SPECS[0])

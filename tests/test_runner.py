@@ -249,3 +249,30 @@ def test_python_api_from_a_notebook():
     assert primed.token_ids == bare.token_ids
     score = eng.nll(primed, query="What is the capital of France?", answer="Paris", per_token=True)
     assert score.n_answer_tokens == len(score.token_logprobs) > 0 and score.finite
+
+
+def test_condition_selection_keeps_either_override(samples_file):
+    base = ["condition=truncated_oracle"]
+    plan = runner.plan_conditions(tiny_cfg(samples_file, *base, "conditions.truncated_oracle.rope_fix=shift"),
+                                  only="truncated_oracle")
+    assert plan["truncated_oracle"].rope_fix == "shift"
+    plan = runner.plan_conditions(tiny_cfg(samples_file, *base, "condition.rope_fix=none"), only="truncated_oracle")
+    assert plan["truncated_oracle"].rope_fix == "none"
+    with pytest.raises(runner.RunError, match="both"):
+        runner.plan_conditions(tiny_cfg(samples_file, *base, "condition.rope_fix=none",
+                                        "conditions.truncated_oracle.rope_fix=shift"), only="truncated_oracle")
+
+
+def test_routing_by_similarity_without_similarities_fails_before_scoring(samples_file, tmp_path):
+    cfg = tiny_cfg(samples_file, "experiment=routing", "experiment.similarity=false")
+    with pytest.raises(runner.RunError, match="similarity"):
+        runner.run_experiment(cfg, tmp_path / "r")
+    assert not (tmp_path / "r" / "scores.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, message", [("on_too_long=ignore", "on_too_long"),
+                                               ("generation.clean=smart", "generation.clean"),
+                                               ("model.sink=eos", "model.sink")])
+def test_bad_run_settings_fail_before_the_model_loads(samples_file, tmp_path, override, message):
+    with pytest.raises(runner.RunError, match=message):
+        runner.run_experiment(tiny_cfg(samples_file, override), tmp_path / "r")

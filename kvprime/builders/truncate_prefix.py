@@ -3,8 +3,9 @@
 After the prefix's S entries are cut, the document's keys are still rotated for positions S too far.
 ``rope_fix`` says what to do about it:
 
-- ``none``: nothing (the notebooks' "broken" condition). Scoring continues at the cache's end, so the
-  query sees the document S positions further away than it is.
+- ``none``: nothing (the notebooks' "broken" condition). The document keys stay rotated for positions
+  S too far along while scoring continues at the cache's end, so the query sees the document S positions
+  closer than it is (and its last S keys as if they lay in the query's future).
 - ``rerotate``: rotate the kept document keys by -S, angles in fp32 from each layer's ``inv_freq``.
 - ``shift``: no re-rotation at all: encode the same tokens with every position id lowered by S, so the
   document's keys are computed at their final positions directly (attention depends on relative positions

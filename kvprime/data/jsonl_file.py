@@ -19,7 +19,7 @@ def load_jsonl(cfg: Mapping) -> Iterator[Sample]:
     Options: `path` (required). Optional per-line keys: `id` (else "<file stem>:<line number>")
     and `answers` (a list of further references; the scored `answer` is always first).
     """
-    if cfg.get("path") is None:
+    if cfg.get("path") in (None, "???"):  # "???" is the config's "must be set"
         raise ValueError("The jsonl loader needs dataset.path=/path/to/file.jsonl (it is not set).")
     path = Path(cfg["path"]).expanduser()
     if not path.is_file():
