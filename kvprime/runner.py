@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -333,6 +334,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
         "log_lines_repaired_on_resume": repaired,
         "model_encodes": scoring_encodes, "encoded_tokens": scoring_tokens,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "run_dir": str(run_dir.resolve()),
     })
     from .finalize import finalize

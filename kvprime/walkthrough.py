@@ -70,6 +70,6 @@ def walkthrough(args: list[str]) -> dict:
     print("\ntoken-by-token probability of the answer (p = exp(log-prob)):")
     print(f"{'token':<16}" + "".join(f"{n[:22]:>24}" for n in shown))
     for i, tid in enumerate(results[baseline]["answer_ids"]):
-        cells = "".join(f"{math.exp(results[n]['token_logprobs'][i]):>24.4f}" for n in shown)
+        cells = "".join(f"{math.exp(results[n]['token_logprobs'][i]):>24.4g}" for n in shown)
         print(f"{tok.decode([tid])!r:<16}{cells}")
     return {"sample_id": sample.sample_id, "caches": results, "routes": routes}
