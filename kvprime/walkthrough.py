@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
-from . import models, surrogates
+import pandas as pd
+
+from . import models, routing, surrogates
 from .data import load_samples
 from .engine import Engine
 from .inspect_cache import _pop, compose
@@ -46,13 +48,10 @@ def walkthrough(args: list[str]) -> dict:
         score = engine.score(engine.build(spec, seg), seg, per_token=True)
         results[name] = {"surrogate": texts[sample.sample_id][name], "similarity": sims.get(name), "nll": score.nll,
                          "token_logprobs": score.token_logprobs, "answer_ids": list(seg.answer)}
-    routes = {}
-    for rule in exp.get("derived") or []:
-        among = rule["among"]
-        if rule["pick"] == "max_similarity":
-            routes[rule["name"]] = max(among, key=lambda c: results[c]["similarity"])
-        elif rule["pick"] == "min_nll":
-            routes[rule["name"]] = min(among, key=lambda c: results[c]["nll"])
+    table = pd.DataFrame([{"sample_id": sample.sample_id, "condition": n, "nll": r["nll"],
+                           "similarity": r["similarity"]} for n, r in results.items()])
+    picked = routing.derive(table, exp.get("derived") or [], seed=seed)  # the run's own routing rules
+    routes = dict(zip(picked["condition"], picked["routed_to"]))
 
     baseline = exp["baseline"]
     print(f"sample {sample.sample_id}\n  query:   {sample.query}\n  answer:  {sample.answer}\n"
