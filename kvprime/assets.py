@@ -122,11 +122,11 @@ class Asset:
 
     @property
     def dist_name(self) -> str:
-        return self.requirement.split("==", 1)[0].strip()
+        return self.wheels[0].dist_name
 
     @property
     def version(self) -> str:
-        return self.requirement.split("==", 1)[1].strip()
+        return self.wheels[0].version
 
     @property
     def wheels(self) -> tuple[Wheel, ...]:

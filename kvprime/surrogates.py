@@ -35,23 +35,17 @@ def _rng(seed: int, sample_id: str, purpose: str) -> np.random.Generator:
 def validate_source(source: str, static_set: Mapping[str, str]) -> None:
     if source in ("none", "query", "random_query", "random_tokens"):
         return
-    if source.startswith("static:"):
-        name = source.split(":", 1)[1]
-        if name not in static_set:
-            raise ValueError(
-                f"surrogate source {source!r} names an unknown static surrogate {name!r}. "
-                f"Accepted names: {', '.join(sorted(static_set))}."
-            )
-        return
-    if source.startswith("generated:"):
-        from .generation import GENERATION_TEMPLATES
+    kind, _, name = source.partition(":")
+    if kind in ("static", "generated"):
+        if kind == "static":
+            valid, noun = static_set, "static surrogate"
+        else:
+            from .generation import GENERATION_TEMPLATES
 
-        name = source.split(":", 1)[1]
-        if name not in GENERATION_TEMPLATES:
-            raise ValueError(
-                f"surrogate source {source!r} names an unknown generation template {name!r}. "
-                f"Accepted templates: {', '.join(sorted(GENERATION_TEMPLATES))}."
-            )
+            valid, noun = GENERATION_TEMPLATES, "generation template"
+        if name not in valid:
+            raise ValueError(f"surrogate source {source!r} names an unknown {noun} {name!r}. "
+                             f"Accepted names: {', '.join(sorted(valid))}.")
         return
     raise ValueError(f"surrogate source {source!r} is not known. Accepted: {', '.join(SOURCES)}.")
 
