@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from . import hf_internals as hf
-from . import metadata, models, surrogates
+from . import batching, metadata, models, surrogates
 from .builders import BUILDERS
 from .conditions import ConditionSpec, validate
 from .data import load_samples
@@ -26,6 +26,10 @@ from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
 
 # Keys that may differ between a run and its resumption.
 _RESUME_FREE = ("resume", "progress", "batch")  # batching changes no number beyond float rounding (tested <= 1e-4)
+
+
+def _peak_rss_mb() -> int:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
 
 
 class RunError(ValueError):
@@ -127,8 +131,14 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
     if not stored_path.exists():
         return
     stored = json.loads(stored_path.read_text())
-    now = json.loads(dumps({k: v for k, v in cfg.items() if k not in _RESUME_FREE}))
-    old = {k: v for k, v in stored.items() if k not in _RESUME_FREE}
+
+    def relevant(c: Mapping) -> dict:
+        out = {k: v for k, v in c.items() if k not in _RESUME_FREE}
+        if isinstance(out.get("generation"), Mapping):  # the generation batch size changes no surrogate
+            out["generation"] = {k: v for k, v in out["generation"].items() if k != "batch_size"}
+        return out
+
+    now, old = json.loads(dumps(relevant(cfg))), relevant(stored)
     diff = sorted(k for k in set(now) | set(old) if now.get(k) != old.get(k))
     if diff:
         raise RunError(f"resume=true, but the configuration differs from the one {run_dir} was started with in "
@@ -153,7 +163,8 @@ def generate_surrogates(cfg: Mapping, specs: Mapping, samples, model, tokenizer,
     from .generation import GenerationSettings
     from .surrogate_store import SurrogateStore, ensure
 
-    gcfg = dict(cfg.get("generation") or {})
+    # Callers that composed their own config (walkthrough) may still hold batch_size=auto.
+    gcfg = batching.resolve(cfg, device=str(next(model.parameters()).device))["generation"]
     settings = GenerationSettings(**{k: gcfg[k] for k in ("temperature", "max_new_tokens", "seed", "batch_size", "clean")
                                      if k in gcfg})
     store = SurrogateStore(Path(gcfg["store"]).expanduser()) if gcfg.get("store") else SurrogateStore()
@@ -211,7 +222,7 @@ def _row(sample, name, seg, primed, score, resolved, similarity, save_tokens, pe
 
 def fill_surrogate_store(cfg) -> dict[str, int]:
     """``kvprime surrogates generate``: the generation step of a run, alone."""
-    cfg = plain(cfg)
+    cfg = batching.resolve(plain(cfg))
     specs = plan_conditions(cfg)
     samples = load_samples({**cfg["dataset"]}).samples
     model, tokenizer, info = models.load(cfg["model"])
@@ -227,7 +238,8 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     """Run ``cfg`` (a Hydra/OmegaConf config or plain dict) into ``run_dir``; returns ``results.json``'s dict."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    cfg = plain(cfg)
+    peaks: dict[str, int] = {}  # the process's peak resident memory after each stage (MB; it never goes down)
+    cfg = batching.resolve(plain(cfg))
     run_dir = Path(run_dir)
     exp = cfg["experiment"]
     seed = int(cfg.get("seed", 0))
@@ -273,10 +285,12 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     model, tokenizer, model_info = models.load(model_cfg)
     engine = Engine(model, tokenizer, sink=model_cfg.get("sink", "bos"), max_context=model_cfg.get("max_context"))
     timings["load_model"] = time.perf_counter() - t
+    peaks["load_model"] = _peak_rss_mb()
 
     t = time.perf_counter()
     generated = generate_surrogates(cfg, specs, samples, model, tokenizer, _model_id(model_cfg, model_info), progress)
     timings["generate_surrogates"] = time.perf_counter() - t
+    peaks["generate_surrogates"] = _peak_rss_mb()
     resolved = {
         s.sample_id: {name: surrogates.resolve(spec.surrogate, s, pool=pool, seed=seed, tokenizer=tokenizer,
                                                n_tokens=spec.random_tokens, generated=generated)
@@ -286,6 +300,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     t = time.perf_counter()
     similarity = _similarities(samples, resolved) if exp.get("similarity") else {}
     timings["similarity"] = time.perf_counter() - t
+    peaks["similarity"] = _peak_rss_mb()
 
     inputs = [{**s.to_dict(), "surrogates": resolved[s.sample_id],
                "similarity": similarity.get(s.sample_id, {})} for s in samples]
@@ -304,6 +319,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     t = time.perf_counter()
     skipped, repaired = _score_all(cfg, engine, specs, samples, resolved, similarity, run_dir, progress)
     timings["score"] = time.perf_counter() - t
+    peaks["score"] = _peak_rss_mb()
 
     scoring_encodes, scoring_tokens = engine.n_encodes, engine.n_encoded_tokens
     inspect_result = None
@@ -334,7 +350,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
         "log_lines_repaired_on_resume": repaired,
         "model_encodes": scoring_encodes, "encoded_tokens": scoring_tokens,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": _peak_rss_mb(), "peak_rss_mb_after": peaks,
         "run_dir": str(run_dir.resolve()),
     })
     from .finalize import finalize

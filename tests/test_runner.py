@@ -129,6 +129,35 @@ def test_resume_with_other_settings_is_refused(tmp_path, samples_file):
         runner.run_experiment(tiny_cfg(samples_file, "resume=true", "seed=7"), out)
 
 
+def test_auto_batch_settings_are_recorded_as_the_devices_numbers(tmp_path, samples_file):
+    from kvprime import batching
+
+    out = tmp_path / "run"
+    runner.run_experiment(tiny_cfg(samples_file), out)
+    stored = json.loads((out / "config.json").read_text())
+    kind = batching.device_kind(runner.models.resolve_device(stored["model"]))
+    want = batching.DEFAULTS[kind]
+    assert stored["batch"] == {"samples": want["samples"], "encode_tokens": want["encode_tokens"],
+                               "score_tokens": want["score_tokens"]}
+    assert stored["generation"]["batch_size"] == want["generation"]
+    # Another generation batch size changes no surrogate, so resuming with one is allowed.
+    runner.run_experiment(tiny_cfg(samples_file, "resume=true", "generation.batch_size=3"), out)
+
+
+def test_batch_settings_resolve_per_device_and_refuse_bad_values():
+    from kvprime import batching
+
+    cfg = compose(["batch.samples=5"])
+    cuda = batching.resolve(cfg, device="cuda:0")
+    assert cuda["batch"]["samples"] == 5  # an explicit number is kept
+    assert cuda["batch"]["encode_tokens"] == batching.DEFAULTS["cuda"]["encode_tokens"]
+    assert cuda["generation"]["batch_size"] == batching.DEFAULTS["cuda"]["generation"]
+    assert batching.resolve(cfg, device="cpu")["batch"]["score_tokens"] == batching.DEFAULTS["cpu"]["score_tokens"]
+    for bad in ("batch.samples=0", "batch.encode_tokens=lots", "generation.batch_size=-2", "batch.score_tokens=1.5"):
+        with pytest.raises(batching.BatchSettingError, match=bad.split("=")[0].replace(".", r"\.")):
+            batching.resolve(compose([bad]), device="cpu")
+
+
 def test_too_long_samples_are_skipped_and_counted(tmp_path, samples_file):
     cfg = tiny_cfg(samples_file, "model.max_context=150")
     rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
