@@ -99,7 +99,7 @@ def load(cfg: Mapping):
 
         tokenizer = tiny_tokenizer()
         model = tiny_model(cfg.get("arch", "llama"), seed=int(cfg.get("seed", 0)), vocab_size=len(tokenizer),
-                           **dict(cfg.get("overrides") or {})).to(dtype)
+                           device="cpu", **dict(cfg.get("overrides") or {})).to(dtype)
         info = {"source": "tiny_random", "arch": cfg.get("arch", "llama"), "seed": int(cfg.get("seed", 0)),
                 "weights_sha256": _state_dict_sha256(model)}
         return model.to(resolve_device(cfg)), tokenizer, info

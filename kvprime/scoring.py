@@ -92,9 +92,10 @@ def score_batch(model, items, *, per_token: bool = False) -> list[Score]:
 
 def score_without_cache(model, ids, n_answer: int) -> float:
     """Mean NLL of the last ``n_answer`` ids from one plain forward pass: the reference for tests."""
-    input_ids = torch.tensor([list(ids)])
-    positions = torch.arange(len(ids)).unsqueeze(0)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([list(ids)], device=device)
+    positions = torch.arange(len(ids), device=device).unsqueeze(0)
     logits = hf.logits_after(model, None, input_ids, positions, keep_last=n_answer + 1)
     logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
-    target = torch.tensor(list(ids[-n_answer:]))
+    target = torch.tensor(list(ids[-n_answer:]), device=device)
     return float(-logprobs.gather(-1, target[:, None]).mean())

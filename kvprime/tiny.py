@@ -60,10 +60,14 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     return classes[arch](**common)
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 512, **overrides):
+def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 512, device: str | None = None, **overrides):
+    """Weights drawn on the CPU (the same on every machine), then moved to ``device``: by default
+    ``$KVPRIME_TEST_DEVICE`` or cpu, so the test suite's mechanics can be rerun on a GPU unchanged."""
+    import os
+
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **overrides), dtype=torch.float32)
-    return model.eval()
+    return model.to(device or os.environ.get("KVPRIME_TEST_DEVICE") or "cpu").eval()
