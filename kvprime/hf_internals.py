@@ -232,8 +232,13 @@ def encode_batch(model, input_ids: torch.Tensor, position_ids: torch.Tensor, len
                                       for layer in cache.layers]) for r, n in enumerate(lengths)]
 
 
-def stack_caches(model, caches: list[DynamicCache]) -> tuple[DynamicCache, torch.Tensor]:
-    """One batch cache from caches of different lengths, right-padded with zeros, and its 0/1 mask."""
+def stack_caches(model, caches: list[DynamicCache], side: str = "right") -> tuple[DynamicCache, torch.Tensor]:
+    """One batch cache from caches of different lengths, padded with zeros on ``side``, and its 0/1 mask.
+
+    Right padding serves scoring (rows read from position 0); left padding serves decoding, where every
+    row's next token must land in the same column."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side={side!r}; accepted: right, left")
     lengths = [cache_length(c) for c in caches]
     width = max(lengths)
     layers = []
@@ -242,10 +247,12 @@ def stack_caches(model, caches: list[DynamicCache]) -> tuple[DynamicCache, torch
         keys = k0.new_zeros((len(caches), k0.shape[1], width, k0.shape[3]))
         values = k0.new_zeros((len(caches), k0.shape[1], width, caches[0].layers[i].values.shape[3]))
         for r, c in enumerate(caches):
-            keys[r, :, :lengths[r]] = c.layers[i].keys[0]
-            values[r, :, :lengths[r]] = c.layers[i].values[0]
+            cols = slice(0, lengths[r]) if side == "right" else slice(width - lengths[r], width)
+            keys[r, :, cols] = c.layers[i].keys[0]
+            values[r, :, cols] = c.layers[i].values[0]
         layers.append((keys, values))
-    mask = (torch.arange(width, device=k0.device)[None, :] < torch.tensor(lengths, device=k0.device)[:, None]).long()
+    real = torch.arange(width, device=k0.device)[None, :] < torch.tensor(lengths, device=k0.device)[:, None]
+    mask = (real if side == "right" else real.flip(-1)).long()
     return cache_from_layers(model, layers), mask
 
 

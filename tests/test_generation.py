@@ -115,13 +115,37 @@ def test_rows_stop_at_eos_independently(tiny):
     settings = _settings(max_new_tokens=20)
     rows = [tok(build_prompt(tok, TEMPLATE, d))["input_ids"] for d in DOCS[:4]]
     gens = [torch.Generator().manual_seed(row_seed(42, d)) for d in DOCS[:4]]
-    new = generation._generate_batch(wrapped, rows, gens, settings, tok.pad_token_id, {tok.eos_token_id})
+    new = generation._generate_batch(wrapped, rows, gens, settings, tok.pad_token_id, {tok.eos_token_id},
+                                     per_row_prefill=False)  # the wrapper reads the batch's attention mask
     assert [len(t) for t in new] == [len(r) % 4 + 1 for r in rows]
     assert all(tok.eos_token_id not in t and tok.pad_token_id not in t for t in new)
     assert wrapped.calls == max(len(r) % 4 + 1 for r in rows) + 1  # stops once every row is done
     # Early-finished batch mates change nothing for the others.
-    assert generate(wrapped, tok, DOCS, TEMPLATE, _settings(batch_size=6)) == \
-        generate(wrapped, tok, DOCS, TEMPLATE, _settings(batch_size=1))
+    assert generate(wrapped, tok, DOCS, TEMPLATE, _settings(batch_size=6), per_row_prefill=False) == \
+        generate(wrapped, tok, DOCS, TEMPLATE, _settings(batch_size=1), per_row_prefill=False)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.1])
+def test_prompts_prefilled_one_by_one_decode_like_a_padded_batch(tiny, temperature):
+    """The CPU prefills each prompt alone and stacks the caches left-padded; the GPU prefills one left-padded
+    batch. Same tokens either way, for prompts of unequal length (greedy and near-greedy, where a wrong
+    mask or position would show)."""
+    model, tok = tiny
+    rows = [tok(build_prompt(tok, TEMPLATE, d))["input_ids"] for d in DOCS]
+    assert len({len(r) for r in rows}) == len(rows)
+    settings = _settings(temperature=temperature, max_new_tokens=12)
+
+    def run(per_row):
+        gens = [torch.Generator().manual_seed(row_seed(42, d)) for d in DOCS]
+        return generation._generate_batch(model, rows, gens, settings, tok.pad_token_id, {-1}, per_row)
+
+    by_row, batched = run(True), run(False)
+    assert by_row == batched and all(len(t) == 12 for t in by_row)
+    # And each equals that prompt generated alone.
+    for i, r in enumerate(rows):
+        alone = generation._generate_batch(model, [r], [torch.Generator().manual_seed(row_seed(42, DOCS[i]))],
+                                           settings, tok.pad_token_id, {-1}, False)
+        assert alone[0] == by_row[i]
 
 
 def test_gumbel_sampler_matches_softmax():
