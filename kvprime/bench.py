@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import copy
 import platform
-import resource
 import time
 from pathlib import Path
 
 import torch
 
 from . import hf_internals as hf
-from . import batching, models, surrogates
+from . import batching, metadata, models, surrogates
 from .data import load_samples
 from .engine import Engine
 from .generation import GENERATION_TEMPLATES, GenerationSettings, generate
@@ -66,10 +65,6 @@ def matmul_gflops(device="cpu", dtype=torch.float32, n: int | None = None, repea
         torch.mm(a, b)
     _sync(device)
     return 2 * n ** 3 * repeat / (time.perf_counter() - t) / 1e9
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # ---------------------------------------------------------------- the naive path
@@ -167,7 +162,7 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
         fast += [(len(pc), sc) for pc, sc in done]  # lengths only: holding the caches would inflate peak memory
         engine.forget()
     fast_s = time.perf_counter() - t
-    fast_rss = peak_rss_mb()
+    fast_rss = metadata.peak_rss_mb()
     fast_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     fast_flops = sum(forward_flops(config, n) for n in engine.encode_lengths) + sum(
         forward_flops(config, len(seg.prompt) + len(seg.answer), cache_len, len(seg.answer) + 1)
@@ -219,7 +214,7 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
                        "share_of_matmul_peak": (gen_flops(gen["batched"]["rows"]) / 1e9 / gen["batched"]["s"] / peak
                                                 if gen["batched"]["s"] else None)},
         "end_to_end": {"naive_s": end_slow, "kvprime_s": end_fast, "speedup": end_slow / end_fast},
-        "peak_rss_mb": {"after_kvprime_path": fast_rss, "after_both": peak_rss_mb()},
+        "peak_rss_mb": {"after_kvprime_path": fast_rss, "after_both": metadata.peak_rss_mb()},
         "peak_gpu_mb": {"after_kvprime_path": fast_gpu,
                         "after_both": torch.cuda.max_memory_allocated(device) / 2**20 if fast_gpu is not None else None},
         "batch": {"samples": chunk, "encode_tokens": int(bcfg.get("encode_tokens", 4096)),

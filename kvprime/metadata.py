@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import resource
 import subprocess
 import sys
 from importlib import metadata as importlib_metadata
@@ -50,3 +51,8 @@ def environment(device) -> dict:
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name(0)
     return env
+
+
+def peak_rss_mb() -> int:
+    """This process's peak resident memory so far, in MB (it never goes down)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux

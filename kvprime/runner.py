@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,10 +25,6 @@ from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
 
 # Keys that may differ between a run and its resumption.
 _RESUME_FREE = ("resume", "progress", "batch")  # batching changes no number beyond float rounding (tested <= 1e-4)
-
-
-def _peak_rss_mb() -> int:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
 
 
 class RunError(ValueError):
@@ -285,12 +280,12 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     model, tokenizer, model_info = models.load(model_cfg)
     engine = Engine(model, tokenizer, sink=model_cfg.get("sink", "bos"), max_context=model_cfg.get("max_context"))
     timings["load_model"] = time.perf_counter() - t
-    peaks["load_model"] = _peak_rss_mb()
+    peaks["load_model"] = metadata.peak_rss_mb()
 
     t = time.perf_counter()
     generated = generate_surrogates(cfg, specs, samples, model, tokenizer, _model_id(model_cfg, model_info), progress)
     timings["generate_surrogates"] = time.perf_counter() - t
-    peaks["generate_surrogates"] = _peak_rss_mb()
+    peaks["generate_surrogates"] = metadata.peak_rss_mb()
     resolved = {
         s.sample_id: {name: surrogates.resolve(spec.surrogate, s, pool=pool, seed=seed, tokenizer=tokenizer,
                                                n_tokens=spec.random_tokens, generated=generated)
@@ -300,7 +295,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     t = time.perf_counter()
     similarity = _similarities(samples, resolved) if exp.get("similarity") else {}
     timings["similarity"] = time.perf_counter() - t
-    peaks["similarity"] = _peak_rss_mb()
+    peaks["similarity"] = metadata.peak_rss_mb()
 
     inputs = [{**s.to_dict(), "surrogates": resolved[s.sample_id],
                "similarity": similarity.get(s.sample_id, {})} for s in samples]
@@ -319,7 +314,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     t = time.perf_counter()
     skipped, repaired = _score_all(cfg, engine, specs, samples, resolved, similarity, run_dir, progress)
     timings["score"] = time.perf_counter() - t
-    peaks["score"] = _peak_rss_mb()
+    peaks["score"] = metadata.peak_rss_mb()
 
     scoring_encodes, scoring_tokens = engine.n_encodes, engine.n_encoded_tokens
     inspect_result = None
@@ -350,7 +345,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
         "log_lines_repaired_on_resume": repaired,
         "model_encodes": scoring_encodes, "encoded_tokens": scoring_tokens,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "peak_rss_mb": _peak_rss_mb(), "peak_rss_mb_after": peaks,
+        "peak_rss_mb": metadata.peak_rss_mb(), "peak_rss_mb_after": peaks,
         "run_dir": str(run_dir.resolve()),
     })
     from .finalize import finalize
