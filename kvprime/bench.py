@@ -127,6 +127,9 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
     # Generated surrogates: batched vs one document at a time, same seeds, same outputs.
     templates = sorted({s.surrogate.split(":", 1)[1] for s in specs.values() if s.surrogate.startswith("generated:")})
     docs = [s.passage for s in samples]
+    # Untimed warm-up (kernel selection, allocator, lazy initialisation), so neither path pays for it.
+    generate(model, tok, docs[:2], GENERATION_TEMPLATES["target_question"],
+             GenerationSettings(**{**gcfg, "max_new_tokens": 2, "batch_size": 2}))
     gen = {"batched": {"s": 0.0, "rows": []}, "single": {"s": 0.0, "rows": []}}
     texts: dict = {}
     for template in templates:
