@@ -53,10 +53,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_size(device) -> int:
+    """Side of the square product that measures ``device``: a GPU needs a larger one to fill it."""
+    return 8192 if torch.device(device).type == "cuda" else 2048
+
+
 def matmul_gflops(device="cpu", dtype=torch.float32, n: int | None = None, repeat: int = 8) -> float:
-    """fp32 (or ``dtype``) matmul throughput of ``device``; a GPU needs a larger product to fill it."""
+    """fp32 (or ``dtype``) matmul throughput of ``device`` on an ``n``-sided square product."""
     device = torch.device(device)
-    n = n or (8192 if device.type == "cuda" else 2048)
+    n = n or matmul_size(device)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
     _sync(device)
@@ -112,17 +117,16 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
     config, seed = model.config, int(cfg.get("seed", 0))
     gcfg = {k: v for k, v in (cfg.get("generation") or {}).items() if k in GenerationSettings.__dataclass_fields__}
     batched_settings = GenerationSettings(**gcfg)
-    bcfg = dict(cfg.get("batch") or {})
-    chunk = max(1, int(bcfg.get("samples", 4)))
+    bcfg = cfg["batch"]  # resolved: numbers
+    chunk = chunk_size(cfg)
     say = print if progress else (lambda *a, **k: None)
     say(f"kvprime bench: {len(samples)} samples x {len(specs)} conditions of {cfg['experiment']['name']} on "
         f"{cfg['model']['name']} ({next(model.parameters()).device}, {cfg['model'].get('dtype')})")
 
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    peak = matmul_gflops(device, dtype)
-    say(f"  {str(dtype).removeprefix('torch.')} matmul throughput ({'8192' if device.type == 'cuda' else '2048'}^3, "
-        f"torch.mm on {device}): {peak:.1f} GFLOP/s")
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    n = matmul_size(device)
+    peak = matmul_gflops(device, dtype, n)
+    say(f"  {str(dtype).removeprefix('torch.')} matmul throughput ({n}^3, torch.mm on {device}): {peak:.1f} GFLOP/s")
 
     # Generated surrogates: batched vs one document at a time, same seeds, same outputs.
     templates = sorted({s.surrogate.split(":", 1)[1] for s in specs.values() if s.surrogate.startswith("generated:")})
@@ -160,8 +164,7 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
     for first in range(0, len(work), chunk * per_sample):
         part = list(range(first, min(first + chunk * per_sample, len(work))))
         done = engine.run_chunk([(work[i][2], segs[i]) for i in part],
-                                encode_tokens=int(bcfg.get("encode_tokens", 4096)),
-                                score_tokens=int(bcfg.get("score_tokens", 8192)))
+                                encode_tokens=bcfg["encode_tokens"], score_tokens=bcfg["score_tokens"])
         fast += [(len(pc), sc) for pc, sc in done]  # lengths only: holding the caches would inflate peak memory
         engine.forget()
     fast_s = time.perf_counter() - t
@@ -220,8 +223,7 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
         "peak_rss_mb": {"after_kvprime_path": fast_rss, "after_both": metadata.peak_rss_mb()},
         "peak_gpu_mb": {"after_kvprime_path": fast_gpu,
                         "after_both": torch.cuda.max_memory_allocated(device) / 2**20 if fast_gpu is not None else None},
-        "batch": {"samples": chunk, "encode_tokens": int(bcfg.get("encode_tokens", 4096)),
-                  "score_tokens": int(bcfg.get("score_tokens", 8192)),
+        "batch": {"samples": chunk, "encode_tokens": bcfg["encode_tokens"], "score_tokens": bcfg["score_tokens"],
                   "generation_batch_size": batched_settings.batch_size},
     }
     md = render(result)

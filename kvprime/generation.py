@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
+from . import hf_internals as hf
+
 _WALKTHROUGH_TARGET_QUESTION = (
     "You are helping index a document for search. Write the single most likely "
     "natural language question that a user would ask that this document perfectly answers. "
@@ -180,15 +182,11 @@ def prefill_rows_by_default(model) -> bool:
     8 generated in 16.1 s this way against 16.7 s). On a GPU one prompt leaves the device idle, so the batch
     prefills together. Sliding-window models (Gemma3) always prefill together: their per-row caches could not
     be stacked column-aligned."""
-    from . import hf_internals as hf
-
     return next(model.parameters()).device.type == "cpu" and not any(hf.sliding_windows(model))
 
 
 def _prefill(model, rows: list[list[int]], pad_id: int, per_row: bool):
     """(last-position logits [rows, vocab], left-padded cache, its 0/1 mask, each row's last position)."""
-    from . import hf_internals as hf
-
     device = next(model.parameters()).device
     if per_row:
         caches, logits = [], []

@@ -185,7 +185,8 @@ def shard(samples: list, run_cfg: Mapping, chunk: int = 1) -> list:
 
 
 def chunk_size(cfg: Mapping) -> int:
-    return max(1, int((cfg.get("batch") or {}).get("samples", 4)))
+    """``batch.samples`` of a resolved config (``batching.resolve``; a run's config.json holds numbers)."""
+    return int(cfg["batch"]["samples"])
 
 
 def _complete(run_dir: Path, samples, names) -> bool:
@@ -376,9 +377,8 @@ def _score_all(cfg, engine, specs, samples, resolved, similarity, run_dir, progr
 
     skipped, on_too_long = [], cfg.get("on_too_long", "skip")
     save_tokens, per_token = bool(cfg.get("save_tokens")), bool(cfg.get("per_token"))
-    batch = dict(cfg.get("batch") or {})
     chunk = chunk_size(cfg)
-    encode_tokens, score_tokens = int(batch.get("encode_tokens", 4096)), int(batch.get("score_tokens", 8192))
+    encode_tokens, score_tokens = int(cfg["batch"]["encode_tokens"]), int(cfg["batch"]["score_tokens"])
     with ScoreLog(run_dir / "scores.jsonl") as log:
         bar = tqdm(total=len(samples), desc=f"{cfg['experiment']['name']} ({len(specs)} conditions)",
                    unit="sample", disable=not progress)
