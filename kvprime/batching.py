@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .errors import ConfigError
+
 # cpu: on a 2-core machine with SmolLM2-135M (exp01, 12 samples) 2 samples per chunk and 4096-token scoring
 # batches scored in 64.0 s at a peak of 2195 MB, against 68.7 s and 3213 MB with 4 and 8192: larger batches
 # gain nothing on a CPU and their caches and stacked copies cost memory (README, Performance). Encode
@@ -32,7 +34,7 @@ _KEYS = (("batch", "samples", "samples"), ("batch", "encode_tokens", "encode_tok
          ("batch", "score_tokens", "score_tokens"), ("generation", "batch_size", "generation"))
 
 
-class BatchSettingError(ValueError):
+class BatchSettingError(ConfigError):
     pass
 
 

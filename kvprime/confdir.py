@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import os
+from .errors import ConfigError
 
 # conf/ and outputs/ sit beside the package in the repository (installed with `pip install -e .`).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -34,7 +35,7 @@ def load(group: str, name: str):
 
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown {group} {name!r}. Valid {group} names: {', '.join(names(group))}.")
+        raise ConfigError(f"unknown {group} {name!r}. Valid {group} names: {', '.join(names(group))}.")
     cfg = OmegaConf.load(path)
     cfg.pop("defaults", None)
     return cfg

@@ -22,6 +22,7 @@ import torch
 from . import hf_internals as hf
 from .builders import BUILDERS, PLANNERS, EncodeRequest, PrimedCache
 from .conditions import ConditionSpec, validate
+from .errors import DataError
 from .scoring import Score, score_answer, score_batch
 from .segments import Segments, build_segments, sink_ids
 
@@ -84,7 +85,7 @@ class Engine:
 
     def build(self, spec: ConditionSpec, seg: Segments) -> PrimedCache:
         if self.windows and len(seg) >= min(self.windows):
-            raise ValueError(
+            raise DataError(
                 f"condition {spec.name!r}: the sample needs {len(seg)} tokens (encode + prompt + answer), which "
                 f"crosses this model's sliding attention window of {min(self.windows)} tokens; a truncated or "
                 "scored cache would then not match its reference. Use shorter passages "

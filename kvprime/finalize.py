@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import report, routing, stats
+from .errors import MissingFileError
 from .results_io import read_jsonl, write_atomic, write_json
 
 FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_tokens", "cache_len", "next_position",
@@ -22,7 +23,7 @@ FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_toke
 def _load(run_dir: Path, name: str):
     path = run_dir / name
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a finished kvprime run directory: {name} is missing "
+        raise MissingFileError(f"{run_dir} is not a finished kvprime run directory: {name} is missing "
                                 "(a run writes it when scoring ends; `kvprime resume <run_dir>` finishes it).")
     return json.loads(path.read_text())
 

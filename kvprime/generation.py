@@ -27,6 +27,7 @@ import torch
 from transformers import LogitsProcessor
 
 from . import hf_internals as hf
+from .errors import ConfigError
 
 _WALKTHROUGH_TARGET_QUESTION = (
     "You are helping index a document for search. Write the single most likely "
@@ -112,7 +113,7 @@ def clean(text: str, mode: str = "notebook") -> str:
     keeps the first remaining one, quotes stripped; with no such line it falls back to the notebook rule.
     """
     if mode not in CLEAN_MODES:
-        raise ValueError(f"generation.clean={mode!r} is not known. Accepted: {', '.join(CLEAN_MODES)}.")
+        raise ConfigError(f"generation.clean={mode!r} is not known. Accepted: {', '.join(CLEAN_MODES)}.")
     if mode == "first_content_line":
         for line in text.split("\n"):
             line = line.strip().strip("\"'").strip()
@@ -250,15 +251,15 @@ def generate(model, tokenizer, documents: list[str], template_text: str, setting
     if not documents:
         return []
     if settings.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {settings.batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {settings.batch_size}")
     chat = bool(getattr(tokenizer, "chat_template", None))
     encoded = [_encode(tokenizer, build_prompt(tokenizer, template_text, d), chat) for d in documents]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
+        raise ConfigError("the tokenizer has neither a pad nor an eos token to pad batches with")
     stop = _stop_ids(model, tokenizer)
     if not stop:
-        raise ValueError("the tokenizer has no eos or end-of-turn token; generation could not stop early")
+        raise ConfigError("the tokenizer has no eos or end-of-turn token; generation could not stop early")
 
     # Similar lengths share a batch so little compute goes to padding; the stable sort keeps it deterministic.
     order = sorted(range(len(documents)), key=lambda i: len(encoded[i]))

@@ -16,6 +16,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from .errors import ConfigError
+
 # Model types whose attention rotates keys with the half-split ``rotate_half`` layout, with the rotary
 # dims first (partial rotary keeps the rest unrotated). Re-rotation is only exact for a known layout;
 # other RoPE models can still use ``rope_fix=shift``, which never re-rotates.
@@ -32,7 +34,7 @@ HALF_SPLIT_ROPE_MODEL_TYPES = frozenset(
 _LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
 
 
-class RopeUnsupported(ValueError):
+class RopeUnsupported(ConfigError):
     """The model's positional scheme cannot be corrected exactly by the requested method."""
 
 

@@ -13,6 +13,7 @@ import torch
 from . import models, surrogates
 from .data import load_samples
 from .engine import Engine
+from .errors import ConfigError
 from .runner import plan_conditions
 
 
@@ -99,7 +100,7 @@ def inspect_main(args: list[str]) -> dict:
         names = [c.strip() for c in conds.strip("[]").split(",") if c.strip()]
         unknown = [n for n in names if n not in specs]
         if len(names) != 2 or unknown:
-            raise ValueError(f"conditions={conds!r}: give exactly two of this experiment's conditions "
+            raise ConfigError(f"conditions={conds!r}: give exactly two of this experiment's conditions "
                              f"({', '.join(specs)}), e.g. conditions=[{list(specs)[0]},{list(specs)[-1]}].")
     else:
         baseline = cfg["experiment"]["baseline"]
@@ -113,7 +114,7 @@ def inspect_main(args: list[str]) -> dict:
     else:
         match = [s for s in samples if s.sample_id == sample_id]
         if not match:
-            raise ValueError(f"sample={sample_id!r} is not among dataset {dataset['name']!r}'s usable samples "
+            raise ConfigError(f"sample={sample_id!r} is not among dataset {dataset['name']!r}'s usable samples "
                              f"(e.g. {', '.join(s.sample_id for s in samples[:3])}).")
         sample = match[0]
     model, tok, info = models.load(cfg["model"])

@@ -16,13 +16,14 @@ import json
 import shutil
 from pathlib import Path
 
+from .errors import KvprimeError
 from .results_io import read_jsonl, write_json, write_jsonl
 
 # Config keys that may differ between the shards of one run.
 SHARD_FREE = ("resume", "progress")
 
 
-class MergeError(ValueError):
+class MergeError(KvprimeError, ValueError):
     """The given directories are not the complete, consistent shards of one run."""
 
 

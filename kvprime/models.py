@@ -13,11 +13,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from .errors import ConfigError, UnavailableError
+
 SOURCES = ("asset", "local", "hub", "tiny_random")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(UnavailableError):
     """The model cannot be used on this machine, with the reason and what to do instead."""
 
 
@@ -25,7 +27,7 @@ def _dtype(name: str):
     import torch
 
     if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r} is not supported. Accepted: {', '.join(DTYPES)}.")
+        raise ConfigError(f"model.dtype={name!r} is not supported. Accepted: {', '.join(DTYPES)}.")
     return getattr(torch, name)
 
 
@@ -54,7 +56,7 @@ def _folder(cfg: Mapping) -> str:
         return str(path)
     if source == "hub":
         return cfg["hub_id"]
-    raise ValueError(f"model.source={source!r} is not known. Accepted: {', '.join(SOURCES)}.")
+    raise ConfigError(f"model.source={source!r} is not known. Accepted: {', '.join(SOURCES)}.")
 
 
 def model_config(cfg: Mapping):
@@ -115,7 +117,7 @@ def load(cfg: Mapping):
         from transformers import BitsAndBytesConfig
 
         if cfg["quantization"] != "nf4":
-            raise ValueError(f"model.quantization={cfg['quantization']!r} is not supported. Accepted: nf4, null.")
+            raise ConfigError(f"model.quantization={cfg['quantization']!r} is not supported. Accepted: nf4, null.")
         compute = _dtype(cfg.get("compute_dtype") or "bfloat16")
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,

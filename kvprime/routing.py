@@ -14,17 +14,19 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import ConfigError
+
 PICKS = ("max_similarity", "min_nll", "random")
 
 
 def validate(rules: Sequence[Mapping], conditions: Sequence[str]) -> None:
     for rule in rules:
         if rule.get("pick") not in PICKS:
-            raise ValueError(f"derived condition {rule.get('name')!r}: pick={rule.get('pick')!r} is not known. "
+            raise ConfigError(f"derived condition {rule.get('name')!r}: pick={rule.get('pick')!r} is not known. "
                              f"Accepted: {', '.join(PICKS)}.")
         missing = [c for c in rule.get("among", []) if c not in conditions]
         if missing or not rule.get("among"):
-            raise ValueError(f"derived condition {rule.get('name')!r} routes among {rule.get('among')}, but "
+            raise ConfigError(f"derived condition {rule.get('name')!r} routes among {rule.get('among')}, but "
                              f"{missing or 'nothing'} is not among the run's conditions ({', '.join(conditions)}).")
 
 
@@ -41,7 +43,7 @@ def derive(scores: pd.DataFrame, rules: Sequence[Mapping], *, seed: int) -> pd.D
             if rule["pick"] == "max_similarity":
                 sims = group["similarity"].astype(float)
                 if sims.isna().all():
-                    raise ValueError(f"derived condition {rule['name']!r} routes by similarity, but the run has no "
+                    raise ConfigError(f"derived condition {rule['name']!r} routes by similarity, but the run has no "
                                      "similarities; set experiment.similarity=true.")
                 chosen = sims.idxmax()  # ties: the first in `among` order
             elif rule["pick"] == "min_nll":

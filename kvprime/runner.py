@@ -15,19 +15,20 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import hf_internals as hf
 from . import batching, metadata, models, surrogates
+from . import hf_internals as hf
 from .builders import BUILDERS
 from .conditions import ConditionSpec, validate
 from .data import load_samples
 from .engine import Engine
+from .errors import ConfigError
 from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
 
 # Keys that may differ between a run and its resumption.
 _RESUME_FREE = ("resume", "progress", "batch")  # batching changes no number beyond float rounding (tested <= 1e-4)
 
 
-class RunError(ValueError):
+class RunError(ConfigError):
     """A configuration or run-directory problem, reported before any work is lost."""
 
 

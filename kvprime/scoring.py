@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import hf_internals as hf
+from .errors import DataError
 
 
 @dataclass
@@ -31,9 +32,9 @@ class Score:
 
 def score_answer(model, primed, prompt_ids, answer_ids, *, per_token: bool = False) -> Score:
     if not answer_ids:
-        raise ValueError("the answer has no tokens; there is nothing to score")
+        raise DataError("the answer has no tokens; there is nothing to score")
     if not prompt_ids:
-        raise ValueError("the prompt has no tokens; the first answer token would have no logit to predict it")
+        raise DataError("the prompt has no tokens; the first answer token would have no logit to predict it")
     ids = list(prompt_ids) + list(answer_ids)
     device = primed.cache.layers[0].keys.device
     input_ids = torch.tensor([ids], device=device)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 CACHE_SEGMENTS = ("sink", "prefix", "document", "suffix")
 SCORE_SEGMENTS = ("prompt", "answer")
 
@@ -42,12 +44,12 @@ def sink_ids(tokenizer, policy: str) -> list[int]:
         return []
     if policy == "bos":
         if tokenizer.bos_token_id is None:
-            raise ValueError(
+            raise ConfigError(
                 "model.sink=bos, but this tokenizer defines no BOS token. Accepted: model.sink=none (no sink "
                 "entry) or a tokenizer with a bos_token."
             )
         return [int(tokenizer.bos_token_id)]
-    raise ValueError(f"model.sink={policy!r} is not a sink policy. Accepted: bos, none.")
+    raise ConfigError(f"model.sink={policy!r} is not a sink policy. Accepted: bos, none.")
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ import warnings
 from pathlib import Path
 
 from . import generation
-from .results_io import write_atomic
+from .errors import ConfigError
 from .generation import GENERATION_TEMPLATES, GenerationSettings, doc_hash
+from .results_io import write_atomic
 
 
 def _sha256(text: str) -> str:
@@ -84,7 +85,7 @@ def ensure(store: SurrogateStore, model, tokenizer, *, model_id: str, template_n
     """One surrogate per document (input order), generating and storing only those the store lacks."""
     if template_text is None:
         if template_name not in GENERATION_TEMPLATES:
-            raise ValueError(f"unknown generation template {template_name!r}. "
+            raise ConfigError(f"unknown generation template {template_name!r}. "
                              f"Valid names: {', '.join(sorted(GENERATION_TEMPLATES))}.")
         template_text = GENERATION_TEMPLATES[template_name]
     keys = [store.key(model_id=model_id, template_name=template_name, template_text=template_text,

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .errors import ConfigError
+
 # The walkthrough notebook's five intent queries (same for every document).
 STATIC_SURROGATES: dict[str, str] = {
     "definitional": "What is this and what does it mean?",
@@ -44,10 +46,10 @@ def validate_source(source: str, static_set: Mapping[str, str]) -> None:
 
             valid, noun = GENERATION_TEMPLATES, "generation template"
         if name not in valid:
-            raise ValueError(f"surrogate source {source!r} names an unknown {noun} {name!r}. "
+            raise ConfigError(f"surrogate source {source!r} names an unknown {noun} {name!r}. "
                              f"Accepted names: {', '.join(sorted(valid))}.")
         return
-    raise ValueError(f"surrogate source {source!r} is not known. Accepted: {', '.join(SOURCES)}.")
+    raise ConfigError(f"surrogate source {source!r} is not known. Accepted: {', '.join(SOURCES)}.")
 
 
 def random_query(sample, pool: Sequence[str], seed: int) -> str:
@@ -56,7 +58,7 @@ def random_query(sample, pool: Sequence[str], seed: int) -> str:
         return sample.random_query
     others = sorted({q for q in pool if q != sample.query})
     if not others:
-        raise ValueError(
+        raise ConfigError(
             "surrogate source random_query needs at least one other sample with a different query; "
             f"the run has only sample {sample.sample_id!r}. Use more samples or another surrogate source."
         )

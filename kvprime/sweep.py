@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import MissingFileError
 from .results_io import read_jsonl, write_atomic, write_json
 
 # Overrides that do not define a job (they may differ between the first run and a resumed one).
@@ -151,7 +152,7 @@ def sweep_report(sweep_dir) -> dict:
     ``{"sweep_dir", "swept_keys", "jobs": [...], "summary": [...], "failed": [...], "files": {...}}``."""
     sweep_dir = Path(sweep_dir)
     if not is_sweep_dir(sweep_dir):
-        raise FileNotFoundError(f"{sweep_dir} is not a Hydra sweep directory (no multirun.yaml and no numbered job "
+        raise MissingFileError(f"{sweep_dir} is not a Hydra sweep directory (no multirun.yaml and no numbered job "
                                 "directories with .hydra/). For one run directory, `kvprime report` rebuilds its "
                                 "report.")
     expected, declared, task = _expected_jobs(sweep_dir)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from .errors import ConfigError
+
 _CORPUS = """\
 The capital of France is Paris. It is known for the Eiffel Tower.
 What is the capital of France? What is the population of Japan?
@@ -53,7 +55,7 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
         "gemma3_text": transformers.Gemma3TextConfig,
     }
     if arch not in classes:
-        raise ValueError(f"tiny arch {arch!r} is not known. Accepted: {', '.join(classes)}.")
+        raise ConfigError(f"tiny arch {arch!r} is not known. Accepted: {', '.join(classes)}.")
     if arch == "gemma3_text":
         common.update(head_dim=16, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
     common.update(overrides)

@@ -14,6 +14,7 @@ import pandas as pd
 from . import models, routing, surrogates
 from .data import load_samples
 from .engine import Engine
+from .errors import ConfigError
 from .inspect_cache import _pop, compose
 from .runner import _model_id, _similarities, generate_surrogates, plan_conditions
 
@@ -30,7 +31,7 @@ def walkthrough(args: list[str]) -> dict:
     samples = load_samples(dataset).samples
     match = [s for s in samples if sample_id in (None, s.sample_id)]
     if not match:
-        raise ValueError(f"sample={sample_id!r} is not among dataset {dataset['name']!r}'s usable samples "
+        raise ConfigError(f"sample={sample_id!r} is not among dataset {dataset['name']!r}'s usable samples "
                          f"(e.g. {', '.join(s.sample_id for s in samples[:3])}).")
     sample, seed = match[0], int(cfg.get("seed", 0))
     model, tok, info = models.load(cfg["model"])

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
+
 BUILDERS: dict[str, Callable] = {}
 BUILDER_DOCS: dict[str, str] = {}
 # Optional: name -> function(seg, spec) -> list[EncodeRequest], the encodes the builder will ask for. With it
@@ -21,7 +23,7 @@ PLANNERS: dict[str, Callable] = {}
 def register_builder(name: str):
     def wrap(fn):
         if name in BUILDERS:
-            raise ValueError(f"cache builder {name!r} is registered twice")
+            raise ConfigError(f"cache builder {name!r} is registered twice")
         BUILDERS[name] = fn
         BUILDER_DOCS[name] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         return fn

