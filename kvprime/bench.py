@@ -82,8 +82,8 @@ class NaiveEngine(Engine):
         cache = hf.new_cache(self.model)
         input_ids = torch.tensor([list(ids)], device=self.device)
         with torch.inference_mode():
-            self.model(input_ids=input_ids, position_ids=torch.tensor([list(positions)], device=self.device),
-                       past_key_values=cache, use_cache=True)  # full logits, discarded
+            hf.call(self.model, cache, input_ids=input_ids, use_cache=True,
+                    position_ids=torch.tensor([list(positions)], device=self.device))  # full logits, discarded
         self.n_encodes += 1
         self.encode_lengths.append(len(ids))
         return cache
@@ -95,12 +95,11 @@ def naive_score(model, primed, seg) -> float:
     cache = copy.deepcopy(primed.cache)
     device = next(model.parameters()).device
     start, n_prompt = primed.next_position, len(seg.prompt)
-    q = model(input_ids=torch.tensor([list(seg.prompt)], device=device),
-              position_ids=torch.arange(start, start + n_prompt, device=device)[None], past_key_values=cache,
-              use_cache=True)
-    a = model(input_ids=torch.tensor([list(seg.answer)], device=device),
-              position_ids=torch.arange(start + n_prompt, start + n_prompt + len(seg.answer), device=device)[None],
-              past_key_values=q.past_key_values, use_cache=True)
+    q = hf.call(model, cache, input_ids=torch.tensor([list(seg.prompt)], device=device),
+                position_ids=torch.arange(start, start + n_prompt, device=device)[None], use_cache=True)
+    a = hf.call(model, hf.returned_cache(q), input_ids=torch.tensor([list(seg.answer)], device=device),
+                position_ids=torch.arange(start + n_prompt, start + n_prompt + len(seg.answer), device=device)[None],
+                use_cache=True)
     logits = torch.cat([q.logits[0, -1:], a.logits[0, :-1]]).float()
     target = torch.tensor(list(seg.answer), device=device)
     return float(-torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean())

@@ -192,9 +192,9 @@ def _prefill(model, rows: list[list[int]], pad_id: int, per_row: bool):
     if per_row:
         caches, logits = [], []
         for r in rows:
-            out = model(input_ids=torch.tensor([r], device=device), use_cache=True, logits_to_keep=1)
-            caches.append(out.past_key_values)
-            logits.append(out.logits[:, -1, :])
+            row_logits, row_cache = hf.step(model, torch.tensor([r], device=device), keep_last=1)
+            caches.append(row_cache)
+            logits.append(row_logits[:, -1, :])
         cache, mask = hf.stack_caches(model, caches, side="left")
         return torch.cat(logits), cache, mask, torch.tensor([[len(r) - 1] for r in rows], device=device)
     width = max(len(r) for r in rows)
@@ -202,8 +202,8 @@ def _prefill(model, rows: list[list[int]], pad_id: int, per_row: bool):
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     # Position ids count real tokens only, so a padded row sees the positions it would see alone.
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :], out.past_key_values, mask, positions[:, -1:]
+    logits, cache = hf.step(model, ids, attention_mask=mask, position_ids=positions, keep_last=1)
+    return logits[:, -1, :], cache, mask, positions[:, -1:]
 
 
 @torch.inference_mode()
@@ -228,8 +228,7 @@ def _generate_batch(model, rows: list[list[int]], generators: list[torch.Generat
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits[:, -1, :]
+        logits = hf.step(model, token[:, None], cache=cache, attention_mask=mask, position_ids=positions)[0][:, -1, :]
     if not new:
         return [[] for _ in rows]
     table = torch.stack(new, dim=1).tolist()

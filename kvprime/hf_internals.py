@@ -2,14 +2,19 @@
 
 The cache API changed in transformers 5 (``key_cache``/``to_legacy_cache`` are gone; layers expose
 ``.keys``/``.values``; ``crop`` only removes from the end) and RoPE modules changed with it
-(``rope_parameters``, per-layer-type frequencies in Gemma3). When the next version moves things again,
-this is the only file to mend; everything else in kvprime sees plain tensors.
+(``rope_parameters``, per-layer-type frequencies in Gemma3). transformers 5.24 renamed the forward keyword
+``past_key_values`` to ``cache`` (and the output field with it): see ``call``. When the next version moves
+things again, this is the only file to mend; everything else in kvprime sees plain tensors and calls the
+model through ``call``/``step`` here.
 
 Shapes: keys/values are ``[batch, kv_heads, seq, head_dim]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -201,6 +206,53 @@ def assemble(model, parts, spec: RopeSpec | None = None) -> DynamicCache:
     return cache_from_layers(model, layers)
 
 
+# ---------------------------------------------------------------- the cache keyword
+
+# transformers <= 5.23 takes the KV cache as ``past_key_values=`` and returns it as ``out.past_key_values``.
+# 5.24 renamed both to ``cache``; the old keyword still works there but raises a FutureWarning ("will be
+# removed in version 5.40.0") and the old output field logs a deprecation. Passing ``cache=`` to 5.23 would
+# not fail: it would fall into ``**kwargs`` and the cache would be silently ignored. So the keyword is read
+# from each module class's own forward signature (the decorators keep it visible through ``__wrapped__``):
+# ``cache`` where the forward names it, else ``past_key_values``.
+CACHE_KEYWORD = "cache"
+LEGACY_CACHE_KEYWORD = "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(cls) -> str:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if CACHE_KEYWORD in params:
+        return CACHE_KEYWORD
+    # ``past_key_values`` named, or a forward that takes only ``**kwargs`` (a wrapper around a model): the old
+    # name, which every transformers version up to 5.39 accepts (5.24+ maps it to ``cache`` with a warning).
+    return LEGACY_CACHE_KEYWORD
+
+
+def cache_keyword(module) -> str:
+    """The keyword under which ``module``'s forward takes the KV cache: ``cache`` or ``past_key_values``."""
+    return _cache_keyword_of(type(module))
+
+
+def call(module, cache: DynamicCache | None, **kwargs):
+    """``module(**kwargs)`` with ``cache`` passed under the keyword this transformers wants (omitted if None).
+
+    ``module`` is a causal LM or its decoder (``model.base_model``). Every kvprime call that hands a cache to
+    a model goes through here."""
+    if cache is not None:
+        kwargs[cache_keyword(module)] = cache
+    return module(**kwargs)
+
+
+def returned_cache(output) -> DynamicCache | None:
+    """The cache a forward returned, read from the field this transformers fills (``cache`` from 5.24,
+    ``past_key_values`` before): reading the old name on 5.24 logs a deprecation."""
+    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set(output.keys())
+    return getattr(output, CACHE_KEYWORD if CACHE_KEYWORD in names else LEGACY_CACHE_KEYWORD)
+
+
 # ---------------------------------------------------------------- forward passes
 
 
@@ -208,13 +260,8 @@ def assemble(model, parts, spec: RopeSpec | None = None) -> DynamicCache:
 def encode(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> DynamicCache:
     """KV states of ``input_ids`` at ``position_ids``. Runs the decoder only: an encode needs no logits."""
     cache = new_cache(model)
-    model.base_model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=torch.ones_like(input_ids),
-        past_key_values=cache,
-        use_cache=True,
-    )
+    call(model.base_model, cache, input_ids=input_ids, position_ids=position_ids,
+         attention_mask=torch.ones_like(input_ids), use_cache=True)
     return cache
 
 
@@ -228,8 +275,8 @@ def encode_batch(model, input_ids: torch.Tensor, position_ids: torch.Tensor, len
     cache = new_cache(model)
     mask = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
             < torch.tensor(lengths, device=input_ids.device)[:, None]).long()
-    model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
-                     use_cache=True)
+    call(model.base_model, cache, input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+         use_cache=True)
     return [cache_from_layers(model, [(layer.keys[r:r + 1, :, :n], layer.values[r:r + 1, :, :n])
                                       for layer in cache.layers]) for r, n in enumerate(lengths)]
 
@@ -262,9 +309,8 @@ def stack_caches(model, caches: list[DynamicCache], side: str = "right") -> tupl
 def logits_batch(model, cache: DynamicCache, cache_mask: torch.Tensor, input_ids: torch.Tensor,
                  input_mask: torch.Tensor, position_ids: torch.Tensor, keep_last: int) -> torch.Tensor:
     """Logits of the last ``keep_last`` positions of left-padded rows read against a stacked cache."""
-    out = model(input_ids=input_ids, position_ids=position_ids,
-                attention_mask=torch.cat([cache_mask, input_mask], dim=1), past_key_values=cache, use_cache=True,
-                logits_to_keep=keep_last)
+    out = call(model, cache, input_ids=input_ids, position_ids=position_ids,
+               attention_mask=torch.cat([cache_mask, input_mask], dim=1), use_cache=True, logits_to_keep=keep_last)
     return out.logits
 
 
@@ -274,13 +320,31 @@ def logits_after(
 ) -> torch.Tensor:
     """Logits of the last ``keep_last`` positions of ``input_ids`` read against ``cache`` (appends to it)."""
     past = cache_length(cache) if cache is not None else 0
-    out = model(
+    out = call(
+        model,
+        cache,
         input_ids=input_ids,
         position_ids=position_ids,
         attention_mask=torch.ones((input_ids.shape[0], past + input_ids.shape[1]), dtype=torch.long,
                                   device=input_ids.device),
-        past_key_values=cache,
         use_cache=cache is not None,
         logits_to_keep=keep_last,
     )
     return out.logits
+
+
+@torch.inference_mode()
+def step(model, input_ids: torch.Tensor, *, cache: DynamicCache | None = None,
+         attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+         keep_last: int = 0) -> tuple[torch.Tensor, DynamicCache]:
+    """One decoding forward: (logits of the last ``keep_last`` positions, 0 = all; the cache after it).
+
+    Without ``cache`` the model starts its own (a prefill); with one, the new entries are appended to it.
+    ``attention_mask``/``position_ids`` as the model takes them (None: the model's defaults)."""
+    kwargs = {"input_ids": input_ids, "use_cache": True, "logits_to_keep": keep_last}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    out = call(model, cache, **kwargs)
+    return out.logits, returned_cache(out)

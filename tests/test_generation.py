@@ -99,7 +99,7 @@ class _EosAfter(torch.nn.Module):
 
     def forward(self, **kw):
         out = self.inner(**kw)
-        if kw.get("past_key_values") is None:
+        if kw.get("cache", kw.get("past_key_values")) is None:
             self.step = 0
             self.stop_at = kw["attention_mask"].sum(-1) % 4 + 1
         self.calls += 1
