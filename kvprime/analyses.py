@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from .stats import PAIRED_FIELDS, _derive_seed, describe, paired_test
+from .stats import _DEFAULT, PAIRED_FIELDS, _derive_seed, describe, paired_test
 
 _NAN = float("nan")
 
@@ -90,12 +90,12 @@ def _check_duplicates(scores):
 class _Ctx:
     """Per-condition NLL series and one cached paired test per (reference, treatment)."""
 
-    def __init__(self, scores, n_boot, seed):
+    def __init__(self, scores, n_boot, seed, confidence):
         _check_columns(scores)
         _check_duplicates(scores)
         self.by = {c: g.set_index("sample_id")["nll"].astype(float)
                    for c, g in scores.groupby("condition", sort=False)}
-        self.n_boot, self.seed = n_boot, seed
+        self.n_boot, self.seed, self.confidence = n_boot, seed, confidence
         self._tests = {}
 
     def missing(self, *conds):
@@ -117,7 +117,8 @@ class _Ctx:
         if key not in self._tests:
             r, t = self.pairs(reference, treatment)
             # Same seed derivation as stats.summarize, so a test also in summary.csv gets the same CI.
-            res = paired_test(r, t, n_boot=self.n_boot, seed=_derive_seed(self.seed, f"{treatment} vs {reference}"))
+            res = paired_test(r, t, n_boot=self.n_boot, seed=_derive_seed(self.seed, f"{treatment} vs {reference}"),
+                              confidence=self.confidence)
             res["n_pairs"] = res.pop("n")
             self._tests[key] = res
         return dict(self._tests[key])
@@ -198,7 +199,7 @@ def _similarity_correlation(cx, similarity, baseline):
     return _frame("similarity_correlation", rows)
 
 
-def _quartiles(cx, baseline, n_boot, seed):
+def _quartiles(cx, baseline):
     miss = cx.missing(baseline, C2)
     if miss:
         return _frame("quartiles", [{"bin": None, "n": 0, "note": _note(miss)}])
@@ -215,7 +216,8 @@ def _quartiles(cx, baseline, n_boot, seed):
               else [(lab, np.asarray(bins == lab)) for lab in QUARTILE_LABELS])
     rows = []
     for lab, m in groups:
-        r = paired_test(ref[m], trt[m], n_boot=n_boot, seed=_derive_seed(seed, f"{C2} vs {baseline} [{lab}]"))
+        r = paired_test(ref[m], trt[m], n_boot=cx.n_boot, seed=_derive_seed(cx.seed, f"{C2} vs {baseline} [{lab}]"),
+                        confidence=cx.confidence)
         rows.append({"bin": lab, "n": r["n"],
                      "baseline_low": float(ref[m].min()) if m.any() else _NAN,
                      "baseline_high": float(ref[m].max()) if m.any() else _NAN,
@@ -247,7 +249,8 @@ def _numerical_floor(cx, baseline):
 
 
 def exp01_analyses(scores: pd.DataFrame, similarity: pd.Series | None, *, baseline: str = "A1_baseline",
-                   n_boot: int = 10000, seed: int = 0) -> dict[str, pd.DataFrame]:
+                   n_boot: int = _DEFAULT.n_boot, seed: int = 0,
+                   confidence: float = _DEFAULT.confidence) -> dict[str, pd.DataFrame]:
     """One table per exp01 analysis block; column names in ``COLUMNS``.
 
     critical           C2 vs C1 and C2 vs baseline, with each side's mean/SEM/n
@@ -261,8 +264,11 @@ def exp01_analyses(scores: pd.DataFrame, similarity: pd.Series | None, *, baseli
                        pairs); a single "all" bin when quartiles cannot be formed
     numerical_floor    |X - X_shift| for every X with an ``X_shift`` twin, and |A3 - baseline|: the
                        round-off floor of re-rotation and of the position offset
+
+    ``n_boot``, ``seed`` and ``confidence`` are those of ``stats.summarize`` (a run passes its ``stats.*``
+    settings), so a test that is also in ``summary.csv`` gets the same CI there and here.
     """
-    cx = _Ctx(scores, n_boot, seed)
+    cx = _Ctx(scores, n_boot, seed, confidence)
     if similarity is not None and not isinstance(similarity, pd.Series):
         raise TypeError("similarity must be a pandas Series indexed by sample_id, or None")
     return {
@@ -271,6 +277,6 @@ def exp01_analyses(scores: pd.DataFrame, similarity: pd.Series | None, *, baseli
         "full_vs_truncated": _full_vs_truncated(cx),
         "ordering": _ordering(cx),
         "similarity_correlation": _similarity_correlation(cx, similarity, baseline),
-        "quartiles": _quartiles(cx, baseline, n_boot, seed),
+        "quartiles": _quartiles(cx, baseline),
         "numerical_floor": _numerical_floor(cx, baseline),
     }

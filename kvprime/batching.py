@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from . import settings
 from .errors import ConfigError
 
 # cpu: on a 2-core machine with SmolLM2-135M (exp01, 12 samples) 2 samples per chunk and 4096-token scoring
@@ -45,7 +46,9 @@ def device_kind(device: str) -> str:
 def resolve(cfg: Mapping, device: str | None = None) -> dict:
     """``cfg`` (a plain dict) with every ``auto``/null batch setting replaced by the device's default.
 
-    ``device`` defaults to the one the model config resolves to (``model.device``, auto: cuda if present)."""
+    ``device`` defaults to the one the model config resolves to (``model.device``, auto: cuda if present).
+    What each setting accepts is declared in ``kvprime.settings`` (checked here too, for callers that bypass
+    ``settings.check``)."""
     if device is None:
         from .models import resolve_device
 
@@ -54,13 +57,9 @@ def resolve(cfg: Mapping, device: str | None = None) -> dict:
     out = dict(cfg)
     for section, key, name in _KEYS:
         values = dict(out.get(section) or {})
-        value = values.get(key, "auto")
+        dotted = f"{section}.{key}"
+        value = settings.check_value(dotted, values.get(key, settings.default(dotted)), error=BatchSettingError)
         if value is None or value == "auto":
             values[key] = defaults[name]
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise BatchSettingError(
-                f"{section}.{key}={value!r} is not a batch setting. Accepted: a positive integer, or auto (this "
-                f"device's default: {defaults[name]} on {device_kind(device)}; "
-                + ", ".join(f"{k} {v[name]}" for k, v in DEFAULTS.items()) + ").")
         out[section] = values
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import report, routing, stats
+from . import report, routing, settings, stats
 from .errors import MissingFileError
 from .results_io import read_jsonl, write_atomic, write_json
 
@@ -33,7 +33,10 @@ def finalize(run_dir) -> dict:
 
     run_dir = Path(run_dir)
     cfg, plan, meta = _load(run_dir, "config.json"), _load(run_dir, "plan.json"), _load(run_dir, "metadata.json")
-    exp, seed = cfg["experiment"], int(cfg.get("seed", 0))
+    # Only what this step uses is checked: the run's model device belongs to the machine that scored it. An older
+    # run's config.json may lack newer settings; they get their declared defaults.
+    cfg = settings.check(cfg, only=("seed", "stats"), origin=str(run_dir / "config.json"))
+    exp, seed, st = cfg["experiment"], cfg["seed"], cfg["stats"]
     names = list(plan["conditions"])
     inputs = read_jsonl(run_dir / "inputs.jsonl")
     order = {r["sample_id"]: i for i, r in enumerate(inputs)}
@@ -54,12 +57,10 @@ def finalize(run_dir) -> dict:
     defined = {**(cfg.get("conditions") or {}), **{r["name"]: r for r in exp.get("derived") or []}}
     comparisons = comparisons_for(exp, defined, all_names)
 
-    st = dict(cfg.get("stats") or {})
-    alpha = float(st.get("alpha", 0.05))
     summary, comp = stats.summarize(all_scores, baseline=exp["baseline"], conditions=all_names,
-                                    comparisons=comparisons, n_boot=int(st.get("n_boot", 10000)), seed=seed,
-                                    alpha=alpha, confidence=float(st.get("confidence", 0.95)))
-    diagnosis = report.diagnose(comp, exp.get("diagnosis") or [], alpha=alpha) if len(comp) else []
+                                    comparisons=comparisons, n_boot=st["n_boot"], seed=seed, alpha=st["alpha"],
+                                    confidence=st["confidence"])
+    diagnosis = report.diagnose(comp, exp.get("diagnosis") or [], alpha=st["alpha"]) if len(comp) else []
 
     analyses = {}
     similarity = _primary_similarity(scores, exp)
@@ -67,7 +68,7 @@ def finalize(run_dir) -> dict:
         from .analyses import exp01_analyses
 
         analyses = exp01_analyses(scores[["sample_id", "condition", "nll"]], similarity, baseline=exp["baseline"],
-                                  n_boot=int(st.get("n_boot", 10000)), seed=seed)
+                                  n_boot=st["n_boot"], seed=seed, confidence=st["confidence"])
     if len(derived):
         analyses["routing_choices"] = routing.routing_table(derived)
 

@@ -32,12 +32,26 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
+from .settings import Stats
+
 _NAN = float("nan")
 PAIRED_FIELDS = ("n", "n_dropped_nonfinite", "mean_delta", "std_delta", "sem_delta", "ci_low",
                  "ci_high", "ci_method", "win_rate", "tie_rate", "loss_rate", "t_stat", "p_ttest",
                  "w_stat", "p_wilcoxon", "d_z")
 # scipy < 1.15 only knows random_state; newer versions prefer rng.
 _RNG_KW = "rng" if "rng" in inspect.signature(st.bootstrap).parameters else "random_state"
+# Defaults are the run settings' (kvprime.settings.Stats); a run checks its own values there (n_boot >= 1000).
+# Called directly, these functions accept fewer resamples (tests use a few hundred) but refuse values that
+# would only produce NaN intervals or meaningless verdicts.
+_DEFAULT = Stats()
+
+
+def _check_args(n_boot=None, confidence=None, alpha=None) -> None:
+    if n_boot is not None and (isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1):
+        raise ValueError(f"n_boot={n_boot!r}: the bootstrap needs a positive integer number of resamples.")
+    for name, v in (("confidence", confidence), ("alpha", alpha)):
+        if v is not None and not (isinstance(v, (int, float, np.floating)) and not isinstance(v, bool) and 0 < v < 1):
+            raise ValueError(f"{name}={v!r}: accepted is a number strictly between 0 and 1.")
 
 
 def describe(nll) -> dict:
@@ -64,8 +78,9 @@ def _bootstrap_ci(delta, n_boot, seed, confidence):
     return _NAN, _NAN, None
 
 
-def paired_test(reference, treatment, *, n_boot: int = 10000, seed: int = 0,
-                confidence: float = 0.95) -> dict:
+def paired_test(reference, treatment, *, n_boot: int = _DEFAULT.n_boot, seed: int = 0,
+                confidence: float = _DEFAULT.confidence) -> dict:
+    _check_args(n_boot, confidence)
     ref = np.asarray(reference, dtype=float).ravel()
     trt = np.asarray(treatment, dtype=float).ravel()
     if ref.shape != trt.shape:
@@ -116,7 +131,7 @@ def holm(pvalues) -> np.ndarray:
     return adj
 
 
-def verdict(mean_delta: float, p_adjusted: float, alpha: float = 0.05) -> str:
+def verdict(mean_delta: float, p_adjusted: float, alpha: float = _DEFAULT.alpha) -> str:
     if p_adjusted < alpha and mean_delta > 0:  # NaN compares False -> falls through
         return "better"
     if p_adjusted < alpha and mean_delta < 0:
@@ -130,8 +145,9 @@ def _derive_seed(seed: int, name: str) -> int:
 
 
 def summarize(scores: pd.DataFrame, *, baseline: str, conditions: list[str] | None = None,
-              comparisons: list[dict] | None = None, n_boot: int = 10000, seed: int = 0,
-              alpha: float = 0.05, confidence: float = 0.95) -> tuple[pd.DataFrame, pd.DataFrame]:
+              comparisons: list[dict] | None = None, n_boot: int = _DEFAULT.n_boot, seed: int = 0,
+              alpha: float = _DEFAULT.alpha, confidence: float = _DEFAULT.confidence
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Summary per condition vs ``baseline`` plus named comparisons.
 
     Holm family = every distinct (reference, treatment) test of this call: each non-baseline
@@ -139,6 +155,7 @@ def summarize(scores: pd.DataFrame, *, baseline: str, conditions: list[str] | No
     vs-baseline test counted once; adjusted together on ``p_ttest``.
     Comparison delta = reference - treatment.
     """
+    _check_args(n_boot, confidence, alpha)
     missing = {"sample_id", "condition", "nll"} - set(scores.columns)
     if missing:
         raise ValueError(f"scores lacks columns: {sorted(missing)}")

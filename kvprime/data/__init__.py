@@ -13,6 +13,7 @@ import numpy as np
 
 from kvprime.data.types import LoadResult, Rejection, Sample
 
+from .. import settings
 from ..errors import ConfigError
 
 __all__ = ["LOADERS", "LoadResult", "Rejection", "Sample", "load_samples", "register_loader"]
@@ -86,13 +87,12 @@ def load_samples(cfg: Mapping) -> LoadResult:
         raise ConfigError(
             f"Unknown dataset loader {name!r}. Set dataset.name to one of: {', '.join(sorted(LOADERS))}."
         )
-    n = cfg.get("n_samples")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise ConfigError(f"dataset.n_samples must be a non-negative integer or null, got {n!r}.")
+    # The same rule and paragraph as a run's settings check (kvprime.settings), for callers that bypass it.
+    n = settings.check_value("dataset.n_samples", cfg.get("n_samples"))
     selection = cfg.get("selection") or "first"
     if selection not in SELECTIONS:
         raise ConfigError(f"Unknown dataset.selection {selection!r}; valid: {', '.join(SELECTIONS)}.")
-    seed = cfg.get("seed")
+    seed = settings.check_value("dataset.seed", cfg.get("seed"))
     if selection == "random" and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"dataset.selection=random needs an integer dataset.seed, got {seed!r}.")
     limits = _limits(cfg.get("filters"))
