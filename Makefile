@@ -55,10 +55,12 @@ reproduce-walkthrough: setup ## the walkthrough notebook: routing over 5 static 
 	$(BIN)/kvprime walkthrough model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(WALK_N) $(ARGS)
 
 LAUNCHER ?= basic
-SWEEP_DIR = $${KVPRIME_OUTPUT_ROOT:-$(CURDIR)/outputs}/multirun/$(1)/$$(date +%Y-%m-%d_%H-%M-%S)
+# A new directory per sweep (mktemp: exclusive, so sweeps started together never share one).
+SWEEP_DIR = $$(p=$${KVPRIME_OUTPUT_ROOT:-$(CURDIR)/outputs}/multirun/$(1); mkdir -p $$p && \
+	mktemp -d $$p/$$(date +%Y-%m-%d_%H-%M-%S)-XXXXXX)
 # The sweep report is written even when a job failed; the sweep's exit status is kept.
 define run_sweep
-	@d=$(call SWEEP_DIR,$(1)); \
+	@d=$(call SWEEP_DIR,$(1)) || exit 2; \
 	$(BIN)/kvprime run -m experiment=$(1) $(2) dataset=$(DATASET) hydra/launcher=$(LAUNCHER) \
 	    hydra.sweep.dir=$$d $(ARGS); rc=$$?; \
 	$(BIN)/kvprime report $$d; exit $$rc

@@ -1,4 +1,12 @@
-"""The Hydra application behind ``kvprime run`` (also ``python -m kvprime.app``)."""
+"""The Hydra application behind ``kvprime run`` (also ``python -m kvprime.app``).
+
+Hydra composes the config and picks the directory; everything that touches the directory is kvprime's:
+``conf/config.yaml`` sets ``hydra.output_subdir: null`` so Hydra writes nothing there, and kvprime writes
+Hydra's record (``.hydra/``) itself once the run holds the directory's lock, so a refused run changes nothing
+in a directory that holds another run. Every job ends in one of three ways, each with one paragraph on the
+terminal: done (exit 0), refused or stopped by the user (2, or 130/143 after a signal), or failed inside
+kvprime (1, the traceback saved to the run's ``error.json``, or to a file named in the paragraph).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +16,34 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .confdir import CONF_DIR, register_resolvers
-from .errors import USER_ERRORS, debug, explain
+from .errors import (
+    Interrupted,
+    KvprimeError,
+    debug,
+    explain,
+    explain_internal,
+    save_traceback,
+    traceback_text,
+)
 
 register_resolvers()  # before Hydra resolves hydra.run.dir
+
+# The last single run's exit status (a run's failure is reported by kvprime, not raised through Hydra).
+LAST_EXIT = {"code": 0}
+
+
+class JobFailed(Exception):
+    """A multirun job failed; its paragraph is already on the terminal and in its error.json."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(code, message)
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.args[1] or f"exit status {self.code}"
 
 
 # An absolute path: Hydra resolves a relative one against the launching module, which breaks under `-m`.
@@ -23,49 +53,156 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hc.runtime.output_dir)
     only = hc.runtime.choices.get("condition")
     only = None if only in (None, "null") else only
-    print(f"kvprime: run directory {run_dir.resolve()}", file=sys.stderr)
-    from .runner import run_experiment
-
     multirun = hc.mode == RunMode.MULTIRUN
+    code, paragraph = run_job(cfg, run_dir, only=only, multirun=multirun)
+    LAST_EXIT["code"] = code
+    if code and multirun:
+        raise JobFailed(code, paragraph)
+
+
+def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool) -> tuple[int, str]:
+    """One run into ``run_dir``: (exit status, the paragraph printed when it did not succeed)."""
+    from . import logs, rundir
+    from .interrupts import StopSignal, stop_on_signals
+    from .runner import RUN_FILES, run_experiment
+
+    print(f"kvprime: run directory {run_dir.resolve()}", file=sys.stderr)
+    claimed = {"files": None}
+
+    def on_claimed(d: Path) -> None:
+        claimed["files"] = {p.name for p in d.iterdir()}  # what was there before this run wrote anything
+        _write_hydra_record(d, cfg)
+        if rundir.created_here(d):
+            rundir.point_latest(d)
+        logs.attach_run_log(d)
+
     try:
-        results = run_experiment(cfg, run_dir, only=only)
-    except BaseException as err:
-        # A sweep job keeps its directory and says why it failed (the sweep report lists it); a single run
-        # refused before it scored anything leaves nothing behind.
-        if multirun or (run_dir / "scores.jsonl").exists():
-            _record_failure(run_dir, err)
-        else:
-            _drop_if_empty(run_dir)
-        if multirun or not isinstance(err, USER_ERRORS) or debug():
+        with stop_on_signals():
+            results = run_experiment(cfg, run_dir, only=only, on_claimed=on_claimed)
+    except BaseException as err:  # noqa: BLE001 -- every way a job ends is reported below
+        if isinstance(err, StopSignal):
+            err = _interrupted(run_dir, err.signum)
+        ours = claimed["files"] is not None
+        scored = ours and (run_dir / "scores.jsonl").exists() and (run_dir / "scores.jsonl").stat().st_size > 0
+        if isinstance(err, KvprimeError):
+            paragraph = explain(err)
+            if ours and not scored and not multirun and not isinstance(err, Interrupted):
+                _undo(run_dir, claimed["files"], RUN_FILES)  # refused before any score: leave nothing behind
+            elif ours or multirun:
+                _record_failure(run_dir, err, paragraph, internal=False, claimed=ours)
+            if debug() and not isinstance(err, Interrupted):
+                print(traceback_text(err), file=sys.stderr)
+            code = err.exit_code
+        elif isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        print(explain(err), file=sys.stderr)
-        raise SystemExit(2) from None
+        else:
+            saved = run_dir / "error.json" if ours else save_traceback(err)
+            paragraph = explain_internal(err, saved)
+            if ours or multirun:
+                _record_failure(run_dir, err, paragraph, internal=True, claimed=ours)
+            if debug():
+                print(traceback_text(err), file=sys.stderr)
+            code = 1
+        print(paragraph, file=sys.stderr)
+        logs.detach_run_log()
+        if not ours and not multirun:
+            rundir.remove_created(run_dir)
+        return code, paragraph
+    logs.detach_run_log()
     (run_dir / "error.json").unlink(missing_ok=True)
     _print_summary(results)
     print(f"kvprime: wrote {run_dir.resolve()}/report.md", file=sys.stderr)
+    return 0, ""
 
 
-def _record_failure(run_dir: Path, err: BaseException) -> None:
-    """error.json beside the job's partial results, so a sweep report can say which job failed and why."""
-    import traceback
+def _interrupted(run_dir: Path, signum: int) -> Interrupted:
+    """How far the run got, from its own files, and how to continue."""
+    import json
 
+    from .results_io import read_jsonl
+
+    done = total = None
+    try:
+        done = len({(r["sample_id"], r["condition"]) for r in _lenient_jsonl(run_dir / "scores.jsonl")})
+        n_conditions = len(json.loads((run_dir / "plan.json").read_text())["conditions"])
+        total = len(read_jsonl(run_dir / "inputs.jsonl")) * n_conditions
+    except (OSError, ValueError, KeyError):
+        pass
+    import signal
+
+    name = signal.Signals(signum).name
+    if done is None or not (run_dir / "config.json").exists():
+        return Interrupted(f"interrupted ({name}) before the run wrote any score; nothing to continue. Start it "
+                           "again.", signum)
+    of = f" of {total}" if total else ""
+    return Interrupted(f"interrupted ({name}) after {done}{of} score records; continue with `kvprime resume "
+                       f"{run_dir.resolve()}`", signum)
+
+
+def _lenient_jsonl(path: Path) -> list[dict]:
+    import json
+
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return rows
+
+
+def _write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
+    """Hydra's own record of the run (the job's config, Hydra's config, the overrides), written once, when
+    the run starts: a resumed run keeps the record of the command that started it."""
+    from .results_io import write_atomic
+
+    record = run_dir / ".hydra"
+    if (record / "overrides.yaml").exists():
+        return
+    hc = HydraConfig.get()
+    write_atomic(record / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_atomic(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
+    write_atomic(record / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
+
+
+def _undo(run_dir: Path, before: set[str], run_files) -> None:
+    """Remove what this run wrote into ``run_dir`` (it held no run before: ``before`` has no run files)."""
+    import shutil
+
+    from .logs import RUN_LOG
+
+    for name in (*run_files, ".hydra", RUN_LOG, "error.json", "inspect.json"):
+        if name in before:
+            continue
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    from . import rundir
+
+    rundir.remove_created(run_dir)
+
+
+def _record_failure(run_dir: Path, err: BaseException, paragraph: str, *, internal: bool, claimed: bool) -> None:
+    """error.json beside the job's partial results: what the terminal said, and the traceback. A sweep job
+    refused before it claimed its directory writes one too (a sweep report lists it), unless the directory
+    holds another run or another writer."""
+    from . import rundir
     from .results_io import write_json
+    from .runner import RUN_FILES
 
-    write_json(run_dir / "error.json", {"type": type(err).__name__, "message": str(err),
-                                        "traceback": traceback.format_exc()})
-
-
-def _drop_if_empty(run_dir: Path) -> None:
-    """A run refused before it scored anything leaves no directory behind (Hydra makes it up front)."""
-    leftovers = {".hydra", "app.log", "config.json", "plan.json", "main.log"}
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= leftovers:
-        import shutil
-
-        shutil.rmtree(run_dir, ignore_errors=True)
-        try:
-            run_dir.parent.rmdir()  # outputs/<experiment>/ if this was its only run
-        except OSError:
-            pass
+    record = {"type": type(err).__name__, "message": str(err), "internal": internal, "paragraph": paragraph,
+              "traceback": traceback_text(err)}
+    try:
+        if claimed:
+            write_json(run_dir / "error.json", record)
+        elif run_dir.is_dir() and not any((run_dir / f).exists() for f in RUN_FILES):
+            with rundir.RunLock(run_dir, "run"):
+                write_json(run_dir / "error.json", record)
+    except (OSError, KvprimeError):  # a full disk, another writer: the terminal paragraph is all there is
+        pass
 
 
 def _print_summary(results: dict) -> None:
@@ -86,4 +223,6 @@ def _print_summary(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_hydra_app
+
+    sys.exit(run_hydra_app(sys.argv[1:]))

@@ -21,16 +21,116 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def _guarded(fn, *args, **kwargs):
-    """Run a command body; a user's mistake becomes one paragraph and exit code 2, not a traceback."""
-    from .errors import USER_ERRORS, debug, explain
-
+    """Run a command body: kvprime's own refusal is one paragraph (exit 2); anything else is reported as an
+    internal error with its traceback saved to a file (exit 1); KVPRIME_DEBUG=1 raises both as they are."""
+    code = None
     try:
         return fn(*args, **kwargs)
-    except USER_ERRORS as err:
+    except typer.Exit:
+        raise
+    except BaseException as err:  # noqa: BLE001 -- every failure gets its paragraph
+        code = report_failure(err)
+    raise typer.Exit(code)
+
+
+def report_failure(err: BaseException) -> int:
+    """Print the paragraph for ``err`` and return the exit status (re-raises under KVPRIME_DEBUG=1)."""
+    from .errors import debug, explain, explain_internal, save_traceback
+
+    if isinstance(err, KeyboardInterrupt):
+        typer.echo("kvprime: interrupted.", err=True)
+        return 130
+    if isinstance(err, SystemExit):
+        raise err
+    mine = _kvprime_cause(err)
+    if mine is not None:
         if debug():
-            raise
-        typer.echo(explain(err), err=True)
-        raise typer.Exit(2) from None
+            raise err
+        typer.echo(explain(mine), err=True)
+        return mine.exit_code
+    hydra_msg = _hydra_user_error(err)
+    if hydra_msg is not None:
+        if debug():
+            raise err
+        typer.echo("kvprime: error: " + hydra_msg.replace("\n", "\n  "), err=True)
+        return 2
+    if debug():
+        raise err
+    typer.echo(explain_internal(err, save_traceback(err)), err=True)
+    return 1
+
+
+def _kvprime_cause(err: BaseException):
+    """The KvprimeError behind ``err`` (OmegaConf wraps a resolver's error, e.g. an unwritable run directory)."""
+    from .errors import KvprimeError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KvprimeError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _hydra_user_error(err: BaseException) -> str | None:
+    """The message of a composition or override error (the user's command line), else None."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        text = str(err).strip().split("\nConfig search path:")[0].strip()
+        cause = err.__cause__
+        if isinstance(cause, OmegaConfBaseException) and str(cause).strip() not in text:
+            text += "\n" + str(cause).strip()
+        return text
+    return None
+
+
+def _override_paths(args) -> dict[str, str]:
+    """hydra.run.dir / hydra.sweep.dir given on the command line (without Hydra: for early path checks)."""
+    out = {}
+    for a in args:
+        key, sep, value = a.lstrip("+").partition("=")
+        if sep and key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
+            out[key] = value.strip("'\"")
+    return out
+
+
+def run_hydra_app(args: list[str]) -> int:
+    """``kvprime run ARGS``: Hydra composes and launches; every outcome becomes an exit status and, unless it
+    is success, one paragraph."""
+    import os
+
+    from . import logs, rundir
+    from .confdir import outputs_root
+
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    paths = _override_paths(args)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    checks = {key: paths[key]} if key in paths else {"KVPRIME_OUTPUT_ROOT (the output root)": outputs_root()}
+    for setting, path in checks.items():
+        err = rundir.unwritable(Path(path), setting)
+        if err is not None:
+            return report_failure(err)
+    if key in paths:
+        rundir.expect_created(Path(paths[key]))  # so a refused run removes only what it made
+    # Hydra re-raises instead of printing its own traceback; report_failure turns it into a paragraph.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    logs.quiet_libraries()
+    from .app import LAST_EXIT, JobFailed, main
+
+    sys.argv = ["kvprime run", *args]
+    LAST_EXIT["code"] = 0
+    try:
+        main()
+    except SystemExit as exc:  # --help, --cfg job, ...
+        return exc.code if isinstance(exc.code, int) else 0
+    except JobFailed as exc:  # a sweep job failed; its paragraph is printed and in its error.json
+        return exc.code
+    except BaseException as err:  # noqa: BLE001
+        return report_failure(err)
+    return LAST_EXIT["code"]
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -45,11 +145,9 @@ def run(ctx: typer.Context) -> None:
     kvprime run -m seed=1,2,3                     # a Hydra multirun
     kvprime run --cfg job                         # print the composed config and exit
     kvprime run hydra.run.dir=outputs/mine        # choose the run directory
+    The newest run of an experiment is linked as outputs/<experiment>/latest.
     """
-    from .app import main
-
-    sys.argv = ["kvprime run", *ctx.args]
-    main()
+    raise typer.Exit(run_hydra_app(list(ctx.args)))
 
 
 @app.command()
@@ -59,14 +157,14 @@ def resume(run_dir: Path = typer.Argument(..., help="A run directory made by `kv
 
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     if not overrides_file.is_file():
-        typer.echo(f"kvprime: error: {run_dir} is not a kvprime run directory (no .hydra/overrides.yaml).", err=True)
+        why = ("it does not exist" if not run_dir.exists() else
+               "it holds no run record (.hydra/overrides.yaml): not a kvprime run directory, or a run stopped "
+               "before it wrote anything, which has nothing to continue")
+        typer.echo(f"kvprime: error: cannot resume {run_dir}: {why}.", err=True)
         raise typer.Exit(2)
     overrides = [o for o in yaml.safe_load(overrides_file.read_text()) or []
                  if not o.startswith(("resume=", "hydra.run.dir="))]
-    from .app import main
-
-    sys.argv = ["kvprime run", *overrides, f"hydra.run.dir={run_dir}", "resume=true"]
-    main()
+    raise typer.Exit(run_hydra_app([*overrides, f"hydra.run.dir={run_dir}", "resume=true"]))
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -125,12 +223,11 @@ def bench(ctx: typer.Context) -> None:
     kvprime bench dataset.n_samples=5 model=tiny_random_llama
     Writes bench.json and bench.md to outputs/bench/<timestamp>/.
     """
-    import datetime
-
     from .bench import bench as run_bench
     from .confdir import outputs_root
+    from .rundir import new_run_dir
 
-    out = Path(outputs_root()) / "bench" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out = Path(_guarded(new_run_dir, str(Path(outputs_root()) / "bench")))
     _guarded(run_bench, list(ctx.args), out_dir=out)
 
 
@@ -142,17 +239,26 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (`kvprime r
     For a sweep directory: sweep_summary.csv, jobs.csv, sweep_effect.png and sweep_report.md over its jobs,
     with the failed jobs and why."""
     from .finalize import finalize
+    from .rundir import locked_write
     from .sweep import is_sweep_dir, sweep_report
 
     if not (run_dir / "config.json").exists() and is_sweep_dir(run_dir):
-        result = _guarded(sweep_report, run_dir)
+        result = _guarded(locked_write, run_dir, "report", "the sweep directory", lambda: sweep_report(run_dir))
         counts = ", ".join(f"{n} {s}" for s, n in result["counts"].items() if n)
         typer.echo(f"kvprime: wrote {run_dir.resolve()}/sweep_report.md ({counts})")
         for f in result["failed"]:
             typer.echo(f"  job {f['job']} failed: {f['type']}: {f['message']}", err=True)
         return
-    results = _guarded(finalize, run_dir)
+    if not run_dir.is_dir():
+        _guarded(_missing, run_dir)
+    results = _guarded(locked_write, run_dir, "report", "the run directory", lambda: finalize(run_dir))
     typer.echo(f"kvprime: wrote {run_dir.resolve()}/report.md ({results['counts']['score_lines']} scores)")
+
+
+def _missing(path: Path) -> None:
+    from .errors import MissingFileError
+
+    raise MissingFileError(f"{path} does not exist (or is not a directory).")
 
 
 @app.command()
@@ -166,8 +272,10 @@ def merge(run_dirs: List[Path] = typer.Argument(..., help="The shards' run direc
     kvprime merge outputs/multirun/exp21/<timestamp> --out outputs/exp21/merged
     """
     from .merge import expand_run_dirs, merge_runs
+    from .rundir import locked_write
 
-    results = _guarded(lambda: merge_runs(expand_run_dirs(run_dirs), out))
+    results = _guarded(locked_write, out, "merge", "--out",
+                       lambda: merge_runs(expand_run_dirs(run_dirs), out))
     m = results["merge"]
     typer.echo(f"kvprime: merged {m['num_shards']} shards ({m['n_samples']} samples, {m['score_lines']} scores) "
                f"into {out.resolve()}/report.md")

@@ -20,7 +20,11 @@ def outputs_root() -> str:
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
+    from .rundir import new_run_dir
+
     OmegaConf.register_new_resolver("kvprime_outputs", outputs_root, replace=True)
+    # Cached per config (and copied into every job of a sweep), so one run resolves one directory.
+    OmegaConf.register_new_resolver("kvprime_new_dir", new_run_dir, replace=True, use_cache=True)
 
 
 def names(group: str) -> list[str]:

@@ -60,7 +60,9 @@ def debug() -> bool:
 
 
 def _wrap(text: str) -> str:
-    return "\n".join(textwrap.wrap(" ".join(text.split()), 100, subsequent_indent="  "))
+    # Paths and commands stay whole (no breaks at hyphens or inside long words), so they can be copied.
+    return "\n".join(textwrap.wrap(" ".join(text.split()), 100, subsequent_indent="  ", break_on_hyphens=False,
+                                    break_long_words=False))
 
 
 def explain(err: BaseException) -> str:

@@ -13,15 +13,16 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
-from . import batching, metadata, models, surrogates
+from . import batching, interrupts, metadata, models, settings, surrogates
 from . import hf_internals as hf
 from .builders import BUILDERS
 from .conditions import ConditionSpec, validate
 from .data import load_samples
 from .engine import Engine
-from .errors import ConfigError
+from .errors import ConfigError, RunDirError
 from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
 
 # Keys that may differ between a run and its resumption.
@@ -102,28 +103,8 @@ def comparisons_for(exp: Mapping, defined: Mapping, names) -> list[dict]:
     return out
 
 
-def _check_settings(cfg: Mapping) -> None:
-    """Settings that would otherwise fail late (after the model loads or after generation) or silently."""
-    from .generation import CLEAN_MODES
-
-    if cfg.get("on_too_long", "skip") not in ("skip", "error"):
-        raise RunError(f"on_too_long={cfg.get('on_too_long')!r} is not known. Accepted: skip, error.")
-    clean = (cfg.get("generation") or {}).get("clean", "first_content_line")
-    if clean not in CLEAN_MODES:
-        raise RunError(f"generation.clean={clean!r} is not known. Accepted: {', '.join(CLEAN_MODES)}.")
-    sink = (cfg.get("model") or {}).get("sink", "bos")
-    if sink not in ("bos", "none"):
-        raise RunError(f"model.sink={sink!r} is not a sink policy. Accepted: bos, none.")
-
-
 def _check_resume(run_dir: Path, cfg: dict) -> None:
     stored_path = run_dir / "config.json"
-    scores = run_dir / "scores.jsonl"
-    if not cfg.get("resume"):
-        if scores.exists() and scores.stat().st_size:
-            raise RunError(f"{run_dir} already holds scores. Continue it with resume=true (same overrides), or "
-                           "let kvprime make a new run directory.")
-        return
     if not stored_path.exists():
         return
     stored = json.loads(stored_path.read_text())
@@ -137,7 +118,7 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
     now, old = json.loads(dumps(relevant(cfg))), relevant(stored)
     diff = sorted(k for k in set(now) | set(old) if now.get(k) != old.get(k))
     if diff:
-        raise RunError(f"resume=true, but the configuration differs from the one {run_dir} was started with in "
+        raise RunDirConflict(f"resume=true, but the configuration differs from the one {run_dir} was started with in "
                        f"{diff}. Resume with the original overrides (see {stored_path}), or start a new run.")
 
 
@@ -219,29 +200,32 @@ def _row(sample, name, seg, primed, score, resolved, similarity, save_tokens, pe
 
 def fill_surrogate_store(cfg) -> dict[str, int]:
     """``kvprime surrogates generate``: the generation step of a run, alone."""
-    cfg = batching.resolve(plain(cfg))
+    cfg = batching.resolve(settings.check(plain(cfg)))
     specs = plan_conditions(cfg)
     samples = load_samples({**cfg["dataset"]}).samples
     model, tokenizer, info = models.load(cfg["model"])
     generated = generate_surrogates(cfg, specs, samples, model, tokenizer, _model_id(cfg["model"], info),
-                                    progress=cfg.get("progress", True))
+                                    progress=cfg["progress"])
     counts: dict[str, int] = {}
     for template, _ in generated:
         counts[template] = counts.get(template, 0) + 1
     return counts
 
 
-def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | None = None) -> dict:
-    """Run ``cfg`` (a Hydra/OmegaConf config or plain dict) into ``run_dir``; returns ``results.json``'s dict."""
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    peaks: dict[str, int] = {}  # the process's peak resident memory after each stage (MB; it never goes down)
-    cfg = batching.resolve(plain(cfg))
-    run_dir = Path(run_dir)
-    exp = cfg["experiment"]
-    seed = int(cfg.get("seed", 0))
-    progress = cfg.get("progress", True) if progress is None else progress
+class RunDirConflict(RunError, RunDirError):
+    """The run directory holds another run, or another writer holds it."""
 
+
+# A directory holding any of these holds a run (started, killed or finished).
+RUN_FILES = ("config.json", "plan.json", "inputs.jsonl", "scores.jsonl", "metadata.json", "results.json")
+
+
+def prepare(cfg, only: str | None = None) -> dict:
+    """Every check that needs no model and writes nothing: settings, conditions, routing, comparisons, RoPE
+    support, and the data (loaded and selected here, so a data problem is reported before any write).
+    Returns the resolved config (batch sizes as numbers), the condition specs and this job's samples."""
+    cfg = batching.resolve(settings.check(plain(cfg)))
+    exp = cfg["experiment"]
     specs = plan_conditions(cfg, only)
     derived = [dict(r) for r in exp.get("derived") or []]
     if only is None:
@@ -251,20 +235,13 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
         if any(r["pick"] == "max_similarity" for r in derived) and not exp.get("similarity"):
             raise RunError(f"experiment {exp['name']!r} routes by similarity (pick: max_similarity) but computes none; "
                            "set experiment.similarity=true.")
-    _check_settings(cfg)
     names = list(specs) + [r["name"] for r in derived]
     comparisons_for(exp, {**(cfg.get("conditions") or {}), **{r["name"]: r for r in derived}}, names)
-    model_cfg = cfg["model"]
-    mconf = models.model_config(model_cfg)
+    _check_store(cfg, specs)
+    mconf = models.model_config(cfg["model"])
     for spec in specs.values():
         if spec.truncates_prefix:
             hf.check_config_supports(mconf, spec.rope_fix)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_resume(run_dir, cfg)
-    write_json(run_dir / "config.json", cfg)
-    write_json(run_dir / "plan.json", {"only": only, "conditions": {n: s.to_dict() for n, s in specs.items()}})
-    timings["validate"] = time.perf_counter() - t0
-
     t = time.perf_counter()
     loaded = load_samples({**cfg["dataset"]})
     samples = shard(loaded.samples, cfg.get("run") or {}, chunk_size(cfg))
@@ -272,7 +249,89 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
         raise RunError(f"dataset {cfg['dataset']['name']!r} gave no usable samples "
                        f"({len(loaded.rejected)} rejected; e.g. {loaded.rejected[:3]}).")
     pool = [s.query for s in loaded.samples]  # random queries come from the whole selection, not the shard
-    timings["load_data"] = time.perf_counter() - t
+    return {"cfg": cfg, "specs": specs, "only": only, "loaded": loaded, "samples": samples, "pool": pool,
+            "load_data_s": time.perf_counter() - t}
+
+
+def _check_store(cfg: Mapping, specs: Mapping) -> None:
+    """The generated-surrogate store must be writable before an hour of generation is spent."""
+    if not any(s.surrogate.startswith("generated:") for s in specs.values()):
+        return
+    from . import rundir
+    from .surrogate_store import SurrogateStore
+
+    store = cfg["generation"].get("store")
+    setting = "generation.store" if store else "KVPRIME_HOME (generation.store=null stores surrogates there)"
+    err = rundir.unwritable(SurrogateStore(Path(store).expanduser() if store else None).root, setting)
+    if err is not None:
+        raise err
+
+
+def check_run_dir(run_dir: Path, cfg: Mapping) -> None:
+    """Refuse, without writing anything, a directory another writer holds, or one that holds another run
+    (unless resuming it with the configuration it was started with)."""
+    from . import rundir
+
+    h = rundir.live_holder(run_dir)
+    if h is not None:
+        raise RunDirConflict(str(rundir.busy_error(run_dir, h)))
+    if cfg.get("resume"):
+        _check_resume(run_dir, cfg)
+        return
+    held = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if held:
+        raise RunDirConflict(f"{run_dir} already holds a run ({', '.join(held)}). Continue it with `kvprime resume "
+                             f"{run_dir}` (or resume=true with the same overrides), or let kvprime make a new run "
+                             "directory (leave hydra.run.dir unset).")
+
+
+@contextmanager
+def claim(run_dir: Path, cfg: Mapping, command: str = "run"):
+    """Make (if needed), check and lock ``run_dir`` for this run; the lock is held until the block ends."""
+    from . import rundir
+
+    rundir.make_dirs(run_dir, "hydra.run.dir (the run directory)")
+    check_run_dir(run_dir, cfg)  # before the lock file is made: a refused run leaves the directory as it was
+    lock = rundir.RunLock(run_dir, command).acquire()
+    try:
+        check_run_dir(run_dir, cfg)  # again, now that no other writer can start
+        from .results_io import remove_stale_temps
+
+        remove_stale_temps(run_dir)  # a killed writer's half-written temporaries
+        yield lock
+    finally:
+        lock.release()
+
+
+def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | None = None,
+                   on_claimed=None) -> dict:
+    """Run ``cfg`` (a Hydra/OmegaConf config or plain dict) into ``run_dir``; returns ``results.json``'s dict.
+
+    Nothing is written before every model-free check has passed and the directory is locked for this run;
+    ``on_claimed(run_dir)`` is called once it is (the CLI writes Hydra's record of the run there)."""
+    t0 = time.perf_counter()
+    prepared = prepare(cfg, only)
+    run_dir = Path(run_dir)
+    with claim(run_dir, prepared["cfg"], "resume" if prepared["cfg"].get("resume") else "run"):
+        if on_claimed is not None:
+            on_claimed(run_dir)
+        return _execute(prepared, run_dir, progress, t0)
+
+
+def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) -> dict:
+    timings: dict[str, float] = {}
+    peaks: dict[str, int] = {}  # the process's peak resident memory after each stage (MB; it never goes down)
+    cfg, specs, only = prepared["cfg"], prepared["specs"], prepared["only"]
+    exp = cfg["experiment"]
+    seed = cfg["seed"]
+    progress = cfg["progress"] if progress is None else progress
+    model_cfg = cfg["model"]
+    write_json(run_dir / "config.json", cfg)
+    write_json(run_dir / "plan.json", {"only": only, "conditions": {n: s.to_dict() for n, s in specs.items()}})
+    timings["validate"] = time.perf_counter() - t0 - prepared["load_data_s"]
+
+    loaded, samples, pool = prepared["loaded"], prepared["samples"], prepared["pool"]
+    timings["load_data"] = prepared["load_data_s"]
     if cfg.get("resume") and _complete(run_dir, samples, list(specs)):
         from .finalize import finalize
 
@@ -280,7 +339,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
 
     t = time.perf_counter()
     model, tokenizer, model_info = models.load(model_cfg)
-    engine = Engine(model, tokenizer, sink=model_cfg.get("sink", "bos"), max_context=model_cfg.get("max_context"))
+    engine = Engine(model, tokenizer, sink=model_cfg["sink"], max_context=model_cfg.get("max_context"))
     timings["load_model"] = time.perf_counter() - t
     peaks["load_model"] = metadata.peak_rss_mb()
 
@@ -376,8 +435,8 @@ def _score_all(cfg, engine, specs, samples, resolved, similarity, run_dir, progr
     (sample, condition) of the chunk is scored in batches, and its lines are appended before the next chunk."""
     from tqdm.auto import tqdm
 
-    skipped, on_too_long = [], cfg.get("on_too_long", "skip")
-    save_tokens, per_token = bool(cfg.get("save_tokens")), bool(cfg.get("per_token"))
+    skipped, on_too_long = [], cfg["on_too_long"]
+    save_tokens, per_token = cfg["save_tokens"], cfg["per_token"]
     chunk = chunk_size(cfg)
     encode_tokens, score_tokens = int(cfg["batch"]["encode_tokens"]), int(cfg["batch"]["score_tokens"])
     with ScoreLog(run_dir / "scores.jsonl") as log:
@@ -399,11 +458,20 @@ def _score_all(cfg, engine, specs, samples, resolved, similarity, run_dir, progr
                                        "on_too_long=skip to skip and count such samples).")
                     skipped.append({"sample_id": sample.sample_id, "reason": reason})
                     continue
-                work += [(sample, name, segs[name]) for name in specs if (sample.sample_id, name) not in log.done]
+                work += [(sample, name, segs[name]) for name in specs]
+            # A chunk is scored whole or not at all: a resumed run redoes a partly logged chunk with the same
+            # batches as the uninterrupted run (smaller batches round differently in float32), and appends
+            # only the missing lines.
+            if all((sample.sample_id, name) in log.done for sample, name, _ in work):
+                bar.update(min(chunk, len(samples) - first))
+                continue
             done = engine.run_chunk([(specs[name], seg) for _, name, seg in work], per_token=per_token,
                                     encode_tokens=encode_tokens, score_tokens=score_tokens)
             for (sample, name, seg), (pc, score) in zip(work, done):
-                log.append(_row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token))
+                if (sample.sample_id, name) in log.done:
+                    continue
+                with interrupts.record_boundary():
+                    log.append(_row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token))
             engine.forget()
             bar.update(min(chunk, len(samples) - first))
         bar.close()

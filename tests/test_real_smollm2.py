@@ -51,7 +51,7 @@ def test_smollm2_identities(engine):
 
 def test_smollm2_smoke_runs(tmp_path):
     for dataset, n in (("exp21_sanity", 1), ("squad_v11", 3)):
-        cfg = compose([f"dataset={dataset}", f"dataset.n_samples={n}", "stats.n_boot=200", "progress=false",
+        cfg = compose([f"dataset={dataset}", f"dataset.n_samples={n}", "stats.n_boot=1000", "progress=false",
                        "save_tokens=true"])
         out = tmp_path / dataset
         results = runner.run_experiment(cfg, out)

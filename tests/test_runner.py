@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from kvprime import confdir, runner
+from kvprime.errors import ConfigError
 from kvprime.inspect_cache import compose
 from kvprime.results_io import read_jsonl
 
@@ -31,7 +32,7 @@ def samples_file(tmp_path):
 
 
 def tiny_cfg(samples_file, *extra):
-    return compose(["model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}", "stats.n_boot=200",
+    return compose(["model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}", "stats.n_boot=1000",
                     "save_tokens=true", "progress=false", *extra])
 
 
@@ -226,7 +227,7 @@ def run_cli(*args, **kw):
 def test_cli_run_writes_hydra_dir_and_one_condition(tmp_path, samples_file):
     out = tmp_path / "cli"
     proc = run_cli("run", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}",
-                   "condition=truncated_oracle", "stats.n_boot=100", f"hydra.run.dir={out}")
+                   "condition=truncated_oracle", "stats.n_boot=1000", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr
     assert (out / ".hydra" / "config.yaml").exists() and (out / "report.md").exists()
     assert sorted(pd.read_csv(out / "summary.csv").condition) == ["bare", "truncated_oracle"]
@@ -303,5 +304,5 @@ def test_routing_by_similarity_without_similarities_fails_before_scoring(samples
                                                ("generation.clean=smart", "generation.clean"),
                                                ("model.sink=eos", "model.sink")])
 def test_bad_run_settings_fail_before_the_model_loads(samples_file, tmp_path, override, message):
-    with pytest.raises(runner.RunError, match=message):
+    with pytest.raises(ConfigError, match=message):
         runner.run_experiment(tiny_cfg(samples_file, override), tmp_path / "r")

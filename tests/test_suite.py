@@ -24,7 +24,7 @@ def samples_file(tmp_path):
 
 def cfg_for(experiment, samples_file, tmp_path, *extra):
     return compose([f"experiment={experiment}", "model=tiny_random_llama", "dataset=jsonl",
-                    f"dataset.path={samples_file}", "stats.n_boot=200", "progress=false", "save_tokens=true",
+                    f"dataset.path={samples_file}", "stats.n_boot=1000", "progress=false", "save_tokens=true",
                     "generation.max_new_tokens=8", f"generation.store={tmp_path / 'store'}", *extra])
 
 

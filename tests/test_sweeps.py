@@ -18,7 +18,7 @@ from kvprime.merge import MergeError, expand_run_dirs, merge_runs
 from kvprime.results_io import read_jsonl
 from kvprime.sweep import is_sweep_dir, job_dirs, sweep_report
 
-TINY = ["model=tiny_random_llama", "stats.n_boot=200", "progress=false"]
+TINY = ["model=tiny_random_llama", "stats.n_boot=1000", "progress=false"]
 
 
 def _samples(path: Path, n: int = 7) -> Path:
@@ -324,8 +324,9 @@ def test_failed_job_is_reported_and_a_resumed_sweep_runs_only_what_is_missing(tm
     # Jobs in Hydra's order: the experiment's sweeper.params key first, then the command line's.
     args = _sweep_args(f"{data_file},{late}", sweep, "conditions.baseline_offset.position_offset=0,3")
     proc = _kvprime(args, tmp_path)
-    assert proc.returncode == 1
-    assert "Error executing job with overrides" in proc.stderr and "FileNotFoundError" in proc.stderr
+    assert proc.returncode == 2  # a missing data file is the user's to fix: one paragraph per job, no traceback
+    assert "Error executing job with overrides" in proc.stderr and "JSONL dataset file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
     report = sweep_report(sweep)
     assert report["swept_keys"] == ["conditions.baseline_offset.position_offset", "dataset.path"]
     jobs = [(j["values"]["conditions.baseline_offset.position_offset"], j["values"]["dataset.path"], j["status"])
@@ -333,9 +334,9 @@ def test_failed_job_is_reported_and_a_resumed_sweep_runs_only_what_is_missing(tm
     assert jobs == [(0, str(data_file), "complete"), (0, str(late), "failed"),
                     (3, str(data_file), "complete"), (3, str(late), "failed")]  # a failure does not stop the sweep
     assert [f["job"] for f in report["failed"]] == [1, 3]
-    assert report["failed"][0]["type"] == "FileNotFoundError" and str(late) in report["failed"][0]["message"]
+    assert report["failed"][0]["type"] == "MissingFileError" and str(late) in report["failed"][0]["message"]
     md = (sweep / "sweep_report.md").read_text()
-    assert "## Failed jobs" in md and "job 1: **FileNotFoundError**" in md and "resume=true" in md
+    assert "## Failed jobs" in md and "job 1: **MissingFileError**" in md and "resume=true" in md
     assert list(pd.read_csv(sweep / "jobs.csv").status) == ["complete", "failed", "complete", "failed"]
     done = {n: (job_dirs(sweep)[n] / "scores.jsonl").stat().st_mtime_ns for n in (0, 2)}
     meta = {n: (job_dirs(sweep)[n] / "metadata.json").read_bytes() for n in (0, 2)}

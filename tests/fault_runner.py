@@ -1,0 +1,194 @@
+"""Run the kvprime CLI with its write points instrumented, and SIGKILL it at the N-th one.
+
+    python tests/fault_runner.py <kill_at> <mode> <event_log> <kvprime arguments...>
+
+Write points: every call of ``kvprime.results_io.write_atomic`` (``write_json``/``write_jsonl``, the CSVs,
+the report and the figures all go through it) and every ``ScoreLog.append`` (one line of ``scores.jsonl``).
+Each one is numbered from 1 and recorded as a JSON line in ``event_log`` (a file outside the run directory),
+with its kind, its file and, for an append, its (sample_id, condition). ``kill_at=0`` kills nothing: the run
+is only counted. At write point ``kill_at`` the process SIGKILLs itself (no handler, no cleanup can run):
+
+- ``before``: before the write starts;
+- ``after``: after the write is complete (renamed into place, or the line fsync'ed);
+- ``torn``: in the middle of the write: for an append, half of the JSON line is appended to ``scores.jsonl``
+  (through a handle of its own), flushed and fsync'ed (a torn last line); for a whole-file write, half of the
+  data goes to the same kind of temporary file ``write_atomic`` uses, which is never renamed.
+
+``python tests/fault_runner.py --serve`` is a fork server for the same: it imports kvprime and its heavy
+dependencies once, then reads one JSON request a line on stdin (``{"argv": [...], "kill_at": N, "mode": ...,
+"events": path or null, "output": path, "cwd": path}``), forks a child that runs the CLI exactly as above
+(instrumented only when ``events`` is given) with stdout and stderr in ``output``, waits for it and answers
+``{"returncode": ...}`` (minus the signal number for a killed child, as ``subprocess`` does). Every child is a
+process of its own, killed for real; only the import time (most of a tiny run's time) is shared.
+
+Used by tests/test_fault_injection.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+MODES = ("before", "after", "torn")
+
+
+def _install(kill_at: int, mode: str, event_log: Path) -> None:
+    import importlib
+
+    from kvprime import results_io as rio
+
+    # Modules that did `from .results_io import write_atomic` hold their own reference: import every module of
+    # the run path now (lazily imported ones included) and patch the name wherever it is bound.
+    for name in ("kvprime.app", "kvprime.runner", "kvprime.finalize", "kvprime.figures", "kvprime.report",
+                 "kvprime.surrogate_store", "kvprime.sweep", "kvprime.merge"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a module that does not exist (any more) writes nothing
+            pass
+
+    real_write_atomic = rio.write_atomic
+    real_append = rio.ScoreLog.append
+    counter = {"n": 0}
+
+    def record(event: dict) -> int:
+        counter["n"] += 1
+        event = {"n": counter["n"], **event}
+        with open(event_log, "a") as fh:
+            fh.write(json.dumps(event) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return counter["n"]
+
+    def die(n: int, how: str) -> None:
+        with open(event_log, "a") as fh:
+            fh.write(json.dumps({"killed": n, "mode": how}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def write_atomic(path, data):
+        path = Path(path)
+        n = record({"kind": "atomic", "file": str(path)})
+        if n == kill_at:
+            if mode == "before":
+                die(n, mode)
+            if mode == "torn":
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, _ = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                raw = data if isinstance(data, bytes) else data.encode()
+                os.write(fd, raw[:max(1, len(raw) // 2)])
+                os.fsync(fd)
+                die(n, mode)
+        real_write_atomic(path, data)
+        if n == kill_at:
+            die(n, mode)
+
+    def append(self, row):
+        n = record({"kind": "append", "file": str(self.path), "key": [row["sample_id"], row["condition"]]})
+        if n == kill_at:
+            if mode == "before":
+                die(n, mode)
+            if mode == "torn":  # through a handle of our own: ScoreLog's internals are not assumed
+                line = (rio.dumps(row) + "\n").encode()
+                with open(self.path, "ab") as fh:
+                    fh.write(line[:len(line) // 2])
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                die(n, mode)
+        real_append(self, row)
+        if n == kill_at:
+            die(n, mode)
+
+    rio.write_atomic = write_atomic
+    rio.ScoreLog.append = append
+    for name, module in list(sys.modules.items()):
+        if (name == "kvprime" or name.startswith("kvprime.")) and getattr(module, "write_atomic", None) \
+                is real_write_atomic:
+            module.write_atomic = write_atomic
+
+
+def _cli(args: list[str]) -> int:
+    from kvprime import cli
+
+    sys.argv = ["kvprime", *args]
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
+
+def _preload() -> None:
+    """What every run imports anyway; importing it before forking runs nothing of a run."""
+    import kvprime.app  # noqa: F401  (hydra, omegaconf)
+    import kvprime.cli  # noqa: F401
+    import kvprime.finalize  # noqa: F401  (pandas, scipy via stats)
+    import kvprime.figures  # noqa: F401  (matplotlib)
+    import kvprime.runner  # noqa: F401  (torch, transformers)
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+    except ImportError:
+        pass
+
+
+def _child(req: dict) -> None:
+    """In the forked child: run one request and leave with its exit code (never return to the server loop)."""
+    code = 1
+    try:
+        fd = os.open(req["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.chdir(req["cwd"])
+        if req.get("events"):
+            _install(int(req.get("kill_at") or 0), req.get("mode") or "before", Path(req["events"]))
+        code = _cli(list(req["argv"]))
+    except BaseException:  # noqa: BLE001  (a traceback in the output, exit 1, as a fresh process would)
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve() -> None:
+    _preload()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(req)
+        _, status = os.waitpid(pid, 0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        sys.stdout.write(json.dumps({"returncode": code}) + "\n")
+        sys.stdout.flush()
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--serve"]:
+        serve()
+        return
+    kill_at, mode, event_log, *args = argv
+    if mode not in MODES:
+        raise SystemExit(f"fault_runner: mode must be one of {MODES}, not {mode!r}")
+    _install(int(kill_at), mode, Path(event_log))
+    raise SystemExit(_cli(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
