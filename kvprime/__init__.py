@@ -13,6 +13,7 @@ _LAZY = {
     "register_builder": ("kvprime.builders", "register_builder"),
     "load_samples": ("kvprime.data", "load_samples"),
     "run_experiment": ("kvprime.runner", "run_experiment"),
+    "Session": ("kvprime.session", "Session"),
 }
 
 __all__ = ["__version__", *_LAZY]

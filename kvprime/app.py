@@ -10,6 +10,7 @@ kvprime (1, the traceback saved to the run's ``error.json``, or to a file named 
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -28,8 +29,11 @@ from .errors import (
     save_traceback,
     traceback_text,
 )
+from .failures import report_failure
 
 register_resolvers()  # before Hydra resolves hydra.run.dir
+
+log = logging.getLogger("kvprime")
 
 # The last single run's exit status (a run's failure is reported by kvprime, not raised through Hydra).
 LAST_EXIT = {"code": 0}
@@ -66,7 +70,7 @@ def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool)
     from .interrupts import StopSignal, stop_on_signals
     from .runner import RUN_FILES, run_experiment
 
-    print(f"kvprime: run directory {run_dir.resolve()}", file=sys.stderr)
+    log.info(f"kvprime: run directory {run_dir.resolve()}")
     claimed = {"files": None}
 
     def on_claimed(d: Path) -> None:
@@ -76,6 +80,11 @@ def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool)
             rundir.point_latest(d)
         logs.attach_run_log(d)
 
+    from . import plugins
+
+    # A researcher's plugin modules may sit beside their configs (--config-dir, hydra.searchpath).
+    plugins.add_search_dirs(s.path for s in HydraConfig.get().runtime.config_sources
+                            if s.schema == "file" and s.provider != "main")
     try:
         with stop_on_signals():
             results = run_experiment(cfg, run_dir, only=only, on_claimed=on_claimed)
@@ -103,15 +112,15 @@ def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool)
             if debug():
                 print(traceback_text(err), file=sys.stderr)
             code = 1
-        print(paragraph, file=sys.stderr)
+        log.error(paragraph)
         logs.detach_run_log()
         if not ours and not multirun:
             rundir.remove_created(run_dir)
         return code, paragraph
-    logs.detach_run_log()
     (run_dir / "error.json").unlink(missing_ok=True)
     _print_summary(results)
-    print(f"kvprime: wrote {run_dir.resolve()}/report.md", file=sys.stderr)
+    log.info(f"kvprime: wrote {run_dir.resolve()}/report.md")
+    logs.detach_run_log()
     return 0, ""
 
 
@@ -206,23 +215,69 @@ def _record_failure(run_dir: Path, err: BaseException, paragraph: str, *, intern
 
 
 def _print_summary(results: dict) -> None:
+    """The summary table, on stdout (``kvprime.summary``) and in run.log."""
+    out = logging.getLogger("kvprime.summary")
     rows = results["summary"]
     w = max(len("condition"), *(len(r["condition"]) for r in rows)) + 2
-    print(f"\n{results['experiment']['name']}: {results['counts']['scored_samples']} samples, "
-          f"baseline {results['experiment']['baseline']!r} (delta > 0: condition better)")
-    print(f"{'condition':<{w}}{'mean NLL':>10}{'delta':>10}{'95% CI':>22}{'win':>7}{'p_holm':>10}  verdict")
+    lines = [f"\n{results['experiment']['name']}: {results['counts']['scored_samples']} samples, "
+             f"baseline {results['experiment']['baseline']!r} (delta > 0: condition better)",
+             f"{'condition':<{w}}{'mean NLL':>10}{'delta':>10}{'95% CI':>22}{'win':>7}{'p_holm':>10}  verdict"]
     for r in rows:
         if r["verdict"] == "baseline":
-            print(f"{r['condition']:<{w}}{r['mean']:>10.4f}{'':>10}{'':>22}{'':>7}{'':>10}  baseline")
+            lines.append(f"{r['condition']:<{w}}{r['mean']:>10.4f}{'':>10}{'':>22}{'':>7}{'':>10}  baseline")
             continue
         ci = f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
-        print(f"{r['condition']:<{w}}{r['mean']:>10.4f}{r['mean_delta']:>+10.4f}{ci:>22}{r['win_rate']:>7.0%}"
-              f"{r['p_holm']:>10.2g}  {r['verdict']}")
-    for d in results.get("diagnosis", []):
-        print(f"[{d['status']}] {d['text']}")
+        lines.append(f"{r['condition']:<{w}}{r['mean']:>10.4f}{r['mean_delta']:>+10.4f}{ci:>22}"
+                     f"{r['win_rate']:>7.0%}{r['p_holm']:>10.2g}  {r['verdict']}")
+    lines += [f"[{d['status']}] {d['text']}" for d in results.get("diagnosis", [])]
+    out.info("\n".join(lines))
+
+
+def _override_paths(args) -> dict[str, str]:
+    """hydra.run.dir / hydra.sweep.dir given on the command line (without Hydra: for early path checks)."""
+    out = {}
+    for a in args:
+        key, sep, value = a.lstrip("+").partition("=")
+        if sep and key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
+            out[key] = value.strip("'\"")
+    return out
+
+
+def run_hydra_app(args: list[str]) -> int:
+    """``kvprime run ARGS``: Hydra composes and launches; every outcome becomes an exit status and, unless it
+    is success, one paragraph."""
+    import os
+
+    from . import logs, rundir
+    from .confdir import outputs_root
+
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    paths = _override_paths(args)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    checks = {key: paths[key]} if key in paths else {"KVPRIME_OUTPUT_ROOT (the output root)": outputs_root()}
+    for setting, path in checks.items():
+        err = rundir.unwritable(Path(path), setting)
+        if err is not None:
+            return report_failure(err)
+    if key in paths:
+        rundir.expect_created(Path(paths[key]))  # so a refused run removes only what it made
+    # Hydra re-raises instead of printing its own traceback; report_failure turns it into a paragraph.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    logs.quiet_libraries()
+    from .app import LAST_EXIT, JobFailed, main
+
+    sys.argv = ["kvprime run", *args]
+    LAST_EXIT["code"] = 0
+    try:
+        main()
+    except SystemExit as exc:  # --help, --cfg job, ...
+        return exc.code if isinstance(exc.code, int) else 0
+    except JobFailed as exc:  # a sweep job failed; its paragraph is printed and in its error.json
+        return exc.code
+    except BaseException as err:  # noqa: BLE001
+        return report_failure(err)
+    return LAST_EXIT["code"]
 
 
 if __name__ == "__main__":
-    from .cli import run_hydra_app
-
     sys.exit(run_hydra_app(sys.argv[1:]))

@@ -14,6 +14,7 @@ this machine's fp32 matmul throughput measured in the same run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import platform
 import time
 from pathlib import Path
@@ -21,13 +22,14 @@ from pathlib import Path
 import torch
 
 from . import hf_internals as hf
-from . import batching, metadata, models, surrogates
-from .data import load_samples
+from . import metadata
 from .engine import Engine
-from .generation import GENERATION_TEMPLATES, GenerationSettings, generate
-from .inspect_cache import compose
+from .generation import GENERATION_TEMPLATES, generate
+from .plan import chunk_size
 from .results_io import write_atomic, write_json
-from .runner import chunk_size, plan_conditions, shard
+
+# Defaults, not fixed choices: the user's own experiment=, dataset.n_samples= or progress= replaces each.
+DEFAULTS = ("experiment=exp01", "dataset.n_samples=20", "progress=false")
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -109,13 +111,15 @@ def naive_score(model, primed, seg) -> float:
 
 
 def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -> dict:
-    cfg = batching.resolve(compose(["experiment=exp01", "dataset.n_samples=20", "progress=false", *args]))
-    specs = plan_conditions(cfg)
-    samples = shard(load_samples(dict(cfg["dataset"])).samples, cfg.get("run") or {}, chunk_size(cfg))
-    model, tok, _ = models.load(cfg["model"])
-    config, seed = model.config, int(cfg.get("seed", 0))
-    gcfg = {k: v for k, v in (cfg.get("generation") or {}).items() if k in GenerationSettings.__dataclass_fields__}
-    batched_settings = GenerationSettings(**gcfg)
+    """Both paths on the session that ``args`` (Hydra overrides, after ``DEFAULTS``) describe; returns what
+    ``bench.json`` holds and, with ``out_dir``, writes it and ``bench.md`` there."""
+    from .session import Session
+
+    session = Session.from_overrides(args, defaults=DEFAULTS)
+    cfg, specs, samples = session.cfg, session.specs, session.samples
+    model, tok = session.model, session.tokenizer
+    config = model.config
+    batched_settings = session.generation_settings
     bcfg = cfg["batch"]  # resolved: numbers
     chunk = chunk_size(cfg)
     say = print if progress else (lambda *a, **k: None)
@@ -128,16 +132,16 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
     say(f"  {str(dtype).removeprefix('torch.')} matmul throughput ({n}^3, torch.mm on {device}): {peak:.1f} GFLOP/s")
 
     # Generated surrogates: batched vs one document at a time, same seeds, same outputs.
-    templates = sorted({s.surrogate.split(":", 1)[1] for s in specs.values() if s.surrogate.startswith("generated:")})
+    templates = session.templates()
     docs = [s.passage for s in samples]
     # Untimed warm-up (kernel selection, allocator, lazy initialisation), so neither path pays for it.
     generate(model, tok, docs[:2], GENERATION_TEMPLATES["target_question"],
-             GenerationSettings(**{**gcfg, "max_new_tokens": 2, "batch_size": 2}))
+             dataclasses.replace(batched_settings, max_new_tokens=2, batch_size=2))
     gen = {"batched": {"s": 0.0, "rows": []}, "single": {"s": 0.0, "rows": []}}
     texts: dict = {}
     for template in templates:
-        for mode, settings in (("batched", batched_settings), ("single", GenerationSettings(**{**gcfg,
-                                                                                             "batch_size": 1}))):
+        for mode, settings in (("batched", batched_settings),
+                               ("single", dataclasses.replace(batched_settings, batch_size=1))):
             stats: dict = {}
             t = time.perf_counter()
             out = generate(model, tok, docs, GENERATION_TEMPLATES[template], settings, stats=stats)
@@ -147,14 +151,13 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
         say(f"  generated {template!r} surrogates: batched {gen['batched']['s']:.1f} s, "
             f"one at a time {gen['single']['s']:.1f} s")
     identical = all(v["batched"] == v["single"] for v in texts.values())
-    generated = {(t, s.sample_id): v["batched"][i] for t, v in texts.items() for i, s in enumerate(samples)}
-    pool = [s.query for s in samples]
-    engine = Engine(model, tok, sink=cfg["model"].get("sink", "bos"), max_context=cfg["model"].get("max_context"))
+    # The texts just timed are the run's texts (seeded per document), so the session uses them, not the store.
+    session.generated.update({(t, s.sample_id): v["batched"][i] for t, v in texts.items()
+                              for i, s in enumerate(samples)})
+    engine = session.engine
     work = [(s, name, spec) for s in samples for name, spec in specs.items()]
-    segs = [engine.segments(spec, document=s.passage, query=s.query, answer=s.answer,
-                            surrogate=surrogates.resolve(spec.surrogate, s, pool=pool, seed=seed, tokenizer=tok,
-                                                         n_tokens=spec.random_tokens, generated=generated))
-            for s, _, spec in work]
+    by_sample = {s.sample_id: session.segments(s) for s in samples}
+    segs = [by_sample[s.sample_id][name] for s, name, _ in work]
 
     # kvprime's path (first, so its peak memory is read before the naive path runs).
     t = time.perf_counter()
@@ -175,8 +178,7 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
     say(f"  kvprime encode+score: {fast_s:.1f} s ({engine.n_encodes} encodes)")
 
     # The naive path.
-    naive_engine = NaiveEngine(model, tok, sink=cfg["model"].get("sink", "bos"),
-                               max_context=cfg["model"].get("max_context"))
+    naive_engine = session.new_engine(NaiveEngine)
     t = time.perf_counter()
     slow = []
     for (s, name, spec), seg in zip(work, segs):
@@ -236,6 +238,8 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
 
 
 def render(r: dict) -> str:
+    from .tables import markdown_table
+
     es, g, e2e = r["encode_score"], r["generation"], r["end_to_end"]
     gen_share = "n/a" if g["share_of_matmul_peak"] is None else f"{100 * g['share_of_matmul_peak']:.0f}%"
 
@@ -251,8 +255,7 @@ def render(r: dict) -> str:
     ]
     lines = [f"{r['experiment']} on {r['model']} ({r['device']}, {r['dtype']}, {r['torch_threads']} threads): "
              f"{r['samples']} samples x {r['conditions']} conditions", "",
-             "| stage | naive | kvprime | speed-up | max abs NLL diff / outputs |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+             markdown_table(rows, ["stage", "naive", "kvprime", "speed-up", "max abs NLL diff / outputs"])]
     lines += ["", f"- encodes run: naive {es['naive_encodes']}, kvprime {es['kvprime_encodes']}",
               f"- model work: naive {es['naive_gflop']:.1f} GFLOP ({100 * es['naive_share_of_matmul_peak']:.0f}% of the "
               f"matmul throughput), kvprime {es['useful_gflop']:.1f} GFLOP: {es['work_ratio']:.2f}x less work. Where "

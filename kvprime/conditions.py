@@ -14,15 +14,15 @@ from .errors import ConfigError
 from .segments import TEMPLATE_FIELDS, template_fields
 from .surrogates import STATIC_SURROGATES, validate_source
 
-ROPE_FIXES = ("none", "rerotate", "shift")
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ConditionSpec:
+    """Keys every condition has; any other key of a condition's YAML is a setting of its builder (``params``,
+    checked against the builder's own dataclass by ``validate``)."""
+
     name: str
     builder: str = "full"
     surrogate: str = "none"
-    rope_fix: str | None = None
     position_offset: int = 0
     random_tokens: int = 20
     prefix_template: str = ""
@@ -31,29 +31,74 @@ class ConditionSpec:
     prompt_template: str = "\n\nQuestion: {query}\nAnswer:"
     answer_template: str = " {answer}"
     description: str = ""
+    params: tuple = ()  # the builder's settings as (key, value) pairs, in the order given
+
+    def __init__(self, name: str, builder: str = "full", surrogate: str = "none", position_offset: int = 0,
+                 random_tokens: int = 20, prefix_template: str = "", document_template: str = "{document}",
+                 suffix_template: str = "", prompt_template: str = "\n\nQuestion: {query}\nAnswer:",
+                 answer_template: str = " {answer}", description: str = "", params=(), **builder_params):
+        """Builder settings may be given as keywords (``ConditionSpec("d", builder="truncate_prefix",
+        rope_fix="shift")``) or as ``params``."""
+        values = dict(locals())
+        for key in self.common_keys():
+            object.__setattr__(self, key, values[key])
+        object.__setattr__(self, "params", tuple({**dict(params), **builder_params}.items()))
+
+    @classmethod
+    def common_keys(cls) -> tuple[str, ...]:
+        return tuple(f for f in cls.__dataclass_fields__ if f != "params")
 
     @classmethod
     def from_config(cls, name: str, cfg: Mapping) -> "ConditionSpec":
+        from .builders import BUILDERS
+
         data = dict(cfg)
         data.setdefault("name", name)
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(
-                f"condition {name!r} has unknown key(s) {unknown}. Accepted keys: "
-                f"{', '.join(cls.__dataclass_fields__)}."
-            )
-        return cls(**data)
+        common = {k: v for k, v in data.items() if k in cls.common_keys()}
+        rest = {k: v for k, v in data.items() if k not in cls.common_keys()}
+        info = BUILDERS.get(common.get("builder", "full"))
+        if info is not None:
+            # A key set to null that the builder does not know says "not set" (e.g. rope_fix: null on a full cache).
+            rest = {k: v for k, v in rest.items() if v is not None or k in info.param_names()}
+            unknown = sorted(set(rest) - set(info.param_names()))
+            if unknown:
+                raise ConfigError(
+                    f"condition {name!r} has unknown key(s) {unknown}. Accepted keys: {', '.join(cls.common_keys())}"
+                    f", and the settings of builder {info.name!r}: {', '.join(info.param_names()) or 'none'}.")
+        return cls(**common, params=tuple(rest.items()))
+
+    @property
+    def builder_params(self) -> dict:
+        return dict(self.params)
+
+    @property
+    def settings(self):
+        """The builder's own settings as its checked params dataclass (defaults filled in)."""
+        from .builders import BUILDERS
+
+        if self.builder not in BUILDERS:
+            raise ConfigError(f"condition {self.name!r}: builder {self.builder!r} is not registered. Registered "
+                              f"builders: {', '.join(sorted(BUILDERS))}.")
+        return BUILDERS[self.builder].make_params(self.builder_params, f"condition {self.name!r}")
+
+    @property
+    def rope_fix(self) -> str | None:
+        return self.builder_params.get("rope_fix")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat, as in the YAML (``rope_fix`` always present, as the run directories have always had it)."""
+        out = {}
+        for k, v in asdict(self).items():
+            if k == "position_offset":
+                out["rope_fix"] = self.rope_fix  # where run directories have always had it
+            if k != "params":
+                out[k] = v
+        out.update({k: v for k, v in self.builder_params.items() if k != "rope_fix"})
+        return out
 
     @property
     def uses_surrogate(self) -> bool:
         return self.surrogate != "none"
-
-    @property
-    def truncates_prefix(self) -> bool:
-        return self.builder == "truncate_prefix"
 
 
 def validate(spec: ConditionSpec, builders: Mapping, static_set: Mapping[str, str] = STATIC_SURROGATES) -> None:
@@ -66,13 +111,8 @@ def validate(spec: ConditionSpec, builders: Mapping, static_set: Mapping[str, st
         validate_source(spec.surrogate, static_set)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
-    if spec.builder == "truncate_prefix":
-        if spec.rope_fix not in ROPE_FIXES:
-            raise ConfigError(f"{where}: builder truncate_prefix needs rope_fix, one of {', '.join(ROPE_FIXES)}; "
-                             f"got {spec.rope_fix!r}.")
-    elif spec.rope_fix not in (None, "none"):
-        raise ConfigError(f"{where}: rope_fix={spec.rope_fix!r} only applies to builder truncate_prefix "
-                         f"(this condition uses {spec.builder!r}); remove it.")
+    info = builders[spec.builder]
+    info.make_params(spec.builder_params, where)
     if not isinstance(spec.position_offset, int) or spec.position_offset < 0:
         raise ConfigError(f"{where}: position_offset must be a non-negative integer, got {spec.position_offset!r}.")
     if spec.surrogate == "random_tokens" and (not isinstance(spec.random_tokens, int) or spec.random_tokens < 1):
@@ -98,10 +138,9 @@ def validate(spec: ConditionSpec, builders: Mapping, static_set: Mapping[str, st
     if spec.uses_surrogate and not needs_surrogate:
         raise ConfigError(f"{where}: surrogate={spec.surrogate!r} is set but neither prefix_template nor "
                          "suffix_template uses {surrogate}, so it would have no effect.")
-    if spec.builder == "truncate_prefix" and not spec.prefix_template:
-        raise ConfigError(f"{where}: builder truncate_prefix needs a non-empty prefix_template.")
-    if spec.builder == "truncate_suffix" and not spec.suffix_template:
-        raise ConfigError(f"{where}: builder truncate_suffix needs a non-empty suffix_template.")
+    for kind, role in info.roles.items():  # a builder that cuts or masks a span needs that span
+        if role != "kept" and kind in ("prefix", "suffix") and not getattr(spec, f"{kind}_template"):
+            raise ConfigError(f"{where}: builder {spec.builder} needs a non-empty {kind}_template.")
     if not spec.prompt_template:
         raise ConfigError(f"{where}: prompt_template is empty; the first answer token is predicted by the "
                          "prompt's last position, so the prompt needs at least one token.")

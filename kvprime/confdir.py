@@ -1,4 +1,15 @@
-"""Where the YAML configs live and what each config group offers (no Hydra, no torch: cheap)."""
+"""Where the YAML configs live and what each config group offers (no Hydra, no torch: cheap).
+
+Two ways kvprime is installed, two places for conf/ and outputs/:
+
+- From a checkout (``pip install -e .``, what ``make setup`` does): the configs are the checkout's top-level
+  ``conf/``, and run directories go to the checkout's ``outputs/``, whatever the current directory.
+- From a wheel (``pip install kvprime-*.whl``): the configs are the copy of ``conf/`` shipped inside the
+  package (``kvprime/conf/``, mapped in pyproject.toml), and, there being no project folder, run directories
+  go to ``./outputs`` under the current directory at the time of the call.
+
+``KVPRIME_OUTPUT_ROOT`` overrides the outputs folder in both cases.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +18,19 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-# conf/ and outputs/ sit beside the package in the repository (installed with `pip install -e .`).
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-OUTPUTS_DIR = CONF_DIR.parent / "outputs"
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"  # a wheel install
+_CHECKOUT = Path(__file__).resolve().parent.parent  # an editable install: the repository
+# The packaged copy is looked for first: beside an installed package sits site-packages, whose conf/ (if any
+# other distribution made one) is not ours.
+INSTALLED_FROM_WHEEL = _PACKAGED_CONF.is_dir()
+CONF_DIR = _PACKAGED_CONF if INSTALLED_FROM_WHEEL else _CHECKOUT / "conf"
+# Relative for a wheel install: resolved against the current directory by outputs_root().
+OUTPUTS_DIR = Path("outputs") if INSTALLED_FROM_WHEEL else _CHECKOUT / "outputs"
 
 
 def outputs_root() -> str:
-    """Where run directories go: $KVPRIME_OUTPUT_ROOT, else the project's outputs/ whatever the cwd is."""
+    """Where run directories go: $KVPRIME_OUTPUT_ROOT, else the checkout's outputs/ whatever the cwd is (an
+    editable install), else ./outputs under the current directory (a wheel install)."""
     return os.path.abspath(os.path.expanduser(os.environ.get("KVPRIME_OUTPUT_ROOT") or str(OUTPUTS_DIR)))
 
 

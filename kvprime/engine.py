@@ -66,7 +66,9 @@ class Engine:
     # ------------------------------------------------------------ steps
 
     def segments(self, spec: ConditionSpec, *, document: str, query: str, answer: str,
-                 surrogate: str | None = None) -> Segments:
+                 surrogate: str | None = None, documents: list[str] | None = None) -> Segments:
+        """The condition's spans for a sample (each tokenized alone), with the roles its builder declares.
+        ``documents``: a sample's several passages, one document span each (``document`` is then unused)."""
         texts = {
             "prefix": spec.prefix_template.format(surrogate=surrogate) if spec.prefix_template else "",
             "document": spec.document_template.format(document=document),
@@ -74,7 +76,10 @@ class Engine:
             "prompt": spec.prompt_template.format(query=query),
             "answer": spec.answer_template.format(answer=answer),
         }
-        return build_segments(self.tokenizer, sink=self.sink, texts=texts)
+        rendered = [spec.document_template.format(document=d) for d in documents] if documents else None
+        info = BUILDERS.get(spec.builder)
+        return build_segments(self.tokenizer, sink=self.sink, texts=texts, documents=rendered,
+                              roles=info.roles if info else None)
 
     def fits(self, seg: Segments, spec: ConditionSpec) -> bool:
         """Whether encode + score stays inside the model's context (offset included) and, for sliding-window
@@ -91,7 +96,7 @@ class Engine:
                 "scored cache would then not match its reference. Use shorter passages "
                 "(dataset.filters.max_passage_words) or a model without sliding-window layers."
             )
-        return BUILDERS[spec.builder](self, seg, spec)
+        return BUILDERS[spec.builder].build(self, seg, spec)
 
     def score(self, primed: PrimedCache, seg: Segments, *, per_token: bool = False) -> Score:
         return score_answer(self.model, primed, seg.prompt, seg.answer, per_token=per_token)

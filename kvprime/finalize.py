@@ -7,13 +7,16 @@ files it writes the same tables byte for byte.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pandas as pd
 
-from . import report, routing, settings, stats
-from .errors import MissingFileError
+from . import plugins, report, routing, settings, stats
+from .analyses import AnalysisInput, run_analyses, validate_analyses
+from .errors import ConfigError, MissingFileError
+from .plan import comparisons_for
 from .results_io import read_jsonl, write_atomic, write_json
 
 FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_tokens", "cache_len", "next_position",
@@ -29,14 +32,15 @@ def _load(run_dir: Path, name: str):
 
 
 def finalize(run_dir) -> dict:
-    from .runner import comparisons_for
-
     run_dir = Path(run_dir)
     cfg, plan, meta = _load(run_dir, "config.json"), _load(run_dir, "plan.json"), _load(run_dir, "metadata.json")
     # Only what this step uses is checked: the run's model device belongs to the machine that scored it. An older
     # run's config.json may lack newer settings; they get their declared defaults.
     cfg = settings.check(cfg, only=("seed", "stats"), origin=str(run_dir / "config.json"))
     exp, seed, st = cfg["experiment"], cfg["seed"], cfg["stats"]
+    # `kvprime report` runs in a fresh process: the run's plugins register their analyses as they import.
+    plugins.load(cfg.get("plugins") or ())
+    analysis_names = validate_analyses(exp.get("analyses"))
     names = list(plan["conditions"])
     inputs = read_jsonl(run_dir / "inputs.jsonl")
     order = {r["sample_id"]: i for i, r in enumerate(inputs)}
@@ -62,27 +66,29 @@ def finalize(run_dir) -> dict:
                                     confidence=st["confidence"])
     diagnosis = report.diagnose(comp, exp.get("diagnosis") or [], alpha=st["alpha"]) if len(comp) else []
 
-    analyses = {}
     similarity = _primary_similarity(scores, exp)
-    if exp.get("analyses") == "exp01":
-        from .analyses import exp01_analyses
-
-        analyses = exp01_analyses(scores[["sample_id", "condition", "nll"]], similarity, baseline=exp["baseline"],
-                                  n_boot=st["n_boot"], seed=seed, confidence=st["confidence"])
-    if len(derived):
-        analyses["routing_choices"] = routing.routing_table(derived)
+    # Copies: an analysis that changes its inputs must not change what finalize writes after it.
+    ran = run_analyses(analysis_names, AnalysisInput(
+        scores=scores[["sample_id", "condition", "nll", "similarity"]].copy(),
+        similarity=None if similarity is None else similarity.copy(), baseline=exp["baseline"], seed=seed,
+        n_boot=st["n_boot"], alpha=st["alpha"], confidence=st["confidence"], experiment=copy.deepcopy(exp),
+        derived=derived.copy()))
+    analyses, titles = dict(ran.tables), dict(ran.titles)
+    if len(derived):  # the routers' choices belong to the derived conditions, whatever analyses are named
+        if routing.CHOICES_TABLE in analyses:
+            raise ConfigError(f"experiment.analyses: an analysis writes the table {routing.CHOICES_TABLE!r}, which "
+                              "the derived conditions write; rename the analysis's table.")
+        analyses[routing.CHOICES_TABLE] = routing.routing_table(derived)
+        titles[routing.CHOICES_TABLE] = routing.CHOICES_TITLE
 
     figures = {}
     try:
-        from .figures import conditions_figure
+        from .figures import conditions_figure, save_figure
 
         figures["conditions"] = conditions_figure(summary, run_dir / "conditions.png",
                                                   title=f"{exp['name']}: mean NLL and delta vs {exp['baseline']}").name
-        if exp.get("analyses") == "exp01":
-            from .figures import exp01_figure
-
-            figures["exp01"] = exp01_figure(scores[["sample_id", "condition", "nll"]], similarity,
-                                            run_dir / "exp01_figure.png", baseline=exp["baseline"]).name
+        for key, fig in ran.figures.items():
+            figures[key] = save_figure(fig.draw(), run_dir / fig.file).name
     except ImportError:  # figures are optional output; tables are not
         pass
 
@@ -111,13 +117,14 @@ def finalize(run_dir) -> dict:
         "diagnosis": diagnosis,
         "analyses": {k: v.to_dict(orient="records") for k, v in analyses.items()},
         "figures": figures,
-        "notes": _notes(plan["conditions"], meta, scores),
+        "notes": _notes(plan["conditions"], plan.get("builder_notes", []), meta, scores),
         "skipped": meta.get("skipped", []),
         "rejected": meta["dataset"].get("rejected", []),
         "metadata": meta,
     }
     write_json(run_dir / "results.json", results)
-    write_atomic(run_dir / "report.md", report.render(results, summary, comp, analyses=analyses, inspect=inspect))
+    write_atomic(run_dir / "report.md", report.render(results, summary, comp, analyses=analyses, titles=titles,
+                                                             inspect=inspect))
     return results
 
 
@@ -130,7 +137,7 @@ def _primary_similarity(scores: pd.DataFrame, exp) -> pd.Series | None:
     return part if part.notna().any() else None
 
 
-def _notes(conditions: dict, meta: dict, scores: pd.DataFrame) -> list[str]:
+def _notes(conditions: dict, builder_notes: list[str], meta: dict, scores: pd.DataFrame) -> list[str]:
     notes = []
     model = meta["model"]
     if model.get("sink") == "bos":
@@ -138,17 +145,7 @@ def _notes(conditions: dict, meta: dict, scores: pd.DataFrame) -> list[str]:
                      + ("" if model.get("bos_added_by_tokenizer") else
                         "; this tokenizer does not add it by itself, so kvprime inserts it, as the notebooks' caches "
                         "all start with BOS") + ".")
-    if any(c["builder"] == "truncate_suffix" for c in conditions.values()):
-        notes.append("Suffix-truncated conditions keep exactly the entries of the bare cache (under causal attention "
-                     "the document never sees the suffix); any difference from the matching bare condition is float "
-                     "rounding, not an effect.")
-    if any(c["builder"] == "truncate_prefix" and c["rope_fix"] == "none" for c in conditions.values()):
-        notes.append("rope_fix=none reproduces the notebooks' uncorrected truncation: the document keys stay rotated "
-                     "for positions S tokens too far along while scoring continues at the cache's end, so the query "
-                     "sees the document S positions closer than it is.")
-    if any(c["builder"] == "truncate_prefix" and c["rope_fix"] == "shift" for c in conditions.values()):
-        notes.append("rope_fix=shift builds the truncated cache with no re-rotation (position ids lowered by S at "
-                     "encode time); its difference from the rerotate twin is the re-rotation round-off floor.")
+    notes += builder_notes  # each builder's own sentence, recorded in plan.json when the run started
     if any(c.get("position_offset") for c in conditions.values()):
         notes.append("A condition encoded at a position offset differs from its offset-0 twin only by float rounding "
                      "(RoPE attention depends on relative positions): it is the numerical-noise control.")

@@ -348,3 +348,26 @@ def step(model, input_ids: torch.Tensor, *, cache: DynamicCache | None = None,
         kwargs["position_ids"] = position_ids
     out = call(model, cache, **kwargs)
     return out.logits, returned_cache(out)
+
+
+# ---------------------------------------------------------------- RoPE bases of a config (asset conversion)
+
+
+def rope_thetas_of_config(config) -> dict[str | None, float]:
+    """The RoPE base(s) a (text) config declares: ``{None: theta}`` for one base (5.x ``rope_parameters``
+    or 4.x ``rope_theta``), ``{layer type: theta}`` for per-layer-type RoPE (Gemma3), ``{}`` for none.
+
+    Reads attributes only, so the asset conversion can check a config before (or without) a model."""
+    from collections.abc import Mapping
+
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, Mapping):
+        if "rope_theta" in params:
+            return {None: float(params["rope_theta"])}
+        by_type = {str(k): float(v["rope_theta"]) for k, v in params.items()
+                   if isinstance(v, Mapping) and "rope_theta" in v}
+        if by_type:
+            return by_type
+    if getattr(config, "rope_theta", None) is not None:
+        return {None: float(config.rope_theta)}
+    return {}

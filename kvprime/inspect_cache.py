@@ -10,31 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import models, surrogates
-from .data import load_samples
-from .engine import Engine
+from .compose import pop_arg
 from .errors import ConfigError
-from .runner import plan_conditions
-
-
-def _pop(args: list[str], key: str):
-    for a in list(args):
-        if a.startswith(key + "="):
-            args.remove(a)
-            return a.split("=", 1)[1]
-    return None
-
-
-def compose(overrides: list[str]) -> dict:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from .confdir import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def document_span(primed, seg) -> tuple[int, int]:
@@ -61,17 +38,20 @@ def compare_caches(a, seg_a, b, seg_b) -> list[dict]:
     return rows
 
 
-def inspect_pair(engine: Engine, sample, specs: dict, *, pool, seed: int, generated=None) -> dict:
+def inspect_pair(session, sample, names) -> dict:
+    """Build and score ``sample``'s caches under the named conditions (two or more; the first two are
+    compared layer by layer) with the session's surrogates, segments and engine."""
+    names = list(names)
+    engine = session.engine
+    texts, segs = session.surrogates(sample, names), session.segments(sample, names)
     out = {"sample_id": sample.sample_id, "conditions": {}}
     built = {}
-    for name, spec in specs.items():
-        sur = surrogates.resolve(spec.surrogate, sample, pool=pool, seed=seed, tokenizer=engine.tokenizer,
-                                 n_tokens=spec.random_tokens, generated=generated)
-        seg = engine.segments(spec, document=sample.passage, query=sample.query, answer=sample.answer, surrogate=sur)
+    for name in names:
+        spec, seg = session.specs[name], segs[name]
         primed = engine.build(spec, seg)
         built[name] = (primed, seg)
         out["conditions"][name] = {
-            "surrogate": sur,
+            "surrogate": texts[name],
             "segments": {k: list(getattr(seg, k)) for k in ("sink", "prefix", "document", "suffix", "prompt",
                                                              "answer")},
             "kept_segments": list(primed.kept_segments),
@@ -82,7 +62,8 @@ def inspect_pair(engine: Engine, sample, specs: dict, *, pool, seed: int, genera
         }
     (na, (pa, sa)), (nb, (pb, sb)) = list(built.items())[:2]
     out["same_document_ids"] = sa.document == sb.document
-    out["layers"] = compare_caches(pa, sa, pb, sb)
+    # Entries of different documents (another document template) have nothing to line up against.
+    out["layers"] = compare_caches(pa, sa, pb, sb) if out["same_document_ids"] else []
     return out
 
 
@@ -92,10 +73,12 @@ def _ids(ids, limit=12) -> str:
 
 
 def inspect_main(args: list[str]) -> dict:
+    from .session import Session
+
     args = list(args)
-    sample_id, conds = _pop(args, "sample"), _pop(args, "conditions")
-    cfg = compose(args)
-    specs = plan_conditions(cfg)
+    sample_id, conds = pop_arg(args, "sample"), pop_arg(args, "conditions")
+    session = Session.from_overrides(args)
+    specs = session.specs
     if conds:
         names = [c.strip() for c in conds.strip("[]").split(",") if c.strip()]
         unknown = [n for n in names if n not in specs]
@@ -103,27 +86,14 @@ def inspect_main(args: list[str]) -> dict:
             raise ConfigError(f"conditions={conds!r}: give exactly two of this experiment's conditions "
                              f"({', '.join(specs)}), e.g. conditions=[{list(specs)[0]},{list(specs)[-1]}].")
     else:
-        baseline = cfg["experiment"]["baseline"]
-        names = [baseline, next((n for n, s in specs.items() if s.truncates_prefix), list(specs)[-1])]
-    specs = {n: specs[n] for n in names}
-    dataset = dict(cfg["dataset"])
-    selection = load_samples(dataset).samples  # the run's selection: its random queries come from here
-    samples = selection if sample_id is None else load_samples({**dataset, "n_samples": None}).samples
-    if sample_id is None:
-        sample = samples[0]
-    else:
-        match = [s for s in samples if s.sample_id == sample_id]
-        if not match:
-            raise ConfigError(f"sample={sample_id!r} is not among dataset {dataset['name']!r}'s usable samples "
-                             f"(e.g. {', '.join(s.sample_id for s in samples[:3])}).")
-        sample = match[0]
-    model, tok, info = models.load(cfg["model"])
-    engine = Engine(model, tok, sink=cfg["model"].get("sink", "bos"), max_context=cfg["model"].get("max_context"))
-    from .runner import _model_id, generate_surrogates
+        from .builders import BUILDERS
 
-    generated = generate_surrogates(cfg, specs, [sample], model, tok, _model_id(cfg["model"], info), progress=False)
-    result = inspect_pair(engine, sample, specs, pool=[s.query for s in selection], seed=int(cfg.get("seed", 0)),
-                          generated=generated)
+        # The baseline against the first condition whose builder cuts the prefix out (the notebook's check).
+        baseline = session.cfg["experiment"]["baseline"]
+        names = [baseline, next((n for n, s in specs.items() if BUILDERS[s.builder].roles.get("prefix") == "cut"),
+                                list(specs)[-1])]
+    sample = session.sample(sample_id)
+    result = inspect_pair(session, sample, names)
 
     print(f"sample {sample.sample_id}\n  query:  {sample.query}\n  answer: {sample.answer}")
     for name, info in result["conditions"].items():
@@ -140,6 +110,10 @@ def inspect_main(args: list[str]) -> dict:
     print(f"\ncache lengths: {na}={a['cache_len']} {nb}={b['cache_len']}  "
           f"{'[OK] equal' if a['cache_len'] == b['cache_len'] else '[DIFFER]'}; document ids "
           f"{'[OK] identical' if result['same_document_ids'] else '[DIFFER]'}")
+    if not result["layers"]:
+        print(f"\nno per-layer similarity: the document's token ids differ between {na} and {nb} (another "
+              "document template), so their entries do not line up")
+        return result
     print(f"\nper-layer similarity of the document entries, {na} vs {nb}:")
     print(f"{'layer':>5} {'keys cos':>10} {'keys max|d|':>12} {'values cos':>11} {'values max|d|':>14}")
     for r in result["layers"]:

@@ -1,4 +1,6 @@
-"""Where messages go: kvprime's own lines to the terminal and the run's ``run.log``; libraries' warnings
+"""Where messages go: kvprime's own lines (``logging``, logger ``kvprime``) to the terminal and the run's
+``run.log``, which is the job's log (Hydra's own job log file is switched off: conf/hydra/job_logging); progress
+bars to the terminal only; libraries' warnings
 (transformers, datasets, Python ``warnings``) to ``run.log`` only, unless ``KVPRIME_DEBUG=1``.
 
 A library's deprecation notice is useful in a log a developer reads after the fact and noise on a
@@ -47,7 +49,7 @@ def attach_run_log(run_dir: Path) -> None:
     handler = logging.FileHandler(Path(run_dir) / RUN_LOG, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FORMAT))
     handler.setLevel(logging.INFO)
-    for name in ("", *LIBRARIES):
+    for name in ("", "kvprime.summary", *LIBRARIES):
         logging.getLogger(name).addHandler(handler)
     root = logging.getLogger()
     if root.level > logging.INFO or root.level == logging.NOTSET:
@@ -59,7 +61,7 @@ def detach_run_log() -> None:
     handler = _state["handler"]
     if handler is None:
         return
-    for name in ("", *LIBRARIES):
+    for name in ("", "kvprime.summary", *LIBRARIES):
         logging.getLogger(name).removeHandler(handler)
     handler.close()
     _state["handler"] = None

@@ -1,7 +1,7 @@
 """``kvprime merge``: join the run directories of one sharded run into one run directory.
 
 A run split with ``run.num_shards=N run.shard=i`` scores chunks i, i+N, i+2N, ... of the selection, a chunk
-being ``batch.samples`` consecutive samples (``kvprime.runner.shard``). Merging checks that the shards belong together (one config apart from
+being ``batch.samples`` consecutive samples (``kvprime.plan.shard``). Merging checks that the shards belong together (one config apart from
 ``run.shard``/``resume``/``progress``, one plan, one model: name and weights digest), that they are exactly
 shards 0..N-1, each once and each finished, and that together they hold the unsharded selection: every
 sample once, every (sample, condition) score once. It then writes an ordinary run directory (config.json
@@ -172,8 +172,8 @@ def merge_runs(run_dirs, out_dir, *, check_dataset: bool = True, overwrite: bool
                          + "; ".join(f"{sid!r} in shards {sh}" for sid, sh in list(dup.items())[:5]))
     total = sum(map(len, inputs))
     # Which selection positions each shard holds: the runner's own split applied to 0..total-1.
-    from .runner import chunk_size
-    from .runner import shard as split
+    from .plan import chunk_size
+    from .plan import shard as split
 
     run_cfg = dict(cfgs[0].get("run") or {})
     positions = [split(list(range(total)), {**run_cfg, "num_shards": n, "shard": i}, chunk_size(cfgs[0]))

@@ -25,6 +25,12 @@ def versions() -> dict:
 
 
 def git_state() -> dict:
+    """The checkout's commit; none for a wheel install (its folder is site-packages, whose enclosing git
+    repository, if any, is not kvprime's)."""
+    from .confdir import INSTALLED_FROM_WHEEL
+
+    if INSTALLED_FROM_WHEEL:
+        return {"commit": None, "dirty": None, "installed_from": "wheel"}
     repo = Path(__file__).resolve().parent.parent
 
     def git(*args):

@@ -109,7 +109,7 @@ def _check_location(cfg: Mapping) -> None:
     elif source == "asset":
         if not _setting(cfg, "asset"):
             raise ConfigError("model.asset is not set: a model with source 'asset' names a packaged model "
-                              "(see `python -m kvprime.assets`).")
+                              "(see `kvprime setup --list`).")
     elif source != "tiny_random":
         raise ConfigError(f"model.source={source!r} is not known. Accepted: {', '.join(SOURCES)}.")
 

@@ -1,4 +1,8 @@
-"""Tables, diagnosis and ``report.md`` from a run's scores (no model needed)."""
+"""``report.md`` of a run from its results: conditions, statistics, analyses, diagnosis, notes, definitions.
+
+Every table goes through ``kvprime.tables.markdown_table``; the analyses' headings come from the analyses
+themselves (``kvprime.analyses``), so nothing here knows an experiment by name.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import re
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
+
+from .tables import cell, markdown_table
 
 DEFINITIONS = """\
 - **NLL**: mean natural-log negative log-likelihood of the answer tokens given the cache and the prompt
@@ -20,28 +26,6 @@ DEFINITIONS = """\
   Holm-adjusted over every test in this run (each condition vs baseline and each named comparison).
 - **verdict**: better/worse when p_holm < alpha, else "no significant difference".
 - Non-finite NLLs are flagged (`n_nonfinite`) and never averaged."""
-
-
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-            return f"{value:.2e}"
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def markdown_table(df: pd.DataFrame, columns: Sequence[str]) -> str:
-    columns = [c for c in columns if c in df.columns]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for _, row in df.iterrows():
-        cells = [("" if (df[c].dtype == object and isinstance(row[c], float) and math.isnan(row[c]))
-                  else _fmt(row[c])) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def diagnose(comparisons: pd.DataFrame, rules: Sequence[Mapping], alpha: float = 0.05) -> list[dict]:
@@ -71,13 +55,18 @@ def diagnose(comparisons: pd.DataFrame, rules: Sequence[Mapping], alpha: float =
     return out
 
 
+def _signed(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:+.4f}"
+
+
 def diagnosis_text(items: Sequence[Mapping]) -> str:
     lines = []
     for d in items:
         sig = "significant" if d["significant"] else "not significant"
         lines.append(
             f"- **[{d['status']}] {d['check']}**: {d['text']} (mean delta {d['mean_delta']:+.4f} vs threshold "
-            f"±{d['threshold']:g}; 95% CI [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]; p_holm {_fmt(d['p_holm'])}, {sig})"
+            f"±{d['threshold']:g}; 95% CI [{_signed(d['ci'][0])}, {_signed(d['ci'][1])}]; "
+            f"p_holm {cell(d['p_holm']) or 'n/a'}, {sig})"
         )
     return "\n".join(lines)
 
@@ -97,40 +86,34 @@ COMPARISON_COLUMNS = ("name", "treatment", "reference", "n", "mean_delta", "ci_l
                       "tie_rate", "p_ttest", "p_wilcoxon", "p_holm", "d_z", "verdict")
 
 
-ANALYSIS_TITLES = {
-    "critical": "Critical test: does RoPE correction fix truncation? (C1 broken vs C2 corrected vs A1)",
-    "surrogate_quality": "Surrogate quality (all truncated and RoPE-corrected) against A1",
-    "full_vs_truncated": "Full context vs truncated: is the benefit baked into the cache?",
-    "ordering": "Ordering: surrogate before vs after the document",
-    "similarity_correlation": "Surrogate-query similarity vs benefit (Pearson)",
-    "quartiles": "C2's win rate by baseline difficulty (A1 NLL quartile)",
-    "numerical_floor": "Numerical floor: re-rotation vs exact shift, and the offset control",
-    "routing_choices": "Routing: which cache each router chose",
-}
-
-
 def inspect_text(inspect: Mapping) -> str:
     conds = inspect["conditions"]
-    lines = [f"Sample `{inspect['sample_id']}`.", "",
-             "| condition | cache length | kept segments | sink | prefix (cut or kept) | document | positions | "
-             "scoring from |", "|---|---|---|---|---|---|---|---|"]
-    for name, c in conds.items():
-        seg, pos = c["segments"], c["cache_position_ids"]
-        lines.append(f"| {name} | {c['cache_len']} | {', '.join(c['kept_segments'])} | {len(seg['sink'])} | "
-                     f"{len(seg['prefix'])} | {len(seg['document'])} | {pos[0]}..{pos[-1]} | {c['next_position']} |")
+    shapes = markdown_table(
+        [[name, c["cache_len"], ", ".join(c["kept_segments"]), len(c["segments"]["sink"]),
+          len(c["segments"]["prefix"]), len(c["segments"]["document"]),
+          f"{c['cache_position_ids'][0]}..{c['cache_position_ids'][-1]}", c["next_position"]]
+         for name, c in conds.items()],
+        ["condition", "cache length", "kept segments", "sink", "prefix (cut or kept)", "document", "positions",
+         "scoring from"])
+    layers = markdown_table(
+        [[r["layer"], r["keys_cos"], r["keys_max_abs_diff"], r["values_cos"], r["values_max_abs_diff"]]
+         for r in inspect["layers"]],
+        ["layer", "keys cos", "keys max abs diff", "values cos", "values max abs diff"],
+        formats={"keys cos": ".6f", "keys max abs diff": ".3e", "values cos": ".6f", "values max abs diff": ".3e"})
     lens = {c["cache_len"] for c in conds.values()}
-    lines += ["", f"Cache lengths {'match' if len(lens) == 1 else 'DIFFER'}; document token ids "
-              f"{'identical' if inspect['same_document_ids'] else 'DIFFER'} across the two conditions.", "",
-              "Per-layer similarity of the document's entries (cosine over all heads and positions; max |diff|):", "",
-              "| layer | keys cos | keys max abs diff | values cos | values max abs diff |", "|---|---|---|---|---|"]
-    for r in inspect["layers"]:
-        lines.append(f"| {r['layer']} | {r['keys_cos']:.6f} | {r['keys_max_abs_diff']:.3e} | {r['values_cos']:.6f} | "
-                     f"{r['values_max_abs_diff']:.3e} |")
-    return "\n".join(lines)
+    return "\n".join([
+        f"Sample `{inspect['sample_id']}`.", "", shapes, "",
+        f"Cache lengths {'match' if len(lens) == 1 else 'DIFFER'}; document token ids "
+        f"{'identical' if inspect['same_document_ids'] else 'DIFFER'} across the two conditions.", "",
+        "Per-layer similarity of the document's entries (cosine over all heads and positions; max |diff|):", "",
+        layers])
 
 
 def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *,
-           analyses: Mapping[str, pd.DataFrame] | None = None, inspect: Mapping | None = None) -> str:
+           analyses: Mapping[str, pd.DataFrame] | None = None, titles: Mapping[str, str] | None = None,
+           inspect: Mapping | None = None) -> str:
+    """``analyses``: table name -> table, in report order; ``titles``: table name -> heading (default: the
+    name), as the analyses gave them."""
     exp, meta = results["experiment"], results["metadata"]
     conds = results["conditions"]
     parts = [
@@ -141,7 +124,7 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *
         f"({results['counts']['skipped_samples']} skipped as too long, {results['counts']['rejected_records']} "
         f"records rejected at load). Baseline: `{exp['baseline']}`. Sink policy: `{meta['model']['sink']}`.",
         "## Conditions",
-        markdown_table(pd.DataFrame([{"condition": n, **c} for n, c in conds.items()]),
+        markdown_table([{"condition": n, **c} for n, c in conds.items()],
                        ("condition", "builder", "surrogate", "rope_fix", "position_offset", "description")),
         "## Results against the baseline",
         "Sorted as run; delta > 0 means the condition has lower NLL than the baseline.",
@@ -153,7 +136,7 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *
     for key, fname in (results.get("figures") or {}).items():
         parts += [f"![{key}]({fname})"]
     for name, table in (analyses or {}).items():
-        parts += [f"## {ANALYSIS_TITLES.get(name, name)}",
+        parts += [f"## {(titles or {}).get(name, name)}",
                   markdown_table(table, list(table.columns)) if len(table) else "_(no data: conditions missing)_"]
     if results.get("diagnosis"):
         parts += ["## Diagnosis", "The notebook's rules (thresholds on the mean delta), with the statistics "

@@ -17,6 +17,10 @@ import pandas as pd
 from .errors import ConfigError
 
 PICKS = ("max_similarity", "min_nll", "random")
+# The routers' choices are part of the derived-condition step, not a registered analysis: every run with
+# derived conditions gets them, whichever analyses its experiment names.
+CHOICES_TABLE = "routing_choices"
+CHOICES_TITLE = "Routing: which cache each router chose"
 
 
 def validate(rules: Sequence[Mapping], conditions: Sequence[str]) -> None:

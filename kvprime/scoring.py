@@ -35,6 +35,8 @@ def score_answer(model, primed, prompt_ids, answer_ids, *, per_token: bool = Fal
         raise DataError("the answer has no tokens; there is nothing to score")
     if not prompt_ids:
         raise DataError("the prompt has no tokens; the first answer token would have no logit to predict it")
+    if primed.masked:  # entries scoring must not see: the batched path carries an attention mask
+        return score_batch(model, [(primed, prompt_ids, answer_ids)], per_token=per_token)[0]
     ids = list(prompt_ids) + list(answer_ids)
     device = primed.cache.layers[0].keys.device
     input_ids = torch.tensor([ids], device=device)
@@ -60,7 +62,8 @@ def score_answer(model, primed, prompt_ids, answer_ids, *, per_token: bool = Fal
 def score_batch(model, items, *, per_token: bool = False) -> list[Score]:
     """Score several (primed cache, prompt ids, answer ids) in one forward pass.
 
-    The caches are stacked into one right-padded batch cache (pads masked out) and the prompt+answer rows are
+    The caches are stacked into one right-padded batch cache (pads, and entries a cache marks as not to be
+    attended, masked out) and the prompt+answer rows are
     left-padded, so every row's answer ends at the last position and only the last max(answer)+1 positions
     reach the LM head. Each row keeps its own position ids, so every number equals the one-at-a-time path up
     to float rounding. The primed caches themselves are not touched."""
@@ -69,6 +72,9 @@ def score_batch(model, items, *, per_token: bool = False) -> list[Score]:
             return [score_answer(model, p, pr, an, per_token=per_token) for p, pr, an in items]
     cache, cache_mask = hf.stack_caches(model, [p.cache for p, _, _ in items])
     device = cache_mask.device
+    for r, (p, _, _) in enumerate(items):  # right-padded: row r's entries are its first len(p) columns
+        if p.attend is not None:
+            cache_mask[r, :len(p)] = torch.tensor([int(a) for a in p.attend], device=device)
     rows = [list(pr) + list(an) for _, pr, an in items]
     width = max(map(len, rows))
     pad = [width - len(r) for r in rows]

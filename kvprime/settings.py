@@ -2,7 +2,7 @@
 
 The dataclasses below declare the run-level settings of ``conf/config.yaml`` (and the few model and dataset
 keys every run relies on). ``check(cfg)`` validates a composed run config (a plain dict, as
-``kvprime.runner.plain`` gives) against them and returns a copy with every missing setting filled with its
+``kvprime.plan.plain`` gives) against them and returns a copy with every missing setting filled with its
 default, so the code after it indexes ``cfg["stats"]["alpha"]`` instead of repeating ``.get(key, default)``.
 A bad value raises ``ConfigError`` with one paragraph per bad setting: the dotted key, the value given and
 what is accepted.
@@ -79,11 +79,28 @@ SEED = _int_at_least(0)  # numpy's generators refuse negative seeds (dataset sel
 OPEN_UNIT = Rule("a number strictly between 0 and 1", lambda v: _is_number(v) and 0 < v < 1)
 
 
+# cpu: on a 2-core machine with SmolLM2-135M (exp01, 12 samples) 2 samples per chunk and 4096-token scoring
+# batches scored in 64.0 s at a peak of 2195 MB, against 68.7 s and 3213 MB with 4 and 8192: larger batches
+# gain nothing on a CPU and their caches and stacked copies cost memory (README, Performance). Encode
+# batches of 2048 tokens ran at 137 GFLOP/s against 115-118 for 4096 (8 samples; activations that stay in
+# cache; 1024 gave the same as 2048). Generation,
+# 16 SQuAD documents: 14.6 tok/s one at a time, 38.5 in batches of 8, 44.5 of 16, 44.4 of 32.
+# cuda: on an H100 with SmolLM2-135M (fp32, exp01, 64 samples) encode+score took 6.6-6.8 s for every setting
+# from 4 to 64 samples per chunk (per-cache work, not the batch, bounds a 135M model there), while peak memory
+# grew from 2.8 to 51 GB; generation gained up to 64 rows (42.8 tok/s at 1, 935 at 64, 937 at 128). So: the
+# smallest batches that keep a 7B model's matmuls large (16k tokens) and its chunk of caches small (8 exp01
+# samples hold ~30k cache tokens, ~4 GB of bf16 keys/values for Mistral-7B), beside 4-bit weights on 24 GB.
+# What batch.*=auto and generation.batch_size=auto resolve to on each kind of device (kvprime.batching).
+DEVICE_BATCH_DEFAULTS: dict[str, dict[str, int]] = {
+    "cpu": {"samples": 2, "encode_tokens": 2048, "score_tokens": 4096, "generation": 16},
+    "cuda": {"samples": 8, "encode_tokens": 16384, "score_tokens": 32768, "generation": 64},
+}
+
+
 def _batch_words(name: str) -> Callable[[], str]:
     def words() -> str:
-        from .batching import DEFAULTS  # batching imports this module
-
-        return "a positive integer, or auto: " + ", ".join(f"{d[name]} on {kind}" for kind, d in DEFAULTS.items())
+        return "a positive integer, or auto: " + ", ".join(f"{d[name]} on {kind}"
+                                                           for kind, d in DEVICE_BATCH_DEFAULTS.items())
 
     return words
 
@@ -204,6 +221,11 @@ class Settings:
     on_too_long: str = setting("skip", _one_of(ON_TOO_LONG),
                                "what happens to a sample longer than the model's context (skip: skipped and counted)")
     progress: bool = setting(True, BOOL, "whether progress bars are shown")
+    plugins: list = setting((), Rule("a list of module names or .py file paths",
+                                     lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) and x.strip()
+                                                                                   for x in v)),
+                            "modules imported before the run, which register builders, surrogate sources or "
+                            "analyses (kvprime.plugins)")
     stats: Stats = section(Stats)
     generation: Generation = section(Generation)
     batch: Batch = section(Batch)

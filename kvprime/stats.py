@@ -46,6 +46,17 @@ _RNG_KW = "rng" if "rng" in inspect.signature(st.bootstrap).parameters else "ran
 _DEFAULT = Stats()
 
 
+def check_scores(scores: pd.DataFrame) -> None:
+    """Long scores (sample_id, condition, nll) with one row per (sample, condition), or a ValueError."""
+    missing = {"sample_id", "condition", "nll"} - set(scores.columns)
+    if missing:
+        raise ValueError(f"scores lacks columns: {sorted(missing)}")
+    dup = scores.duplicated(["sample_id", "condition"], keep=False)
+    if dup.any():
+        pairs = sorted({(str(s), str(c)) for s, c in scores.loc[dup, ["sample_id", "condition"]].itertuples(index=False)})
+        raise ValueError(f"duplicated (sample_id, condition): {pairs[:10]}")
+
+
 def _check_args(n_boot=None, confidence=None, alpha=None) -> None:
     if n_boot is not None and (isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1):
         raise ValueError(f"n_boot={n_boot!r}: the bootstrap needs a positive integer number of resamples.")
@@ -156,13 +167,7 @@ def summarize(scores: pd.DataFrame, *, baseline: str, conditions: list[str] | No
     Comparison delta = reference - treatment.
     """
     _check_args(n_boot, confidence, alpha)
-    missing = {"sample_id", "condition", "nll"} - set(scores.columns)
-    if missing:
-        raise ValueError(f"scores lacks columns: {sorted(missing)}")
-    dup = scores.duplicated(["sample_id", "condition"], keep=False)
-    if dup.any():
-        pairs = sorted({(str(s), str(c)) for s, c in scores.loc[dup, ["sample_id", "condition"]].itertuples(index=False)})
-        raise ValueError(f"duplicated (sample_id, condition): {pairs[:10]}")
+    check_scores(scores)
     available = list(pd.unique(scores["condition"]))
     conditions = available if conditions is None else list(conditions)
     comparisons = list(comparisons or [])

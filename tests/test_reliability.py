@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from kvprime import rundir, runner
+from kvprime.compose import compose
 from kvprime.errors import RunDirError
-from kvprime.inspect_cache import compose
 from kvprime.results_io import read_jsonl
 
 TINY = ["model=tiny_random_llama", "stats.n_boot=1000", "progress=false"]
@@ -235,7 +235,7 @@ def test_full_disk_while_logging_scores_leaves_whole_records_and_resumes_exactly
 
 
 def test_internal_error_is_reported_as_internal_with_the_traceback_saved(tmp_path, data_file, monkeypatch, capsys):
-    from kvprime.cli import run_hydra_app
+    from kvprime.app import run_hydra_app
     from kvprime.engine import Engine
 
     def broken(self, *a, **k):
@@ -256,7 +256,7 @@ def test_internal_error_is_reported_as_internal_with_the_traceback_saved(tmp_pat
 
 
 def test_internal_error_before_the_directory_is_claimed_saves_the_traceback_elsewhere(tmp_path, monkeypatch, capsys):
-    from kvprime import cli
+    from kvprime import app as cli
 
     def broken(*a, **k):
         raise KeyError("internal")

@@ -7,9 +7,9 @@ import sys
 import pandas as pd
 import pytest
 
-from kvprime import confdir, runner
+from kvprime import confdir, models, plan, runner
+from kvprime.compose import compose
 from kvprime.errors import ConfigError
-from kvprime.inspect_cache import compose
 from kvprime.results_io import read_jsonl
 
 EXP21 = ["bare", "full_oracle", "full_oracle_repeat", "truncated_oracle", "truncated_random"]
@@ -41,10 +41,10 @@ def test_every_shipped_config_composes_and_validates():
         for model in confdir.names("model"):
             for dataset in confdir.names("dataset"):
                 cfg = compose([f"experiment={exp}", f"model={model}", f"dataset={dataset}", "++dataset.path=x"])
-                assert runner.plan_conditions(cfg)
+                assert plan.plan_conditions(cfg)
     for cond in confdir.names("condition"):
         cfg = compose([f"condition={cond}"])
-        assert list(runner.plan_conditions(cfg, only=cond))[-1] == cond.rsplit("/", 1)[-1]
+        assert list(plan.plan_conditions(cfg, only=cond))[-1] == cond.rsplit("/", 1)[-1]
 
 
 def test_tiny_run_writes_every_file_with_consistent_contents(tmp_path, samples_file):
@@ -136,7 +136,7 @@ def test_auto_batch_settings_are_recorded_as_the_devices_numbers(tmp_path, sampl
     out = tmp_path / "run"
     runner.run_experiment(tiny_cfg(samples_file), out)
     stored = json.loads((out / "config.json").read_text())
-    kind = batching.device_kind(runner.models.resolve_device(stored["model"]))
+    kind = batching.device_kind(models.resolve_device(stored["model"]))
     want = batching.DEFAULTS[kind]
     assert stored["batch"] == {"samples": want["samples"], "encode_tokens": want["encode_tokens"],
                                "score_tokens": want["score_tokens"]}
@@ -283,13 +283,13 @@ def test_python_api_from_a_notebook():
 
 def test_condition_selection_keeps_either_override(samples_file):
     base = ["condition=truncated_oracle"]
-    plan = runner.plan_conditions(tiny_cfg(samples_file, *base, "conditions.truncated_oracle.rope_fix=shift"),
-                                  only="truncated_oracle")
-    assert plan["truncated_oracle"].rope_fix == "shift"
-    plan = runner.plan_conditions(tiny_cfg(samples_file, *base, "condition.rope_fix=none"), only="truncated_oracle")
-    assert plan["truncated_oracle"].rope_fix == "none"
+    specs = plan.plan_conditions(tiny_cfg(samples_file, *base, "conditions.truncated_oracle.rope_fix=shift"),
+                                 only="truncated_oracle")
+    assert specs["truncated_oracle"].rope_fix == "shift"
+    specs = plan.plan_conditions(tiny_cfg(samples_file, *base, "condition.rope_fix=none"), only="truncated_oracle")
+    assert specs["truncated_oracle"].rope_fix == "none"
     with pytest.raises(runner.RunError, match="both"):
-        runner.plan_conditions(tiny_cfg(samples_file, *base, "condition.rope_fix=none",
+        plan.plan_conditions(tiny_cfg(samples_file, *base, "condition.rope_fix=none",
                                         "conditions.truncated_oracle.rope_fix=shift"), only="truncated_oracle")
 
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from kvprime import batching, settings
+from kvprime.compose import compose
 from kvprime.errors import ConfigError
-from kvprime.inspect_cache import compose
-from kvprime.runner import plain
+from kvprime.plan import plain
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,7 @@ BAD = {
     "per_token": [1, "no"],
     "on_too_long": ["ignore", None, True],
     "progress": ["on", 1.0],
+    "plugins": ["my_builders", [""], [3], None],
     "stats.n_boot": [0, -5, settings.MIN_N_BOOT - 1, 10000.0, "10000", True, None],
     "stats.alpha": [2, 0, 1, 0.0, 1.0, -0.05, math.nan, math.inf, "0.05", True, None],
     "stats.confidence": [0, 1, 1.5, -0.95, math.nan, "0.95", False],
@@ -66,6 +67,7 @@ GOOD = {
     "per_token": [True, False],
     "on_too_long": ["skip", "error"],
     "progress": [True, False],
+    "plugins": [[], ["my_builders", "~/study/extra.py"]],
     "stats.n_boot": [settings.MIN_N_BOOT, 10000],
     "stats.alpha": [1e-12, 0.05, 1 - 1e-12],
     "stats.confidence": [1e-12, 0.95, 1 - 1e-12],
@@ -210,7 +212,8 @@ def test_declared_defaults_are_conf_config_yaml():
         if spec.section in ("model", "dataset"):
             continue  # those sections come from conf/model/*.yaml and conf/dataset/*.yaml
         value = (run_level[spec.section] if spec.section else run_level)[spec.name]
-        assert value == ("${" + spec.follows + "}" if spec.follows else spec.default), key
+        default = list(spec.default) if isinstance(spec.default, tuple) else spec.default  # YAML has lists
+        assert value == ("${" + spec.follows + "}" if spec.follows else default), key
     declared = {k for k in settings.SPECS if not k.startswith(("model.", "dataset."))}
     in_yaml = {f"{s}.{k}" for s, sec in run_level.items() if isinstance(sec, dict) for k in sec} | \
               {s for s, sec in run_level.items() if not isinstance(sec, dict)}
@@ -348,11 +351,12 @@ def test_report_refuses_a_bad_stored_setting_and_names_the_file(finished_run, tm
 def test_stats_functions_default_to_the_schema_and_refuse_meaningless_arguments():
     import inspect
 
-    from kvprime import analyses, stats
+    from kvprime import stats
+    from kvprime.analyses.exp01 import exp01_analyses
 
     for fn, names in ((stats.summarize, ("n_boot", "alpha", "confidence")),
                       (stats.paired_test, ("n_boot", "confidence")), (stats.verdict, ("alpha",)),
-                      (analyses.exp01_analyses, ("n_boot", "confidence"))):
+                      (exp01_analyses, ("n_boot", "confidence"))):
         for name in names:
             assert inspect.signature(fn).parameters[name].default == settings.default(f"stats.{name}"), (fn, name)
     with pytest.raises(ValueError, match="n_boot=0"):

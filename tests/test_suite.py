@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kvprime import routing, runner
+from kvprime import plan, routing, runner
+from kvprime.compose import compose
 from kvprime.finalize import finalize
-from kvprime.inspect_cache import compose
 from kvprime.results_io import read_jsonl
 
 
@@ -121,7 +121,7 @@ def test_routing_experiment_on_the_tiny_model(tmp_path, samples_file):
     oracle = routed[routed.condition == "generated_oracle"].set_index("sample_id")["nll"]
     assert (oracle <= wide[gen].min(axis=1) + 1e-12).all()  # the oracle is never worse than any single cache
     assert "routing_choices" in results["analyses"]
-    truncated = runner.plan_conditions(cfg_for("routing", samples_file, tmp_path, "experiment.cache_variant=truncated"))
+    truncated = plan.plan_conditions(cfg_for("routing", samples_file, tmp_path, "experiment.cache_variant=truncated"))
     assert truncated["gen_keyword_query"].builder == "truncate_prefix" and truncated["baseline"].builder == "full"
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kvprime import runner
-from kvprime.inspect_cache import compose
+from kvprime import plan, runner
+from kvprime.compose import compose
 from kvprime.merge import MergeError, expand_run_dirs, merge_runs
 from kvprime.results_io import read_jsonl
 from kvprime.sweep import is_sweep_dir, job_dirs, sweep_report
@@ -180,9 +180,9 @@ def test_sweep_experiments_declare_their_sweeps():
     for name, conds in (("offset_sweep", ["baseline", "baseline_offset", "truncated_query"]),
                         ("prefix_sweep", ["baseline", "primed", "primed_static"])):
         cfg = compose([f"experiment={name}", "model=tiny_random_llama"])
-        assert list(runner.plan_conditions(cfg)) == conds
+        assert list(plan.plan_conditions(cfg)) == conds
     cfg = compose(["experiment=prefix_sweep", f"conditions.primed.prefix_template='{values[2]}'"])
-    specs = runner.plan_conditions(cfg)
+    specs = plan.plan_conditions(cfg)
     assert specs["primed"].prefix_template == specs["primed_static"].prefix_template == "Question: {surrogate}\n\n"
 
 
@@ -220,8 +220,8 @@ def test_offset_sweep_runs_six_jobs_and_reports_them(tmp_path, data_file):
     assert list(off["conditions.baseline_offset.position_offset"]) == [0, 5, 10, 20, 50, 100]
     assert (off.mean_delta.abs() < 1e-4).all()  # RoPE: an offset cache is the same cache up to rounding
     for d, offset in zip(job_dirs(sweep), [0, 5, 10, 20, 50, 100]):
-        plan = json.loads((d / "plan.json").read_text())["conditions"]
-        assert plan["baseline_offset"]["position_offset"] == offset
+        planned = json.loads((d / "plan.json").read_text())["conditions"]
+        assert planned["baseline_offset"]["position_offset"] == offset
         rows = {r["condition"]: r for r in read_jsonl(d / "scores.jsonl")[:3]}
         assert rows["baseline_offset"]["next_position"] == rows["baseline"]["next_position"] + offset
     assert (sweep / "sweep_effect.png").stat().st_size > 1000
@@ -247,8 +247,8 @@ def test_prefix_sweep_passes_templates_with_newlines(tmp_path, data_file):
     want = ["This document may be relevant to queries like: {surrogate}\n\n", "{surrogate}\n",
             "Question: {surrogate}\n\n", "Related question: {surrogate}\nDocument follows.\n\n"]
     for d, template in zip(job_dirs(sweep), want):
-        plan = json.loads((d / "plan.json").read_text())["conditions"]
-        assert plan["primed"]["prefix_template"] == plan["primed_static"]["prefix_template"] == template
+        planned = json.loads((d / "plan.json").read_text())["conditions"]
+        assert planned["primed"]["prefix_template"] == planned["primed_static"]["prefix_template"] == template
     report = sweep_report(sweep)
     assert report["swept_keys"] == ["conditions.primed.prefix_template"] and report["counts"]["complete"] == 4
     jobs = pd.read_csv(sweep / "jobs.csv")
@@ -358,10 +358,10 @@ def test_failed_job_is_reported_and_a_resumed_sweep_runs_only_what_is_missing(tm
 def test_invalid_value_fails_only_its_job(tmp_path, data_file):
     sweep = tmp_path / "sweep"
     proc = _kvprime(_sweep_args(data_file, sweep, "conditions.baseline_offset.position_offset=0,-1,5"), tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a bad value is the user's: a paragraph per job, exit 2
     report = sweep_report(sweep)
     assert [j["status"] for j in report["jobs"]] == ["complete", "failed", "complete"]
-    assert report["failed"][0]["type"] == "ValueError"
+    assert report["failed"][0]["type"] == "ConfigError"
     assert "position_offset must be a non-negative integer, got -1" in report["failed"][0]["message"]
     assert (sweep / "sweep_effect.png").exists()  # numeric: the two finished offsets
 

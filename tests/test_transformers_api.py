@@ -18,7 +18,8 @@ import warnings
 import pytest
 import torch
 
-from kvprime import confdir, hf_internals as hf, models
+from kvprime import confdir, models
+from kvprime import hf_internals as hf
 from kvprime.bench import NaiveEngine, naive_score
 from kvprime.conditions import ConditionSpec
 from kvprime.engine import Engine

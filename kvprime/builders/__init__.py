@@ -1,31 +1,89 @@
-"""Cache builders: name -> function(engine, segments, spec) -> PrimedCache.
+"""The cache-builder registry: a builder is one module that registers itself; nothing else needs an edit.
 
-To add one, write a small module in this package that decorates its function with
-``@register_builder("name")``, import it at the bottom of this file, and point a condition YAML's
-``builder:`` at the name.
+A builder declares, with ``@register_builder(name, params=..., roles=..., notes=...)``:
+
+- ``params``: a dataclass of its own settings (defaults, accepted values in ``validate()``). A condition's
+  YAML keys that are not common condition keys are checked against it before any model loads.
+  ``rope_fix``, if the dataclass has it, is the RoPE correction the model must support (checked from the
+  model's config, before weights load).
+- ``roles``: what it does with each span kind (``{"prefix": "cut"}``); the engine renders segments with them.
+- ``notes``: ``fn(params) -> str | None``, a sentence for the report on conditions built this way (stored in
+  the run's plan.json, so ``kvprime report`` needs no builder code).
+- the build function ``fn(engine, segments, spec) -> PrimedCache``, and optionally a planner
+  (``@register_planner(name)``: the encodes it will ask for, so a chunk's encodes run as padded batches).
+
+kvprime's own builders are the modules of this package, found by ``pkgutil``; a researcher's builders are
+modules named in the run's ``plugins:`` list (``kvprime.plugins``), or ``kvprime.plugins`` entry points.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
-BUILDERS: dict[str, Callable] = {}
-BUILDER_DOCS: dict[str, str] = {}
+
+@dataclasses.dataclass(frozen=True)
+class NoParams:
+    """A builder without settings of its own."""
+
+
+@dataclass(frozen=True)
+class BuilderInfo:
+    name: str
+    build: Callable
+    params: type = NoParams
+    roles: dict = field(default_factory=dict)
+    notes: Callable | None = None
+    doc: str = ""
+
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.params))
+
+    def make_params(self, values: dict, where: str):
+        """The builder's params from a condition's keys, checked (unknown keys, then ``validate()``)."""
+        unknown = sorted(set(values) - set(self.param_names()))
+        if unknown:
+            raise ConfigError(f"{where}: builder {self.name!r} has no setting {', '.join(unknown)}. Its settings: "
+                              f"{', '.join(self.param_names()) or 'none'}.")
+        try:
+            params = self.params(**values)
+        except TypeError as err:
+            raise ConfigError(f"{where}: builder {self.name!r}: {err}.") from None
+        check = getattr(params, "validate", None)
+        if check is not None:
+            try:
+                check()
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
+        return params
+
+    def rope_fix(self, params) -> str | None:
+        """The RoPE correction these params need from the model (None: the builder moves no key)."""
+        return getattr(params, "rope_fix", None)
+
+
+BUILDERS: dict[str, BuilderInfo] = {}
 # Optional: name -> function(seg, spec) -> list[EncodeRequest], the encodes the builder will ask for. With it
 # the engine runs a chunk of samples' encodes as padded batches before building; without it, a builder's
 # encodes simply run one at a time when it asks for them.
 PLANNERS: dict[str, Callable] = {}
 
 
-def register_builder(name: str):
+def register_builder(name: str, *, params: type = NoParams, roles: dict | None = None,
+                     notes: Callable | None = None):
+    if not dataclasses.is_dataclass(params):
+        raise ConfigError(f"cache builder {name!r}: params must be a dataclass, got {params!r}.")
+
     def wrap(fn):
-        if name in BUILDERS:
+        if name in BUILDERS and BUILDERS[name].build is not fn:
             raise ConfigError(f"cache builder {name!r} is registered twice")
-        BUILDERS[name] = fn
-        BUILDER_DOCS[name] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        BUILDERS[name] = BuilderInfo(name, fn, params, dict(roles or {}), notes, doc)
         return fn
     return wrap
 
@@ -50,8 +108,9 @@ class EncodeRequest:
 
 @dataclass
 class PrimedCache:
-    """A built cache and the facts needed to trust it: which token ids it holds, at which RoPE positions
-    its keys are rotated, and the position scoring continues from."""
+    """A built cache and the facts needed to trust it, per entry: its token id, the RoPE position its key is
+    rotated for, and whether scoring may attend to it (``attend``; None: every entry). Scoring continues
+    from ``next_position``."""
 
     cache: object  # transformers DynamicCache
     token_ids: list[int]
@@ -60,9 +119,20 @@ class PrimedCache:
     kept_segments: tuple[str, ...]
     encoded_tokens: int  # tokens the model processed to build it (prefix/suffix included)
     notes: dict = field(default_factory=dict)
+    attend: list[bool] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def masked(self) -> bool:
+        return self.attend is not None and not all(self.attend)
 
-from . import full, truncate_prefix, truncate_suffix  # noqa: E402,F401  (registration)
+
+def _discover() -> None:
+    """Import every module of this package: each registers its builder."""
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_discover()

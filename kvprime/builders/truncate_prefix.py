@@ -15,8 +15,34 @@ After the prefix's S entries are cut, the document's keys are still rotated for 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .. import hf_internals as hf
+from ..errors import ConfigError
 from . import EncodeRequest, PrimedCache, register_builder, register_planner
+
+ROPE_FIXES = ("none", "rerotate", "shift")
+
+
+@dataclass(frozen=True)
+class TruncatePrefixParams:
+    rope_fix: str | None = None  # required: none | rerotate | shift
+
+    def validate(self) -> None:
+        if self.rope_fix not in ROPE_FIXES:
+            raise ConfigError(f"builder truncate_prefix needs rope_fix, one of {', '.join(ROPE_FIXES)}; "
+                              f"got {self.rope_fix!r}.")
+
+
+def _notes(params: TruncatePrefixParams) -> str | None:
+    if params.rope_fix == "none":
+        return ("rope_fix=none reproduces the notebooks' uncorrected truncation: the document keys stay rotated "
+                "for positions S tokens too far along while scoring continues at the cache's end, so the query "
+                "sees the document S positions closer than it is.")
+    if params.rope_fix == "shift":
+        return ("rope_fix=shift builds the truncated cache with no re-rotation (position ids lowered by S at "
+                "encode time); its difference from the rerotate twin is the re-rotation round-off floor.")
+    return None
 
 
 @register_planner("truncate_prefix")
@@ -30,7 +56,7 @@ def plan_truncate_prefix(seg, spec) -> list[EncodeRequest]:
     return [EncodeRequest(ids, tuple(range(start, start + len(ids))))]
 
 
-@register_builder("truncate_prefix")
+@register_builder("truncate_prefix", params=TruncatePrefixParams, roles={"prefix": "cut"}, notes=_notes)
 def build_truncate_prefix(engine, seg, spec) -> PrimedCache:
     """Encode sink+prefix+document, keep sink+document; rope_fix none | rerotate | shift."""
     if spec.rope_fix != "none":

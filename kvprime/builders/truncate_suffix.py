@@ -20,7 +20,13 @@ def plan_truncate_suffix(seg, spec) -> list[EncodeRequest]:
     return [_encode(seg, spec)]
 
 
-@register_builder("truncate_suffix")
+def _notes(params) -> str:
+    return ("Suffix-truncated conditions keep exactly the entries of the bare cache (under causal attention the "
+            "document never sees the suffix); any difference from the matching bare condition is float "
+            "rounding, not an effect.")
+
+
+@register_builder("truncate_suffix", roles={"suffix": "cut"}, notes=_notes)
 def build_truncate_suffix(engine, seg, spec) -> PrimedCache:
     """Encode sink+document+suffix, keep sink+document (positions are already right)."""
     req = _encode(seg, spec)

@@ -18,8 +18,9 @@ REQUIRED = ("passage", "query", "answer")
 def load_jsonl(cfg: Mapping) -> Iterator[Sample]:
     """Yield one Sample per non-blank line.
 
-    Options: `path` (required). Optional per-line keys: `id` (else "<file stem>:<line number>")
-    and `answers` (a list of further references; the scored `answer` is always first).
+    Options: `path` (required). Optional per-line keys: `id` (else "<file stem>:<line number>"),
+    `answers` (a list of further references; the scored `answer` is always first) and `passages` (several
+    passages in context order, each its own document span; `passage` is then the gold one).
     """
     if cfg.get("path") in (None, "???"):  # "???" is the config's "must be set"
         raise DataError("The jsonl loader needs dataset.path=/path/to/file.jsonl (it is not set).")
@@ -45,6 +46,10 @@ def load_jsonl(cfg: Mapping) -> Iterator[Sample]:
             extra = obj.get("answers") or []
             if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
                 raise DataError(f"{where}: field 'answers' must be a list of strings.")
+            passages = obj.get("passages") or []
+            if not isinstance(passages, list) or not all(isinstance(x, str) and x for x in passages):
+                raise DataError(f"{where}: field 'passages' must be a list of non-empty strings (the context's "
+                                "passages in order, the gold one among them).")
             sid = obj.get("id")
             yield Sample(
                 # The line number fallback is stable as long as the file is not edited.
@@ -54,4 +59,5 @@ def load_jsonl(cfg: Mapping) -> Iterator[Sample]:
                 answer=obj["answer"],
                 answers=dedupe([obj["answer"], *extra]),
                 source=path.stem,
+                passages=tuple(passages),
             )

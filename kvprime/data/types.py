@@ -16,11 +16,16 @@ class Sample:
     answers: tuple[str, ...] = ()  # all reference answers, if the source has several
     source: str = ""  # dataset name
     random_query: str | None = None  # fixed control query (only the synthetic sanity example sets it)
+    # Several passages, in context order (e.g. the gold passage among retrieved distractors); empty: just
+    # ``passage``. Each becomes its own document span, tokenized alone.
+    passages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Callers (JSON, datasets rows) hand over lists; a tuple keeps the frozen sample hashable.
         if not isinstance(self.answers, tuple):
             object.__setattr__(self, "answers", tuple(self.answers))
+        if not isinstance(self.passages, tuple):
+            object.__setattr__(self, "passages", tuple(self.passages))
         if not isinstance(self.sample_id, str):
             object.__setattr__(self, "sample_id", str(self.sample_id))
 
@@ -28,7 +33,16 @@ class Sample:
         """A JSON-serialisable dict (answers as a list)."""
         d = asdict(self)
         d["answers"] = list(self.answers)
+        if self.passages:
+            d["passages"] = list(self.passages)
+        else:
+            del d["passages"]  # single-passage samples keep the record they always had
         return d
+
+    @property
+    def documents(self) -> list[str] | None:
+        """The passages as document spans, or None for a single-passage sample (``passage``)."""
+        return list(self.passages) or None
 
     @classmethod
     def from_dict(cls, d) -> Sample:

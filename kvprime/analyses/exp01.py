@@ -1,4 +1,5 @@
-"""The exp01 notebook's analysis blocks ("4. Analysis") as tidy tables.
+"""The ``exp01`` analysis: the exp01 notebook's analysis blocks ("4. Analysis") as tidy tables, plus its
+4-panel figure (drawn by ``exp01_figure``).
 
 Pure functions, no I/O.  Conventions are those of :mod:`kvprime.stats` (read its docstring):
 delta = reference NLL - treatment NLL (positive: the treatment is better), pairs matched by
@@ -21,25 +22,25 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from .stats import _DEFAULT, PAIRED_FIELDS, _derive_seed, describe, paired_test
+from ..stats import _DEFAULT, PAIRED_FIELDS, _derive_seed, check_scores, describe, paired_test
+from . import AnalysisInput, AnalysisResult, FigureSpec, register_analysis
+from .exp01_conditions import A3, B1, B2, B3, B4, C1, C2, C4, C5, D1, E1
 
 _NAN = float("nan")
 
-# The notebook's result keys, in its order.
-EXP01_CONDITIONS = (
-    "A1_baseline", "A2_bare_doc", "A3_baseline_offset",
-    "B1_full_generated", "B2_full_perfect", "B3_full_static", "B4_full_suffix",
-    "C1_trunc_generated_broken", "C2_trunc_generated_corrected",
-    "C3_trunc_perfect_broken", "C4_trunc_perfect_corrected", "C5_trunc_static_corrected",
-    "D1_trunc_suffix_corrected",
-    "E1_random_prefix_trunc_corrected", "E2_full_random_prefix",
-)
-A3, B1, B2, B3, B4 = "A3_baseline_offset", "B1_full_generated", "B2_full_perfect", "B3_full_static", "B4_full_suffix"
-C1, C2, C4, C5 = ("C1_trunc_generated_broken", "C2_trunc_generated_corrected",
-                  "C4_trunc_perfect_corrected", "C5_trunc_static_corrected")
-D1, E1 = "D1_trunc_suffix_corrected", "E1_random_prefix_trunc_corrected"
 SHIFT_SUFFIX = "_shift"
 QUARTILE_LABELS = ("Easy (low NLL)", "Medium-Easy", "Medium-Hard", "Hard (high NLL)")
+
+# Report headings, per table.
+TITLES = {
+    "critical": "Critical test: does RoPE correction fix truncation? (C1 broken vs C2 corrected vs A1)",
+    "surrogate_quality": "Surrogate quality (all truncated and RoPE-corrected) against A1",
+    "full_vs_truncated": "Full context vs truncated: is the benefit baked into the cache?",
+    "ordering": "Ordering: surrogate before vs after the document",
+    "similarity_correlation": "Surrogate-query similarity vs benefit (Pearson)",
+    "quartiles": "C2's win rate by baseline difficulty (A1 NLL quartile)",
+    "numerical_floor": "Numerical floor: re-rotation vs exact shift, and the offset control",
+}
 
 # n_pairs rather than n: the tables also carry per-condition n columns.
 PAIRED_COLS = ["n_pairs", *[f for f in PAIRED_FIELDS if f != "n"]]
@@ -64,8 +65,7 @@ COLUMNS = {
 
 def wide(scores: pd.DataFrame) -> pd.DataFrame:
     """sample_id x condition NLL; columns in order of first appearance, rows sorted by sample_id."""
-    _check_columns(scores)
-    _check_duplicates(scores)
+    check_scores(scores)
     order = list(pd.unique(scores["condition"]))
     w = scores.pivot(index="sample_id", columns="condition", values="nll")
     w = w.reindex(columns=order).sort_index()
@@ -73,26 +73,11 @@ def wide(scores: pd.DataFrame) -> pd.DataFrame:
     return w
 
 
-def _check_columns(scores):
-    missing = {"sample_id", "condition", "nll"} - set(scores.columns)
-    if missing:
-        raise ValueError(f"scores lacks columns: {sorted(missing)}")
-
-
-def _check_duplicates(scores):
-    dup = scores.duplicated(["sample_id", "condition"], keep=False)
-    if dup.any():
-        keys = scores.loc[dup, ["sample_id", "condition"]].itertuples(index=False)
-        pairs = sorted({(str(s), str(c)) for s, c in keys})
-        raise ValueError(f"duplicated (sample_id, condition): {pairs[:10]}")
-
-
 class _Ctx:
     """Per-condition NLL series and one cached paired test per (reference, treatment)."""
 
     def __init__(self, scores, n_boot, seed, confidence):
-        _check_columns(scores)
-        _check_duplicates(scores)
+        check_scores(scores)
         self.by = {c: g.set_index("sample_id")["nll"].astype(float)
                    for c, g in scores.groupby("condition", sort=False)}
         self.n_boot, self.seed, self.confidence = n_boot, seed, confidence
@@ -280,3 +265,18 @@ def exp01_analyses(scores: pd.DataFrame, similarity: pd.Series | None, *, baseli
         "quartiles": _quartiles(cx, baseline),
         "numerical_floor": _numerical_floor(cx, baseline),
     }
+
+
+@register_analysis("exp01")
+def exp01_analysis(run: AnalysisInput) -> AnalysisResult:
+    """The exp01 notebook's printed analyses (critical test, surrogate quality, ...) and its 4-panel figure."""
+    scores = run.scores[["sample_id", "condition", "nll"]]
+    tables = exp01_analyses(scores, run.similarity, baseline=run.baseline, n_boot=run.n_boot, seed=run.seed,
+                            confidence=run.confidence)
+
+    def draw():
+        from .exp01_figure import draw_exp01_figure
+
+        return draw_exp01_figure(scores, run.similarity, baseline=run.baseline)
+
+    return AnalysisResult(tables, dict(TITLES), {"exp01": FigureSpec("exp01_figure.png", draw)})

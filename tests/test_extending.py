@@ -1,0 +1,125 @@
+"""A researcher's own builder and condition, in a folder outside the repository, exactly as the README shows
+them: registered without any edit to kvprime, checked before the model loads, run by `kvprime run`, and the
+masked entries provably receive no attention."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from kvprime import plugins, runner
+from kvprime.builders import BUILDERS
+from kvprime.compose import compose
+from kvprime.conditions import ConditionSpec, validate
+from kvprime.engine import Engine
+from kvprime.errors import ConfigError
+from kvprime.tiny import tiny_model, tiny_tokenizer
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_examples() -> dict[str, str]:
+    """The README's example files: each code block right after an `<!-- example: <path> -->` line."""
+    text = README.read_text()
+    found = re.findall(r"<!-- example: (\S+) -->\n```\w*\n(.*?)```", text, flags=re.S)
+    return dict(found)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outside")
+    files = readme_examples()
+    assert set(files) == {"my_study/masked_prefix.py", "my_study/condition/masked_surrogate.yaml"}
+    for rel, body in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(body)
+    assert not str(root).startswith(str(README.parent))
+    return root / "my_study"
+
+
+@pytest.fixture(scope="module")
+def masked(study):
+    plugins.load([str(study / "masked_prefix.py")])
+    assert "masked_prefix" in BUILDERS
+    return BUILDERS["masked_prefix"]
+
+
+def _spec(name, **kw):
+    base = dict(surrogate="query", prefix_template="{surrogate} ", prompt_template="\n\nQuestion: {query}\nAnswer:")
+    return ConditionSpec(name, **{**base, **kw})
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_masked_prefix_equals_cutting_it_with_shift(masked, arch):
+    """With no sink, attention over [masked prefix, document] at positions S.. equals attention over the
+    document alone at positions 0.. (RoPE depends on relative positions; the document's states were computed
+    after the same prefix in both). Any attention to the masked entries would change the NLL."""
+    tok = tiny_tokenizer()
+    eng = Engine(tiny_model(arch, vocab_size=len(tok)), tok, sink="none")
+    doc, q, ans = "The river flows through the old city and into the sea.", "Where does the river flow?", "into the sea"
+    m = _spec("m", builder="masked_prefix")
+    s = _spec("s", builder="truncate_prefix", rope_fix="shift")
+    for spec in (m, s):
+        validate(spec, BUILDERS)
+    seg_m = eng.segments(m, document=doc, query=q, answer=ans, surrogate=q)
+    seg_s = eng.segments(s, document=doc, query=q, answer=ans, surrogate=q)
+    assert seg_m.document == seg_s.document and [sp.role for sp in seg_m.spans] == ["masked", "kept"]
+    pm, ps = eng.build(m, seg_m), eng.build(s, seg_s)
+    assert len(pm) == len(seg_m.prefix) + len(seg_m.document) and pm.attend.count(False) == len(seg_m.prefix)
+    nll_m, nll_s = eng.score(pm, seg_m).nll, eng.score(ps, seg_s).nll
+    assert abs(nll_m - nll_s) <= 1e-4
+    batched = eng.score_many([(pm, seg_m), (ps, seg_s)])
+    assert abs(batched[0].nll - nll_m) <= 1e-5
+
+    # The masked entries' contents do not matter at all: overwrite them and the NLL stays the same...
+    n = len(seg_m.prefix)
+    with torch.inference_mode():  # the cache's tensors are inference tensors
+        for layer in pm.cache.layers:
+            layer.keys[:, :, :n] = torch.randn_like(layer.keys[:, :, :n]) * 10
+            layer.values[:, :, :n] = torch.randn_like(layer.values[:, :, :n]) * 10
+    assert abs(eng.score(pm, seg_m).nll - nll_m) <= 1e-6
+    # ...while unmasking them does (the check can fail).
+    unmasked = type(pm)(**{**pm.__dict__, "attend": None})
+    assert abs(eng.score(unmasked, seg_m).nll - nll_m) > 1e-3
+
+
+def test_builder_settings_are_checked_before_the_model_loads(masked, monkeypatch, tmp_path):
+    from kvprime import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load", no_load)
+    cfg = compose(["model=tiny_random_llama", "dataset=exp21_sanity", "condition=truncated_oracle",
+                   "condition.builder=masked_prefix", "condition.rope_fix=null", "+condition.mask_sink=maybe",
+                   "stats.n_boot=1000"])
+    with pytest.raises(ConfigError, match="mask_sink='maybe' is not accepted"):
+        runner.run_experiment(cfg, tmp_path / "r", only="truncated_oracle")
+    cfg = compose(["model=tiny_random_llama", "dataset=exp21_sanity", "condition=truncated_oracle",
+                   "condition.builder=masked_prefix", "stats.n_boot=1000"])
+    with pytest.raises(ConfigError, match="has unknown key.*rope_fix.*settings of builder 'masked_prefix': mask_sink"):
+        runner.run_experiment(cfg, tmp_path / "r2", only="truncated_oracle")
+
+
+def test_outside_folder_runs_through_kvprime_run(study, tmp_path):
+    env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "kvprime.cli", "run", "--config-dir", str(study),
+                           "plugins=[masked_prefix]", "condition=masked_surrogate", "model=tiny_random_llama",
+                           "model.sink=none", "dataset=exp21_sanity", "stats.n_boot=1000", "progress=false",
+                           f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = pd.read_csv(run_dir / "summary.csv")
+    assert list(summary.condition) == ["bare", "masked_surrogate"]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["conditions"]["masked_surrogate"]["builder"] == "masked_prefix"
+    assert plan["conditions"]["masked_surrogate"]["mask_sink"] is False
+    assert any("masked_prefix keeps" in n for n in plan["builder_notes"])
+    assert "masked_prefix keeps" in (run_dir / "report.md").read_text()
