@@ -6,14 +6,14 @@ The package import is light (no torch); ``Engine`` and friends load on first use
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Engine": ("kvprime.engine", "Engine"),
-    "ConditionSpec": ("kvprime.conditions", "ConditionSpec"),
+    "Engine": ("kvprime.cache.engine", "Engine"),
+    "ConditionSpec": ("kvprime.pipeline.conditions", "ConditionSpec"),
     "PrimedCache": ("kvprime.builders", "PrimedCache"),
     "BUILDERS": ("kvprime.builders", "BUILDERS"),
     "register_builder": ("kvprime.builders", "register_builder"),
     "load_samples": ("kvprime.data", "load_samples"),
-    "run_experiment": ("kvprime.runner", "run_experiment"),
-    "Session": ("kvprime.session", "Session"),
+    "run_experiment": ("kvprime.pipeline.runner", "run_experiment"),
+    "Session": ("kvprime.pipeline.session", "Session"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -8,14 +8,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_tok():
-    from kvprime.tiny import tiny_tokenizer
+    from kvprime.cache.tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_tok):
-    from kvprime.engine import Engine
-    from kvprime.tiny import tiny_model
+    from kvprime.cache.engine import Engine
+    from kvprime.cache.tiny import tiny_model
 
     return Engine(tiny_model("llama", vocab_size=len(tiny_tok)), tiny_tok)

@@ -2,7 +2,7 @@
 
     python tests/fault_runner.py <kill_at> <mode> <event_log> <kvprime arguments...>
 
-Write points: every call of ``kvprime.results_io.write_atomic`` (``write_json``/``write_jsonl``, the CSVs,
+Write points: every call of ``kvprime.pipeline.results_io.write_atomic`` (``write_json``/``write_jsonl``, the CSVs,
 the report and the figures all go through it) and every ``ScoreLog.append`` (one line of ``scores.jsonl``).
 Each one is numbered from 1 and recorded as a JSON line in ``event_log`` (a file outside the run directory),
 with its kind, its file and, for an append, its (sample_id, condition). ``kill_at=0`` kills nothing: the run
@@ -39,12 +39,13 @@ MODES = ("before", "after", "torn")
 def _install(kill_at: int, mode: str, event_log: Path) -> None:
     import importlib
 
-    from kvprime import results_io as rio
+    from kvprime.pipeline import results_io as rio
 
     # Modules that did `from .results_io import write_atomic` hold their own reference: import every module of
     # the run path now (lazily imported ones included) and patch the name wherever it is bound.
-    for name in ("kvprime.app", "kvprime.runner", "kvprime.finalize", "kvprime.figures", "kvprime.report",
-                 "kvprime.surrogate_store", "kvprime.sweep", "kvprime.merge"):
+    for name in ("kvprime.commands.app", "kvprime.pipeline.runner", "kvprime.reporting.finalize",
+                 "kvprime.reporting.figures", "kvprime.reporting.report", "kvprime.surrogates.store",
+                 "kvprime.scaleout.sweep", "kvprime.scaleout.merge"):
         try:
             importlib.import_module(name)
         except ImportError:  # a module that does not exist (any more) writes nothing
@@ -112,7 +113,7 @@ def _install(kill_at: int, mode: str, event_log: Path) -> None:
 
 
 def _cli(args: list[str]) -> int:
-    from kvprime import cli
+    from kvprime.commands import cli
 
     sys.argv = ["kvprime", *args]
     try:
@@ -125,11 +126,11 @@ def _cli(args: list[str]) -> int:
 
 def _preload() -> None:
     """What every run imports anyway; importing it before forking runs nothing of a run."""
-    import kvprime.app  # noqa: F401  (hydra, omegaconf)
-    import kvprime.cli  # noqa: F401
-    import kvprime.figures  # noqa: F401  (matplotlib)
-    import kvprime.finalize  # noqa: F401  (pandas, scipy via stats)
-    import kvprime.runner  # noqa: F401  (torch, transformers)
+    import kvprime.commands.app  # noqa: F401  (hydra, omegaconf)
+    import kvprime.commands.cli  # noqa: F401
+    import kvprime.pipeline.runner  # noqa: F401  (torch, transformers)
+    import kvprime.reporting.figures  # noqa: F401  (matplotlib)
+    import kvprime.reporting.finalize  # noqa: F401  (pandas, scipy via stats)
     try:
         from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: F401
     except ImportError:

@@ -3,11 +3,11 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from kvprime.analyses.exp01 import COLUMNS, QUARTILE_LABELS, exp01_analyses, wide
-from kvprime.analyses.exp01_conditions import EXP01_CONDITIONS
-from kvprime.analyses.exp01_figure import exp01_figure
-from kvprime.figures import conditions_figure
-from kvprime.stats import summarize
+from kvprime.analysis.exp01 import COLUMNS, QUARTILE_LABELS, exp01_analyses, wide
+from kvprime.analysis.exp01_conditions import EXP01_CONDITIONS
+from kvprime.analysis.exp01_figure import exp01_figure
+from kvprime.analysis.stats import summarize
+from kvprime.reporting.figures import conditions_figure
 
 NB = 200  # bootstrap resamples: the CIs are not what these tests check
 N = 40

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from kvprime import assets
 from kvprime.assets import catalogue, gguf, store, wheels
-from kvprime.cli import app
+from kvprime.commands.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_JSON = {"version": "1.1", "data": [{"title": "T", "paragraphs": [{"context": "c", "qas": []}]}]}

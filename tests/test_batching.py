@@ -3,8 +3,8 @@
 import pytest
 from test_cache_identities import engine_for, max_diff, segs
 
-from kvprime import hf_internals as hf
-from kvprime.conditions import ConditionSpec
+from kvprime.cache import hf_internals as hf
+from kvprime.pipeline.conditions import ConditionSpec
 
 SPECS = [ConditionSpec("full", builder="full"),
          ConditionSpec("rerotate", builder="truncate_prefix", rope_fix="rerotate"),
@@ -74,7 +74,7 @@ def test_sliding_window_models_never_batch_past_the_window():
 
 
 def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path):
-    from kvprime.bench import bench
+    from kvprime.commands.bench import bench
 
     r = bench(["model=tiny_random_llama", "dataset.n_samples=2", "generation.max_new_tokens=4",
                f"generation.store={tmp_path / 'store'}"], out_dir=tmp_path, progress=False)
@@ -87,7 +87,7 @@ def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path):
 def test_batched_scoring_on_sliding_layers_stays_inside_the_window():
     """A long cache with a short question batched beside a short cache with a long question: each fits the
     tiny Gemma3's 64-token window alone, but padded together (cache width + input width) they would not."""
-    from kvprime.segments import Segments
+    from kvprime.cache.segments import Segments
 
     eng, ref = engine_for("gemma3"), engine_for("gemma3")
     a = segs(n_prefix=0, n_doc=44, n_prompt=6, n_answer=3, seed=1)    # 45 cached + 9 scored

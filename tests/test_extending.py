@@ -13,13 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-from kvprime import plugins, runner
 from kvprime.builders import BUILDERS
-from kvprime.compose import compose
-from kvprime.conditions import ConditionSpec, validate
-from kvprime.engine import Engine
+from kvprime.cache.engine import Engine
+from kvprime.cache.tiny import tiny_model, tiny_tokenizer
+from kvprime.config import plugins
+from kvprime.config.compose import compose
 from kvprime.errors import ConfigError
-from kvprime.tiny import tiny_model, tiny_tokenizer
+from kvprime.pipeline import runner
+from kvprime.pipeline.conditions import ConditionSpec, validate
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -90,7 +91,7 @@ def test_masked_prefix_equals_cutting_it_with_shift(masked, arch):
 
 
 def test_builder_settings_are_checked_before_the_model_loads(masked, monkeypatch, tmp_path):
-    from kvprime import models
+    from kvprime.cache import models
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded")
@@ -110,7 +111,7 @@ def test_builder_settings_are_checked_before_the_model_loads(masked, monkeypatch
 def test_outside_folder_runs_through_kvprime_run(study, tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "kvprime.cli", "run", "--config-dir", str(study),
+    proc = subprocess.run([sys.executable, "-m", "kvprime", "run", "--config-dir", str(study),
                            "plugins=[masked_prefix]", "condition=masked_surrogate", "model=tiny_random_llama",
                            "model.sink=none", "dataset=exp21_sanity", "stats.n_boot=1000", "progress=false",
                            f"hydra.run.dir={run_dir}"],

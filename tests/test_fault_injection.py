@@ -95,7 +95,7 @@ class Launcher:
     def __call__(self, argv: list[str], output: Path, *, events: Path | None = None, kill_at: int = 0,
                  mode: str = "before") -> tuple[int, str]:
         if self.fresh:
-            cmd = [str(RUNNER), str(kill_at), mode, str(events), *argv] if events else ["-m", "kvprime.cli", *argv]
+            cmd = [str(RUNNER), str(kill_at), mode, str(events), *argv] if events else ["-m", "kvprime", *argv]
             proc = subprocess.run([sys.executable, *cmd], env=self.env, cwd=self.cwd, capture_output=True,
                                   text=True, timeout=TIMEOUT_S)
             output.write_text(proc.stdout + proc.stderr)

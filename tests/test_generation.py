@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from kvprime import generation
-from kvprime.generation import (
+from kvprime.surrogates import generation
+from kvprime.surrogates.generation import (
     GENERATION_TEMPLATES,
     GenerationSettings,
     GumbelSampler,
@@ -21,7 +21,7 @@ from kvprime.generation import (
     generate,
     row_seed,
 )
-from kvprime.surrogate_store import SurrogateStore, ensure
+from kvprime.surrogates.store import SurrogateStore, ensure
 
 TEMPLATE = GENERATION_TEMPLATES["target_question"]
 
@@ -39,7 +39,7 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def tiny():
-    from kvprime.tiny import tiny_model, tiny_tokenizer
+    from kvprime.cache.tiny import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
     return tiny_model("llama", vocab_size=len(tok)), tok

@@ -101,11 +101,11 @@ def test_report_and_merge_import_neither_torch_nor_transformers(tmp_path):
     base = ["run", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={data}", "stats.n_boot=1000",
             "progress=false", "batch.samples=1", "run.num_shards=2"]
     for i in (0, 1):
-        proc = subprocess.run([sys.executable, "-m", "kvprime.cli", *base, f"run.shard={i}",
+        proc = subprocess.run([sys.executable, "-m", "kvprime", *base, f"run.shard={i}",
                                f"hydra.run.dir={tmp_path / f'shard{i}'}"], capture_output=True, text=True, env=env,
                               timeout=600)
         assert proc.returncode == 0, proc.stderr
-    probe = ("import sys\nfrom kvprime.cli import app\n"
+    probe = ("import sys\nfrom kvprime.commands.cli import app\n"
              "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
              "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
              "assert not heavy, heavy\nprint('model-free')\n")

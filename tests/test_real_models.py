@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from kvprime import hf_internals as hf
-from kvprime.conditions import ConditionSpec
-from kvprime.scoring import score_without_cache
+from kvprime.cache import hf_internals as hf
+from kvprime.cache.scoring import score_without_cache
+from kvprime.pipeline.conditions import ConditionSpec
 
 pytestmark = pytest.mark.slow
 

@@ -15,17 +15,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kvprime import rundir, runner
-from kvprime.compose import compose
+from kvprime.config.compose import compose
 from kvprime.errors import RunDirError
-from kvprime.results_io import read_jsonl
+from kvprime.pipeline import rundir, runner
+from kvprime.pipeline.results_io import read_jsonl
 
 TINY = ["model=tiny_random_llama", "stats.n_boot=1000", "progress=false"]
 # Runs a CLI command with every chunk of scoring slowed down, so a test can act while the run holds its directory.
-SLOW = ("import sys, time; from kvprime.engine import Engine; real = Engine.run_chunk\n"
+SLOW = ("import sys, time; from kvprime.cache.engine import Engine; real = Engine.run_chunk\n"
         "def slow(self, *a, **k):\n    time.sleep(float(__import__('os').environ.get('SLOW_S', '1'))); "
         "return real(self, *a, **k)\n"
-        "Engine.run_chunk = slow\nfrom kvprime.cli import main; sys.argv = ['kvprime', *sys.argv[1:]]; main()")
+        "Engine.run_chunk = slow\nfrom kvprime.commands.cli import main; sys.argv = ['kvprime', *sys.argv[1:]]; main()")
 
 
 @pytest.fixture()
@@ -44,7 +44,7 @@ def _env(tmp_path, **extra):
 
 
 def _cli(args, tmp_path, code=None, **env):
-    argv = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "kvprime.cli", *args]
+    argv = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "kvprime", *args]
     return subprocess.run(argv, capture_output=True, text=True, env=_env(tmp_path, **env), cwd=tmp_path, timeout=600)
 
 
@@ -70,7 +70,7 @@ def _wait_for_scores(path: Path, proc, n=1, timeout=120):
 
 
 def test_runs_started_together_get_their_own_directories(tmp_path, data_file):
-    procs = [subprocess.Popen([sys.executable, "-m", "kvprime.cli", "run", *TINY, "dataset=jsonl",
+    procs = [subprocess.Popen([sys.executable, "-m", "kvprime", "run", *TINY, "dataset=jsonl",
                                f"dataset.path={data_file}", f"seed={seed}", f"dataset.n_samples={n}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
              for seed, n in ((1, 3), (2, 4))]
@@ -127,7 +127,7 @@ def test_a_held_directory_refuses_run_resume_and_report_and_is_left_unchanged(tm
 def test_stale_lock_of_a_killed_process_is_taken_over_and_another_hosts_is_not(tmp_path, data_file):
     run_dir = tmp_path / "r"
     cfg = compose([*TINY, "dataset=jsonl", f"dataset.path={data_file}", "dataset.n_samples=2"])
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kvprime.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kvprime.pipeline.rundir import RunLock; "
                                f"RunLock({str(run_dir)!r}, 'run').acquire(); print('held', flush=True); "
                                "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     run_dir.mkdir()
@@ -235,8 +235,8 @@ def test_full_disk_while_logging_scores_leaves_whole_records_and_resumes_exactly
 
 
 def test_internal_error_is_reported_as_internal_with_the_traceback_saved(tmp_path, data_file, monkeypatch, capsys):
-    from kvprime.app import run_hydra_app
-    from kvprime.engine import Engine
+    from kvprime.cache.engine import Engine
+    from kvprime.commands.app import run_hydra_app
 
     def broken(self, *a, **k):
         raise TypeError("unsupported operand in a kvprime bug")
@@ -256,7 +256,7 @@ def test_internal_error_is_reported_as_internal_with_the_traceback_saved(tmp_pat
 
 
 def test_internal_error_before_the_directory_is_claimed_saves_the_traceback_elsewhere(tmp_path, monkeypatch, capsys):
-    from kvprime import app as cli
+    from kvprime.commands import app as cli
 
     def broken(*a, **k):
         raise KeyError("internal")
@@ -303,10 +303,11 @@ def test_output_root_on_a_file_gets_one_paragraph(tmp_path):
 
 
 def test_library_warnings_go_to_the_run_log_not_the_terminal(tmp_path, data_file):
-    noisy = ("import sys, warnings; from kvprime.engine import Engine; real = Engine.score_many\n"
+    noisy = ("import sys, warnings; from kvprime.cache.engine import Engine; real = Engine.score_many\n"
              "def noisy(self, *a, **k):\n    warnings.warn('a library deprecation notice', FutureWarning)\n"
              "    return real(self, *a, **k)\n"
-             "Engine.score_many = noisy\nfrom kvprime.cli import main; sys.argv = ['kvprime', *sys.argv[1:]]; main()")
+             "Engine.score_many = noisy\nfrom kvprime.commands.cli import main\n"
+             "sys.argv = ['kvprime', *sys.argv[1:]]; main()")
     run_dir = tmp_path / "w"
     args = ["run", *TINY, "dataset=jsonl", f"dataset.path={data_file}", "dataset.n_samples=2", f"hydra.run.dir={run_dir}"]
     env = {k: v for k, v in os.environ.items() if k != "KVPRIME_DEBUG"}

@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kvprime import results_io, runner
-from kvprime.analyses import (
+from kvprime.analysis.registry import (
     ANALYSES,
     AnalysisInput,
     AnalysisResult,
@@ -20,10 +19,11 @@ from kvprime.analyses import (
     unregister_analysis,
     validate_analyses,
 )
-from kvprime.compose import compose
+from kvprime.config.compose import compose
 from kvprime.errors import ConfigError
-from kvprime.finalize import finalize
-from kvprime.tables import cell, markdown_table
+from kvprime.pipeline import results_io, runner
+from kvprime.reporting.finalize import finalize
+from kvprime.reporting.tables import cell, markdown_table
 
 TABLES = ("summary.csv", "comparisons.csv", "scores.csv")
 
@@ -66,7 +66,7 @@ def test_formats_per_column_and_rows_as_sequences():
 def test_every_figure_goes_through_one_atomic_writer(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from kvprime import figures
+    from kvprime.reporting import figures
 
     seen = []
     real = results_io.write_atomic
@@ -220,7 +220,7 @@ def test_an_analysis_from_a_plugin_file_serves_kvprime_report(tiny_run, tmp_path
     plugin = tmp_path / "my_reporting_plugin.py"
     plugin.write_text(
         "import pandas as pd\n"
-        "from kvprime.analyses import register_analysis\n\n"
+        "from kvprime.analysis.registry import register_analysis\n\n"
         "@register_analysis('plugin_counts')\n"
         "def counts(run):\n"
         "    return {'counts': run.scores.groupby('condition', sort=False).size().rename('n').reset_index()}\n")
@@ -254,6 +254,7 @@ def test_finalize_and_report_name_no_experiment():
     import kvprime
 
     root = Path(kvprime.__file__).parent
-    for module in ("finalize.py", "report.py", "tables.py", "figures.py", "sweep.py"):
+    for module in ("reporting/finalize.py", "reporting/report.py", "reporting/tables.py", "reporting/figures.py",
+                   "scaleout/sweep.py"):
         text = (root / module).read_text()
         assert "exp01" not in text and "ANALYSIS_TITLES" not in text, module

@@ -7,10 +7,12 @@ import sys
 import pandas as pd
 import pytest
 
-from kvprime import confdir, models, plan, runner
-from kvprime.compose import compose
+from kvprime.cache import models
+from kvprime.config import confdir
+from kvprime.config.compose import compose
 from kvprime.errors import ConfigError
-from kvprime.results_io import read_jsonl
+from kvprime.pipeline import plan, runner
+from kvprime.pipeline.results_io import read_jsonl
 
 EXP21 = ["bare", "full_oracle", "full_oracle_repeat", "truncated_oracle", "truncated_random"]
 FILES = ["inputs.jsonl", "scores.jsonl", "scores.csv", "summary.csv", "comparisons.csv", "results.json", "report.md",
@@ -84,7 +86,7 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path, samples_file, monk
     runner.run_experiment(tiny_cfg(samples_file), full)
 
     crashed = tmp_path / "crashed"
-    from kvprime.engine import Engine
+    from kvprime.cache.engine import Engine
 
     real_score, calls = Engine.score_many, {"n": 0}
 
@@ -131,7 +133,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, samples_file):
 
 
 def test_auto_batch_settings_are_recorded_as_the_devices_numbers(tmp_path, samples_file):
-    from kvprime import batching
+    from kvprime.cache import batching
 
     out = tmp_path / "run"
     runner.run_experiment(tiny_cfg(samples_file), out)
@@ -146,7 +148,7 @@ def test_auto_batch_settings_are_recorded_as_the_devices_numbers(tmp_path, sampl
 
 
 def test_batch_settings_resolve_per_device_and_refuse_bad_values():
-    from kvprime import batching
+    from kvprime.cache import batching
 
     cfg = compose(["batch.samples=5"])
     cuda = batching.resolve(cfg, device="cuda:0")
@@ -174,7 +176,7 @@ def test_too_long_samples_are_skipped_and_counted(tmp_path, samples_file):
 
 
 def test_nonfinite_scores_are_flagged_not_averaged(tmp_path, samples_file, monkeypatch):
-    from kvprime.engine import Engine
+    from kvprime.cache.engine import Engine
 
     real = Engine.score_many
 
@@ -220,7 +222,7 @@ def test_gpu_model_on_cpu_machine_stops_with_the_reason(tmp_path, samples_file):
 
 
 def run_cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "kvprime.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "kvprime", *args], capture_output=True, text=True, timeout=300,
                           **kw)
 
 
@@ -249,7 +251,7 @@ def test_cli_user_error_is_one_paragraph(tmp_path, samples_file):
 
 
 def test_help_does_not_import_torch_and_conditions_lists_all():
-    code = "import sys, kvprime.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, kvprime.commands.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     proc = run_cli("--help")
     assert proc.returncode == 0 and "run" in proc.stdout and "inspect" in proc.stdout
@@ -259,7 +261,7 @@ def test_help_does_not_import_torch_and_conditions_lists_all():
 
 
 def test_inspect_shows_segments_and_layer_similarity(samples_file, capsys):
-    from kvprime.inspect_cache import inspect_main
+    from kvprime.commands.inspect_cache import inspect_main
 
     res = inspect_main(["model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}", "sample=s3",
                         "conditions=[bare,truncated_oracle]"])

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from kvprime import runner, surrogates
-from kvprime.compose import compose, with_defaults
-from kvprime.results_io import read_jsonl
+from kvprime.config.compose import compose, with_defaults
+from kvprime.pipeline import runner
+from kvprime.pipeline.results_io import read_jsonl
+from kvprime.surrogates import sources as surrogates
 
 N_FILE, N_SELECTED = 6, 4  # a selection smaller than the file: the pool must be the selection's queries
 SAMPLE = "s1"  # its random query differs between a pool of the 4 selected queries and one of all 6
@@ -45,8 +46,8 @@ def pools(monkeypatch):
 
 
 def test_run_inspect_and_walkthrough_see_the_same_sample(overrides, pools, tmp_path):
-    from kvprime.inspect_cache import inspect_main
-    from kvprime.walkthrough import walkthrough
+    from kvprime.commands.inspect_cache import inspect_main
+    from kvprime.commands.walkthrough import walkthrough
 
     seen = {}
 
@@ -96,7 +97,7 @@ def test_run_inspect_and_walkthrough_see_the_same_sample(overrides, pools, tmp_p
 
 
 def test_session_holds_the_runs_selection_and_pool(overrides):
-    from kvprime.session import Session
+    from kvprime.pipeline.session import Session
 
     session = Session.from_overrides(overrides)
     assert [s.sample_id for s in session.samples] == [f"s{i}" for i in range(N_SELECTED)]
@@ -127,7 +128,7 @@ def test_command_defaults_give_way_to_the_users_choice():
 def test_walkthrough_and_bench_help_name_their_overridable_defaults():
     from typer.testing import CliRunner
 
-    from kvprime.cli import app
+    from kvprime.commands.cli import app
 
     for command, default in (("walkthrough", "experiment=routing"), ("bench", "experiment=exp01")):
         out = CliRunner().invoke(app, [command, "--help"]).output

@@ -1,4 +1,4 @@
-"""kvprime.settings: every setting's range is declared once, checked before any model loads, and each bad
+"""kvprime.config.settings: every setting's range is declared once, checked before any model loads, and each bad
 value is answered with one paragraph naming the setting, the value and what is accepted."""
 
 import copy
@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
-from kvprime import batching, settings
-from kvprime.compose import compose
+from kvprime.cache import batching
+from kvprime.config import settings
+from kvprime.config.compose import compose
 from kvprime.errors import ConfigError
-from kvprime.plan import plain
+from kvprime.pipeline.plan import plain
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def test_only_checks_and_fills_the_named_settings():
 def test_declared_defaults_are_conf_config_yaml():
     from omegaconf import OmegaConf
 
-    from kvprime.confdir import CONF_DIR
+    from kvprime.config.confdir import CONF_DIR
 
     yaml = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"), resolve=False)
     run_level = {k: v for k, v in yaml.items() if k not in ("defaults", "hydra")}
@@ -221,7 +222,7 @@ def test_declared_defaults_are_conf_config_yaml():
 
 
 def test_every_shipped_model_and_dataset_passes(base):
-    from kvprime import confdir
+    from kvprime.config import confdir
 
     for model in confdir.names("model"):
         cfg = plain(compose([f"model={model}", "dataset=exp21_sanity"]))
@@ -233,7 +234,8 @@ def test_every_shipped_model_and_dataset_passes(base):
 
 
 def test_words_agree_with_the_modules_that_use_them():
-    from kvprime import generation, models
+    from kvprime.cache import models
+    from kvprime.surrogates import generation
 
     assert settings.CLEAN_MODES == generation.CLEAN_MODES
     assert settings.DTYPES == models.DTYPES
@@ -289,7 +291,8 @@ def test_batching_and_data_use_the_declared_rule_and_paragraph():
     ("model.device=tpu", "model.device='tpu'"),
 ])
 def test_run_experiment_refuses_bad_settings_before_any_model_loads(override, key, tmp_path, monkeypatch):
-    from kvprime import models, runner
+    from kvprime.cache import models
+    from kvprime.pipeline import runner
 
     def no_load(*args, **kwargs):
         raise AssertionError("model loaded")
@@ -304,7 +307,7 @@ def test_run_experiment_refuses_bad_settings_before_any_model_loads(override, ke
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    from kvprime import runner
+    from kvprime.pipeline import runner
 
     root = tmp_path_factory.mktemp("finished")
     data = root / "samples.jsonl"
@@ -320,7 +323,7 @@ def finished_run(tmp_path_factory):
 def test_report_fills_settings_an_older_config_json_lacks(finished_run, tmp_path):
     import shutil
 
-    from kvprime.finalize import finalize
+    from kvprime.reporting.finalize import finalize
 
     old = tmp_path / "old"
     shutil.copytree(finished_run, old)
@@ -337,7 +340,7 @@ def test_report_fills_settings_an_older_config_json_lacks(finished_run, tmp_path
 def test_report_refuses_a_bad_stored_setting_and_names_the_file(finished_run, tmp_path):
     import shutil
 
-    from kvprime.finalize import finalize
+    from kvprime.reporting.finalize import finalize
 
     bad = tmp_path / "bad"
     shutil.copytree(finished_run, bad)
@@ -351,8 +354,8 @@ def test_report_refuses_a_bad_stored_setting_and_names_the_file(finished_run, tm
 def test_stats_functions_default_to_the_schema_and_refuse_meaningless_arguments():
     import inspect
 
-    from kvprime import stats
-    from kvprime.analyses.exp01 import exp01_analyses
+    from kvprime.analysis import stats
+    from kvprime.analysis.exp01 import exp01_analyses
 
     for fn, names in ((stats.summarize, ("n_boot", "alpha", "confidence")),
                       (stats.paired_test, ("n_boot", "confidence")), (stats.verdict, ("alpha",)),

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from kvprime.stats import describe, holm, paired_test, summarize, verdict
+from kvprime.analysis.stats import describe, holm, paired_test, summarize, verdict
 
 NB = 2000  # enough resamples for stable CIs, small enough to keep the suite fast
 

@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kvprime import plan, routing, runner
-from kvprime.compose import compose
-from kvprime.finalize import finalize
-from kvprime.results_io import read_jsonl
+from kvprime.analysis import routing
+from kvprime.config.compose import compose
+from kvprime.pipeline import plan, runner
+from kvprime.pipeline.results_io import read_jsonl
+from kvprime.reporting.finalize import finalize
 
 
 @pytest.fixture()
@@ -51,7 +52,7 @@ def test_routing_picks_argmax_similarity_and_oracle_is_never_worse():
 
 
 def test_similarity_routing_with_hand_made_embeddings(monkeypatch):
-    from kvprime.similarity import Embedder
+    from kvprime.surrogates.similarity import Embedder
 
     vectors = {"q": [1.0, 0.0], "close": [0.8, 0.6], "far": [0.0, 1.0]}
     monkeypatch.setattr(Embedder, "embed", lambda self, texts: np.array([vectors[t] for t in texts]))
@@ -126,7 +127,7 @@ def test_routing_experiment_on_the_tiny_model(tmp_path, samples_file):
 
 
 def test_walkthrough_command(samples_file, tmp_path, capsys):
-    from kvprime.walkthrough import walkthrough
+    from kvprime.commands.walkthrough import walkthrough
 
     out = walkthrough(["sample=s2", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}",
                        "generation.max_new_tokens=8", f"generation.store={tmp_path / 'store'}"])

@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kvprime import plan, runner
-from kvprime.compose import compose
-from kvprime.merge import MergeError, expand_run_dirs, merge_runs
-from kvprime.results_io import read_jsonl
-from kvprime.sweep import is_sweep_dir, job_dirs, sweep_report
+from kvprime.config.compose import compose
+from kvprime.pipeline import plan, runner
+from kvprime.pipeline.results_io import read_jsonl
+from kvprime.scaleout.merge import MergeError, expand_run_dirs, merge_runs
+from kvprime.scaleout.sweep import is_sweep_dir, job_dirs, sweep_report
 
 TINY = ["model=tiny_random_llama", "stats.n_boot=1000", "progress=false"]
 
@@ -161,7 +161,7 @@ def test_sweep_experiments_declare_their_sweeps():
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from kvprime.confdir import CONF_DIR
+    from kvprime.config.confdir import CONF_DIR
 
     def jobs(name):
         params = OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml").hydra.sweeper.params
@@ -192,7 +192,7 @@ def _kvprime(args, tmp_path, env=None, timeout=600):
     full_env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "kvprime.cli", "run", "-m", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "kvprime", "run", "-m", *args], capture_output=True, text=True,
                           check=False, env=full_env, cwd=tmp_path, timeout=timeout)
     proc.wall_s = time.perf_counter() - t
     return proc
@@ -298,7 +298,7 @@ def test_slurm_gpu_launcher_config_reaches_sbatch(tmp_path, data_file):
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "KVPRIME_OUTPUT_ROOT": str(tmp_path / "o")}
     args = _sweep_args(data_file, tmp_path / "sweep", "hydra/launcher=slurm_gpu", "hydra.launcher.partition=a100",
                        "conditions.baseline_offset.position_offset=0,7")
-    proc = subprocess.Popen([sys.executable, "-m", "kvprime.cli", "run", "-m", *args], env=env, cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "kvprime", "run", "-m", *args], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120

@@ -18,15 +18,16 @@ import warnings
 import pytest
 import torch
 
-from kvprime import confdir, models
-from kvprime import hf_internals as hf
-from kvprime.bench import NaiveEngine, naive_score
-from kvprime.conditions import ConditionSpec
-from kvprime.engine import Engine
+from kvprime.cache import hf_internals as hf
+from kvprime.cache import models
+from kvprime.cache.engine import Engine
+from kvprime.cache.scoring import score_without_cache
+from kvprime.cache.tiny import tiny_model, tiny_tokenizer
+from kvprime.commands.bench import NaiveEngine, naive_score
+from kvprime.config import confdir
 from kvprime.errors import ConfigError
-from kvprime.generation import GenerationSettings, generate
-from kvprime.scoring import score_without_cache
-from kvprime.tiny import tiny_model, tiny_tokenizer
+from kvprime.pipeline.conditions import ConditionSpec
+from kvprime.surrogates.generation import GenerationSettings, generate
 
 DOCS = ["The capital of France is Paris. It is known for the Eiffel Tower.",
         "Normans were the people who gave their name to Normandy, a region in France.",
@@ -35,7 +36,7 @@ QUERIES = ["What is the capital of France?", "Who were the Normans?", "How many 
 ANSWERS = ["Paris", "a people", "many"]
 SHORT_TEMPLATE = "Question about:"  # keeps generation prompts inside the tiny Gemma3's 64-token window
 
-# arch name in kvprime.tiny -> config overrides; gemma3_text has sliding-window layers (window 64)
+# arch name in kvprime.cache.tiny -> config overrides; gemma3_text has sliding-window layers (window 64)
 ARCHS = {"llama": {}, "qwen2": {}, "mistral": {}, "gemma3_text": {},
          "phi": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}}
 

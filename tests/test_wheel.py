@@ -88,7 +88,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("KVPRIME_OUTPUT_ROOT", "PYTHONPATH")}
     env["KVPRIME_HOME"] = str(tmp_path / "home")
-    where = _run([python, "-c", "import kvprime, kvprime.confdir as c; print(kvprime.__file__); print(c.CONF_DIR)"],
+    where = _run([python, "-c",
+                  "import kvprime, kvprime.config.confdir as c; print(kvprime.__file__); print(c.CONF_DIR)"],
                  cwd=elsewhere, env=env).stdout.split()
     assert all(Path(p).is_relative_to(site) for p in where), f"not the installed wheel: {where}"
 

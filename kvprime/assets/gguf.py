@@ -2,7 +2,7 @@
 a result that lost what the catalogue pins (RoPE bases, layer counts and types, logits, tokenisation).
 
 torch and transformers are imported only inside the conversion, so importing this module stays cheap.
-RoPE parameters are read from configs through ``kvprime.hf_internals``, the one place that knows how each
+RoPE parameters are read from configs through ``kvprime.cache.hf_internals``, the one place that knows how each
 transformers version spells them.
 """
 
@@ -24,7 +24,9 @@ from .wheels import sha256_of
 
 def _rope_bases(config: Any) -> tuple[list[float], dict[str, float]]:
     """(every rope_theta the config declares, {layer type: rope_theta} when they differ per layer type)."""
-    from .. import hf_internals  # imports torch: only once a config is being checked
+    from ..cache import (
+        hf_internals,  # imports torch: only once a config is being checked
+    )
 
     bases = hf_internals.rope_thetas_of_config(config)
     return list(bases.values()), {k: v for k, v in bases.items() if k is not None}
@@ -72,7 +74,7 @@ def check_rotary(name: str, model: Any, cfg: Any) -> float:
     ``theta ** (-2i / dim)`` of each layer's configured base; returns the largest relative error."""
     import torch
 
-    from .. import hf_internals
+    from ..cache import hf_internals
 
     spec = hf_internals.rope_spec(model)
     single, by_type = _rope_bases(cfg)

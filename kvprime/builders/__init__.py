@@ -13,7 +13,7 @@ A builder declares, with ``@register_builder(name, params=..., roles=..., notes=
   (``@register_planner(name)``: the encodes it will ask for, so a chunk's encodes run as padded batches).
 
 kvprime's own builders are the modules of this package, found by ``pkgutil``; a researcher's builders are
-modules named in the run's ``plugins:`` list (``kvprime.plugins``), or ``kvprime.plugins`` entry points.
+modules named in the run's ``plugins:`` list (``kvprime.config.plugins``), or ``kvprime.plugins`` entry points.
 """
 
 from __future__ import annotations

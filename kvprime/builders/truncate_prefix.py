@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import hf_internals as hf
+from ..cache import hf_internals as hf
 from ..errors import ConfigError
 from . import EncodeRequest, PrimedCache, register_builder, register_planner
 

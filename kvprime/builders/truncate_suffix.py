@@ -6,7 +6,7 @@ float rounding: the condition is a control, not an effect (exp01's D1).
 
 from __future__ import annotations
 
-from .. import hf_internals as hf
+from ..cache import hf_internals as hf
 from . import EncodeRequest, PrimedCache, register_builder, register_planner
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from kvprime.data.types import LoadResult, Rejection, Sample
 
-from .. import settings
+from ..config import settings
 from ..errors import ConfigError
 
 __all__ = ["LOADERS", "LoadResult", "Rejection", "Sample", "load_samples", "register_loader"]
@@ -87,7 +87,7 @@ def load_samples(cfg: Mapping) -> LoadResult:
         raise ConfigError(
             f"Unknown dataset loader {name!r}. Set dataset.name to one of: {', '.join(sorted(LOADERS))}."
         )
-    # The same rule and paragraph as a run's settings check (kvprime.settings), for callers that bypass it.
+    # The same rule and paragraph as a run's settings check (kvprime.config.settings), for callers that bypass it.
     n = settings.check_value("dataset.n_samples", cfg.get("n_samples"))
     selection = cfg.get("selection") or "first"
     if selection not in SELECTIONS:

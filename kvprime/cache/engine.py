@@ -1,0 +1,226 @@
+"""The engine: one model + tokenizer, and the three steps of every condition.
+
+``segments`` renders and tokenizes a sample's texts, ``build`` runs a registered cache builder, ``score``
+returns the answer NLL. Encodes are memoised by (token ids, first position) until ``forget()``, so
+conditions that encode the same tokens (exp21's full_oracle and full_oracle_repeat) share one encode.
+
+From a notebook::
+
+    from kvprime import Engine
+    eng = Engine.load("smollm2_135m_instruct")
+    primed, seg = eng.prime("The capital of France is Paris.", surrogate="What is the capital of France?",
+                            builder="truncate_prefix", rope_fix="rerotate")
+    eng.nll(primed, query="What is the capital of France?", answer="Paris").nll
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..builders import BUILDERS, PLANNERS, EncodeRequest, PrimedCache
+from ..errors import DataError
+from ..pipeline.conditions import ConditionSpec, validate
+from . import hf_internals as hf
+from .scoring import Score, score_answer, score_batch
+from .segments import Segments, build_segments, sink_ids
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, sink: str = "bos", max_context: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sink_policy = sink
+        self.sink = sink_ids(tokenizer, sink)
+        config = model.config.get_text_config(decoder=True)
+        self.max_context = max_context or getattr(config, "max_position_embeddings", None)
+        self.windows = [w for w in hf.sliding_windows(model) if w is not None]
+        self._rope = None
+        self._memo: dict = {}
+        self._kept: dict = {}
+        self.n_encodes = 0  # model encodes actually run (memo hits excluded)
+        self.n_encoded_tokens = 0
+        self.encode_lengths: list[int] = []  # real tokens of each encode run (the benchmark's FLOP count)
+
+    @classmethod
+    def load(cls, model: str = "smollm2_135m_instruct", **overrides) -> "Engine":
+        """Load ``conf/model/<model>.yaml`` (fields can be overridden, e.g. ``dtype="bfloat16"``)."""
+        from ..config import confdir
+        from . import models
+
+        cfg = confdir.load("model", model)
+        cfg.update(overrides)
+        m, tok, _ = models.load(cfg)
+        return cls(m, tok, sink=cfg.get("sink", "bos"), max_context=cfg.get("max_context"))
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def rope(self) -> hf.RopeSpec:
+        if self._rope is None:
+            self._rope = hf.rope_spec(self.model)
+        return self._rope
+
+    # ------------------------------------------------------------ steps
+
+    def segments(self, spec: ConditionSpec, *, document: str, query: str, answer: str,
+                 surrogate: str | None = None, documents: list[str] | None = None) -> Segments:
+        """The condition's spans for a sample (each tokenized alone), with the roles its builder declares.
+        ``documents``: a sample's several passages, one document span each (``document`` is then unused)."""
+        texts = {
+            "prefix": spec.prefix_template.format(surrogate=surrogate) if spec.prefix_template else "",
+            "document": spec.document_template.format(document=document),
+            "suffix": spec.suffix_template.format(surrogate=surrogate) if spec.suffix_template else "",
+            "prompt": spec.prompt_template.format(query=query),
+            "answer": spec.answer_template.format(answer=answer),
+        }
+        rendered = [spec.document_template.format(document=d) for d in documents] if documents else None
+        info = BUILDERS.get(spec.builder)
+        return build_segments(self.tokenizer, sink=self.sink, texts=texts, documents=rendered,
+                              roles=info.roles if info else None)
+
+    def fits(self, seg: Segments, spec: ConditionSpec) -> bool:
+        """Whether encode + score stays inside the model's context (offset included) and, for sliding-window
+        models, inside the window (a longer sample's caches would not match their references)."""
+        if self.windows and len(seg) >= min(self.windows):
+            return False
+        return self.max_context is None or spec.position_offset + len(seg) <= self.max_context
+
+    def build(self, spec: ConditionSpec, seg: Segments) -> PrimedCache:
+        if self.windows and len(seg) >= min(self.windows):
+            raise DataError(
+                f"condition {spec.name!r}: the sample needs {len(seg)} tokens (encode + prompt + answer), which "
+                f"crosses this model's sliding attention window of {min(self.windows)} tokens; a truncated or "
+                "scored cache would then not match its reference. Use shorter passages "
+                "(dataset.filters.max_passage_words) or a model without sliding-window layers."
+            )
+        return BUILDERS[spec.builder].build(self, seg, spec)
+
+    def score(self, primed: PrimedCache, seg: Segments, *, per_token: bool = False) -> Score:
+        return score_answer(self.model, primed, seg.prompt, seg.answer, per_token=per_token)
+
+    def encode(self, ids, positions, *, keep: bool = False) -> object:
+        """KV cache of ``ids`` at ``positions``, memoised. ``keep=True`` for encodes that are the same for
+        every sample (the sink alone): they survive ``forget()``. Callers must not modify the result
+        beyond appending and cropping back (the scorer's way)."""
+        key = (tuple(ids), int(positions[0]), len(positions))
+        cache = self._kept.get(key) or self._memo.get(key)
+        if cache is None:
+            input_ids = torch.tensor([list(ids)], device=self.device)
+            pos = torch.tensor([list(positions)], device=self.device)
+            cache = hf.encode(self.model, input_ids, pos)
+            (self._kept if keep else self._memo)[key] = cache
+            self.n_encodes += 1
+            self.n_encoded_tokens += len(ids)
+            self.encode_lengths.append(len(ids))
+        return cache
+
+    def plan(self, spec: ConditionSpec, seg: Segments) -> list[EncodeRequest]:
+        """The encodes a condition's builder will ask for ([] if its builder has no planner)."""
+        planner = PLANNERS.get(spec.builder)
+        return planner(seg, spec) if planner else []
+
+    def prefill(self, requests, *, batch_tokens: int = 4096) -> None:
+        """Run every distinct, not yet memoised encode of ``requests`` as right-padded batches of similar
+        lengths (at most ``batch_tokens`` padded tokens a batch), so the builders then find them memoised."""
+        todo = {}
+        for req in requests:
+            if req.key not in self._memo and req.key not in self._kept:
+                todo.setdefault(req.key, req)
+        if not todo:
+            return
+        # A sliding-window cache keeps only its last window-1 entries: padding could push real ones out.
+        limit = min(self.windows) - 1 if self.windows else None
+        reqs = sorted(todo.values(), key=lambda r: len(r.ids))
+        batch: list[EncodeRequest] = []
+        for req in reqs + [None]:
+            width = len(req.ids) if req is not None else 0
+            if batch and (req is None or (len(batch) + 1) * width > batch_tokens
+                          or (limit is not None and width > limit)):
+                self._encode_batch(batch)
+                batch = []
+            if req is not None:
+                batch.append(req)
+
+    def _encode_batch(self, batch) -> None:
+        if len(batch) == 1:
+            self.encode(batch[0].ids, batch[0].positions, keep=batch[0].keep)
+            return
+        width = max(len(r.ids) for r in batch)
+        ids = torch.tensor([list(r.ids) + [0] * (width - len(r.ids)) for r in batch], device=self.device)
+        # Pads continue each row's positions; they are never attended to by a real token.
+        pos = torch.tensor([list(r.positions) + list(range(r.positions[-1] + 1, r.positions[-1] + 1 + width
+                                                           - len(r.ids))) for r in batch], device=self.device)
+        for req, cache in zip(batch, hf.encode_batch(self.model, ids, pos, [len(r.ids) for r in batch])):
+            (self._kept if req.keep else self._memo)[req.key] = cache
+            self.n_encodes += 1
+            self.n_encoded_tokens += len(req.ids)
+            self.encode_lengths.append(len(req.ids))
+
+    def score_many(self, items, *, per_token: bool = False, batch_tokens: int = 4096) -> list[Score]:
+        """Scores of several (primed cache, segments) pairs, batched by cache length within ``batch_tokens``."""
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+        out: list[Score | None] = [None] * len(items)
+        group: list[int] = []
+        # Sliding layers mask by index in the padded batch: the padded cache width plus the padded input
+        # width must stay inside the window, or a row's first entries fall out of its window.
+        window = min(self.windows) if self.windows else None
+        longest_input = 0
+        for i in order + [None]:
+            width = len(items[i][0]) if i is not None else 0
+            row = len(items[i][1].prompt) + len(items[i][1].answer) if i is not None else 0
+            too_wide = window is not None and width + max(longest_input, row) >= window
+            if group and (i is None or (len(group) + 1) * width > batch_tokens or too_wide):
+                scores = score_batch(self.model, [(items[j][0], items[j][1].prompt, items[j][1].answer)
+                                                  for j in group], per_token=per_token)
+                for j, sc in zip(group, scores):
+                    out[j] = sc
+                group, longest_input = [], 0
+            if i is not None:
+                group.append(i)
+                longest_input = max(longest_input, row)
+        return out
+
+    def run_chunk(self, work, *, per_token: bool = False, encode_tokens: int = 4096,
+                  score_tokens: int = 8192) -> list[tuple[PrimedCache, Score]]:
+        """Build and score a chunk of (spec, segments): its distinct encodes batched, then its scores batched."""
+        self.prefill([r for spec, seg in work for r in self.plan(spec, seg)], batch_tokens=encode_tokens)
+        primed = [self.build(spec, seg) for spec, seg in work]
+        scores = self.score_many(list(zip(primed, (seg for _, seg in work))), per_token=per_token,
+                                 batch_tokens=score_tokens)
+        return list(zip(primed, scores))
+
+    def forget(self) -> None:
+        """Drop the sample's memoised encodes (call between samples, so caches are freed)."""
+        self._memo.clear()
+
+    # ------------------------------------------------------------ notebook conveniences
+
+    def prime(self, document: str, *, surrogate: str | None = None, builder: str | None = None,
+              rope_fix: str | None = None, position_offset: int = 0, **templates) -> tuple[PrimedCache, Segments]:
+        """Build one cache for a text. With a surrogate and no builder: truncate_prefix + rerotate."""
+        if builder is None:
+            builder = "truncate_prefix" if surrogate else "full"
+        if builder == "truncate_prefix" and rope_fix is None:
+            rope_fix = "rerotate"
+        fields = {"builder": builder, "rope_fix": rope_fix, "position_offset": position_offset,
+                  "surrogate": "query" if surrogate else "none", **templates}
+        if surrogate and builder != "truncate_suffix":
+            fields.setdefault("prefix_template", "{surrogate}\n")
+        if surrogate and builder == "truncate_suffix":
+            fields.setdefault("suffix_template", "\n{surrogate}")
+        spec = ConditionSpec.from_config("notebook", fields)
+        validate(spec, BUILDERS)
+        seg = self.segments(spec, document=document, query="", answer="-", surrogate=surrogate)
+        return self.build(spec, seg), seg
+
+    def nll(self, primed: PrimedCache, *, query: str, answer: str,
+            prompt_template: str = ConditionSpec.prompt_template,
+            answer_template: str = ConditionSpec.answer_template, per_token: bool = False) -> Score:
+        spec = replace(ConditionSpec(name="notebook"), prompt_template=prompt_template,
+                       answer_template=answer_template)
+        seg = self.segments(spec, document="", query=query, answer=answer)
+        return self.score(primed, seg, per_token=per_token)

@@ -1,0 +1,373 @@
+"""Every touch of transformers' KV-cache and RoPE internals lives here.
+
+The cache API changed in transformers 5 (``key_cache``/``to_legacy_cache`` are gone; layers expose
+``.keys``/``.values``; ``crop`` only removes from the end) and RoPE modules changed with it
+(``rope_parameters``, per-layer-type frequencies in Gemma3). transformers 5.24 renamed the forward keyword
+``past_key_values`` to ``cache`` (and the output field with it): see ``call``. When the next version moves
+things again, this is the only file to mend; everything else in kvprime sees plain tensors and calls the
+model through ``call``/``step`` here.
+
+Shapes: keys/values are ``[batch, kv_heads, seq, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from ..errors import ConfigError
+
+# Model types whose attention rotates keys with the half-split ``rotate_half`` layout, with the rotary
+# dims first (partial rotary keeps the rest unrotated). Re-rotation is only exact for a known layout;
+# other RoPE models can still use ``rope_fix=shift``, which never re-rotates.
+HALF_SPLIT_ROPE_MODEL_TYPES = frozenset(
+    {
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        "gemma3", "gemma3_text", "phi", "phi3", "olmo", "olmo2", "granite", "stablelm", "starcoder2",
+        "smollm3", "helium", "cohere2",
+    }
+)
+
+# Frequencies that depend on the sequence length seen so far: a key's rotation is then not a function of
+# its position alone, so neither re-rotation nor shifted encodes reproduce the reference exactly.
+_LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
+
+
+class RopeUnsupported(ConfigError):
+    """The model's positional scheme cannot be corrected exactly by the requested method."""
+
+
+@dataclass(frozen=True)
+class LayerRope:
+    inv_freq: torch.Tensor  # fp32, [rotary_dim // 2]
+    sliding_window: int | None
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.inv_freq.numel()
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    model_type: str
+    rope_types: tuple[str, ...]
+    layers: tuple[LayerRope, ...]
+    half_split: bool
+
+    @property
+    def sliding_windows(self) -> set[int]:
+        return {layer.sliding_window for layer in self.layers if layer.sliding_window is not None}
+
+
+# ---------------------------------------------------------------- config-level checks (no weights needed)
+
+
+def rope_types_of_config(config) -> tuple[str, ...]:
+    """The rope types a config declares, or () when it has no rotary embeddings."""
+    config = config.get_text_config(decoder=True)
+    params = getattr(config, "rope_parameters", None)
+    if not params:
+        return ()
+    if "rope_type" in params or "rope_theta" in params:
+        return (params.get("rope_type", "default"),)
+    # Gemma3-style: one entry per layer type.
+    return tuple(sorted({p.get("rope_type", "default") for p in params.values() if isinstance(p, dict)}))
+
+
+def check_config_supports(config, rope_fix: str) -> None:
+    """Refuse, before any weights load, a correction the model's positional scheme cannot do exactly."""
+    model_type = getattr(config, "model_type", "?")
+    types = rope_types_of_config(config)
+    if not types:
+        raise RopeUnsupported(
+            f"model_type '{model_type}' has no rotary position embeddings, so a truncated cache cannot be "
+            f"position-corrected (rope_fix={rope_fix}). Use conditions with builder 'full' or "
+            f"'truncate_suffix' for this model, or pick a RoPE model."
+        )
+    bad = [t for t in types if any(d in t for d in _LENGTH_DEPENDENT_ROPE_TYPES)]
+    if bad and rope_fix in ("rerotate", "shift"):
+        raise RopeUnsupported(
+            f"model_type '{model_type}' uses rope_type {bad[0]!r}, whose frequencies change with the sequence "
+            f"length, so rope_fix={rope_fix} cannot reproduce the reference cache exactly. Accepted rope types "
+            f"for correction: default, linear, llama3, yarn (and other length-independent types)."
+        )
+    if rope_fix == "rerotate" and model_type not in HALF_SPLIT_ROPE_MODEL_TYPES:
+        raise RopeUnsupported(
+            f"rope_fix=rerotate is only verified for the half-split RoPE layout of model types "
+            f"{sorted(HALF_SPLIT_ROPE_MODEL_TYPES)}; '{model_type}' is not among them. Use rope_fix=shift, "
+            f"which needs no re-rotation."
+        )
+
+
+# ---------------------------------------------------------------- RoPE
+
+
+def rope_spec(model) -> RopeSpec:
+    """Per-layer RoPE frequencies (fp32, the module's own ``inv_freq`` buffers) and sliding windows."""
+    config = model.config.get_text_config(decoder=True)
+    rotary = getattr(model.base_model, "rotary_emb", None)
+    types = rope_types_of_config(config)
+    if rotary is None or not types:
+        raise RopeUnsupported(
+            f"model_type '{config.model_type}' exposes no rotary embedding module (model.base_model.rotary_emb); "
+            "truncated caches cannot be position-corrected for it."
+        )
+    windows = sliding_windows(model)
+    layer_types = getattr(config, "layer_types", None)
+    layers = []
+    for i in range(config.num_hidden_layers):
+        if hasattr(rotary, "inv_freq"):
+            inv = rotary.inv_freq
+        else:  # one frequency set per layer type (Gemma3: local 1e4, global 1e6)
+            inv = getattr(rotary, f"{layer_types[i]}_inv_freq")
+        layers.append(LayerRope(inv_freq=inv.detach().float().cpu(), sliding_window=windows[i]))
+    return RopeSpec(
+        model_type=config.model_type,
+        rope_types=types,
+        layers=tuple(layers),
+        half_split=config.model_type in HALF_SPLIT_ROPE_MODEL_TYPES,
+    )
+
+
+def rotate_keys(keys: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate RoPE'd keys by ``delta`` positions (negative moves them earlier).
+
+    RoPE is a rotation, so RoPE(k, p + d) = R(d) RoPE(k, p). Angles are built in fp32 from ``inv_freq``,
+    never from the model's cos/sin, which carry yarn/longrope ``attention_scaling`` (that scale is already
+    inside the cached key and must not be applied twice). The rotation runs in fp32 and is cast back once.
+    """
+    rot = 2 * inv_freq.numel()
+    k = keys.float()
+    angle = float(delta) * inv_freq.to(device=k.device, dtype=torch.float32)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    x1, x2 = k[..., : rot // 2], k[..., rot // 2 : rot]
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, k[..., rot:]), dim=-1)
+    return out.to(keys.dtype)
+
+
+# ---------------------------------------------------------------- caches
+
+
+def new_cache(model) -> DynamicCache:
+    return DynamicCache(config=model.config)
+
+
+def cache_from_layers(model, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache holding exactly these per-layer (keys, values); the tensors are not copied."""
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in zip(cache.layers, layers):
+        layer.update(k, v)
+    return cache
+
+
+def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_length(cache: DynamicCache) -> int:
+    return cache.layers[0].keys.shape[-2]
+
+
+def crop_to(cache: DynamicCache, length: int) -> None:
+    """Drop entries past ``length`` in every layer (the scorer's way of undoing its own append)."""
+    for layer in cache.layers:
+        extra = layer.keys.shape[-2] - length
+        if extra > 0:
+            layer.crop(-extra)
+
+
+def sliding_windows(model) -> list[int | None]:
+    """Each layer's sliding window (None for full attention), as transformers' own cache would set it."""
+    return [getattr(layer, "sliding_window", None) if isinstance(layer, DynamicSlidingWindowLayer) else None
+            for layer in DynamicCache(config=model.config).layers]
+
+
+def assemble(model, parts, spec: RopeSpec | None = None) -> DynamicCache:
+    """A new cache made of spans of other caches, in order: ``parts`` is a list of
+    ``(cache, start, stop, delta)``; a span with ``delta != 0`` has its keys rotated by ``delta`` positions
+    with each layer's own frequencies (values carry no position and are kept as they are)."""
+    n_layers = len(parts[0][0].layers)
+    layers = []
+    for i in range(n_layers):
+        keys, values = [], []
+        for cache, start, stop, delta in parts:
+            k = cache.layers[i].keys[..., start:stop, :]
+            if delta:
+                k = rotate_keys(k, delta, spec.layers[i].inv_freq)
+            keys.append(k)
+            values.append(cache.layers[i].values[..., start:stop, :])
+        layers.append((torch.cat(keys, dim=-2), torch.cat(values, dim=-2)))
+    return cache_from_layers(model, layers)
+
+
+# ---------------------------------------------------------------- the cache keyword
+
+# transformers <= 5.23 takes the KV cache as ``past_key_values=`` and returns it as ``out.past_key_values``.
+# 5.24 renamed both to ``cache``; the old keyword still works there but raises a FutureWarning ("will be
+# removed in version 5.40.0") and the old output field logs a deprecation. Passing ``cache=`` to 5.23 would
+# not fail: it would fall into ``**kwargs`` and the cache would be silently ignored. So the keyword is read
+# from each module class's own forward signature (the decorators keep it visible through ``__wrapped__``):
+# ``cache`` where the forward names it, else ``past_key_values``.
+CACHE_KEYWORD = "cache"
+LEGACY_CACHE_KEYWORD = "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(cls) -> str:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if CACHE_KEYWORD in params:
+        return CACHE_KEYWORD
+    # ``past_key_values`` named, or a forward that takes only ``**kwargs`` (a wrapper around a model): the old
+    # name, which every transformers version up to 5.39 accepts (5.24+ maps it to ``cache`` with a warning).
+    return LEGACY_CACHE_KEYWORD
+
+
+def cache_keyword(module) -> str:
+    """The keyword under which ``module``'s forward takes the KV cache: ``cache`` or ``past_key_values``."""
+    return _cache_keyword_of(type(module))
+
+
+def call(module, cache: DynamicCache | None, **kwargs):
+    """``module(**kwargs)`` with ``cache`` passed under the keyword this transformers wants (omitted if None).
+
+    ``module`` is a causal LM or its decoder (``model.base_model``). Every kvprime call that hands a cache to
+    a model goes through here."""
+    if cache is not None:
+        kwargs[cache_keyword(module)] = cache
+    return module(**kwargs)
+
+
+def returned_cache(output) -> DynamicCache | None:
+    """The cache a forward returned, read from the field this transformers fills (``cache`` from 5.24,
+    ``past_key_values`` before): reading the old name on 5.24 logs a deprecation."""
+    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set(output.keys())
+    return getattr(output, CACHE_KEYWORD if CACHE_KEYWORD in names else LEGACY_CACHE_KEYWORD)
+
+
+# ---------------------------------------------------------------- forward passes
+
+
+@torch.inference_mode()
+def encode(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> DynamicCache:
+    """KV states of ``input_ids`` at ``position_ids``. Runs the decoder only: an encode needs no logits."""
+    cache = new_cache(model)
+    call(model.base_model, cache, input_ids=input_ids, position_ids=position_ids,
+         attention_mask=torch.ones_like(input_ids), use_cache=True)
+    return cache
+
+
+@torch.inference_mode()
+def encode_batch(model, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int]) -> list[DynamicCache]:
+    """Encode right-padded rows in one pass and split the result into one cache per row.
+
+    Right padding needs no special care: under causal attention a real token never attends to the pads that
+    follow it, so each row's real entries are what an unpadded encode of that row computes (up to float
+    rounding from the batched matmuls). The per-row caches are views of the batch tensors."""
+    cache = new_cache(model)
+    mask = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            < torch.tensor(lengths, device=input_ids.device)[:, None]).long()
+    call(model.base_model, cache, input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+         use_cache=True)
+    return [cache_from_layers(model, [(layer.keys[r:r + 1, :, :n], layer.values[r:r + 1, :, :n])
+                                      for layer in cache.layers]) for r, n in enumerate(lengths)]
+
+
+def stack_caches(model, caches: list[DynamicCache], side: str = "right") -> tuple[DynamicCache, torch.Tensor]:
+    """One batch cache from caches of different lengths, padded with zeros on ``side``, and its 0/1 mask.
+
+    Right padding serves scoring (rows read from position 0); left padding serves decoding, where every
+    row's next token must land in the same column."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side={side!r}; accepted: right, left")
+    lengths = [cache_length(c) for c in caches]
+    width = max(lengths)
+    layers = []
+    for i in range(len(caches[0].layers)):
+        k0 = caches[0].layers[i].keys
+        keys = k0.new_zeros((len(caches), k0.shape[1], width, k0.shape[3]))
+        values = k0.new_zeros((len(caches), k0.shape[1], width, caches[0].layers[i].values.shape[3]))
+        for r, c in enumerate(caches):
+            cols = slice(0, lengths[r]) if side == "right" else slice(width - lengths[r], width)
+            keys[r, :, cols] = c.layers[i].keys[0]
+            values[r, :, cols] = c.layers[i].values[0]
+        layers.append((keys, values))
+    real = torch.arange(width, device=k0.device)[None, :] < torch.tensor(lengths, device=k0.device)[:, None]
+    mask = (real if side == "right" else real.flip(-1)).long()
+    return cache_from_layers(model, layers), mask
+
+
+@torch.inference_mode()
+def logits_batch(model, cache: DynamicCache, cache_mask: torch.Tensor, input_ids: torch.Tensor,
+                 input_mask: torch.Tensor, position_ids: torch.Tensor, keep_last: int) -> torch.Tensor:
+    """Logits of the last ``keep_last`` positions of left-padded rows read against a stacked cache."""
+    out = call(model, cache, input_ids=input_ids, position_ids=position_ids,
+               attention_mask=torch.cat([cache_mask, input_mask], dim=1), use_cache=True, logits_to_keep=keep_last)
+    return out.logits
+
+
+@torch.inference_mode()
+def logits_after(
+    model, cache: DynamicCache | None, input_ids: torch.Tensor, position_ids: torch.Tensor, keep_last: int
+) -> torch.Tensor:
+    """Logits of the last ``keep_last`` positions of ``input_ids`` read against ``cache`` (appends to it)."""
+    past = cache_length(cache) if cache is not None else 0
+    out = call(
+        model,
+        cache,
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=torch.ones((input_ids.shape[0], past + input_ids.shape[1]), dtype=torch.long,
+                                  device=input_ids.device),
+        use_cache=cache is not None,
+        logits_to_keep=keep_last,
+    )
+    return out.logits
+
+
+@torch.inference_mode()
+def step(model, input_ids: torch.Tensor, *, cache: DynamicCache | None = None,
+         attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+         keep_last: int = 0) -> tuple[torch.Tensor, DynamicCache]:
+    """One decoding forward: (logits of the last ``keep_last`` positions, 0 = all; the cache after it).
+
+    Without ``cache`` the model starts its own (a prefill); with one, the new entries are appended to it.
+    ``attention_mask``/``position_ids`` as the model takes them (None: the model's defaults)."""
+    kwargs = {"input_ids": input_ids, "use_cache": True, "logits_to_keep": keep_last}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    out = call(model, cache, **kwargs)
+    return out.logits, returned_cache(out)
+
+
+# ---------------------------------------------------------------- RoPE bases of a config (asset conversion)
+
+
+def rope_thetas_of_config(config) -> dict[str | None, float]:
+    """The RoPE base(s) a (text) config declares: ``{None: theta}`` for one base (5.x ``rope_parameters``
+    or 4.x ``rope_theta``), ``{layer type: theta}`` for per-layer-type RoPE (Gemma3), ``{}`` for none.
+
+    Reads attributes only, so the asset conversion can check a config before (or without) a model."""
+    from collections.abc import Mapping
+
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, Mapping):
+        if "rope_theta" in params:
+            return {None: float(params["rope_theta"])}
+        by_type = {str(k): float(v["rope_theta"]) for k, v in params.items()
+                   if isinstance(v, Mapping) and "rope_theta" in v}
+        if by_type:
+            return by_type
+    if getattr(config, "rope_theta", None) is not None:
+        return {None: float(config.rope_theta)}
+    return {}

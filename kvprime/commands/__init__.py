@@ -1,0 +1,1 @@
+"""The command line: the Typer front, the Hydra app, and the commands that are not a plain run."""

@@ -1,0 +1,283 @@
+"""The Hydra application behind ``kvprime run`` (also ``python -m kvprime.commands.app``).
+
+Hydra composes the config and picks the directory; everything that touches the directory is kvprime's:
+``conf/config.yaml`` sets ``hydra.output_subdir: null`` so Hydra writes nothing there, and kvprime writes
+Hydra's record (``.hydra/``) itself once the run holds the directory's lock, so a refused run changes nothing
+in a directory that holds another run. Every job ends in one of three ways, each with one paragraph on the
+terminal: done (exit 0), refused or stopped by the user (2, or 130/143 after a signal), or failed inside
+kvprime (1, the traceback saved to the run's ``error.json``, or to a file named in the paragraph).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from ..config.confdir import CONF_DIR, register_resolvers
+from ..errors import (
+    Interrupted,
+    KvprimeError,
+    debug,
+    explain,
+    explain_internal,
+    save_traceback,
+    traceback_text,
+)
+from .failures import report_failure
+
+register_resolvers()  # before Hydra resolves hydra.run.dir
+
+log = logging.getLogger("kvprime")
+
+# The last single run's exit status (a run's failure is reported by kvprime, not raised through Hydra).
+LAST_EXIT = {"code": 0}
+
+
+class JobFailed(Exception):
+    """A multirun job failed; its paragraph is already on the terminal and in its error.json."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(code, message)
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.args[1] or f"exit status {self.code}"
+
+
+# An absolute path: Hydra resolves a relative one against the launching module, which breaks under `-m`.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    only = hc.runtime.choices.get("condition")
+    only = None if only in (None, "null") else only
+    multirun = hc.mode == RunMode.MULTIRUN
+    code, paragraph = run_job(cfg, run_dir, only=only, multirun=multirun)
+    LAST_EXIT["code"] = code
+    if code and multirun:
+        raise JobFailed(code, paragraph)
+
+
+def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool) -> tuple[int, str]:
+    """One run into ``run_dir``: (exit status, the paragraph printed when it did not succeed)."""
+    from ..pipeline import logs, rundir
+    from ..pipeline.interrupts import StopSignal, stop_on_signals
+    from ..pipeline.runner import RUN_FILES, run_experiment
+
+    log.info(f"kvprime: run directory {run_dir.resolve()}")
+    claimed = {"files": None}
+
+    def on_claimed(d: Path) -> None:
+        claimed["files"] = {p.name for p in d.iterdir()}  # what was there before this run wrote anything
+        _write_hydra_record(d, cfg)
+        if rundir.created_here(d):
+            rundir.point_latest(d)
+        logs.attach_run_log(d)
+
+    from ..config import plugins
+
+    # A researcher's plugin modules may sit beside their configs (--config-dir, hydra.searchpath).
+    plugins.add_search_dirs(s.path for s in HydraConfig.get().runtime.config_sources
+                            if s.schema == "file" and s.provider != "main")
+    try:
+        with stop_on_signals():
+            results = run_experiment(cfg, run_dir, only=only, on_claimed=on_claimed)
+    except BaseException as err:  # noqa: BLE001 -- every way a job ends is reported below
+        if isinstance(err, StopSignal):
+            err = _interrupted(run_dir, err.signum)
+        ours = claimed["files"] is not None
+        scored = ours and (run_dir / "scores.jsonl").exists() and (run_dir / "scores.jsonl").stat().st_size > 0
+        if isinstance(err, KvprimeError):
+            paragraph = explain(err)
+            if ours and not scored and not multirun and not isinstance(err, Interrupted):
+                _undo(run_dir, claimed["files"], RUN_FILES)  # refused before any score: leave nothing behind
+            elif ours or multirun:
+                _record_failure(run_dir, err, paragraph, internal=False, claimed=ours)
+            if debug() and not isinstance(err, Interrupted):
+                print(traceback_text(err), file=sys.stderr)
+            code = err.exit_code
+        elif isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        else:
+            saved = run_dir / "error.json" if ours else save_traceback(err)
+            paragraph = explain_internal(err, saved)
+            if ours or multirun:
+                _record_failure(run_dir, err, paragraph, internal=True, claimed=ours)
+            if debug():
+                print(traceback_text(err), file=sys.stderr)
+            code = 1
+        log.error(paragraph)
+        logs.detach_run_log()
+        if not ours and not multirun:
+            rundir.remove_created(run_dir)
+        return code, paragraph
+    (run_dir / "error.json").unlink(missing_ok=True)
+    _print_summary(results)
+    log.info(f"kvprime: wrote {run_dir.resolve()}/report.md")
+    logs.detach_run_log()
+    return 0, ""
+
+
+def _interrupted(run_dir: Path, signum: int) -> Interrupted:
+    """How far the run got, from its own files, and how to continue."""
+    import json
+
+    from ..pipeline.results_io import read_jsonl
+
+    done = total = None
+    try:
+        done = len({(r["sample_id"], r["condition"]) for r in _lenient_jsonl(run_dir / "scores.jsonl")})
+        n_conditions = len(json.loads((run_dir / "plan.json").read_text())["conditions"])
+        total = len(read_jsonl(run_dir / "inputs.jsonl")) * n_conditions
+    except (OSError, ValueError, KeyError):
+        pass
+    import signal
+
+    name = signal.Signals(signum).name
+    if done is None or not (run_dir / "config.json").exists():
+        return Interrupted(f"interrupted ({name}) before the run wrote any score; nothing to continue. Start it "
+                           "again.", signum)
+    of = f" of {total}" if total else ""
+    return Interrupted(f"interrupted ({name}) after {done}{of} score records; continue with `kvprime resume "
+                       f"{run_dir.resolve()}`", signum)
+
+
+def _lenient_jsonl(path: Path) -> list[dict]:
+    import json
+
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return rows
+
+
+def _write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
+    """Hydra's own record of the run (the job's config, Hydra's config, the overrides), written once, when
+    the run starts: a resumed run keeps the record of the command that started it."""
+    from ..pipeline.results_io import write_atomic
+
+    record = run_dir / ".hydra"
+    if (record / "overrides.yaml").exists():
+        return
+    hc = HydraConfig.get()
+    write_atomic(record / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_atomic(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
+    write_atomic(record / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
+
+
+def _undo(run_dir: Path, before: set[str], run_files) -> None:
+    """Remove what this run wrote into ``run_dir`` (it held no run before: ``before`` has no run files)."""
+    import shutil
+
+    from ..pipeline.logs import RUN_LOG
+
+    for name in (*run_files, ".hydra", RUN_LOG, "error.json", "inspect.json"):
+        if name in before:
+            continue
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    from ..pipeline import rundir
+
+    rundir.remove_created(run_dir)
+
+
+def _record_failure(run_dir: Path, err: BaseException, paragraph: str, *, internal: bool, claimed: bool) -> None:
+    """error.json beside the job's partial results: what the terminal said, and the traceback. A sweep job
+    refused before it claimed its directory writes one too (a sweep report lists it), unless the directory
+    holds another run or another writer."""
+    from ..pipeline import rundir
+    from ..pipeline.results_io import write_json
+    from ..pipeline.runner import RUN_FILES
+
+    record = {"type": type(err).__name__, "message": str(err), "internal": internal, "paragraph": paragraph,
+              "traceback": traceback_text(err)}
+    try:
+        if claimed:
+            write_json(run_dir / "error.json", record)
+        elif run_dir.is_dir() and not any((run_dir / f).exists() for f in RUN_FILES):
+            with rundir.RunLock(run_dir, "run"):
+                write_json(run_dir / "error.json", record)
+    except (OSError, KvprimeError):  # a full disk, another writer: the terminal paragraph is all there is
+        pass
+
+
+def _print_summary(results: dict) -> None:
+    """The summary table, on stdout (``kvprime.summary``) and in run.log."""
+    out = logging.getLogger("kvprime.summary")
+    rows = results["summary"]
+    w = max(len("condition"), *(len(r["condition"]) for r in rows)) + 2
+    lines = [f"\n{results['experiment']['name']}: {results['counts']['scored_samples']} samples, "
+             f"baseline {results['experiment']['baseline']!r} (delta > 0: condition better)",
+             f"{'condition':<{w}}{'mean NLL':>10}{'delta':>10}{'95% CI':>22}{'win':>7}{'p_holm':>10}  verdict"]
+    for r in rows:
+        if r["verdict"] == "baseline":
+            lines.append(f"{r['condition']:<{w}}{r['mean']:>10.4f}{'':>10}{'':>22}{'':>7}{'':>10}  baseline")
+            continue
+        ci = f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        lines.append(f"{r['condition']:<{w}}{r['mean']:>10.4f}{r['mean_delta']:>+10.4f}{ci:>22}"
+                     f"{r['win_rate']:>7.0%}{r['p_holm']:>10.2g}  {r['verdict']}")
+    lines += [f"[{d['status']}] {d['text']}" for d in results.get("diagnosis", [])]
+    out.info("\n".join(lines))
+
+
+def _override_paths(args) -> dict[str, str]:
+    """hydra.run.dir / hydra.sweep.dir given on the command line (without Hydra: for early path checks)."""
+    out = {}
+    for a in args:
+        key, sep, value = a.lstrip("+").partition("=")
+        if sep and key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
+            out[key] = value.strip("'\"")
+    return out
+
+
+def run_hydra_app(args: list[str]) -> int:
+    """``kvprime run ARGS``: Hydra composes and launches; every outcome becomes an exit status and, unless it
+    is success, one paragraph."""
+    import os
+
+    from ..config.confdir import outputs_root
+    from ..pipeline import logs, rundir
+
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    paths = _override_paths(args)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    checks = {key: paths[key]} if key in paths else {"KVPRIME_OUTPUT_ROOT (the output root)": outputs_root()}
+    for setting, path in checks.items():
+        err = rundir.unwritable(Path(path), setting)
+        if err is not None:
+            return report_failure(err)
+    if key in paths:
+        rundir.expect_created(Path(paths[key]))  # so a refused run removes only what it made
+    # Hydra re-raises instead of printing its own traceback; report_failure turns it into a paragraph.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    logs.quiet_libraries()
+    from .app import LAST_EXIT, JobFailed, main
+
+    sys.argv = ["kvprime run", *args]
+    LAST_EXIT["code"] = 0
+    try:
+        main()
+    except SystemExit as exc:  # --help, --cfg job, ...
+        return exc.code if isinstance(exc.code, int) else 0
+    except JobFailed as exc:  # a sweep job failed; its paragraph is printed and in its error.json
+        return exc.code
+    except BaseException as err:  # noqa: BLE001
+        return report_failure(err)
+    return LAST_EXIT["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(run_hydra_app(sys.argv[1:]))

@@ -1,0 +1,274 @@
+"""``kvprime bench``: kvprime's path against the notebooks' naive path, side by side in one process.
+
+Same model, same samples, same conditions, same surrogates. The naive path does what the notebooks do: one
+sample and one condition at a time, every encode through the full model (logits for every position, thrown
+away), no encode shared between conditions, a deep copy of the cache before scoring, and separate query and
+answer passes (the walkthrough's way); surrogates generated one document at a time. kvprime's path: shared,
+planned and batched encodes without the LM head, batched scoring over stacked caches, batched generation.
+Both must give the same NLLs (the table reports the largest difference).
+
+FLOPs are counted from the model's shapes and the real (unpadded) tokens each path needed, and compared with
+this machine's fp32 matmul throughput measured in the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ..cache import hf_internals as hf
+from ..cache.engine import Engine
+from ..pipeline import metadata
+from ..pipeline.plan import chunk_size
+from ..pipeline.results_io import write_atomic, write_json
+from ..surrogates.generation import GENERATION_TEMPLATES, generate
+
+# Defaults, not fixed choices: the user's own experiment=, dataset.n_samples= or progress= replaces each.
+DEFAULTS = ("experiment=exp01", "dataset.n_samples=20", "progress=false")
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def forward_flops(config, tokens: int, context: int = 0, logits: int = 0) -> float:
+    """Matmul FLOPs of one forward over ``tokens`` new tokens after ``context`` cached ones, with the LM head
+    on ``logits`` positions: projections, gated MLP, attention scores and mixing, LM head."""
+    c = config.get_text_config(decoder=True)
+    h, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    d = getattr(c, "head_dim", None) or h // heads
+    inter = c.intermediate_size
+    proj = 2 * (h * heads * d + 2 * h * kv * d + heads * d * h)
+    mlp = 2 * 3 * h * inter
+    attended = tokens * context + tokens * (tokens + 1) / 2  # keys each new token attends to, summed
+    attention = 2 * 2 * heads * d * attended
+    return layers * (tokens * (proj + mlp) + attention) + 2 * h * c.vocab_size * logits
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_size(device) -> int:
+    """Side of the square product that measures ``device``: a GPU needs a larger one to fill it."""
+    return 8192 if torch.device(device).type == "cuda" else 2048
+
+
+def matmul_gflops(device="cpu", dtype=torch.float32, n: int | None = None, repeat: int = 8) -> float:
+    """fp32 (or ``dtype``) matmul throughput of ``device`` on an ``n``-sided square product."""
+    device = torch.device(device)
+    n = n or matmul_size(device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        torch.mm(a, b)
+    _sync(device)
+    return 2 * n ** 3 * repeat / (time.perf_counter() - t) / 1e9
+
+
+# ---------------------------------------------------------------- the naive path
+
+
+class NaiveEngine(Engine):
+    """The notebooks' way: nothing memoised, every encode through the whole model with all its logits."""
+
+    def encode(self, ids, positions, *, keep: bool = False):
+        cache = hf.new_cache(self.model)
+        input_ids = torch.tensor([list(ids)], device=self.device)
+        with torch.inference_mode():
+            hf.call(self.model, cache, input_ids=input_ids, use_cache=True,
+                    position_ids=torch.tensor([list(positions)], device=self.device))  # full logits, discarded
+        self.n_encodes += 1
+        self.encode_lengths.append(len(ids))
+        return cache
+
+
+@torch.inference_mode()
+def naive_score(model, primed, seg) -> float:
+    """Deep copy, then a query pass and an answer pass; NLL over every answer token (defect 2 not repeated)."""
+    cache = copy.deepcopy(primed.cache)
+    device = next(model.parameters()).device
+    start, n_prompt = primed.next_position, len(seg.prompt)
+    q = hf.call(model, cache, input_ids=torch.tensor([list(seg.prompt)], device=device),
+                position_ids=torch.arange(start, start + n_prompt, device=device)[None], use_cache=True)
+    a = hf.call(model, hf.returned_cache(q), input_ids=torch.tensor([list(seg.answer)], device=device),
+                position_ids=torch.arange(start + n_prompt, start + n_prompt + len(seg.answer), device=device)[None],
+                use_cache=True)
+    logits = torch.cat([q.logits[0, -1:], a.logits[0, :-1]]).float()
+    target = torch.tensor(list(seg.answer), device=device)
+    return float(-torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean())
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -> dict:
+    """Both paths on the session that ``args`` (Hydra overrides, after ``DEFAULTS``) describe; returns what
+    ``bench.json`` holds and, with ``out_dir``, writes it and ``bench.md`` there."""
+    from ..pipeline.session import Session
+
+    session = Session.from_overrides(args, defaults=DEFAULTS)
+    cfg, specs, samples = session.cfg, session.specs, session.samples
+    model, tok = session.model, session.tokenizer
+    config = model.config
+    batched_settings = session.generation_settings
+    bcfg = cfg["batch"]  # resolved: numbers
+    chunk = chunk_size(cfg)
+    say = print if progress else (lambda *a, **k: None)
+    say(f"kvprime bench: {len(samples)} samples x {len(specs)} conditions of {cfg['experiment']['name']} on "
+        f"{cfg['model']['name']} ({next(model.parameters()).device}, {cfg['model'].get('dtype')})")
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    n = matmul_size(device)
+    peak = matmul_gflops(device, dtype, n)
+    say(f"  {str(dtype).removeprefix('torch.')} matmul throughput ({n}^3, torch.mm on {device}): {peak:.1f} GFLOP/s")
+
+    # Generated surrogates: batched vs one document at a time, same seeds, same outputs.
+    templates = session.templates()
+    docs = [s.passage for s in samples]
+    # Untimed warm-up (kernel selection, allocator, lazy initialisation), so neither path pays for it.
+    generate(model, tok, docs[:2], GENERATION_TEMPLATES["target_question"],
+             dataclasses.replace(batched_settings, max_new_tokens=2, batch_size=2))
+    gen = {"batched": {"s": 0.0, "rows": []}, "single": {"s": 0.0, "rows": []}}
+    texts: dict = {}
+    for template in templates:
+        for mode, settings in (("batched", batched_settings),
+                               ("single", dataclasses.replace(batched_settings, batch_size=1))):
+            stats: dict = {}
+            t = time.perf_counter()
+            out = generate(model, tok, docs, GENERATION_TEMPLATES[template], settings, stats=stats)
+            gen[mode]["s"] += time.perf_counter() - t
+            gen[mode]["rows"] += stats.get("rows", [])
+            texts.setdefault(template, {})[mode] = out
+        say(f"  generated {template!r} surrogates: batched {gen['batched']['s']:.1f} s, "
+            f"one at a time {gen['single']['s']:.1f} s")
+    identical = all(v["batched"] == v["single"] for v in texts.values())
+    # The texts just timed are the run's texts (seeded per document), so the session uses them, not the store.
+    session.generated.update({(t, s.sample_id): v["batched"][i] for t, v in texts.items()
+                              for i, s in enumerate(samples)})
+    engine = session.engine
+    work = [(s, name, spec) for s in samples for name, spec in specs.items()]
+    by_sample = {s.sample_id: session.segments(s) for s in samples}
+    segs = [by_sample[s.sample_id][name] for s, name, _ in work]
+
+    # kvprime's path (first, so its peak memory is read before the naive path runs).
+    t = time.perf_counter()
+    fast = []
+    per_sample = len(specs)
+    for first in range(0, len(work), chunk * per_sample):
+        part = list(range(first, min(first + chunk * per_sample, len(work))))
+        done = engine.run_chunk([(work[i][2], segs[i]) for i in part],
+                                encode_tokens=bcfg["encode_tokens"], score_tokens=bcfg["score_tokens"])
+        fast += [(len(pc), sc) for pc, sc in done]  # lengths only: holding the caches would inflate peak memory
+        engine.forget()
+    fast_s = time.perf_counter() - t
+    fast_rss = metadata.peak_rss_mb()
+    fast_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    fast_flops = sum(forward_flops(config, n) for n in engine.encode_lengths) + sum(
+        forward_flops(config, len(seg.prompt) + len(seg.answer), cache_len, len(seg.answer) + 1)
+        for (cache_len, _), seg in zip(fast, segs))
+    say(f"  kvprime encode+score: {fast_s:.1f} s ({engine.n_encodes} encodes)")
+
+    # The naive path.
+    naive_engine = session.new_engine(NaiveEngine)
+    t = time.perf_counter()
+    slow = []
+    for (s, name, spec), seg in zip(work, segs):
+        primed = naive_engine.build(spec, seg)
+        slow.append(naive_score(model, primed, seg))
+    slow_s = time.perf_counter() - t
+    say(f"  naive encode+score: {slow_s:.1f} s ({naive_engine.n_encodes} encodes)")
+    diff = max(abs(sc.nll - n) for (_, sc), n in zip(fast, slow))
+    # The naive path's work: every encode with the LM head on every position, then a query pass and an
+    # answer pass (LM head on all their positions) against the copied cache.
+    slow_flops = sum(forward_flops(config, n, 0, n) for n in naive_engine.encode_lengths) + sum(
+        forward_flops(config, len(seg.prompt), cache_len, len(seg.prompt))
+        + forward_flops(config, len(seg.answer), cache_len + len(seg.prompt), len(seg.answer))
+        for (cache_len, _), seg in zip(fast, segs))
+
+    def gen_flops(rows):
+        return sum(forward_flops(config, p, 0, 1) + sum(forward_flops(config, 1, p + j, 1) for j in range(n - 1))
+                   for p, n in rows)
+
+    gen_tokens = sum(n for _, n in gen["batched"]["rows"])
+    end_fast, end_slow = fast_s + gen["batched"]["s"], slow_s + gen["single"]["s"]
+    result = {
+        "model": cfg["model"]["name"], "device": str(next(model.parameters()).device),
+        "dtype": cfg["model"].get("dtype"), "experiment": cfg["experiment"]["name"],
+        "samples": len(samples), "conditions": len(specs), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "matmul_gflops": peak,
+        "encode_score": {"naive_s": slow_s, "kvprime_s": fast_s, "speedup": slow_s / fast_s,
+                         "naive_encodes": naive_engine.n_encodes, "kvprime_encodes": engine.n_encodes,
+                         "max_abs_nll_diff": diff, "useful_gflop": fast_flops / 1e9,
+                         "naive_gflop": slow_flops / 1e9, "work_ratio": slow_flops / fast_flops,
+                         "naive_share_of_matmul_peak": slow_flops / 1e9 / slow_s / peak,
+                         "kvprime_gflops": fast_flops / 1e9 / fast_s,
+                         "share_of_matmul_peak": fast_flops / 1e9 / fast_s / peak},
+        "generation": {"templates": templates, "batched_s": gen["batched"]["s"], "single_s": gen["single"]["s"],
+                       "generated_tokens": gen_tokens,
+                       "batched_tokens_per_s": gen_tokens / gen["batched"]["s"] if gen["batched"]["s"] else None,
+                       "single_tokens_per_s": gen_tokens / gen["single"]["s"] if gen["single"]["s"] else None,
+                       "speedup": gen["single"]["s"] / gen["batched"]["s"] if gen["batched"]["s"] else None,
+                       "identical_outputs": identical,
+                       "share_of_matmul_peak": (gen_flops(gen["batched"]["rows"]) / 1e9 / gen["batched"]["s"] / peak
+                                                if gen["batched"]["s"] else None)},
+        "end_to_end": {"naive_s": end_slow, "kvprime_s": end_fast, "speedup": end_slow / end_fast},
+        "peak_rss_mb": {"after_kvprime_path": fast_rss, "after_both": metadata.peak_rss_mb()},
+        "peak_gpu_mb": {"after_kvprime_path": fast_gpu,
+                        "after_both": torch.cuda.max_memory_allocated(device) / 2**20 if fast_gpu is not None else None},
+        "batch": {"samples": chunk, "encode_tokens": bcfg["encode_tokens"], "score_tokens": bcfg["score_tokens"],
+                  "generation_batch_size": batched_settings.batch_size},
+    }
+    md = render(result)
+    say("\n" + md)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "bench.json", result)
+        write_atomic(out_dir / "bench.md", md)
+        say(f"kvprime bench: wrote {out_dir}/bench.json and bench.md")
+    return result
+
+
+def render(r: dict) -> str:
+    from ..reporting.tables import markdown_table
+
+    es, g, e2e = r["encode_score"], r["generation"], r["end_to_end"]
+    gen_share = "n/a" if g["share_of_matmul_peak"] is None else f"{100 * g['share_of_matmul_peak']:.0f}%"
+
+    def f(x, spec=".2f"):
+        return "n/a" if x is None else format(x, spec)
+
+    rows = [
+        ("encode + score", f(es["naive_s"], ".1f") + " s", f(es["kvprime_s"], ".1f") + " s", f(es["speedup"]) + "x",
+         f"{es['max_abs_nll_diff']:.1e}"),
+        ("surrogate generation", f(g["single_s"], ".1f") + " s", f(g["batched_s"], ".1f") + " s",
+         f(g["speedup"]) + "x", "identical" if g["identical_outputs"] else "DIFFERENT"),
+        ("end to end", f(e2e["naive_s"], ".1f") + " s", f(e2e["kvprime_s"], ".1f") + " s", f(e2e["speedup"]) + "x", ""),
+    ]
+    lines = [f"{r['experiment']} on {r['model']} ({r['device']}, {r['dtype']}, {r['torch_threads']} threads): "
+             f"{r['samples']} samples x {r['conditions']} conditions", "",
+             markdown_table(rows, ["stage", "naive", "kvprime", "speed-up", "max abs NLL diff / outputs"])]
+    lines += ["", f"- encodes run: naive {es['naive_encodes']}, kvprime {es['kvprime_encodes']}",
+              f"- model work: naive {es['naive_gflop']:.1f} GFLOP ({100 * es['naive_share_of_matmul_peak']:.0f}% of the "
+              f"matmul throughput), kvprime {es['useful_gflop']:.1f} GFLOP: {es['work_ratio']:.2f}x less work. Where "
+              "both paths already run near the device's matmul limit, this ratio bounds the encode+score speed-up",
+              f"- {r['dtype']} matmul throughput measured in this run on {r['device']}: {r['matmul_gflops']:.1f} GFLOP/s",
+              f"- kvprime encode+score: {es['useful_gflop']:.1f} GFLOP of model work in {es['kvprime_s']:.1f} s = "
+              f"{es['kvprime_gflops']:.1f} GFLOP/s, {100 * es['share_of_matmul_peak']:.0f}% of the matmul throughput",
+              f"- generation: {g['generated_tokens']} tokens; {f(g['batched_tokens_per_s'], '.1f')} tok/s batched vs "
+              f"{f(g['single_tokens_per_s'], '.1f')} tok/s one document at a time; batched generation at "
+              f"{gen_share} of the matmul throughput",
+              f"- peak resident memory: {r['peak_rss_mb']['after_kvprime_path']:.0f} MB after kvprime's path, "
+              f"{r['peak_rss_mb']['after_both']:.0f} MB after both"]
+    if r.get("peak_gpu_mb", {}).get("after_kvprime_path") is not None:
+        lines.append(f"- peak GPU memory allocated: {r['peak_gpu_mb']['after_kvprime_path']:.0f} MB after kvprime's "
+                     f"path (generation included), {r['peak_gpu_mb']['after_both']:.0f} MB after both")
+    return "\n".join(lines) + "\n"

