@@ -124,3 +124,9 @@ def test_outside_folder_runs_through_kvprime_run(study, tmp_path):
     assert plan["conditions"]["masked_surrogate"]["mask_sink"] is False
     assert any("masked_prefix keeps" in n for n in plan["builder_notes"])
     assert "masked_prefix keeps" in (run_dir / "report.md").read_text()
+    # A later `kvprime report`, without --config-dir, finds the run's plugin through the file it recorded.
+    summary_bytes = (run_dir / "summary.csv").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "kvprime", "report", str(run_dir)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path / "..", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "summary.csv").read_bytes() == summary_bytes

@@ -73,8 +73,16 @@ def load_one(entry: str):
     return _loaded[entry]
 
 
-def load(entries=()) -> list[str]:
-    """Import every installed ``kvprime.plugins`` entry point and each of ``entries``; returns what was loaded."""
+def origins(entries=()) -> dict[str, str | None]:
+    """Where each loaded plugin came from (its file), recorded in a run's plan.json so that ``kvprime report``
+    in a later process, without the run's --config-dir, imports the same files."""
+    return {str(e): getattr(_loaded.get(str(e)), "__file__", None) for e in entries or ()}
+
+
+def load(entries=(), recorded: dict | None = None) -> list[str]:
+    """Import every installed ``kvprime.plugins`` entry point and each of ``entries`` (from the file
+    ``recorded`` names for it, when that file is still there); returns what was loaded."""
+    recorded = recorded or {}
     done = []
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if f"entry point {ep.name}" not in _loaded:
@@ -85,6 +93,11 @@ def load(entries=()) -> list[str]:
                                   f"importing: {type(err).__name__}: {err}") from err
         done.append(f"entry point {ep.name}")
     for entry in entries or ():
-        load_one(str(entry))
-        done.append(str(entry))
+        entry = str(entry)
+        origin = recorded.get(entry)
+        if entry not in _loaded and origin and Path(origin).is_file() and importlib.util.find_spec(
+                entry.split(".")[0]) is None:
+            _loaded[entry] = _from_file(Path(origin), repr(entry))
+        load_one(entry)
+        done.append(entry)
     return done

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..config import plugins
 from ..errors import RunDirError
 from . import interrupts, metadata
 from .plan import RunError, builder_notes, chunk_size, prepare
@@ -142,7 +143,8 @@ def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) ->
     model_cfg = cfg["model"]
     write_json(run_dir / "config.json", cfg)
     write_json(run_dir / "plan.json", {"only": only, "conditions": {n: s.to_dict() for n, s in specs.items()},
-                                       "builder_notes": builder_notes(specs)})
+                                       "builder_notes": builder_notes(specs),
+                                       "plugins": plugins.origins(cfg["plugins"])})
     timings["validate"] = time.perf_counter() - t0 - prepared["load_data_s"]
 
     loaded, samples = session.loaded, session.samples

@@ -41,7 +41,7 @@ def finalize(run_dir) -> dict:
     cfg = settings.check(cfg, only=("seed", "stats"), origin=str(run_dir / "config.json"))
     exp, seed, st = cfg["experiment"], cfg["seed"], cfg["stats"]
     # `kvprime report` runs in a fresh process: the run's plugins register their analyses as they import.
-    plugins.load(cfg.get("plugins") or ())
+    plugins.load(cfg.get("plugins") or (), recorded=plan.get("plugins"))
     analysis_names = validate_analyses(exp.get("analyses"))
     names = list(plan["conditions"])
     inputs = read_jsonl(run_dir / "inputs.jsonl")
