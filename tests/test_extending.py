@@ -130,3 +130,33 @@ def test_outside_folder_runs_through_kvprime_run(study, tmp_path):
                           env=env, cwd=tmp_path / "..", timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "summary.csv").read_bytes() == summary_bytes
+
+
+def test_several_passages_are_document_spans_tokenized_alone(tmp_path):
+    """A sample with several passages: one document span each, its ids those of the passage tokenized alone,
+    and the NLL from the full cache equals one forward pass over the concatenated ids."""
+    from kvprime.cache.scoring import score_without_cache
+    from kvprime.cache.segments import tokenize
+    from kvprime.pipeline.session import Session
+
+    passages = ["The old bridge crosses the river north of town.", "The river flows into the sea at the bay.",
+                "Fishing boats leave the bay at dawn."]
+    data = tmp_path / "multi.jsonl"
+    data.write_text(json.dumps({"id": "m0", "passage": passages[1], "passages": passages,
+                                "query": "Where does the river flow?", "answer": "into the sea"}) + "\n"
+                    + json.dumps({"id": "m1", "passage": passages[2], "query": "When do boats leave?",
+                                  "answer": "at dawn"}) + "\n")
+    session = Session.from_overrides(["model=tiny_random_llama", "dataset=jsonl", f"dataset.path={data}",
+                                      "stats.n_boot=1000"])
+    sample = session.sample()
+    assert sample.documents == passages
+    seg = session.segments(sample)["bare"]
+    docs = [s for s in seg.spans if s.kind == "document"]
+    assert [s.name for s in docs] == ["document_0", "document_1", "document_2"]
+    for span, text in zip(docs, passages):
+        assert list(span.ids) == tokenize(session.tokenizer, text)
+    eng = session.engine
+    primed = eng.build(session.specs["bare"], seg)
+    assert primed.token_ids == list(seg.cache_ids)
+    ids = list(seg.cache_ids) + list(seg.prompt) + list(seg.answer)
+    assert abs(eng.score(primed, seg).nll - score_without_cache(eng.model, ids, len(seg.answer))) <= 1e-4

@@ -315,4 +315,7 @@ def test_library_warnings_go_to_the_run_log_not_the_terminal(tmp_path, data_file
                          env={**env, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs")}, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "a library deprecation notice" not in out.stderr + out.stdout
-    assert "a library deprecation notice" in (run_dir / "run.log").read_text()
+    log = (run_dir / "run.log").read_text()
+    assert "a library deprecation notice" in log
+    # The run's log holds what the terminal showed: the results table and where the report went.
+    assert "baseline 'bare'" in out.stdout and "baseline 'bare'" in log and f"wrote {run_dir}/report.md" in log

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cache import hf_internals as hf
 from ..errors import ConfigError
 from . import EncodeRequest, PrimedCache, register_builder, register_planner
 
@@ -59,6 +58,9 @@ def plan_truncate_prefix(seg, spec) -> list[EncodeRequest]:
 @register_builder("truncate_prefix", params=TruncatePrefixParams, roles={"prefix": "cut"}, notes=_notes)
 def build_truncate_prefix(engine, seg, spec) -> PrimedCache:
     """Encode sink+prefix+document, keep sink+document; rope_fix none | rerotate | shift."""
+    # Imported here: the builder registry is also read by `kvprime report`, which loads no model (nor torch).
+    from ..cache import hf_internals as hf
+
     if spec.rope_fix != "none":
         hf.check_config_supports(engine.model.config, spec.rope_fix)
     n_sink, n_prefix, n_doc = len(seg.sink), len(seg.prefix), len(seg.document)

@@ -6,7 +6,6 @@ float rounding: the condition is a control, not an effect (exp01's D1).
 
 from __future__ import annotations
 
-from ..cache import hf_internals as hf
 from . import EncodeRequest, PrimedCache, register_builder, register_planner
 
 
@@ -29,6 +28,8 @@ def _notes(params) -> str:
 @register_builder("truncate_suffix", roles={"suffix": "cut"}, notes=_notes)
 def build_truncate_suffix(engine, seg, spec) -> PrimedCache:
     """Encode sink+document+suffix, keep sink+document (positions are already right)."""
+    from ..cache import hf_internals as hf  # here, not at the top: see truncate_prefix
+
     req = _encode(seg, spec)
     ids, start, positions = req.ids, spec.position_offset, list(req.positions)
     full = engine.encode(ids, positions)

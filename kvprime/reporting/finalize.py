@@ -16,7 +16,7 @@ import pandas as pd
 from ..analysis import routing, stats
 from ..analysis.registry import AnalysisInput, run_analyses, validate_analyses
 from ..config import plugins, settings
-from ..errors import ConfigError, MissingFileError
+from ..errors import ConfigError, KvprimeError, MissingFileError
 from ..pipeline.plan import comparisons_for
 from ..pipeline.results_io import read_jsonl, write_atomic, write_json
 from . import report
@@ -119,7 +119,7 @@ def finalize(run_dir) -> dict:
         "diagnosis": diagnosis,
         "analyses": {k: v.to_dict(orient="records") for k, v in analyses.items()},
         "figures": figures,
-        "notes": _notes(plan["conditions"], plan.get("builder_notes", []), meta, scores),
+        "notes": _notes(plan["conditions"], _builder_notes(plan), meta, scores),
         "skipped": meta.get("skipped", []),
         "rejected": meta["dataset"].get("rejected", []),
         "metadata": meta,
@@ -137,6 +137,20 @@ def _primary_similarity(scores: pd.DataFrame, exp) -> pd.Series | None:
         return None
     part = scores[scores.condition == cond].set_index("sample_id")["similarity"].astype(float)
     return part if part.notna().any() else None
+
+
+def _builder_notes(plan: dict) -> list[str]:
+    """The builders' sentences the run recorded; a run recorded before builders stored them gets them from the
+    registry now (kvprime's builders import no torch until they build)."""
+    if "builder_notes" in plan:
+        return plan["builder_notes"]
+    from ..pipeline.conditions import ConditionSpec
+    from ..pipeline.plan import builder_notes
+
+    try:
+        return builder_notes({n: ConditionSpec.from_config(n, c) for n, c in plan["conditions"].items()})
+    except KvprimeError:  # a builder this process does not have: the report goes on without its note
+        return []
 
 
 def _notes(conditions: dict, builder_notes: list[str], meta: dict, scores: pd.DataFrame) -> list[str]:
