@@ -254,7 +254,7 @@ def test_describe_lists_every_setting_with_default_and_accepted_values():
 def test_checking_a_good_config_imports_neither_torch_nor_transformers(base, tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(base))
-    code = ("import json, sys; from kvprime import settings; cfg = json.load(open(sys.argv[1])); "
+    code = ("import json, sys; from kvprime.config import settings; cfg = json.load(open(sys.argv[1])); "
             "settings.check(cfg); settings.describe(); cfg['stats']['alpha'] = 2\n"
             "try: settings.check(cfg)\nexcept settings.ConfigError: pass\nelse: raise SystemExit('not refused')\n"
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
