@@ -128,7 +128,7 @@ def test_stale_lock_of_a_killed_process_is_taken_over_and_another_hosts_is_not(t
     run_dir = tmp_path / "r"
     cfg = compose([*TINY, "dataset=jsonl", f"dataset.path={data_file}", "dataset.n_samples=2"])
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kvprime.pipeline.rundir import RunLock; "
-                               f"RunLock({str(run_dir)!r}, 'run').acquire(); print('held', flush=True); "
+                               f"lock = RunLock({str(run_dir)!r}, 'run').acquire(); print('held', flush=True); "
                                "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     run_dir.mkdir()
     assert holder.stdout.readline().strip() == "held"
@@ -319,3 +319,32 @@ def test_library_warnings_go_to_the_run_log_not_the_terminal(tmp_path, data_file
     assert "a library deprecation notice" in log
     # The run's log holds what the terminal showed: the results table and where the report went.
     assert "baseline 'bare'" in out.stdout and "baseline 'bare'" in log and f"wrote {run_dir}/report.md" in log
+
+
+def test_a_run_refused_after_it_took_the_lock_leaves_nothing_and_latest_as_it_was(tmp_path):
+    """Two samples with the same query: random_query cannot be resolved, which is found only once the run holds
+    its directory. The refused run must remove what it made and leave `latest` where it pointed."""
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({"id": f"s{i}", "passage": f"Passage {i} about rivers and the sea.",
+                                        "query": "Where does it flow?", "answer": "the sea"}) + "\n" for i in range(2)))
+    ok = _cli(["run", *TINY, "dataset=exp21_sanity"], tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    exp_dir = tmp_path / "outputs" / "exp21"
+    before = sorted(p.name for p in exp_dir.iterdir())
+    latest = os.readlink(exp_dir / "latest")
+    out = _cli(["run", *TINY, "dataset=jsonl", f"dataset.path={same}"], tmp_path)
+    assert out.returncode == 2 and "random_query" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert sorted(p.name for p in exp_dir.iterdir()) == before
+    assert os.readlink(exp_dir / "latest") == latest
+
+
+def test_a_holder_record_whose_pid_was_reused_is_stale(tmp_path, data_file):
+    run_dir = tmp_path / "reused"
+    run_dir.mkdir()
+    # A live process of this host (our parent) named in the record, but nobody holds the OS lock: the record
+    # was left by a killed run whose pid has since been given to another process.
+    (run_dir / rundir.HOLDER_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                                          "command": "run", "started": "2026-01-01T00:00:00"}))
+    (run_dir / rundir.LOCK_NAME).write_text("")
+    cfg = compose([*TINY, "dataset=jsonl", f"dataset.path={data_file}", "dataset.n_samples=2"])
+    assert runner.run_experiment(cfg, run_dir)["counts"]["score_lines"] == 2 * 5

@@ -4,7 +4,7 @@ Hydra composes the config and picks the directory; everything that touches the d
 ``conf/config.yaml`` sets ``hydra.output_subdir: null`` so Hydra writes nothing there, and kvprime writes
 Hydra's record (``.hydra/``) itself once the run holds the directory's lock, so a refused run changes nothing
 in a directory that holds another run. Every job ends in one of three ways, each with one paragraph on the
-terminal: done (exit 0), refused or stopped by the user (2, or 130/143 after a signal), or failed inside
+terminal: done (exit 0), refused or stopped by the user (2, or 130/143/140 after a signal), or failed inside
 kvprime (1, the traceback saved to the run's ``error.json``, or to a file named in the paragraph).
 """
 
@@ -67,18 +67,21 @@ def main(cfg: DictConfig) -> None:
 def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool) -> tuple[int, str]:
     """One run into ``run_dir``: (exit status, the paragraph printed when it did not succeed)."""
     from ..pipeline import logs, rundir
-    from ..pipeline.interrupts import StopSignal, stop_on_signals
-    from ..pipeline.runner import RUN_FILES, run_experiment
+    from ..pipeline.interrupts import stop_on_signals
+    from ..pipeline.runner import run_experiment
 
     log.info(f"kvprime: run directory {run_dir.resolve()}")
-    claimed = {"files": None}
+    claimed: dict = {"files": None, "latest": None, "outcome": None}
 
     def on_claimed(d: Path) -> None:
         claimed["files"] = {p.name for p in d.iterdir()}  # what was there before this run wrote anything
         _write_hydra_record(d, cfg)
         if rundir.created_here(d):
-            rundir.point_latest(d)
+            claimed["latest"] = (rundir.point_latest(d),)
         logs.attach_run_log(d)
+
+    def on_failure(err: BaseException) -> None:  # called while the run still holds the directory's lock
+        claimed["outcome"] = _settle(run_dir, err, ours=True, multirun=multirun, claimed=claimed)
 
     from ..config import plugins
 
@@ -87,45 +90,58 @@ def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool)
                             if s.schema == "file" and s.provider != "main")
     try:
         with stop_on_signals():
-            results = run_experiment(cfg, run_dir, only=only, on_claimed=on_claimed)
+            results = run_experiment(cfg, run_dir, only=only, on_claimed=on_claimed, on_failure=on_failure)
     except BaseException as err:  # noqa: BLE001 -- every way a job ends is reported below
-        if isinstance(err, StopSignal):
-            err = _interrupted(run_dir, err.signum)
-        ours = claimed["files"] is not None
-        scored = ours and (run_dir / "scores.jsonl").exists() and (run_dir / "scores.jsonl").stat().st_size > 0
-        if isinstance(err, KvprimeError):
-            paragraph = explain(err)
-            if ours and not scored and not multirun and not isinstance(err, Interrupted):
-                _undo(run_dir, claimed["files"], RUN_FILES)  # refused before any score: leave nothing behind
-            elif ours or multirun:
-                _record_failure(run_dir, err, paragraph, internal=False, claimed=ours)
-            if debug() and not isinstance(err, Interrupted):
-                print(traceback_text(err), file=sys.stderr)
-            code = err.exit_code
-        elif isinstance(err, (KeyboardInterrupt, SystemExit)):
-            raise
-        else:
-            saved = run_dir / "error.json" if ours else save_traceback(err)
-            paragraph = explain_internal(err, saved)
-            if ours or multirun:
-                _record_failure(run_dir, err, paragraph, internal=True, claimed=ours)
-            if debug():
-                print(traceback_text(err), file=sys.stderr)
-            code = 1
+        outcome = claimed["outcome"] or _settle(run_dir, err, ours=False, multirun=multirun, claimed=claimed)
+        code, paragraph, undone = outcome
         log.error(paragraph)
         logs.detach_run_log()
-        if not ours and not multirun:
-            rundir.remove_created(run_dir)
+        if undone or (claimed["files"] is None and not multirun):
+            rundir.remove_created(run_dir, drop_lock_file=undone)
         return code, paragraph
-    (run_dir / "error.json").unlink(missing_ok=True)
     _print_summary(results)
     log.info(f"kvprime: wrote {run_dir.resolve()}/report.md")
     logs.detach_run_log()
     return 0, ""
 
 
-def _interrupted(run_dir: Path, signum: int) -> Interrupted:
-    """How far the run got, from its own files, and how to continue."""
+def _settle(run_dir: Path, err: BaseException, *, ours: bool, multirun: bool, claimed: dict) -> tuple[int, str, bool]:
+    """What a failed job says and leaves behind: (exit status, paragraph, whether its files were undone).
+    ``ours``: the job holds the directory (it claimed it and has not released it)."""
+    from ..pipeline import rundir
+    from ..pipeline.interrupts import StopSignal
+    from ..pipeline.runner import RUN_FILES
+
+    if isinstance(err, StopSignal):
+        err = _interrupted(run_dir, err.signum, ours=ours)
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        raise err
+    undone = False
+    if isinstance(err, KvprimeError):
+        paragraph = explain(err)
+        scored = ours and (run_dir / "scores.jsonl").exists() and (run_dir / "scores.jsonl").stat().st_size > 0
+        if ours and not scored and not multirun and not isinstance(err, Interrupted):
+            _undo(run_dir, claimed["files"], RUN_FILES)  # refused before any score: leave nothing behind
+            if claimed["latest"] is not None:
+                rundir.restore_latest(run_dir, claimed["latest"][0])
+            undone = True
+        elif ours or multirun:
+            _record_failure(run_dir, err, paragraph, internal=False, claimed=ours)
+        if debug() and not isinstance(err, Interrupted):
+            print(traceback_text(err), file=sys.stderr)
+        return err.exit_code, paragraph, undone
+    saved = run_dir / "error.json" if ours else save_traceback(err)
+    paragraph = explain_internal(err, saved)
+    if ours or multirun:
+        _record_failure(run_dir, err, paragraph, internal=True, claimed=ours)
+    if debug():
+        print(traceback_text(err), file=sys.stderr)
+    return 1, paragraph, undone
+
+
+def _interrupted(run_dir: Path, signum: int, *, ours: bool) -> Interrupted:
+    """How far the run got, from its own files, and how to continue (``ours``: it had claimed ``run_dir``;
+    before that, the directory's files are not this run's)."""
     import json
 
     from ..pipeline.results_io import read_jsonl
@@ -140,7 +156,7 @@ def _interrupted(run_dir: Path, signum: int) -> Interrupted:
     import signal
 
     name = signal.Signals(signum).name
-    if done is None or not (run_dir / "config.json").exists():
+    if not ours or not (run_dir / "config.json").exists():
         return Interrupted(f"interrupted ({name}) before the run wrote any score; nothing to continue. Start it "
                            "again.", signum)
     of = f" of {total}" if total else ""
@@ -176,7 +192,8 @@ def _write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def _undo(run_dir: Path, before: set[str], run_files) -> None:
-    """Remove what this run wrote into ``run_dir`` (it held no run before: ``before`` has no run files)."""
+    """Remove what this run wrote into ``run_dir`` (it held no run before: ``before`` has no run files). The
+    directory itself goes once the lock is released (``rundir.remove_created``), if this process made it."""
     import shutil
 
     from ..pipeline.logs import RUN_LOG
@@ -189,9 +206,6 @@ def _undo(run_dir: Path, before: set[str], run_files) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-    from ..pipeline import rundir
-
-    rundir.remove_created(run_dir)
 
 
 def _record_failure(run_dir: Path, err: BaseException, paragraph: str, *, internal: bool, claimed: bool) -> None:

@@ -40,6 +40,9 @@ def report_failure(err: BaseException) -> int:
 
 def _kvprime_cause(err: BaseException):
     """The KvprimeError behind ``err`` (OmegaConf wraps a resolver's error, e.g. an unwritable run directory)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from ..errors import KvprimeError
 
     seen = set()
@@ -47,6 +50,9 @@ def _kvprime_cause(err: BaseException):
         if isinstance(err, KvprimeError):
             return err
         seen.add(id(err))
+        # Only through the wrappers of Hydra and OmegaConf: a bug raised while handling a refusal is a bug.
+        if not isinstance(err, (HydraException, OmegaConfBaseException)):
+            return None
         err = err.__cause__ or err.__context__
     return None
 

@@ -8,6 +8,7 @@ directory and the folders given with ``--config-dir`` / ``hydra.searchpath``) or
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -30,7 +31,11 @@ def add_search_dirs(dirs) -> None:
 
 
 def _from_file(path: Path, label: str):
-    name = f"kvprime_plugin_{path.stem}"
+    path = path.resolve()
+    if str(path) in _loaded:  # the same file named twice (as a module and as a path): imported once
+        return _loaded[str(path)]
+    # A name per file, so two plugins both called plug.py in different folders do not replace each other.
+    name = f"kvprime_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -39,6 +44,7 @@ def _from_file(path: Path, label: str):
     except Exception as err:
         sys.modules.pop(name, None)
         raise ConfigError(f"plugins: {label} ({path}) failed while importing: {type(err).__name__}: {err}") from err
+    _loaded[str(path)] = module
     return module
 
 

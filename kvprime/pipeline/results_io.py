@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import RunDirError
 
 # OS errors that are the place's fault, not kvprime's: reported as one paragraph naming the path.
-_PLACE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+PLACE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
                  errno.EPERM: "operation not permitted", errno.ENOTDIR: "a file is in the way"}
 
@@ -26,7 +26,7 @@ _PLACE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "dis
 def raise_write_error(err: OSError, path: Path, after: str = ""):
     """Re-raise a failed write: as one paragraph naming the path when the place is at fault (full disk,
     permissions, read-only), else unchanged (then it is kvprime's, and reported as internal)."""
-    why = _PLACE_ERRORS.get(err.errno)
+    why = PLACE_ERRORS.get(err.errno)
     if why is None:
         raise err
     raise RunDirError(f"could not write {path} ({why}). {after}".strip()) from err

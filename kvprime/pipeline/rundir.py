@@ -15,7 +15,6 @@ ever removed.
 from __future__ import annotations
 
 import datetime
-import errno
 import json
 import os
 import secrets
@@ -50,9 +49,9 @@ def unwritable(path: Path, setting: str) -> RunDirError | None:
 
 
 def _io_error(err: OSError, path: Path, setting: str) -> RunDirError:
-    why = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
-           errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-           errno.ENOTDIR: "a file is in the way", errno.EDQUOT: "disk quota exceeded"}.get(err.errno, err.strerror)
+    from .results_io import PLACE_ERRORS
+
+    why = PLACE_ERRORS.get(err.errno, err.strerror)
     return RunDirError(f"{setting} points at {path}, which cannot be created or written ({why}: "
                        f"{err.filename or path}). Choose another directory or free the space.")
 
@@ -70,7 +69,10 @@ def make_dirs(path: Path, setting: str) -> Path:
         probe = probe.parent
     try:
         for p in reversed(missing):
-            p.mkdir(exist_ok=True)
+            try:
+                p.mkdir()
+            except FileExistsError:  # made by another process meanwhile: not ours to remove
+                continue
             _CREATED.append(p)
     except OSError as exc:
         raise _io_error(exc, path, setting) from None
@@ -121,14 +123,17 @@ def created_here(path: Path) -> bool:
     return Path(path).absolute() in _CREATED
 
 
-def remove_created(path: Path) -> None:
+def remove_created(path: Path, drop_lock_file: bool = False) -> None:
     """Remove ``path`` and the parents this process created for it, each only if it is empty (or holds only
-    ``latest``, a link kvprime made)."""
+    ``latest``, a link kvprime made). ``drop_lock_file``: the run was undone; its released lock file goes too,
+    unless another writer has taken the directory since."""
     path = Path(path).absolute()
+    if drop_lock_file and holder(path) is None and not _os_lock_held(path):
+        (path / LOCK_NAME).unlink(missing_ok=True)
     for p in sorted((c for c in _CREATED if c == path or c in path.parents), key=lambda c: -len(c.parts)):
         try:
             link = p / LATEST
-            if link.is_symlink() and [x.name for x in p.iterdir()] == [LATEST] and created_here(p):
+            if link.is_symlink() and [x.name for x in p.iterdir()] == [LATEST]:
                 link.unlink()
             p.rmdir()
         except OSError:
@@ -136,16 +141,30 @@ def remove_created(path: Path) -> None:
         _CREATED.remove(p)
 
 
-def point_latest(run_dir: Path) -> None:
-    """``<parent>/latest`` -> this run (replaced atomically; a file system without links just has none)."""
+def point_latest(run_dir: Path, target: str | None = None) -> str | None:
+    """``<parent>/latest`` -> this run (or ``target``, a name beside it; None removes the link), replaced
+    atomically (a file system without links just has none). Returns what it pointed at before."""
     run_dir = Path(run_dir)
     link = run_dir.parent / LATEST
+    before = os.readlink(link) if link.is_symlink() else None
     tmp = run_dir.parent / f".{LATEST}.{os.getpid()}.{secrets.token_hex(3)}"
     try:
-        tmp.symlink_to(run_dir.name)
+        tmp.symlink_to(target if target is not None else run_dir.name)
         os.replace(tmp, link)
     except OSError:
         tmp.unlink(missing_ok=True)
+    return before
+
+
+def restore_latest(run_dir: Path, before: str | None) -> None:
+    """Undo ``point_latest`` for a run that was refused: the link points where it did (or is gone)."""
+    link = Path(run_dir).parent / LATEST
+    if not (link.is_symlink() and os.readlink(link) == Path(run_dir).name):
+        return  # another run has moved it since
+    if before is None:
+        link.unlink(missing_ok=True)
+    else:
+        point_latest(run_dir, before)
 
 
 def holder(run_dir: Path) -> dict | None:
@@ -178,9 +197,28 @@ def live_holder(run_dir: Path) -> dict | None:
         return None
     if h.get("host") == socket.gethostname() and h.get("pid") == os.getpid():
         return None
-    if h.get("host") == socket.gethostname() and not _alive(int(h.get("pid", -1))):
-        return None
+    if h.get("host") == socket.gethostname() and not (_alive(int(h.get("pid", -1))) and _os_lock_held(run_dir)):
+        return None  # dead, or a reused pid: the OS lock a live holder keeps is free
     return h
+
+
+def _os_lock_held(run_dir: Path) -> bool:
+    """Whether some process holds the OS lock of ``run_dir`` (probed without creating the lock file)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: nobody can hold it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def busy_error(run_dir: Path, h: dict) -> RunDirError:
@@ -200,7 +238,6 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.command = command
         self._lock = None
-        self.took_over: dict | None = None
 
     def acquire(self) -> RunLock:
         from filelock import FileLock, Timeout
@@ -218,21 +255,19 @@ class RunLock:
             raise _io_error(exc, self.run_dir, "the run directory") from None
         # The OS lock is ours. A record still there is from a process that died without releasing (kill -9,
         # power loss), or from another host whose lock this file system may not share.
-        old = holder(self.run_dir)
-        if old is not None and old.get("host") != socket.gethostname():
-            lock.release()
-            raise busy_error(self.run_dir, old)
-        self.took_over = old
-        self._lock = lock
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         try:
+            old = holder(self.run_dir)
+            if old is not None and old.get("host") != socket.gethostname():
+                raise busy_error(self.run_dir, old)
             from .results_io import write_json
 
-            write_json(self.run_dir / HOLDER_NAME, record)
-        except OSError as exc:
-            self.release()
-            raise _io_error(exc, self.run_dir, "the run directory") from None
+            write_json(self.run_dir / HOLDER_NAME, {
+                "pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
+        except BaseException:  # a full disk, a signal: never keep the OS lock without the record
+            lock.release()
+            raise
+        self._lock = lock
         return self
 
     def release(self) -> None:
@@ -245,10 +280,6 @@ class RunLock:
         finally:
             self._lock.release()
             self._lock = None
-
-    @property
-    def held(self) -> bool:
-        return self._lock is not None
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -33,6 +33,8 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
 
     def relevant(c: Mapping) -> dict:
         out = {k: v for k, v in c.items() if k not in _RESUME_FREE}
+        if (c.get("run") or {}).get("num_shards", 1) > 1:  # batch.samples deals a shard its samples
+            out["batch.samples"] = (c.get("batch") or {}).get("samples")
         if isinstance(out.get("generation"), Mapping):  # the generation batch size changes no surrogate
             out["generation"] = {k: v for k, v in out["generation"].items() if k != "batch_size"}
         return out
@@ -103,7 +105,7 @@ def claim(run_dir: Path, cfg: Mapping, command: str = "run"):
     from . import rundir
 
     rundir.make_dirs(run_dir, "hydra.run.dir (the run directory)")
-    check_run_dir(run_dir, cfg)  # before the lock file is made: a refused run leaves the directory as it was
+    check_run_dir(run_dir, cfg)  # before the lock file is made: a run refused here leaves the directory as it was
     lock = rundir.RunLock(run_dir, command).acquire()
     try:
         check_run_dir(run_dir, cfg)  # again, now that no other writer can start
@@ -116,18 +118,27 @@ def claim(run_dir: Path, cfg: Mapping, command: str = "run"):
 
 
 def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | None = None,
-                   on_claimed=None) -> dict:
+                   on_claimed=None, on_failure=None) -> dict:
     """Run ``cfg`` (a Hydra/OmegaConf config or plain dict) into ``run_dir``; returns ``results.json``'s dict.
 
     Nothing is written before every model-free check has passed and the directory is locked for this run;
-    ``on_claimed(run_dir)`` is called once it is (the CLI writes Hydra's record of the run there)."""
+    ``on_claimed(run_dir)`` is called once it is (the CLI writes Hydra's record of the run there), and
+    ``on_failure(err)`` when the run then fails, still under the lock, so what a failed run leaves behind is
+    settled before another command can take the directory."""
     t0 = time.perf_counter()
     prepared = prepare(cfg, only)
     run_dir = Path(run_dir)
     with claim(run_dir, prepared["cfg"], "resume" if prepared["cfg"].get("resume") else "run"):
-        if on_claimed is not None:
-            on_claimed(run_dir)
-        return _execute(prepared, run_dir, progress, t0)
+        try:
+            if on_claimed is not None:
+                on_claimed(run_dir)
+            results = _execute(prepared, run_dir, progress, t0)
+        except BaseException as err:
+            if on_failure is not None:
+                on_failure(err)
+            raise
+        (run_dir / "error.json").unlink(missing_ok=True)  # an earlier failure's record, now resumed past
+        return results
 
 
 def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) -> dict:
