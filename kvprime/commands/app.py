@@ -148,7 +148,9 @@ def _interrupted(run_dir: Path, signum: int, *, ours: bool) -> Interrupted:
 
     done = total = None
     try:
-        done = len({(r["sample_id"], r["condition"]) for r in _lenient_jsonl(run_dir / "scores.jsonl")})
+        log_path = run_dir / "scores.jsonl"
+        rows = read_jsonl(log_path, skip_torn=True) if log_path.exists() else []
+        done = len({(r["sample_id"], r["condition"]) for r in rows})
         n_conditions = len(json.loads((run_dir / "plan.json").read_text())["conditions"])
         total = len(read_jsonl(run_dir / "inputs.jsonl")) * n_conditions
     except (OSError, ValueError, KeyError):
@@ -162,19 +164,6 @@ def _interrupted(run_dir: Path, signum: int, *, ours: bool) -> Interrupted:
     of = f" of {total}" if total else ""
     return Interrupted(f"interrupted ({name}) after {done}{of} score records; continue with `kvprime resume "
                        f"{run_dir.resolve()}`", signum)
-
-
-def _lenient_jsonl(path: Path) -> list[dict]:
-    import json
-
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass
-    return rows
 
 
 def _write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:

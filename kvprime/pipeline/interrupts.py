@@ -22,7 +22,7 @@ class StopSignal(BaseException):
         self.signum = signum
 
 
-_state = {"installed": False, "critical": 0, "pending": None}
+_state = {"critical": 0, "pending": None}
 
 
 def _handler(signum, frame):
@@ -43,13 +43,13 @@ def stop_on_signals():
         for sig, old in previous.items():
             signal.signal(sig, old)
         previous = {}
-    _state.update(installed=bool(previous), critical=0, pending=None)
+    _state.update(critical=0, pending=None)
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        _state.update(installed=False, critical=0, pending=None)
+        _state.update(critical=0, pending=None)
 
 
 @contextmanager

@@ -92,9 +92,20 @@ def write_jsonl(path: Path, rows) -> None:
     write_atomic(path, "".join(dumps(r) + "\n" for r in rows))
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, *, skip_torn: bool = False) -> list[dict]:
+    """Every line's object. ``skip_torn``: leave out lines that do not parse (a killed writer's last line),
+    for a look at a log that ``ScoreLog`` has not repaired yet."""
+    rows = []
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not skip_torn:
+                    raise
+    return rows
 
 
 class ScoreLog:
