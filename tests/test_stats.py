@@ -91,7 +91,10 @@ def test_all_zero_deltas():
     r = _no_warnings(paired_test, x, x, n_boot=NB)
     assert r["tie_rate"] == 1.0 and r["mean_delta"] == 0.0
     assert math.isnan(r["p_wilcoxon"]) and math.isnan(r["w_stat"]) and math.isnan(r["d_z"])
-    assert verdict(r["mean_delta"], r["p_ttest"]) == "no significant difference"
+    assert verdict(r["mean_delta"], r["p_ttest"]) == "inconclusive"
+    # identical conditions: the mean delta is exactly 0, inside any margin -> equivalence is shown
+    assert r["p_tost"] == 0.0 and verdict(r["mean_delta"], r["p_ttest"], 0.05, r["p_tost"]) == "equivalent"
+    assert r["mde"] == 0.0 and math.isnan(r["p_sign"])
     # BCa is undefined on constant data; the percentile interval collapses to the constant
     assert r["ci_method"] == "percentile" and r["ci_low"] == r["ci_high"] == 0.0
 
@@ -121,9 +124,14 @@ def test_holm_nan_not_counted_and_cap():
 def test_verdict():
     assert verdict(0.3, 0.01) == "better"
     assert verdict(-0.3, 0.01) == "worse"
-    assert verdict(0.3, 0.05) == "no significant difference"  # strict <
-    assert verdict(0.3, float("nan")) == "no significant difference"
-    assert verdict(0.3, 0.04, alpha=0.01) == "no significant difference"
+    assert verdict(0.3, 0.05) == "inconclusive"  # strict <
+    assert verdict(0.3, float("nan")) == "inconclusive"
+    assert verdict(0.3, 0.04, alpha=0.01) == "inconclusive"
+    # equivalence shown: the effect is smaller than the margin, significant or not
+    assert verdict(0.001, 0.5, 0.05, 0.01) == "equivalent"
+    assert verdict(0.001, 0.001, 0.05, 0.01) == "equivalent"
+    assert verdict(0.001, 0.5, 0.05, 0.05) == "inconclusive"  # strict <
+    assert verdict(-0.3, 0.01, 0.05, float("nan")) == "worse"
 
 
 # ---------------------------------------------------------------- summarize
@@ -154,9 +162,10 @@ def test_summarize_baseline_pairing_and_holm():
     assert c["mean_delta"] == pytest.approx(-np.mean(C_LOSS))
     a5 = np.array(A[:5])
     assert c["p_ttest"] == pytest.approx(st.ttest_rel(a5, a5 + C_LOSS).pvalue)
-    # one Holm family: both baseline tests + the named comparison
-    family = [b["p_ttest"], c["p_ttest"], comp.iloc[0]["p_ttest"]]
-    np.testing.assert_allclose([b["p_holm"], c["p_holm"], comp.iloc[0]["p_holm"]], holm(family))
+    # one Holm family: both baseline tests + the named comparison, each with its t-test and its TOST p
+    rows = [b, c, comp.iloc[0]]
+    family = [r["p_ttest"] for r in rows] + [r["p_tost"] for r in rows]
+    np.testing.assert_allclose([r["p_holm"] for r in rows] + [r["p_tost_holm"] for r in rows], holm(family))
     assert b["verdict"] == "better"
 
 
@@ -216,9 +225,10 @@ def test_named_comparison_repeating_a_baseline_test_counts_once():
     b = summary.set_index("condition").loc["B"]
     same = comp.set_index("name").loc["B vs A"]
     assert (b.ci_low, b.ci_high, b.p_holm) == (same.ci_low, same.ci_high, same.p_holm)
-    # Family of 3 distinct tests (B-A, C-A, B-C), not 4.
-    raw = {("A", "B"): b.p_ttest, ("A", "C"): summary.set_index("condition").loc["C"].p_ttest,
-           ("C", "B"): comp.set_index("name").loc["B vs C"].p_ttest}
+    # Family of 3 distinct tests (B-A, C-A, B-C), not 4, each with its t-test and TOST p: 6 p-values.
+    c, bc = summary.set_index("condition").loc["C"], comp.set_index("name").loc["B vs C"]
+    raw = {("A", "B"): b.p_ttest, ("A", "C"): c.p_ttest, ("C", "B"): bc.p_ttest,
+           "tost AB": b.p_tost, "tost AC": c.p_tost, "tost CB": bc.p_tost}
     expected = dict(zip(raw, holm(list(raw.values()))))
     assert b.p_holm == pytest.approx(expected[("A", "B")])
     assert comp.set_index("name").loc["B vs C"].p_holm == pytest.approx(expected[("C", "B")])

@@ -83,11 +83,12 @@ def wide(scores: pd.DataFrame) -> pd.DataFrame:
 class _Ctx:
     """Per-condition NLL series and one cached paired test per (reference, treatment)."""
 
-    def __init__(self, scores, n_boot, seed, confidence):
+    def __init__(self, scores, n_boot, seed, confidence, test_kw):
         check_scores(scores)
         self.by = {c: g.set_index("sample_id")["nll"].astype(float)
                    for c, g in scores.groupby("condition", sort=False)}
         self.n_boot, self.seed, self.confidence = n_boot, seed, confidence
+        self.test_kw = dict(test_kw)  # tie tolerance, margin, alpha, power: the run's, as in summary.csv
         self._tests = {}
 
     def missing(self, *conds):
@@ -110,7 +111,7 @@ class _Ctx:
             r, t = self.pairs(reference, treatment)
             # Same seed derivation as stats.summarize, so a test also in summary.csv gets the same CI.
             res = paired_test(r, t, n_boot=self.n_boot, seed=_derive_seed(self.seed, f"{treatment} vs {reference}"),
-                              confidence=self.confidence)
+                              confidence=self.confidence, **self.test_kw)
             res["n_pairs"] = res.pop("n")
             self._tests[key] = res
         return dict(self._tests[key])
@@ -209,7 +210,7 @@ def _quartiles(cx, baseline):
     rows = []
     for lab, m in groups:
         r = paired_test(ref[m], trt[m], n_boot=cx.n_boot, seed=_derive_seed(cx.seed, f"{C2} vs {baseline} [{lab}]"),
-                        confidence=cx.confidence)
+                        confidence=cx.confidence, **cx.test_kw)
         rows.append({"bin": lab, "n": r["n"],
                      "baseline_low": float(ref[m].min()) if m.any() else _NAN,
                      "baseline_high": float(ref[m].max()) if m.any() else _NAN,
@@ -241,8 +242,9 @@ def _numerical_floor(cx, baseline):
 
 
 def exp01_analyses(scores: pd.DataFrame, similarity: pd.Series | None, *, baseline: str = "A1_baseline",
-                   n_boot: int = _DEFAULT.n_boot, seed: int = 0,
-                   confidence: float = _DEFAULT.confidence) -> dict[str, pd.DataFrame]:
+                   n_boot: int = _DEFAULT.n_boot, seed: int = 0, confidence: float = _DEFAULT.confidence,
+                   tie_tolerance: float = 0.0, equivalence_margin: float = _DEFAULT.equivalence_margin,
+                   alpha: float = _DEFAULT.alpha, power: float = _DEFAULT.power) -> dict[str, pd.DataFrame]:
     """One table per exp01 analysis block; column names in ``COLUMNS``.
 
     critical           C2 vs C1 and C2 vs baseline, with each side's mean/SEM/n
@@ -257,10 +259,11 @@ def exp01_analyses(scores: pd.DataFrame, similarity: pd.Series | None, *, baseli
     numerical_floor    |X - X_shift| for every X with an ``X_shift`` twin, and |A3 - baseline|: the
                        round-off floor of re-rotation and of the position offset
 
-    ``n_boot``, ``seed`` and ``confidence`` are those of ``stats.summarize`` (a run passes its ``stats.*``
-    settings), so a test that is also in ``summary.csv`` gets the same CI there and here.
+    ``n_boot``, ``seed``, ``confidence`` and the rest are those of ``stats.summarize`` (a run passes its
+    ``stats.*`` settings), so a test that is also in ``summary.csv`` gets the same numbers there and here.
     """
-    cx = _Ctx(scores, n_boot, seed, confidence)
+    cx = _Ctx(scores, n_boot, seed, confidence, {"tie_tolerance": tie_tolerance, "margin": equivalence_margin,
+                                                 "alpha": alpha, "power": power})
     if similarity is not None and not isinstance(similarity, pd.Series):
         raise TypeError("similarity must be a pandas Series indexed by sample_id, or None")
     return {
@@ -279,7 +282,8 @@ def exp01_analysis(run: AnalysisInput) -> AnalysisResult:
     """The exp01 notebook's printed analyses (critical test, surrogate quality, ...) and its 4-panel figure."""
     scores = run.scores[["sample_id", "condition", "nll"]]
     tables = exp01_analyses(scores, run.similarity, baseline=run.baseline, n_boot=run.n_boot, seed=run.seed,
-                            confidence=run.confidence)
+                            confidence=run.confidence, tie_tolerance=run.tie_tolerance,
+                            equivalence_margin=run.equivalence_margin, alpha=run.alpha, power=run.power)
 
     def draw():
         from .exp01_figure import draw_exp01_figure

@@ -46,6 +46,10 @@ class AnalysisInput:
     confidence: float
     experiment: Mapping = field(default_factory=dict)  # the run's experiment config: an analysis may read keys
     derived: pd.DataFrame | None = None  # routed rows (routing.derive) when the experiment has derived conditions
+    # stats.paired_test's keywords as the run resolved them (tie tolerance: stats.tie_tolerance or the floor)
+    tie_tolerance: float = 0.0
+    equivalence_margin: float = 0.02
+    power: float = 0.8
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,32 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (`kvprime r
     typer.echo(f"kvprime: wrote {run_dir.resolve()}/report.md ({results['counts']['score_lines']} scores)")
 
 
+@app.command()
+def power(run_dir: Path = typer.Argument(..., help="A finished run directory (a pilot run)."),
+          effect: float = typer.Option(..., "--effect", help="The mean NLL delta (nats) the planned run should "
+                                                             "detect, e.g. 0.02."),
+          power_: Optional[float] = typer.Option(None, "--power", help="Default: the run's stats.power (0.8)."),
+          alpha: Optional[float] = typer.Option(None, "--alpha", help="Default: the run's stats.alpha."),
+          margin: Optional[float] = typer.Option(None, "--margin", help="Equivalence margin in nats. Default: the "
+                                                                        "run's stats.equivalence_margin.")) -> None:
+    """Plan a run from a pilot: per test, the samples needed to detect --effect and to show equivalence.
+
+    From each test's observed sd of paired deltas (summary.csv, comparisons.csv): n_to_detect (two-sided paired
+    t-test at --alpha and --power), n_for_equivalence (TOST within the margin when the true difference is 0),
+    and the MDE at the pilot's own n. Per test: Holm's adjustment over many tests needs more.
+    """
+    from ..reporting.power_plan import plan
+    from ..reporting.tables import markdown_table
+
+    if not run_dir.is_dir():
+        _guarded(_missing, run_dir)
+    table, used = _guarded(plan, run_dir, effect=effect, power=power_, alpha=alpha, margin=margin)
+    typer.echo(f"Samples needed per test to detect a mean delta of {used['effect']:g} nats (two-sided paired "
+               f"t-test, alpha {used['alpha']:g}, power {used['power']:g}) and to show equivalence within "
+               f"±{used['margin']:g} nats (TOST, true difference 0), from the sd of {run_dir}'s paired deltas:\n")
+    typer.echo(markdown_table(table, formats={"n_to_detect": ".0f", "n_for_equivalence": ".0f"}))
+
+
 def _missing(path: Path) -> None:
     from ..errors import MissingFileError
 

@@ -159,6 +159,17 @@ class Stats:
                           "the number of bootstrap resamples for the CI of each mean delta")
     alpha: float = setting(0.05, OPEN_UNIT, "the significance level applied to Holm-adjusted p-values")
     confidence: float = setting(0.95, OPEN_UNIT, "the bootstrap confidence interval's level")
+    # 0.02 nats is the exp21 notebook's own threshold for "no effect" (its diagnosis calls |delta| <= 0.02
+    # "NO EFFECT"); a mean-NLL change of 0.02 nats moves the answer's probability by about 2%.
+    equivalence_margin: float = setting(0.02, Rule("a number > 0 (nats of mean NLL)", lambda v: _is_number(v) and v > 0),
+                                        "the equivalence margin of the TOST tests: a mean delta shown to lie within "
+                                        "+-margin is 'equivalent'")
+    tie_tolerance: float | str = setting("auto", Rule("a number >= 0 (nats), or auto: the model's measured numerical "
+                                                      "floor, at least the dtype's documented value (float32 1e-4, "
+                                                      "bfloat16/float16 1e-2)",
+                                                      lambda v: v == "auto" or (_is_number(v) and v >= 0)),
+                                         "the per-sample |delta| at or below which a pair counts as a tie")
+    power: float = setting(0.8, OPEN_UNIT, "the power at which the minimum detectable effect is given")
 
 
 @dataclass(frozen=True)
@@ -171,9 +182,25 @@ class Generation:
                                     "the number of documents generated together")
     clean: str = setting("first_content_line", _one_of(CLEAN_MODES),
                          "how a generated text is cut down to one query")
+    model: str | None = setting(None, Rule("null (the scored model), or the name of a model config in conf/model "
+                                           "(e.g. qwen25_coder_05b_instruct)",
+                                           lambda v: v is None or (isinstance(v, str) and bool(re.fullmatch(
+                                               r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v)))),
+                                "the model that writes generated surrogates")
     store: str | None = setting(None, Rule("a directory, or null for $KVPRIME_HOME/surrogates",
                                            lambda v: v is None or (isinstance(v, str) and v.strip() != "")),
                                 "where generated surrogates are stored")
+
+
+@dataclass(frozen=True)
+class Floor:
+    measure: bool | str = setting("auto", Rule("auto (when a condition re-rotates keys), true or false",
+                                               lambda v: v == "auto" or isinstance(v, bool)),
+                                  "whether the re-rotation's numerical floor is measured before scoring")
+    max_nll_diff: float | str = setting("auto", Rule("a number > 0 (nats), or auto: float32 1e-3, bfloat16 and "
+                                                     "float16 5e-2",
+                                                     lambda v: v == "auto" or (_is_number(v) and v > 0)),
+                                        "the largest NLL difference between re-rotated and exact caches a run accepts")
 
 
 @dataclass(frozen=True)
@@ -228,6 +255,7 @@ class Settings:
                             "analyses (kvprime.plugins)")
     stats: Stats = section(Stats)
     generation: Generation = section(Generation)
+    floor: Floor = section(Floor)
     batch: Batch = section(Batch)
     run: Run = section(Run)
     dataset: Dataset = section(Dataset)
@@ -236,7 +264,7 @@ class Settings:
 
 # Sections whose every key is declared here: another key in them is a misspelling (Hydra only lets one in
 # with +key=...). model and dataset carry many more keys (their YAML files), checked elsewhere.
-CLOSED_SECTIONS = ("stats", "generation", "batch", "run")
+CLOSED_SECTIONS = ("stats", "generation", "floor", "batch", "run")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ from matplotlib.patches import Patch
 
 from ..pipeline import results_io
 
-VERDICT_COLORS = {"better": "#4CAF50", "worse": "#F44336", "no significant difference": "#9E9E9E"}
+# The four verdicts of kvprime.analysis.stats (and the pre-TOST "no significant difference" of older runs).
+VERDICT_COLORS = {"better": "#4CAF50", "worse": "#F44336", "equivalent": "#FFB300", "inconclusive": "#9E9E9E",
+                  "no significant difference": "#9E9E9E"}
 BASELINE_COLOR = "#2196F3"
 FORMAT = "png"
 DPI = 150
@@ -49,9 +51,10 @@ def message(ax, text):
 SUMMARY_COLUMNS = ("condition", "mean", "sem", "is_baseline", "mean_delta", "ci_low", "ci_high", "verdict")
 
 
-def conditions_figure(summary: pd.DataFrame, path: Path, *, title: str) -> Path:
+def conditions_figure(summary: pd.DataFrame, path: Path, *, title: str, margin: float | None = None) -> Path:
     """Two panels from a ``stats.summarize`` summary: mean NLL ± SEM per condition, and mean delta vs
-    the baseline with its CI (colour = verdict); the baseline is drawn in blue and labelled."""
+    the baseline with its CI (colour = verdict; ``margin``: the equivalence band, shaded); the baseline is drawn
+    in blue and labelled."""
     missing = [c for c in SUMMARY_COLUMNS if c not in summary.columns]
     if missing:
         raise ValueError(f"summary lacks columns: {missing}")
@@ -89,6 +92,9 @@ def conditions_figure(summary: pd.DataFrame, path: Path, *, title: str) -> Path:
     ax2.barh(y, np.nan_to_num(md), xerr=err, color=[VERDICT_COLORS.get(v, "#9E9E9E") for v in verdicts],
              alpha=0.9, capsize=3)
     ax2.axvline(0, color="black", linewidth=1)
+    if margin:
+        handles.append(ax2.axvspan(-margin, margin, color=VERDICT_COLORS["equivalent"], alpha=0.15,
+                                   label=f"equivalence margin ±{margin:g}"))
     for i in np.flatnonzero(is_base):
         ax2.text(0, i, "  baseline", va="center", ha="left", fontsize=9, color=BASELINE_COLOR)
     handles += [Patch(color=VERDICT_COLORS[v], label=f"verdict: {v}") for v in VERDICT_COLORS if v in set(verdicts)]

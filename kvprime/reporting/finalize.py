@@ -63,9 +63,14 @@ def finalize(run_dir) -> dict:
     defined = {**(cfg.get("conditions") or {}), **{r["name"]: r for r in exp.get("derived") or []}}
     comparisons = comparisons_for(exp, defined, all_names)
 
+    floor = meta.get("numerical_floor")
+    tie, tie_source = stats.tie_tolerance(st["tie_tolerance"], (cfg.get("model") or {}).get("dtype"), floor)
+    statistics = {k: st[k] for k in ("alpha", "confidence", "n_boot", "equivalence_margin", "power")} | {
+        "tie_tolerance": tie, "tie_tolerance_source": tie_source}
     summary, comp = stats.summarize(all_scores, baseline=exp["baseline"], conditions=all_names,
                                     comparisons=comparisons, n_boot=st["n_boot"], seed=seed, alpha=st["alpha"],
-                                    confidence=st["confidence"])
+                                    confidence=st["confidence"], tie_tolerance=tie,
+                                    equivalence_margin=st["equivalence_margin"], power=st["power"])
     diagnosis = report.diagnose(comp, exp.get("diagnosis") or [], alpha=st["alpha"]) if len(comp) else []
 
     similarity = _primary_similarity(scores, exp)
@@ -74,7 +79,7 @@ def finalize(run_dir) -> dict:
         scores=scores[["sample_id", "condition", "nll", "similarity"]].copy(),
         similarity=None if similarity is None else similarity.copy(), baseline=exp["baseline"], seed=seed,
         n_boot=st["n_boot"], alpha=st["alpha"], confidence=st["confidence"], experiment=copy.deepcopy(exp),
-        derived=derived.copy()))
+        derived=derived.copy(), tie_tolerance=tie, equivalence_margin=st["equivalence_margin"], power=st["power"]))
     analyses, titles = dict(ran.tables), dict(ran.titles)
     if len(derived):  # the routers' choices belong to the derived conditions, whatever analyses are named
         if routing.CHOICES_TABLE in analyses:
@@ -88,7 +93,8 @@ def finalize(run_dir) -> dict:
         from .figures import conditions_figure, save_figure
 
         figures["conditions"] = conditions_figure(summary, run_dir / "conditions.png",
-                                                  title=f"{exp['name']}: mean NLL and delta vs {exp['baseline']}").name
+                                                  title=f"{exp['name']}: mean NLL and delta vs {exp['baseline']}",
+                                                  margin=st["equivalence_margin"]).name
         for key, fig in ran.figures.items():
             figures[key] = save_figure(fig.draw(), run_dir / fig.file).name
     except ImportError:  # figures are optional output; tables are not
@@ -106,6 +112,8 @@ def finalize(run_dir) -> dict:
 
     results = {
         "experiment": {k: exp.get(k) for k in ("name", "title", "description", "baseline")},
+        "statistics": statistics,
+        "numerical_floor": floor,
         "conditions": plan["conditions"],
         "derived": rules,
         "counts": {"selected_samples": len(inputs), "scored_samples": int(scores["sample_id"].nunique()),

@@ -19,12 +19,23 @@ DEFINITIONS = """\
   (lower is better); `nll_sum` and `n_answer_tokens` are in `scores.csv`.
 - **delta** = reference NLL - condition NLL, per sample, paired by `sample_id` (positive: the condition
   is better). Against the baseline, the reference is the baseline.
-- **win / tie / loss**: delta > 0 strictly / delta == 0 exactly / delta < 0; ties are counted apart.
+- **win / tie / loss**: delta > tie tolerance / |delta| <= tie tolerance / delta < -tie tolerance, per
+  sample. The tie tolerance is the numerical floor (stated under Statistics): a difference that float rounding
+  alone produces is not an effect.
 - **d_z**: mean(delta) / std(delta, ddof=1) (Cohen's d for paired samples). std uses ddof=1 everywhere.
 - **CI**: seeded bootstrap (scipy, BCa; percentile where BCa is degenerate) of mean delta.
-- **p**: paired t-test (`p_ttest`) and Wilcoxon signed-rank (`p_wilcoxon`); `p_holm` is the t-test p
-  Holm-adjusted over every test in this run (each condition vs baseline and each named comparison).
-- **verdict**: better/worse when p_holm < alpha, else "no significant difference".
+- **p**: paired t-test (`p_ttest`), Wilcoxon signed-rank (`p_wilcoxon`, ties discarded) and exact sign test
+  of wins against losses (`p_sign`).
+- **TOST** (`p_tost`): two one-sided paired t-tests (statsmodels `ttost_paired`) of
+  -margin < mean delta < +margin, the equivalence margin in nats of mean NLL (`stats.equivalence_margin`).
+- **Holm**: every test of this run (each condition vs baseline and each named comparison), its t-test p and
+  its TOST p, is one family: `p_holm` and `p_tost_holm` are adjusted together.
+- **verdict**: *equivalent* when p_tost_holm < alpha (the effect is shown to be smaller than the margin);
+  else *better*/*worse* when p_holm < alpha; else *inconclusive* (this run can show neither a difference nor
+  its absence: a "no effect" claim needs *equivalent*).
+- **MDE** (`mde`): the smallest |mean delta| the paired t-test detects with the stated power at this n and
+  the unadjusted alpha, from the observed sd of the deltas (statsmodels `TTestPower`). `kvprime power <run>
+  --effect E` gives the n needed for an effect E, and for equivalence within the margin.
 - Non-finite NLLs are flagged (`n_nonfinite`) and never averaged."""
 
 
@@ -51,6 +62,9 @@ def diagnose(comparisons: pd.DataFrame, rules: Sequence[Mapping], alpha: float =
             "check": rule["name"], "status": status, "text": text, "mean_delta": delta,
             "threshold": threshold, "p_holm": float(row.p_holm), "significant": significant,
             "ci": [float(row.ci_low), float(row.ci_high)],
+            # The four-way verdict (TOST + difference test) beside the notebook's threshold call.
+            "verdict": str(row.get("verdict", "")) or None,
+            "p_tost_holm": float(row.get("p_tost_holm", float("nan"))),
         })
     return out
 
@@ -63,10 +77,12 @@ def diagnosis_text(items: Sequence[Mapping]) -> str:
     lines = []
     for d in items:
         sig = "significant" if d["significant"] else "not significant"
+        verdict = f" Verdict: **{d['verdict']}** (p_tost_holm {cell(d['p_tost_holm']) or 'n/a'})." \
+            if d.get("verdict") else ""
         lines.append(
             f"- **[{d['status']}] {d['check']}**: {d['text']} (mean delta {d['mean_delta']:+.4f} vs threshold "
             f"±{d['threshold']:g}; 95% CI [{_signed(d['ci'][0])}, {_signed(d['ci'][1])}]; "
-            f"p_holm {cell(d['p_holm']) or 'n/a'}, {sig})"
+            f"p_holm {cell(d['p_holm']) or 'n/a'}, {sig}).{verdict}"
         )
     return "\n".join(lines)
 
@@ -81,9 +97,9 @@ def rejection_counts(rejected: Sequence[Mapping]) -> list[tuple[str, int]]:
 
 
 SUMMARY_COLUMNS = ("condition", "n", "n_nonfinite", "mean", "std", "sem", "mean_delta", "ci_low", "ci_high",
-                   "win_rate", "tie_rate", "p_ttest", "p_wilcoxon", "p_holm", "d_z", "verdict")
+                   "win_rate", "tie_rate", "p_ttest", "p_wilcoxon", "p_holm", "p_tost_holm", "d_z", "mde", "verdict")
 COMPARISON_COLUMNS = ("name", "treatment", "reference", "n", "mean_delta", "ci_low", "ci_high", "win_rate",
-                      "tie_rate", "p_ttest", "p_wilcoxon", "p_holm", "d_z", "verdict")
+                      "tie_rate", "p_ttest", "p_wilcoxon", "p_holm", "p_tost_holm", "d_z", "mde", "verdict")
 
 
 def inspect_text(inspect: Mapping) -> str:
@@ -109,6 +125,22 @@ def inspect_text(inspect: Mapping) -> str:
         layers])
 
 
+def statistics_text(st: Mapping | None, floor: Mapping | None) -> str:
+    """The header's statistics line: the settings every verdict in the report depends on, and the floor."""
+    if not st:
+        return ""
+    text = (f"Statistics: alpha {st['alpha']:g} on Holm-adjusted p, equivalence margin ±{st['equivalence_margin']:g} "
+            f"nats (TOST), tie tolerance {st['tie_tolerance']:g} nats ({st['tie_tolerance_source']}), MDE at power "
+            f"{st['power']:g}, {st['n_boot']} bootstrap resamples.")
+    if floor and floor.get("measured"):
+        text += (f" Numerical floor ({floor.get('dtype')}, {floor.get('device')}): re-rotated vs exact keys differ "
+                 f"by at most {floor['max_key_abs_diff']:.2e}, NLL by {floor['max_nll_abs_diff']:.2e} nats "
+                 f"(accepted up to {floor.get('tolerance', float('nan')):.0e}).")
+    elif floor:
+        text += f" Numerical floor not measured: {floor.get('reason', 'no re-rotated condition')}."
+    return text
+
+
 def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *,
            analyses: Mapping[str, pd.DataFrame] | None = None, titles: Mapping[str, str] | None = None,
            inspect: Mapping | None = None) -> str:
@@ -123,6 +155,7 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *
         f"dataset **{meta['dataset']['name']}**: {results['counts']['scored_samples']} samples scored "
         f"({results['counts']['skipped_samples']} skipped as too long, {results['counts']['rejected_records']} "
         f"records rejected at load). Baseline: `{exp['baseline']}`. Sink policy: `{meta['model']['sink']}`.",
+        statistics_text(results.get("statistics"), results.get("numerical_floor")),
         "## Conditions",
         markdown_table([{"condition": n, **c} for n, c in conds.items()],
                        ("condition", "builder", "surrogate", "rope_fix", "position_offset", "description")),
@@ -139,8 +172,9 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *
         parts += [f"## {(titles or {}).get(name, name)}",
                   markdown_table(table, list(table.columns)) if len(table) else "_(no data: conditions missing)_"]
     if results.get("diagnosis"):
-        parts += ["## Diagnosis", "The notebook's rules (thresholds on the mean delta), with the statistics "
-                  "beside each call.", diagnosis_text(results["diagnosis"])]
+        parts += ["## Diagnosis", "The notebook's view (thresholds on the mean delta: OK / PROBLEM / UNCLEAR), "
+                  "with the statistics and this run's verdict beside each call; only *equivalent* supports a "
+                  "\"no effect\" reading.", diagnosis_text(results["diagnosis"])]
     if inspect:
         parts += ["## Cache check (kvprime inspect)", inspect_text(inspect)]
     notes = [n for n in results.get("notes", []) if n]
