@@ -15,6 +15,8 @@ From a notebook::
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import replace
 
 import torch
@@ -186,11 +188,15 @@ class Engine:
 
     def run_chunk(self, work, *, per_token: bool = False, encode_tokens: int = 4096,
                   score_tokens: int = 8192) -> list[tuple[PrimedCache, Score]]:
-        """Build and score a chunk of (spec, segments): its distinct encodes batched, then its scores batched."""
+        """Build and score a chunk of (spec, segments): its distinct encodes batched, then its scores batched.
+        ``last_chunk_s`` holds the chunk's wall seconds for indexing (encode and build) and for scoring."""
+        t0 = time.perf_counter()
         self.prefill([r for spec, seg in work for r in self.plan(spec, seg)], batch_tokens=encode_tokens)
         primed = [self.build(spec, seg) for spec, seg in work]
+        t1 = time.perf_counter()
         scores = self.score_many(list(zip(primed, (seg for _, seg in work))), per_token=per_token,
                                  batch_tokens=score_tokens)
+        self.last_chunk_s = {"index": t1 - t0, "score": time.perf_counter() - t1}
         return list(zip(primed, scores))
 
     def forget(self) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.cost import forward_flops, generation_flops
 from ..cache import hf_internals as hf
 from ..cache.engine import Engine
 from ..pipeline import metadata
@@ -32,22 +33,7 @@ from ..surrogates.generation import GENERATION_TEMPLATES, generate
 DEFAULTS = ("experiment=exp01", "dataset.n_samples=20", "progress=false")
 
 
-# ---------------------------------------------------------------- FLOPs
-
-
-def forward_flops(config, tokens: int, context: int = 0, logits: int = 0) -> float:
-    """Matmul FLOPs of one forward over ``tokens`` new tokens after ``context`` cached ones, with the LM head
-    on ``logits`` positions: projections, gated MLP, attention scores and mixing, LM head."""
-    c = config.get_text_config(decoder=True)
-    h, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    d = getattr(c, "head_dim", None) or h // heads
-    inter = c.intermediate_size
-    proj = 2 * (h * heads * d + 2 * h * kv * d + heads * d * h)
-    mlp = 2 * 3 * h * inter
-    attended = tokens * context + tokens * (tokens + 1) / 2  # keys each new token attends to, summed
-    attention = 2 * 2 * heads * d * attended
-    return layers * (tokens * (proj + mlp) + attention) + 2 * h * c.vocab_size * logits
+# FLOPs: kvprime.analysis.cost (the same count the reports' cost tables use).
 
 
 def _sync(device: torch.device) -> None:
@@ -195,8 +181,7 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
         for (cache_len, _), seg in zip(fast, segs))
 
     def gen_flops(rows):
-        return sum(forward_flops(config, p, 0, 1) + sum(forward_flops(config, 1, p + j, 1) for j in range(n - 1))
-                   for p, n in rows)
+        return sum(generation_flops(config, p, n) for p, n in rows)
 
     gen_tokens = sum(n for _, n in gen["batched"]["rows"])
     end_fast, end_slow = fast_s + gen["batched"]["s"], slow_s + gen["single"]["s"]

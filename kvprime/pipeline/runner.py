@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..analysis import cost
 from ..config import plugins
 from ..errors import RunDirError
 from . import interrupts, metadata
@@ -56,11 +57,12 @@ def _complete(run_dir: Path, samples, names) -> bool:
     return all((s.sample_id, n) in done for s in samples if s.sample_id not in skipped for n in names)
 
 
-def _row(sample, name, seg, primed, score, resolved, similarity, save_tokens, per_token) -> dict:
+def _row(sample, name, seg, primed, score, resolved, similarity, save_tokens, per_token, cost) -> dict:
     row = {"sample_id": sample.sample_id, "condition": name, "nll": score.nll, "nll_sum": score.nll_sum,
            "n_answer_tokens": score.n_answer_tokens, "cache_len": len(primed), "next_position": primed.next_position,
-           "encoded_tokens": primed.encoded_tokens, "surrogate": resolved[sample.sample_id][name],
-           "similarity": similarity.get(sample.sample_id, {}).get(name)}
+           "encoded_tokens": primed.encoded_tokens, "prompt_tokens": len(seg.prompt),
+           "surrogate": resolved[sample.sample_id][name],
+           "similarity": similarity.get(sample.sample_id, {}).get(name), **cost}
     if not score.finite:
         row["nonfinite"] = repr(score.nll)
     if save_tokens:
@@ -219,6 +221,10 @@ def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) ->
                   "bos_added_by_tokenizer": tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id],
                   "quantization": model_cfg.get("quantization"),
                   "max_context": engine.max_context, "sliding_windows": sorted(set(engine.windows)), **model_info},
+        # for the reports' FLOP counts (kvprime.analysis.cost), without loading the model again
+        "model_shape": cost.model_shape(session.model.config),
+        "generator_shape": cost.model_shape(session.generator_config) if getattr(session, "generator_config", None)
+        else None,
         "dataset": {"name": cfg["dataset"].get("name"), "n_samples": cfg["dataset"].get("n_samples"),
                     "selection": cfg["dataset"].get("selection"), "selection_seed": cfg["dataset"].get("seed"),
                     "sample_ids_sha256": metadata.sample_ids_sha256([s.sample_id for s in samples]),
@@ -235,6 +241,27 @@ def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) ->
     return finalize(run_dir)
 
 
+def _chunk_costs(session, work, done, seconds, shape) -> list[dict]:
+    """Per (sample, condition) of a chunk: its share of the chunk's measured seconds (in proportion to its FLOPs,
+    kvprime.analysis.cost) and its surrogate's generation cost."""
+    index_f = [cost.forward_flops(shape, pc.encoded_tokens) for pc, _ in done]
+    query_f = [cost.forward_flops(shape, len(seg.prompt) + len(seg.answer), len(pc), len(seg.answer) + 1)
+               for (_, _, seg), (pc, _) in zip(work, done)]
+    out = []
+    for (sample, name, _), fi, fq in zip(work, index_f, query_f):
+        row = {"encode_s": round(seconds["index"] * fi / (sum(index_f) or 1), 6),
+               "score_s": round(seconds["score"] * fq / (sum(query_f) or 1), 6)}
+        source = session.specs[name].surrogate
+        if source.startswith(("generated:", "generated_other:")):
+            # generated_other: this document's own generation is what an index would pay for; the control only
+            # swaps whose text is used, so its cost is the same as generated:<template>'s.
+            g = session.generation_cost(source.split(":", 1)[1], sample.sample_id)
+            row.update(generation_prompt_tokens=g.get("prompt_tokens"), generated_tokens=g.get("generated_tokens"),
+                       generation_s=g.get("seconds"))
+        out.append(row)
+    return out
+
+
 def _score_all(session, similarity, run_dir, progress):
     """Score in chunks of samples: the chunk's distinct encodes run as padded batches, then every
     (sample, condition) of the chunk is scored in batches, and its lines are appended before the next chunk."""
@@ -246,6 +273,7 @@ def _score_all(session, similarity, run_dir, progress):
     save_tokens, per_token = cfg["save_tokens"], cfg["per_token"]
     chunk = chunk_size(cfg)
     encode_tokens, score_tokens = int(cfg["batch"]["encode_tokens"]), int(cfg["batch"]["score_tokens"])
+    shape = cost.model_shape(session.model.config)
     with ScoreLog(run_dir / "scores.jsonl") as log:
         bar = tqdm(total=len(samples), desc=f"{cfg['experiment']['name']} ({len(specs)} conditions)",
                    unit="sample", disable=not progress)
@@ -272,11 +300,13 @@ def _score_all(session, similarity, run_dir, progress):
                 continue
             done = engine.run_chunk([(specs[name], seg) for _, name, seg in work], per_token=per_token,
                                     encode_tokens=encode_tokens, score_tokens=score_tokens)
-            for (sample, name, seg), (pc, score) in zip(work, done):
+            costs = _chunk_costs(session, work, done, engine.last_chunk_s, shape)
+            for (sample, name, seg), (pc, score), spent in zip(work, done, costs):
                 if (sample.sample_id, name) in log.done:
                     continue
                 with interrupts.record_boundary():
-                    log.append(_row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token))
+                    log.append(_row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token,
+                                    spent))
             engine.forget()
             bar.update(min(chunk, len(samples) - first))
         bar.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..analysis import routing, stats
+from ..analysis import cost, routing, stats
 from ..analysis.registry import AnalysisInput, run_analyses, validate_analyses
 from ..config import plugins, settings
 from ..errors import ConfigError, KvprimeError, MissingFileError
@@ -71,6 +71,14 @@ def finalize(run_dir) -> dict:
                                     comparisons=comparisons, n_boot=st["n_boot"], seed=seed, alpha=st["alpha"],
                                     confidence=st["confidence"], tie_tolerance=tie,
                                     equivalence_margin=st["equivalence_margin"], power=st["power"])
+    # Cost beside benefit: every test's treatment against its reference, per document (kvprime.analysis.cost).
+    costs = cost.add_derived(cost.per_score_costs(scores, meta.get("model_shape"), meta.get("generator_shape")), rules)
+    cost_tab = cost.cost_table(costs, cost.tests_frame(summary, comp, exp["baseline"]))
+    vs_base = cost_tab.iloc[:int((~summary["is_baseline"].astype(bool)).sum())].set_index("treatment")
+    for col in ("index_gflop", "extra_index_gflop", "delta_per_index_tflop", "query_gflop"):
+        summary[col] = summary["condition"].map(vs_base[col])
+    base_cost = costs[costs.condition == exp["baseline"]][["index_gflop", "query_gflop"]].mean()
+    summary.loc[summary["is_baseline"].astype(bool), ["index_gflop", "query_gflop"]] = base_cost.to_numpy()
     diagnosis = report.diagnose(comp, exp.get("diagnosis") or [], alpha=st["alpha"]) if len(comp) else []
 
     similarity = _primary_similarity(scores, exp)
@@ -106,6 +114,7 @@ def finalize(run_dir) -> dict:
         write_atomic(run_dir / "routed_scores.csv", derived.to_csv(index=False))
     write_atomic(run_dir / "summary.csv", summary.to_csv(index=False))
     write_atomic(run_dir / "comparisons.csv", comp.to_csv(index=False))
+    write_atomic(run_dir / "costs.csv", cost_tab.to_csv(index=False))
     for name, table in analyses.items():
         write_atomic(run_dir / "analyses" / f"{name}.csv", table.to_csv(index=False))
     inspect = json.loads((run_dir / "inspect.json").read_text()) if (run_dir / "inspect.json").exists() else None
@@ -125,6 +134,8 @@ def finalize(run_dir) -> dict:
         "summary": summary.to_dict(orient="records"),
         "comparisons": comp.to_dict(orient="records"),
         "diagnosis": diagnosis,
+        "costs": cost_tab.to_dict(orient="records"),
+        "worth_it": cost.worth_it(cost_tab),
         "analyses": {k: v.to_dict(orient="records") for k, v in analyses.items()},
         "figures": figures,
         "notes": _notes(plan["conditions"], _builder_notes(plan), meta, scores),

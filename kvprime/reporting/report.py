@@ -36,6 +36,11 @@ DEFINITIONS = """\
 - **MDE** (`mde`): the smallest |mean delta| the paired t-test detects with the stated power at this n and
   the unadjusted alpha, from the observed sd of the deltas (statsmodels `TTestPower`). `kvprime power <run>
   --effect E` gives the n needed for an effect E, and for equivalence within the margin.
+- **Cost** (`costs.csv`): model FLOPs from the model's shapes (projections, gated MLP, attention, LM head).
+  Indexing, per document: the cache's encoded tokens through the model, plus a generated surrogate's prompt
+  prefill and one forward per generated token (on the generator). Query time: prompt and answer tokens against
+  the cache. A routed condition pays for every cache it routes among. Seconds are each chunk's measured wall
+  time shared in proportion to FLOPs.
 - Non-finite NLLs are flagged (`n_nonfinite`) and never averaged."""
 
 
@@ -102,6 +107,11 @@ COMPARISON_COLUMNS = ("name", "treatment", "reference", "n", "mean_delta", "ci_l
                       "tie_rate", "p_ttest", "p_wilcoxon", "p_holm", "p_tost_holm", "d_z", "mde", "verdict")
 
 
+COST_COLUMNS = ("test", "mean_delta", "ci_low", "ci_high", "verdict", "index_tokens", "generated_tokens",
+                "index_gflop", "extra_index_gflop", "extra_index_s", "query_tokens", "query_gflop",
+                "delta_per_index_tflop")
+
+
 def inspect_text(inspect: Mapping) -> str:
     conds = inspect["conditions"]
     shapes = markdown_table(
@@ -166,6 +176,18 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *
     if len(comparisons):
         parts += ["## Named comparisons", "delta = reference NLL - treatment NLL (positive: treatment better).",
                   markdown_table(comparisons, COMPARISON_COLUMNS)]
+    if results.get("costs"):
+        parts += ["## Cost beside benefit",
+                  "Per document, the treatment's indexing work (its cache's encoded tokens, plus a generated "
+                  "surrogate's generation) and query-time work, next to its benefit over the reference; "
+                  "`delta_per_index_tflop` = mean delta per TFLOP of extra indexing. Seconds: this run's device.",
+                  markdown_table(pd.DataFrame(results["costs"]), COST_COLUMNS,
+                                 formats={"index_tokens": ".0f", "generated_tokens": ".0f", "query_tokens": ".0f",
+                                          "index_gflop": ".3f", "extra_index_gflop": ".3f", "extra_index_s": ".3f",
+                                          "query_gflop": ".3f", "delta_per_index_tflop": ".3g"})]
+        if results.get("worth_it"):
+            parts += ["Is document-specific generation worth its compute?\n\n"
+                      + "\n".join(f"- {line}" for line in results["worth_it"])]
     for key, fname in (results.get("figures") or {}).items():
         parts += [f"![{key}]({fname})"]
     for name, table in (analyses or {}).items():

@@ -1,0 +1,148 @@
+"""What each condition costs: model FLOPs from the model's shapes, at indexing time and at query time.
+
+The cost model (the README's definitions section states it too):
+
+* **FLOPs of a forward pass** over ``tokens`` new tokens after ``context`` cached ones, with the LM head on
+  ``logits`` positions: per layer the q/k/v/o projections (2 * h * (heads + 2 * kv_heads) * d +
+  2 * heads * d * h per token), the gated MLP (2 * 3 * h * intermediate per token) and attention scores and
+  mixing (2 * 2 * heads * d per (query, key) pair, causal within the new tokens); then the LM head
+  (2 * h * vocab per logit position). Norms, RoPE and softmax are left out (under 1% at these sizes).
+* **Indexing cost** of a condition, per document: its cache's encoded tokens (sink, surrogate, document and any
+  suffix: the builder's ``encoded_tokens``) through the scored model with no LM head, plus, for a generated
+  surrogate, the generator's prompt prefill and one forward per generated token.
+* **Query-time cost**: the prompt and answer tokens scored against the cache (context = cache length).
+* **Measured seconds**: each chunk's wall time for encoding and building (indexing) and for scoring (query),
+  shared among its (sample, condition) pairs in proportion to their FLOPs; generation seconds are the
+  document's share of its generation batch. Seconds depend on the device and on batching; FLOPs do not.
+
+Shapes are recorded in the run's metadata (``model_shape``), so a report needs no model to compute FLOPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size", "vocab_size")
+
+
+def model_shape(config) -> dict:
+    """The shape numbers the FLOP count needs, from a transformers config (its text decoder's)."""
+    if isinstance(config, Mapping):
+        return {k: int(config[k]) for k in SHAPE_KEYS}
+    c = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = c.num_attention_heads
+    return {"hidden_size": int(c.hidden_size), "num_hidden_layers": int(c.num_hidden_layers),
+            "num_attention_heads": int(heads),
+            "num_key_value_heads": int(getattr(c, "num_key_value_heads", None) or heads),
+            "head_dim": int(getattr(c, "head_dim", None) or c.hidden_size // heads),
+            "intermediate_size": int(c.intermediate_size), "vocab_size": int(c.vocab_size)}
+
+
+def forward_flops(shape, tokens: float, context: float = 0, logits: float = 0) -> float:
+    """Matmul FLOPs of one forward (module docstring); ``shape``: ``model_shape``'s dict or a config."""
+    s = model_shape(shape)
+    h, heads, kv, d = s["hidden_size"], s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"]
+    proj = 2 * (h * heads * d + 2 * h * kv * d + heads * d * h)
+    mlp = 2 * 3 * h * s["intermediate_size"]
+    attended = tokens * context + tokens * (tokens + 1) / 2  # keys each new token attends to, summed
+    attention = 2 * 2 * heads * d * attended
+    return s["num_hidden_layers"] * (tokens * (proj + mlp) + attention) + 2 * h * s["vocab_size"] * logits
+
+
+def generation_flops(shape, prompt_tokens: float, generated_tokens: float) -> float:
+    """Prefill of the prompt (one logit) and one forward per further generated token."""
+    if not generated_tokens:
+        return 0.0
+    n = int(generated_tokens)
+    return forward_flops(shape, prompt_tokens, 0, 1) + sum(forward_flops(shape, 1, prompt_tokens + j, 1)
+                                                             for j in range(n - 1))
+
+
+COST_COLUMNS = ("index_tokens", "generated_tokens", "index_gflop", "index_s", "query_tokens", "query_gflop",
+                "query_s")
+
+
+def per_score_costs(scores: pd.DataFrame, shape: Mapping | None, generator_shape: Mapping | None) -> pd.DataFrame:
+    """Per (sample_id, condition): the cost columns (``COST_COLUMNS``); NaN where the run did not record them."""
+    def col(name):
+        return scores[name].astype(float) if name in scores else pd.Series(np.nan, index=scores.index)
+
+    out = scores[["sample_id", "condition"]].copy()
+    enc, prompt, answer, cache = col("encoded_tokens"), col("prompt_tokens"), col("n_answer_tokens"), col("cache_len")
+    gen_prompt, gen = col("generation_prompt_tokens"), col("generated_tokens").fillna(0.0)
+    out["index_tokens"], out["generated_tokens"] = enc, gen
+    if shape:
+        gshape = generator_shape or shape
+        gen_f = [generation_flops(gshape, p, g) if g else 0.0 for p, g in zip(gen_prompt.fillna(0.0), gen)]
+        out["index_gflop"] = [(forward_flops(shape, e) if e == e else np.nan) / 1e9 for e in enc]
+        out["index_gflop"] += np.asarray(gen_f) / 1e9
+        out["query_gflop"] = [forward_flops(shape, p + a, c, a + 1) / 1e9 for p, a, c in zip(prompt, answer, cache)]
+    else:
+        out["index_gflop"] = out["query_gflop"] = np.nan
+    out["index_s"] = col("encode_s") + col("generation_s").fillna(0.0)
+    out["query_tokens"] = prompt + answer
+    out["query_s"] = col("score_s")
+    return out
+
+
+def add_derived(costs: pd.DataFrame, derived_rules) -> pd.DataFrame:
+    """A routed condition's cost: every cache it routes among is built for each document, and the query is
+    scored against the one chosen (taken as the mean of the candidates' query costs)."""
+    rows = [costs]
+    for rule in derived_rules:
+        part = costs[costs.condition.isin(rule["among"])]
+        if part.empty:
+            continue
+        agg = part.groupby("sample_id", sort=False).agg(
+            {**{c: "sum" for c in ("index_tokens", "generated_tokens", "index_gflop", "index_s")},
+             **{c: "mean" for c in ("query_tokens", "query_gflop", "query_s")}}).reset_index()
+        agg["condition"] = rule["name"]
+        rows.append(agg[costs.columns])
+    return pd.concat(rows, ignore_index=True)
+
+
+def cost_table(costs: pd.DataFrame, tests: pd.DataFrame) -> pd.DataFrame:
+    """One row per test (``tests``: name, treatment, reference, mean_delta, ci_low, ci_high, verdict): the
+    benefit beside the treatment's extra cost per document over the reference, and the benefit per TFLOP."""
+    mean = costs.groupby("condition", sort=False)[list(COST_COLUMNS)].mean()
+    rows = []
+    for t in tests.itertuples(index=False):
+        trt = mean.loc[t.treatment] if t.treatment in mean.index else pd.Series(np.nan, index=COST_COLUMNS)
+        ref = mean.loc[t.reference] if t.reference in mean.index else pd.Series(np.nan, index=COST_COLUMNS)
+        extra = trt["index_gflop"] - ref["index_gflop"]
+        rows.append({"test": t.name, "treatment": t.treatment, "reference": t.reference,
+                     "mean_delta": t.mean_delta, "ci_low": t.ci_low, "ci_high": t.ci_high, "verdict": t.verdict,
+                     "index_tokens": trt["index_tokens"], "generated_tokens": trt["generated_tokens"],
+                     "index_gflop": trt["index_gflop"], "extra_index_gflop": extra,
+                     "extra_index_s": trt["index_s"] - ref["index_s"],
+                     "query_tokens": trt["query_tokens"], "query_gflop": trt["query_gflop"],
+                     "extra_query_gflop": trt["query_gflop"] - ref["query_gflop"],
+                     # nats of mean NLL gained per TFLOP of extra indexing work; undefined when it costs nothing more
+                     "delta_per_index_tflop": t.mean_delta / (extra / 1e3) if extra > 0 else np.nan})
+    return pd.DataFrame(rows)
+
+
+def worth_it(table: pd.DataFrame) -> list[str]:
+    """A sentence per test whose treatment generates surrogates its reference does not: the walkthrough's
+    question "is document-specific generation worth the compute?", answered with the run's numbers."""
+    out = []
+    for r in table.itertuples(index=False):
+        if not (r.generated_tokens > 0) or not (r.extra_index_gflop > 0):
+            continue
+        out.append(f"**{r.test}**: mean delta {r.mean_delta:+.4f} nats [{r.ci_low:+.4f}, {r.ci_high:+.4f}], verdict "
+                   f"*{r.verdict}*, bought by {r.extra_index_gflop:.2f} GFLOP ({r.extra_index_s:.2f} s on this run's "
+                   f"device) of extra indexing per document, {r.generated_tokens:.0f} of its tokens generated.")
+    return out
+
+
+def tests_frame(summary: pd.DataFrame, comparisons: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Every test of a run as (name, treatment, reference, mean_delta, ci_low, ci_high, verdict): each condition
+    vs the baseline, then the named comparisons."""
+    cols = ["name", "treatment", "reference", "mean_delta", "ci_low", "ci_high", "verdict"]
+    vs = summary[~summary["is_baseline"].astype(bool)].assign(
+        name=lambda d: d["condition"] + f" vs {baseline}", treatment=lambda d: d["condition"], reference=baseline)
+    return pd.concat([vs[cols], comparisons[cols]], ignore_index=True) if len(comparisons) else vs[cols]
