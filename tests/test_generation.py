@@ -218,7 +218,7 @@ def test_templates_and_settings_key():
 
 
 def _fake_generate(calls):
-    def fake(model, tokenizer, documents, template_text, settings, *, progress=False):
+    def fake(model, tokenizer, documents, template_text, settings, *, progress=False, stats=None):
         calls.append(list(documents))
         return [f"q[{settings.seed}]:{d[:10]}" for d in documents]
 

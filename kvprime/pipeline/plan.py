@@ -141,6 +141,9 @@ def prepare(cfg, only: str | None = None) -> dict:
     names = list(specs) + [r["name"] for r in derived]
     comparisons_for(exp, {**(cfg.get("conditions") or {}), **{r["name"]: r for r in derived}}, names)
     _check_store(cfg, specs)
+    from ..surrogates.generator import generator_model_cfg
+
+    generator_model_cfg(cfg)  # generation.model names a usable conf/model config (nothing loaded or fetched)
     mconf = models.model_config(cfg["model"])
     for spec in specs.values():  # each builder declares the RoPE correction its settings need
         info = BUILDERS[spec.builder]
@@ -153,6 +156,10 @@ def prepare(cfg, only: str | None = None) -> dict:
     if not samples:
         raise RunError(f"dataset {cfg['dataset']['name']!r} gave no usable samples "
                        f"({len(loaded.rejected)} rejected; e.g. {loaded.rejected[:3]}).")
+    if any(s.surrogate.startswith("generated_other:") for s in specs.values()):
+        from ..surrogates.sources import derangement
+
+        derangement(loaded.samples, cfg["seed"])  # needs two samples: said before the model loads
     pool = [s.query for s in loaded.samples]  # random queries come from the whole selection, not the shard
     return {"cfg": cfg, "specs": specs, "only": only, "loaded": loaded, "samples": samples, "pool": pool,
             "load_data_s": time.perf_counter() - t}
@@ -160,7 +167,9 @@ def prepare(cfg, only: str | None = None) -> dict:
 
 def _check_store(cfg: Mapping, specs: Mapping) -> None:
     """The generated-surrogate store must be writable before an hour of generation is spent."""
-    if not any(s.surrogate.startswith("generated:") for s in specs.values()):
+    from ..surrogates.sources import generated_template
+
+    if not any(generated_template(s.surrogate) for s in specs.values()):
         return
     from ..surrogates.store import SurrogateStore
     from . import rundir

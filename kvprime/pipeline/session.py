@@ -3,29 +3,20 @@
 ``run``, ``inspect``, ``walkthrough``, ``bench`` and ``surrogates generate`` all start here, so they cannot
 disagree about a sample: the validated settings and conditions (``kvprime.pipeline.plan.prepare``), this shard's
 samples, the random-query pool (the whole selection's queries), the model and tokenizer (loaded on first use),
-the Engine, every sample's surrogate text per condition (generated ones through the on-disk store) and its
-token segments per condition.
+the Engine, every sample's surrogate text per condition (generated ones through the on-disk store, written
+by the generator: ``generation.model``, the scored model by default, loaded only if the store lacks
+something) and its token segments per condition.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..surrogates import sources
-
-
-def model_id(model_cfg: Mapping, info: Mapping) -> str:
-    """What generated surrogates are keyed on: the model's name and a digest of its weights, hub revision,
-    dtype and quantization (any of them changes what the model writes)."""
-    weights = json.dumps([info.get("weights_sha256") or info.get("path") or "", info.get("commit"),
-                          model_cfg.get("dtype"), model_cfg.get("quantization"), model_cfg.get("compute_dtype")],
-                         sort_keys=True)
-    return f"{model_cfg.get('name')}:{hashlib.sha256(weights.encode()).hexdigest()[:16]}"
+from ..surrogates.generator import model_id
 
 
 class Session:
@@ -123,9 +114,10 @@ class Session:
     # ------------------------------------------------------------ surrogates
 
     def templates(self, names: Iterable[str] | None = None) -> list[str]:
-        """The generation templates the named conditions (default all) need, sorted."""
+        """The generation templates the named conditions (default all) need, sorted (``generated:`` and
+        ``generated_other:`` sources alike)."""
         specs = [self.specs[n] for n in (self.specs if names is None else names)]
-        return sorted({s.surrogate.split(":", 1)[1] for s in specs if s.surrogate.startswith("generated:")})
+        return sorted({t for s in specs if (t := sources.generated_template(s.surrogate)) is not None})
 
     @cached_property
     def generation_settings(self):
@@ -135,25 +127,105 @@ class Session:
         return GenerationSettings(**{k: g[k] for k in ("temperature", "max_new_tokens", "seed", "batch_size", "clean")
                                      if k in g})
 
+    @cached_property
+    def generator(self):
+        """The model that writes generated surrogates (``kvprime.surrogates.generator.Generator``); its weights
+        load only when something is not in the store."""
+        from ..surrogates.generator import Generator
+
+        return Generator(self.cfg, shared=lambda: self._model)
+
+    @property
+    def generator_config(self):
+        """The generator's HF config (read from its files, no weights loaded where that is possible); None when
+        the run has no generated surrogate."""
+        return self.generator.config if self.templates() else None
+
+    def generation_info(self) -> dict | None:
+        """What the run's metadata records about generation: the generator (config name, model id, whether it
+        is the scored model, dtype, device) and the templates; None when the run generates nothing."""
+        if not self.templates():
+            return None
+        return {**self.generator.describe(), "templates": self.templates(),
+                "settings": self.generation_settings.key()}
+
+    @cached_property
+    def store(self):
+        from ..surrogates.store import SurrogateStore
+
+        root = self.cfg["generation"].get("store")
+        return SurrogateStore(Path(root).expanduser()) if root else SurrogateStore()
+
+    @cached_property
+    def donors(self) -> dict:
+        """sample_id -> donor sample_id of ``generated_other`` over the whole selection (not the shard), so
+        every shard and command gives a sample the same donor."""
+        return sources.derangement(self.loaded.samples, self.seed)
+
+    def donor(self, sample):
+        """The sample whose generated surrogate ``sample`` gets under ``generated_other``."""
+        donor_id = self.donors.get(sample.sample_id)
+        if donor_id is None:  # outside the selection (walkthrough sample=<id>): the selection's donors stay
+            donor_id = sources.donor_outside(sample, self.loaded.samples, self.seed)
+        return next(s for s in self.loaded.samples if s.sample_id == donor_id)
+
+    def _needed(self, samples: Sequence, names: Iterable[str] | None) -> dict[str, dict]:
+        """template -> {sample_id: sample} whose generated text the conditions need for ``samples``: the
+        samples themselves (``generated:``) and their donors (``generated_other:``)."""
+        needed: dict[str, dict] = {}
+        for name in self.specs if names is None else names:
+            source = self.specs[name].surrogate
+            template = sources.generated_template(source)
+            if template is None:
+                continue
+            other = source.startswith("generated_other:")
+            for s in samples:
+                d = self.donor(s) if other else s
+                needed.setdefault(template, {})[d.sample_id] = d
+        return needed
+
     def generate(self, samples: Sequence | None = None, names: Iterable[str] | None = None, *,
                  progress: bool = False) -> dict:
-        """(template, sample_id) -> text for the samples (default this shard's) and conditions (default all):
-        read from the store, generated and stored where it has none. A document's surrogate does not depend
-        on the documents generated with it, so generating one sample gives what the whole run gives."""
+        """(template, sample_id) -> text for every document the conditions (default all) need for the samples
+        (default this shard's; ``generated_other`` needs the donors' too): read from the store, generated and
+        stored where it has none. A document's surrogate does not depend on the documents generated with it,
+        so generating one sample gives what the whole run gives."""
+        from ..surrogates.store import ensure
+
         samples = self.samples if samples is None else list(samples)
-        templates = self.templates(names)
-        for template in templates:
-            todo = [s for s in samples if (template, s.sample_id) not in self.generated]
+        needed = self._needed(samples, names)
+        gen = self.generator
+        for template, wanted in sorted(needed.items()):
+            todo = [s for s in wanted.values() if (template, s.sample_id) not in self.generated]
             if not todo:
                 continue
-            from ..surrogates.store import SurrogateStore, ensure
-
-            store = self.cfg["generation"].get("store")
-            texts = ensure(SurrogateStore(Path(store).expanduser()) if store else SurrogateStore(), self.model,
-                           self.tokenizer, model_id=self.model_id, template_name=template,
-                           documents=[s.passage for s in todo], settings=self.generation_settings, progress=progress)
+            texts = ensure(self.store, None, None, model_id=gen.model_id, template_name=template,
+                           documents=[s.passage for s in todo], settings=self.generation_settings, progress=progress,
+                           load=lambda: gen.load()[:2], provenance={"generator": gen.cfg.get("name")})
             self.generated.update({(template, s.sample_id): t for s, t in zip(todo, texts)})
-        return {(t, s.sample_id): self.generated[(t, s.sample_id)] for t in templates for s in samples}
+        if not gen.is_scored_model:
+            gen.release()  # scoring does not need the generator's weights
+        return {(t, sid): self.generated[(t, sid)] for t, wanted in needed.items() for sid in wanted}
+
+    def generation_cost(self, template: str, sample_id: str) -> dict:
+        """What generating ``sample_id``'s surrogate cost, from its store entry: ``prompt_tokens``,
+        ``generated_tokens``, ``seconds`` (None when unknown: an entry written before costs were recorded, or a
+        text not in the store) and ``generator`` (model id). ``template`` is a template name (this document's
+        surrogate) or a condition's source: ``generated:<t>`` the same, ``generated_other:<t>`` the donor's."""
+        from ..surrogates.generation import GENERATION_TEMPLATES
+        from ..surrogates.store import cost
+
+        kind, _, name = template.rpartition(":")
+        sample = self.sample(sample_id)
+        if kind == "generated_other":
+            sample = self.donor(sample)
+        key = self.store.key(model_id=self.generator.model_id, template_name=name,
+                             template_text=GENERATION_TEMPLATES[name], settings=self.generation_settings,
+                             document=sample.passage)
+        entry = self.store.entry(key)
+        out = cost(entry["meta"] if entry else {})
+        out["generator"] = out["generator"] or self.generator.model_id
+        return out
 
     def surrogates(self, sample, names: Iterable[str] | None = None) -> dict:
         """Condition -> surrogate text (None: no surrogate) for ``sample``, resolved once."""
@@ -166,8 +238,10 @@ class Session:
                 spec = self.specs[n]
                 # The tokenizer only for random tokens: other sources need no model loaded.
                 tok = self.tokenizer if spec.surrogate == "random_tokens" else None
+                donors = ({sample.sample_id: self.donor(sample).sample_id}
+                          if spec.surrogate.startswith("generated_other:") else None)
                 known[n] = sources.resolve(spec.surrogate, sample, pool=self.pool, seed=self.seed, tokenizer=tok,
-                                              n_tokens=spec.random_tokens, generated=self.generated)
+                                           n_tokens=spec.random_tokens, generated=self.generated, donors=donors)
         return {n: known[n] for n in names}
 
     def resolved(self, samples: Sequence | None = None) -> dict:

@@ -21,6 +21,7 @@ batched output equals one-at-a-time output (a rounding-level near-tie could in p
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -244,7 +245,10 @@ def generate(model, tokenizer, documents: list[str], template_text: str, setting
              per_row_prefill: bool | None = None) -> list[str]:
     """One cleaned surrogate per document, in input order; independent of batch size and batch mates.
 
-    ``stats``, if given, receives the real prompt and generated token counts (the benchmark's FLOP count).
+    ``stats``, if given, receives the real prompt and generated token counts (``rows``, in generation order:
+    the benchmark's FLOP count) and, under ``documents``, one dict per document in input order with its
+    ``prompt_tokens``, ``generated_tokens`` (the stop token included) and ``seconds`` (its equal share of its
+    batch's wall time: what the store records as the surrogate's cost).
     ``per_row_prefill``: None chooses by device (``prefill_rows_by_default``); either way the output is the
     same up to float rounding."""
     if not documents:
@@ -269,14 +273,22 @@ def generate(model, tokenizer, documents: list[str], template_text: str, setting
         batches = tqdm(batches, desc="generating surrogates", unit="batch")
 
     results: list[str | None] = [None] * len(documents)
+    per_document: list[dict | None] = [None] * len(documents)
     for batch in batches:
         gens = [torch.Generator().manual_seed(row_seed(settings.seed, documents[i])) for i in batch]
+        t = time.perf_counter()
         new_tokens = _generate_batch(model, [encoded[i] for i in batch], gens, settings, pad_id, stop,
                                      per_row_prefill)
+        share = (time.perf_counter() - t) / len(batch)
         if stats is not None:
-            stats.setdefault("rows", []).extend(
-                (len(encoded[i]), min(len(toks) + 1, settings.max_new_tokens))  # +1: the stop token
-                for i, toks in zip(batch, new_tokens))
+            rows = [(len(encoded[i]), min(len(toks) + 1, settings.max_new_tokens))  # +1: the stop token
+                    for i, toks in zip(batch, new_tokens)]
+            stats.setdefault("rows", []).extend(rows)
+            for i, (prompt_tokens, generated_tokens) in zip(batch, rows):
+                per_document[i] = {"prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
+                                   "seconds": share}
         for i, toks in zip(batch, new_tokens):
             results[i] = clean(tokenizer.decode(toks, skip_special_tokens=True), settings.clean)
+    if stats is not None:
+        stats["documents"] = per_document
     return results  # type: ignore[return-value]

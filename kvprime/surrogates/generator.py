@@ -1,0 +1,150 @@
+"""The model that writes generated surrogates (``generation.model``), which need not be the model scored.
+
+``generation.model: null`` keeps the old behaviour: the scored model writes its own surrogates. A name
+(``qwen25_coder_05b_instruct``) selects ``conf/model/<name>.yaml``, read as the run's model config is, with
+the run's ``model.device`` and ``model.dtype`` applied (a float32 CPU run generates in float32 on the CPU, a
+bfloat16 GPU run in bfloat16 on the GPU). Why a second model: a 135M scored model mostly copies the
+document's first sentence when asked for a query; a small instruction-tuned model writes real queries, and
+the experiment is about priming the scored model with a good query, not about the scored model's writing.
+
+The generator loads lazily: surrogates are keyed on its identity (``model_id``: name plus a digest of the
+weight files, dtype, quantization), which for a packaged or local model is computed from the files alone,
+so a rerun whose surrogates are all in the store never loads its weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from ..errors import ConfigError
+
+# Model configs whose location is given on the command line (model.path / model.id): generation.model names
+# a config and cannot carry that location, so these cannot be generators as they are.
+_LOCATED_ON_COMMAND_LINE = {"local": "path", "hub": "id"}
+# The run's settings that apply to the generator too.
+RUN_SETTINGS = ("device", "dtype")
+
+
+def model_id(model_cfg: Mapping, info: Mapping) -> str:
+    """What generated surrogates are keyed on: the model's name and a digest of its weights, hub revision,
+    dtype and quantization (any of them changes what the model writes)."""
+    weights = json.dumps([info.get("weights_sha256") or info.get("path") or "", info.get("commit"),
+                          model_cfg.get("dtype"), model_cfg.get("quantization"), model_cfg.get("compute_dtype")],
+                         sort_keys=True)
+    return f"{model_cfg.get('name')}:{hashlib.sha256(weights.encode()).hexdigest()[:16]}"
+
+
+def generator_name(run_cfg: Mapping) -> str | None:
+    """``generation.model`` of a run config: None when the scored model writes the surrogates."""
+    return (run_cfg.get("generation") or {}).get("model") or None
+
+
+def generator_model_cfg(run_cfg: Mapping) -> dict:
+    """The generator's model config: the run's own model config for ``generation.model: null``, else
+    ``conf/model/<name>.yaml`` with the run's device and dtype. An unknown or unusable name is one
+    ConfigError paragraph; nothing is loaded or fetched here (``kvprime.pipeline.plan.prepare`` calls it)."""
+    from ..config import confdir
+
+    name = generator_name(run_cfg)
+    if name is None:
+        return dict(run_cfg["model"])
+    known = confdir.names("model")
+    if name not in known:
+        raise ConfigError(f"generation.model={name!r} is not a model config. generation.model names the model that "
+                          f"writes generated surrogates: null (the scored model) or one of the configs in conf/model: "
+                          f"{', '.join(known)}. No model was loaded.")
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(confdir.load("model", name), resolve=True)
+    where = _LOCATED_ON_COMMAND_LINE.get(cfg.get("source"))
+    if where is not None and not cfg.get(where):
+        raise ConfigError(f"generation.model={name!r} names a model config whose location (model.{where}) is set on "
+                          "the command line, which generation.model cannot carry. Add a config for that model to "
+                          "conf/model (a copy of this one with its location filled in) and name it, or use "
+                          f"generation.model=null to generate with the scored model. Accepted: {', '.join(known)}.")
+    run_model = run_cfg.get("model") or {}
+    cfg.update({k: run_model[k] for k in RUN_SETTINGS if run_model.get(k) is not None})
+    return cfg
+
+
+def weights_identity(model_cfg: Mapping) -> dict | None:
+    """What ``kvprime.cache.models.load`` records about the weights (the parts ``model_id`` reads), from the
+    files alone: packaged (fetched if missing, as loading would), local and hub models; None for an in-process
+    random model, whose weights exist only once built (building one takes a second, so it is just loaded)."""
+    from ..cache import models
+
+    source = model_cfg.get("source")
+    if source == "tiny_random":
+        return None
+    config = models.model_config(model_cfg)  # the cheap checks; fetches a missing asset, as load would
+    folder = models._folder(model_cfg)
+    info = {"source": source, "name": models.model_name(model_cfg), "path": folder,
+            "commit": getattr(config, "_commit_hash", None)}
+    if source in ("asset", "local"):
+        info["weights_sha256"] = models._files_sha256(Path(folder))
+    return info
+
+
+class Generator:
+    """The generator of one session: its config, identity and HF config cheaply, its weights on first need.
+
+    ``shared`` (a zero-argument callable returning (model, tokenizer, info)) is the scored model's loader:
+    used when the generator is the scored model (``generation.model: null`` or a config equal to the run's),
+    so one model is never loaded twice."""
+
+    def __init__(self, run_cfg: Mapping, shared: Callable[[], tuple]):
+        self.name = generator_name(run_cfg)
+        self.cfg = generator_model_cfg(run_cfg)
+        # A named config equal to the run's (every key it sets has the run's value; the run's has more, filled
+        # in by the settings check) is the scored model: loaded once.
+        run_model = run_cfg["model"]
+        self.is_scored_model = self.name is None or all(run_model.get(k) == v for k, v in self.cfg.items())
+        self._shared = shared
+        self._loaded: tuple | None = None
+        self._id: str | None = None
+        self._config = None
+
+    def load(self) -> tuple:
+        """(model, tokenizer, info); the scored model's when they are the same."""
+        if self.is_scored_model:
+            return self._shared()
+        if self._loaded is None:
+            from ..cache import models
+
+            self._loaded = models.load(self.cfg)
+        return self._loaded
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    def release(self) -> None:
+        """Drop a separate generator's weights (the scored model's stay): scoring does not need them."""
+        self._loaded = None
+
+    @property
+    def model_id(self) -> str:
+        if self._id is None:
+            info = None if self.is_scored_model else weights_identity(self.cfg)
+            self._id = model_id(self.cfg, info if info is not None else self.load()[2])
+        return self._id
+
+    @property
+    def config(self):
+        """The generator's HF config, without loading weights where the files allow it."""
+        if self._config is None:
+            if self.is_scored_model or self.cfg.get("source") == "tiny_random" or self._loaded is not None:
+                self._config = self.load()[0].config
+            else:
+                from ..cache import models
+
+                self._config = models.model_config(self.cfg)
+        return self._config
+
+    def describe(self) -> dict:
+        """What the run's metadata records about the generator."""
+        return {"model": self.cfg.get("name"), "model_id": self.model_id, "scored_model": self.is_scored_model,
+                "source": self.cfg.get("source"), "dtype": self.cfg.get("dtype"), "device": self.cfg.get("device")}
