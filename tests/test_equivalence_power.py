@@ -11,7 +11,12 @@ import pytest
 from scipy import stats as st
 
 from kvprime.analysis import power
-from kvprime.analysis.stats import TIE_TOLERANCE_BY_DTYPE, paired_test, summarize, tie_tolerance
+from kvprime.analysis.stats import (
+    TIE_TOLERANCE_BY_DTYPE,
+    paired_test,
+    summarize,
+    tie_tolerance,
+)
 
 NB = 1000
 REF = np.array([2.31, 1.87, 3.02, 2.50, 1.95, 2.76, 3.40, 2.05, 2.64, 1.72, 2.2, 2.9])

@@ -44,6 +44,12 @@ BAD = {
     "stats.n_boot": [0, -5, settings.MIN_N_BOOT - 1, 10000.0, "10000", True, None],
     "stats.alpha": [2, 0, 1, 0.0, 1.0, -0.05, math.nan, math.inf, "0.05", True, None],
     "stats.confidence": [0, 1, 1.5, -0.95, math.nan, "0.95", False],
+    "stats.equivalence_margin": [0, -0.02, math.inf, "0.02", True, None],
+    "stats.tie_tolerance": [-1e-4, "AUTO", math.nan, "1e-4", True, None],
+    "stats.power": [0, 1, 80, "0.8", None],
+    "generation.model": ["", "../escape", "a b", 3, True],
+    "floor.measure": ["yes", 1, None],
+    "floor.max_nll_diff": [0, -1e-3, "1e-3", math.inf, True],
     "generation.temperature": [-1, -1e-9, math.inf, math.nan, "0.3", True, None],
     "generation.max_new_tokens": [0, -1, 1.5, "45", True, None],
     "generation.seed": [-1, "abc", 2.0, True],
@@ -72,6 +78,12 @@ GOOD = {
     "stats.n_boot": [settings.MIN_N_BOOT, 10000],
     "stats.alpha": [1e-12, 0.05, 1 - 1e-12],
     "stats.confidence": [1e-12, 0.95, 1 - 1e-12],
+    "stats.equivalence_margin": [1e-6, 0.02, 1],
+    "stats.tie_tolerance": ["auto", 0, 1e-4],
+    "stats.power": [0.5, 0.8, 0.95],
+    "generation.model": [None, "qwen25_coder_05b_instruct"],
+    "floor.measure": ["auto", True, False],
+    "floor.max_nll_diff": ["auto", 1e-3, 1],
     "generation.temperature": [0, 0.0, 0.3, 2],
     "generation.max_new_tokens": [1, 45],
     "generation.seed": [0, 7],
@@ -185,7 +197,9 @@ def test_missing_settings_get_the_declared_defaults_and_the_input_is_not_changed
     out = settings.check(cfg)
     assert cfg == before
     assert out["experiment"] == {"name": "x"}  # keys the schema does not declare are kept as they are
-    assert out["stats"] == {"n_boot": 10000, "alpha": 0.01, "confidence": 0.95}
+    assert out["stats"] == {"n_boot": 10000, "alpha": 0.01, "confidence": 0.95, "equivalence_margin": 0.02,
+                            "tie_tolerance": "auto", "power": 0.8}
+    assert out["floor"] == {"measure": "auto", "max_nll_diff": "auto"} and out["generation"]["model"] is None
     assert out["generation"]["temperature"] == 0 and out["generation"]["max_new_tokens"] == 45
     assert out["generation"]["seed"] == out["dataset"]["seed"] == 7  # they follow seed, as ${seed} does
     assert out["batch"] == {"samples": "auto", "encode_tokens": "auto", "score_tokens": "auto"}

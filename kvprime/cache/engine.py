@@ -16,7 +16,6 @@ From a notebook::
 from __future__ import annotations
 
 import time
-
 from dataclasses import replace
 
 import torch

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError
+from .devices import device_ok, this_machine
 
 # The accepted words of the settings that take one. generation.CLEAN_MODES and models.DTYPES must be equal to
 # these (tested); they are repeated here because kvprime.surrogates.generation imports torch at module level.
@@ -115,31 +116,6 @@ def _n_samples_zero(key: str, value) -> str | None:
     return None
 
 
-_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)\Z")
-
-
-def machine_devices() -> list[str]:
-    """The devices this machine offers: cpu, then cuda:0..N-1 when CUDA is available (imports torch)."""
-    try:
-        import torch
-
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # no torch, or a broken CUDA set-up: cpu is all that can be promised
-        n = 0
-    return ["cpu"] + [f"cuda:{i}" for i in range(n)]
-
-
-def _device_ok(v) -> bool:
-    if not isinstance(v, str) or not _DEVICE.match(v):
-        return False
-    if not v.startswith("cuda"):
-        return True  # auto, cpu: no torch needed
-    devices = machine_devices()
-    return (v == "cuda" and len(devices) > 1) or v in devices
-
-
-def _this_machine() -> str:
-    return "this machine has: " + ", ".join(machine_devices())
 
 
 def setting(default, rule: Rule, what: str, *, follows: str | None = None):
@@ -230,8 +206,8 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Model:
-    device: str = setting("auto", Rule("auto (cuda if present, else cpu), cpu, cuda or cuda:N", _device_ok,
-                                       machine=_this_machine), "the device the model runs on")
+    device: str = setting("auto", Rule("auto (cuda if present, else cpu), cpu, cuda or cuda:N", device_ok,
+                                       machine=this_machine), "the device the model runs on")
     dtype: str = setting("float32", _one_of(DTYPES), "the model's weight and compute dtype")
     sink: str = setting("bos", _one_of(SINKS), "the first cache entry (bos: the BOS token; none: no sink)")
 
