@@ -86,3 +86,16 @@ def test_a_run_records_each_conditions_cost(tiny_exp01):
     summary = pd.read_csv(tiny_exp01 / "summary.csv").set_index("condition")
     assert summary.loc["C2_trunc_generated_corrected", "extra_index_gflop"] == pytest.approx(c2.extra_index_gflop)
     assert "## Cost beside benefit" in (tiny_exp01 / "report.md").read_text()
+
+
+def test_the_report_judges_its_generated_surrogates(tiny_exp01):
+    table = pd.read_csv(tiny_exp01 / "generated_surrogates.csv")
+    # one row per source: the six conditions of generated:exp01 share one text per sample
+    assert list(table.source) == ["generated:exp01", "generated_other:exp01"]
+    assert "C2_trunc_generated_corrected" in table.conditions.iloc[0] and (table.n == 4).all()
+    results = json.loads((tiny_exp01 / "results.json").read_text())
+    gen = results["generated_surrogates"]
+    assert gen["generator"]["model"] == "tiny_random_llama"
+    # a random 2-layer model writes no questions: the report must say so
+    assert any("read as a question" in w for w in gen["warnings"])
+    assert "Warning: degenerate surrogates" in (tiny_exp01 / "report.md").read_text()

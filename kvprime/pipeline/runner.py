@@ -221,6 +221,7 @@ def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) ->
                   "bos_added_by_tokenizer": tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id],
                   "quantization": model_cfg.get("quantization"),
                   "max_context": engine.max_context, "sliding_windows": sorted(set(engine.windows)), **model_info},
+        "generation": session.generation_info(),  # the generator and templates, None when nothing is generated
         # for the reports' FLOP counts (kvprime.analysis.cost), without loading the model again
         "model_shape": cost.model_shape(session.model.config),
         "generator_shape": cost.model_shape(session.generator_config) if getattr(session, "generator_config", None)

@@ -19,6 +19,7 @@ from ..config import plugins, settings
 from ..errors import ConfigError, KvprimeError, MissingFileError
 from ..pipeline.plan import comparisons_for
 from ..pipeline.results_io import read_jsonl, write_atomic, write_json
+from ..surrogates import quality
 from . import report
 
 FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_tokens", "cache_len", "next_position",
@@ -115,6 +116,10 @@ def finalize(run_dir) -> dict:
     write_atomic(run_dir / "summary.csv", summary.to_csv(index=False))
     write_atomic(run_dir / "comparisons.csv", comp.to_csv(index=False))
     write_atomic(run_dir / "costs.csv", cost_tab.to_csv(index=False))
+    # Are the generated surrogates queries at all (kvprime.surrogates.quality)? Only for runs that generate.
+    gen_quality, gen_warnings = _generated_quality(inputs, plan["conditions"])
+    if len(gen_quality):
+        write_atomic(run_dir / "generated_surrogates.csv", gen_quality.to_csv(index=False))
     for name, table in analyses.items():
         write_atomic(run_dir / "analyses" / f"{name}.csv", table.to_csv(index=False))
     inspect = json.loads((run_dir / "inspect.json").read_text()) if (run_dir / "inspect.json").exists() else None
@@ -136,6 +141,8 @@ def finalize(run_dir) -> dict:
         "diagnosis": diagnosis,
         "costs": cost_tab.to_dict(orient="records"),
         "worth_it": cost.worth_it(cost_tab),
+        "generated_surrogates": {"table": gen_quality.to_dict(orient="records"), "generator": meta.get("generation"),
+                                 "warnings": gen_warnings} if len(gen_quality) else None,
         "analyses": {k: v.to_dict(orient="records") for k, v in analyses.items()},
         "figures": figures,
         "notes": _notes(plan["conditions"], _builder_notes(plan), meta, scores),
@@ -147,6 +154,24 @@ def finalize(run_dir) -> dict:
     write_atomic(run_dir / "report.md", report.render(results, summary, comp, analyses=analyses, titles=titles,
                                                              inspect=inspect))
     return results
+
+
+def _generated_quality(inputs, conditions: dict) -> tuple[pd.DataFrame, list[str]]:
+    """The quality table with one row per surrogate source (conditions sharing a source share its texts), named
+    after the source and listing its conditions, and its warnings."""
+    by_source: dict[str, list[str]] = {}
+    for name, c in conditions.items():
+        by_source.setdefault(str(c.get("surrogate")), []).append(name)
+    first = {names[0]: conditions[names[0]] for names in by_source.values()}
+    table = quality.quality_table(quality.rows_from_run(inputs, first))
+    if not len(table):
+        return table, []
+    sources = [str(conditions[c].get("surrogate")) for c in table["condition"]]
+    table["condition"] = sources
+    warnings = quality.degenerate_warnings(table)
+    table = table.rename(columns={"condition": "source"})
+    table.insert(1, "conditions", [", ".join(by_source[s]) for s in sources])
+    return table, warnings
 
 
 def _primary_similarity(scores: pd.DataFrame, exp) -> pd.Series | None:

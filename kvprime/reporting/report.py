@@ -188,6 +188,16 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *
         if results.get("worth_it"):
             parts += ["Is document-specific generation worth its compute?\n\n"
                       + "\n".join(f"- {line}" for line in results["worth_it"])]
+    gen = results.get("generated_surrogates")
+    if gen:
+        who = (gen.get("generator") or {})
+        parts += ["## Generated surrogates: are they queries?",
+                  f"Generator: `{who.get('model_id') or who.get('name') or 'the scored model'}`. Copied: a verbatim run "
+                  "of >= 8 document words (or >= 5 making up >= 60% of the surrogate); identical: the same text as "
+                  "another template's for the same document; question: ends in '?' or opens with a question word.",
+                  markdown_table(pd.DataFrame(gen["table"]))]
+        if gen.get("warnings"):
+            parts += ["**Warning: degenerate surrogates.**\n\n" + "\n".join(f"- {w}" for w in gen["warnings"])]
     for key, fname in (results.get("figures") or {}).items():
         parts += [f"![{key}]({fname})"]
     for name, table in (analyses or {}).items():
