@@ -74,7 +74,9 @@ ASSETS: dict[str, Asset] = {
                 },
             },
             download_mb=478,
-            default=False,
+            # Fetched by `kvprime setup` / `make setup`: exp01 and routing generate their surrogates with it
+            # (generation.model), since SmolLM2 mostly copies the document instead of writing a query.
+            default=True,
         ),
         Asset(
             name="gemma3_270m",

@@ -3,7 +3,9 @@
 One sample end to end: its surrogates with their similarity to the query, the caches they prime, which cache
 each router picks, every cache's NLL, and the token-by-token probabilities of the answer under the baseline
 cache vs the caches the similarity routers pick. The experiment is ``routing`` (the notebook's) unless the
-user names another (``experiment=...``).
+user names another (``experiment=...``); routing's generated surrogates are written by
+Qwen2.5-Coder-0.5B-Instruct (its ``generation.model``) whatever model is scored, ``generation.model=null``
+makes the scored model write them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ def walkthrough(args: list[str]) -> dict:
 
     baseline = exp["baseline"]
     print(f"sample {sample.sample_id}\n  query:   {sample.query}\n  answer:  {sample.answer}\n"
-          f"  passage: {sample.passage[:300]}{'...' if len(sample.passage) > 300 else ''}\n")
+          f"  passage: {sample.passage[:300]}{'...' if len(sample.passage) > 300 else ''}")
+    generator = session.generation_info()
+    if generator is not None:
+        print(f"  generated surrogates written by {generator['model']}"
+              f"{' (the scored model)' if generator['scored_model'] else ''}")
+    print()
     print(f"{'cache':<28}{'similarity':>11}{'NLL':>9}{'delta':>9}  surrogate")
     for name, r in results.items():
         sim = "" if r["similarity"] is None else f"{r['similarity']:.4f}"
@@ -63,4 +70,5 @@ def walkthrough(args: list[str]) -> dict:
     for i, tid in enumerate(results[baseline]["answer_ids"]):
         cells = "".join(f"{math.exp(results[n]['token_logprobs'][i]):>24.4g}" for n in shown)
         print(f"{session.tokenizer.decode([tid])!r:<16}{cells}")
-    return {"sample_id": sample.sample_id, "experiment": exp["name"], "caches": results, "routes": routes}
+    return {"sample_id": sample.sample_id, "experiment": exp["name"], "caches": results, "routes": routes,
+            "generator": generator}
