@@ -52,14 +52,64 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
         "phi": transformers.PhiConfig,
+        "phi3": transformers.Phi3Config,
         "gemma3_text": transformers.Gemma3TextConfig,
     }
     if arch not in classes:
         raise ConfigError(f"tiny arch {arch!r} is not known. Accepted: {', '.join(classes)}.")
     if arch == "gemma3_text":
         common.update(head_dim=16, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    if arch == "phi3":  # its defaults name token 32000, outside a tiny vocabulary: use the tiny tokenizer's ids
+        common.update(bos_token_id=0, eos_token_id=1, pad_token_id=2)
     common.update(overrides)
     return classes[arch](**common)
+
+
+# Every RoPE variant kvprime corrects, as (arch, config overrides) of a tiny model. Gemma3's window is widened
+# here so that a probe of a few hundred tiny-BPE tokens fits it (its layers still use their own frequencies).
+ROPE_VARIANTS = {
+    "default": ("llama", {}),
+    "linear": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}),
+    "llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 64}}),
+    # original_max_position_embeddings * factor = max_position_embeddings, as yarn expects.
+    "yarn": ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                           "original_max_position_embeddings": 512}}),
+    "partial_rotary_phi": ("phi", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                       "partial_rotary_factor": 0.5}}),
+    "partial_rotary_phi3": ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.75}}),
+    "gemma3_per_layer": ("gemma3_text", {"sliding_window": 512}),
+}
+
+
+def position_sensitive(model, attention: float = 16.0, mixing: float = 8.0, logits: float = 10.0):
+    """Scale a random model's weights so that its answer NLL depends on where the keys are.
+
+    At the default initialisation attention is nearly uniform and the logits nearly flat, so moving every key
+    by S positions changes a tiny model's NLL by 1e-4 nats or less: too little to tell a wrong re-rotation
+    from round-off. Sharper attention (query/key weights, or Gemma3's q/k norms), stronger attention outputs
+    and larger logits make a misplaced key cost tenths of a nat, while the model stays well-conditioned."""
+    import torch
+
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    v_rows = config.num_key_value_heads * head_dim
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(attention)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(attention - 1)  # Gemma3's RMSNorm scales by (1 + weight)
+            elif name.endswith(("v_proj.weight", "o_proj.weight", "self_attn.dense.weight")):
+                p.mul_(mixing)
+            elif name.endswith("qkv_proj.weight"):  # Phi3's fused projection, rows [q | k | v]
+                p[:-v_rows].mul_(attention)
+                p[-v_rows:].mul_(mixing)
+            elif name.endswith(("lm_head.weight", "embed_tokens.weight")):
+                p.mul_(logits)
+    return model
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 512, device: str | None = None, **overrides):

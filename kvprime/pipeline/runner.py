@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..analysis import cost
+from ..cache import floor as numerical_floor
 from ..config import plugins
 from ..errors import RunDirError
 from . import interrupts, metadata
@@ -171,6 +172,12 @@ def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) ->
     tokenizer, model_info, engine = session.tokenizer, session.model_info, session.engine
     timings["load_model"] = time.perf_counter() - t
     peaks["load_model"] = metadata.peak_rss_mb()
+    # Measured on every start (a resumed run too: it may score on another machine), before anything is
+    # generated or scored: a run whose re-rotation is above floor.max_nll_diff stops here.
+    t = time.perf_counter()
+    floor = numerical_floor.for_run(cfg.get("floor"), specs, session.model, tokenizer, sink_ids=engine.sink,
+                                    max_context=engine.max_context)
+    timings["numerical_floor"] = time.perf_counter() - t
 
     t = time.perf_counter()
     session.generate(progress=progress)
@@ -230,6 +237,7 @@ def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) ->
                     "selection": cfg["dataset"].get("selection"), "selection_seed": cfg["dataset"].get("seed"),
                     "sample_ids_sha256": metadata.sample_ids_sha256([s.sample_id for s in samples]),
                     "candidates": loaded.n_candidates, "rejected": [dict(r) for r in loaded.rejected]},
+        "numerical_floor": floor,  # stable keys: measured, dtype, max_nll_abs_diff (the stats' tie tolerance)
         "skipped": skipped,
         "log_lines_repaired_on_resume": repaired,
         "model_encodes": scoring_encodes, "encoded_tokens": scoring_tokens,
