@@ -92,6 +92,7 @@ def measure_floor(model, tokenizer, *, sink_ids, surrogate_lengths=SURROGATE_LEN
     from ..pipeline.conditions import ConditionSpec
     from .engine import Engine
     from .hf_internals import cache_layers, check_config_supports
+    from .scoring import score_batch
     from .segments import Segments, tokenize
 
     t0 = time.perf_counter()
@@ -128,12 +129,16 @@ def measure_floor(model, tokenizer, *, sink_ids, surrogate_lengths=SURROGATE_LEN
         return {"measured": False, **base,
                 "reason": f"the probe ({len(doc)} document tokens plus surrogates of {list(surrogate_lengths)} "
                           "tokens) fits neither the model's context nor its sliding window"}
-    # One chunk, as a run scores one: the encodes as padded batches, the caches built by the builder, the
-    # answers scored in batches. The floor then includes the batching's rounding, which the run's numbers carry.
-    # Encode batches of about two rows each: the rows' lengths differ by up to the longest surrogate, and one
-    # batch of all of them would spend a third of the measurement on padding.
+    # As a run does a chunk: the encodes as padded batches (of about two rows: their lengths differ by up to the
+    # longest surrogate), the caches from the builder, the answers scored in one batch (every cache holds the
+    # same sink and document, so nothing is padded). The floor so includes the batching's rounding, which the
+    # run's numbers carry. The module-level scorer, not Engine.score_many: instrumenting a run's scoring (tests,
+    # profilers) should not see the probe.
     longest = len(sink_ids) + max(used) + len(doc)
-    done = engine.run_chunk(work, encode_tokens=2 * longest)
+    engine.prefill([r for spec, seg in work for r in engine.plan(spec, seg)], batch_tokens=2 * longest)
+    primed = [engine.build(spec, seg) for spec, seg in work]
+    scores = score_batch(model, [(p, seg.prompt, seg.answer) for p, (_, seg) in zip(primed, work)])
+    done = list(zip(primed, scores))
     per_length, key_per_layer, value_max, uncorrected = {}, [], 0.0, 0.0
     for i, n in enumerate(used):
         built = {fix: done[3 * i + j] for j, fix in enumerate(specs)}  # (PrimedCache, Score) per rope_fix
