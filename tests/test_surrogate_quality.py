@@ -74,7 +74,8 @@ def test_quality_table_columns_and_shares():
     assert list(t.columns) == COLUMNS
     assert list(t.condition) == ["gen_tq", "gen_kw", "other_tq"]  # static rows are not generated
     tq, kw, other = (t.set_index("condition").loc[c] for c in ("gen_tq", "gen_kw", "other_tq"))
-    assert tq.template == "target_question" and tq.n == 2
+    assert tq.template == "target_question" and tq.kind == "generated" and other.kind == "generated_other"
+    assert tq.n == 2
     assert tq.copied_share == 0.5 and kw.copied_share == 0.5
     assert tq.identical_across_templates_share == 0.5 and kw.identical_across_templates_share == 0.5
     assert tq.question_share == 0.5 and kw.question_share == 0.0
@@ -107,6 +108,10 @@ def test_degenerate_warnings():
     assert "gen_tq (target_question, 3 surrogates): only 0% of the surrogates read as a question" in text
     assert not any("gen_kw" in w and "question" in w for w in warnings)  # keyword queries need not be questions
     assert any(w.startswith("gen_sy") and "1.0 words on average" in w for w in warnings)
+    # A generated_other condition repeats another condition's texts: no warnings of its own.
+    rows = [{**r, "condition": "other_" + r["condition"], "source": r["source"].replace("generated:", "generated_other:")}
+            for r in rows]
+    assert degenerate_warnings(quality_table(rows)) == []
 
     good = [_row(s, "gen_tq", "generated:target_question", q) for s, q in
             (("a", "Who won Super Bowl 50?"), ("b", "Which teams played in 2015?"))]

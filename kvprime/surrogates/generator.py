@@ -136,12 +136,12 @@ class Generator:
     def config(self):
         """The generator's HF config, without loading weights where the files allow it."""
         if self._config is None:
-            if self.is_scored_model or self.cfg.get("source") == "tiny_random" or self._loaded is not None:
-                self._config = self.load()[0].config
+            if self._loaded is not None:
+                self._config = self._loaded[0].config
             else:
                 from ..cache import models
 
-                self._config = models.model_config(self.cfg)
+                self._config = models.model_config(self.cfg)  # config.json (a tiny model's: built, no weights)
         return self._config
 
     def describe(self) -> dict:

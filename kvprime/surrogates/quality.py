@@ -7,6 +7,9 @@ per condition whose source is ``generated:<template>`` or ``generated_other:<tem
 
 Words are the lower-cased ``\\w+`` runs of a text (``"What's 2+2?"`` -> what, s, 2, 2). The columns:
 
+``kind``
+    ``generated`` or ``generated_other`` (the source before the colon); ``template`` the part after it.
+
 ``n``
     the condition's rows (one surrogate per sample); an empty or missing surrogate counts, as zero words.
 ``copied_share``
@@ -14,6 +17,9 @@ Words are the lower-cased ``\\w+`` runs of a text (``"What's 2+2?"`` -> what, s,
     consecutive words of the document is >= ``COPY_RUN_WORDS`` (8) words, or it is >= ``COPY_MIN_WORDS`` (5)
     words and covers >= ``COPY_FRACTION`` (60%) of the surrogate's words. The 5-word floor keeps short keyword
     queries, which rightly reuse the document's terms ("super bowl 50 winner"), from counting as copies.
+    ``document`` is the sample's own passage, also for ``generated_other`` rows: there the share measures
+    overlap with the document the surrogate primes, which the derangement keeps near zero (the donor's own
+    copying shows in the matching ``generated`` row).
 ``identical_across_templates_share``
     the share whose text equals, after lower-casing and collapsing whitespace, the text another template
     gave the same sample under the same kind of source (``generated`` with ``generated``, ``generated_other``
@@ -28,7 +34,8 @@ Words are the lower-cased ``\\w+`` runs of a text (``"What's 2+2?"`` -> what, s,
     the mean of the rows' ``similarity`` (surrogate-query cosine, from runs with experiment.similarity);
     NaN when no row has one.
 
-``degenerate_warnings`` turns the table into sentences, one per condition and problem, when
+``degenerate_warnings`` turns the table into sentences, one per ``generated`` condition and problem (a
+``generated_other`` condition shows the same texts, so it would repeat them), when
 ``copied_share > 0.5``, ``identical_across_templates_share > 0.5``, ``mean_words < 2``, or
 ``question_share < 0.2`` for a template that asks for a question (``QUESTION_TEMPLATES``: keyword, symptom,
 concern and messy queries are rightly not questions).
@@ -59,7 +66,7 @@ MIN_QUESTION_SHARE = 0.2
 MIN_MEAN_WORDS = 2.0
 
 GENERATED_PREFIXES = ("generated:", "generated_other:")
-COLUMNS = ["condition", "template", "n", "copied_share", "identical_across_templates_share", "question_share",
+COLUMNS = ["condition", "kind", "template", "n", "copied_share", "identical_across_templates_share", "question_share",
            "mean_words", "mean_similarity_to_query"]
 
 _WORD = re.compile(r"\w+")
@@ -134,6 +141,7 @@ def quality_table(rows: Iterable[Mapping]) -> pd.DataFrame:
                 identical.append(any(r["norm"] in v for v in others.values()))
         out.append({
             "condition": condition,
+            "kind": group[0]["kind"],
             "template": group[0]["template"],
             "n": len(group),
             "copied_share": _mean(is_copied(r.get("surrogate"), r.get("document")) for r in group),
@@ -170,6 +178,8 @@ def degenerate_warnings(table: pd.DataFrame) -> list[str]:
     docstring); empty when none does."""
     out = []
     for r in table.to_dict("records"):
+        if r["kind"] != "generated":
+            continue
         name = f"{r['condition']} ({r['template']}, {r['n']} surrogates)"
         if r["copied_share"] > MAX_COPIED_SHARE:
             out.append(f"{name}: {_pct(r['copied_share'])} of the surrogates copy a long verbatim run of their "
