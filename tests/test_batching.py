@@ -76,7 +76,7 @@ def test_sliding_window_models_never_batch_past_the_window():
 def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path):
     from kvprime.commands.bench import bench
 
-    r = bench(["model=tiny_random_llama", "dataset.n_samples=2", "generation.max_new_tokens=4",
+    r = bench(["model=tiny_random_llama", "dataset.n_samples=2", "generation.max_new_tokens=4", "generation.model=null",
                f"generation.store={tmp_path / 'store'}"], out_dir=tmp_path, progress=False)
     assert r["encode_score"]["max_abs_nll_diff"] <= 1e-4
     assert r["generation"]["identical_outputs"]

@@ -12,7 +12,12 @@ import torch
 
 from kvprime.cache import floor
 from kvprime.cache import hf_internals as hf
-from kvprime.cache.tiny import ROPE_VARIANTS, position_sensitive, tiny_model, tiny_tokenizer
+from kvprime.cache.tiny import (
+    ROPE_VARIANTS,
+    position_sensitive,
+    tiny_model,
+    tiny_tokenizer,
+)
 from kvprime.config.compose import compose
 from kvprime.errors import ConfigError
 from kvprime.pipeline import runner

@@ -161,7 +161,7 @@ def tiny_run(tmp_path_factory):
     data = tmp / "samples.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = compose(["experiment=exp01", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={data}",
-                   "stats.n_boot=1000", "progress=false", "generation.max_new_tokens=6",
+                   "stats.n_boot=1000", "progress=false", "generation.max_new_tokens=6", "generation.model=null",
                    f"generation.store={tmp / 'store'}"])
     out = tmp / "run"
     runner.run_experiment(cfg, out)

@@ -296,7 +296,7 @@ def test_condition_selection_keeps_either_override(samples_file):
 
 
 def test_routing_by_similarity_without_similarities_fails_before_scoring(samples_file, tmp_path):
-    cfg = tiny_cfg(samples_file, "experiment=routing", "experiment.similarity=false")
+    cfg = tiny_cfg(samples_file, "experiment=routing", "experiment.similarity=false", "generation.model=null")
     with pytest.raises(runner.RunError, match="similarity"):
         runner.run_experiment(cfg, tmp_path / "r")
     assert not (tmp_path / "r" / "scores.jsonl").exists()

@@ -26,7 +26,8 @@ def samples_file(tmp_path):
 def cfg_for(experiment, samples_file, tmp_path, *extra):
     return compose([f"experiment={experiment}", "model=tiny_random_llama", "dataset=jsonl",
                     f"dataset.path={samples_file}", "stats.n_boot=1000", "progress=false", "save_tokens=true",
-                    "generation.max_new_tokens=8", f"generation.store={tmp_path / 'store'}", *extra])
+                    "generation.max_new_tokens=8", "generation.model=null", f"generation.store={tmp_path / 'store'}",
+                    *extra])
 
 
 def test_routing_picks_argmax_similarity_and_oracle_is_never_worse():
@@ -130,7 +131,8 @@ def test_walkthrough_command(samples_file, tmp_path, capsys):
     from kvprime.commands.walkthrough import walkthrough
 
     out = walkthrough(["sample=s2", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}",
-                       "generation.max_new_tokens=8", f"generation.store={tmp_path / 'store'}"])
+                       "generation.max_new_tokens=8", "generation.model=null",
+                       f"generation.store={tmp_path / 'store'}"])
     assert out["sample_id"] == "s2"
     sims = {c: v["similarity"] for c, v in out["caches"].items() if c.startswith("static_")}
     assert out["routes"]["static_routed"] == max(sims, key=sims.get)

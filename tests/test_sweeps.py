@@ -390,3 +390,21 @@ def test_sweep_report_statuses_without_running(tmp_path):
     assert expand_run_dirs([sweep]) == [sweep / "0", sweep / "1"]
     with pytest.raises(FileNotFoundError, match="not a Hydra sweep directory"):
         sweep_report(sweep / "0")
+
+
+def test_merge_keeps_the_worst_numerical_floor_of_its_shards(sharded, tmp_path):
+    import shutil
+
+    shards = []
+    for i in range(3):
+        shards.append(tmp_path / f"shard{i}")
+        shutil.copytree(sharded / f"shard{i}", shards[-1])
+    meta_path = shards[1] / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["numerical_floor"]["measured"]  # exp21's truncated conditions re-rotate
+    meta["numerical_floor"] = {**meta["numerical_floor"], "max_nll_abs_diff": 5e-3}  # as if scored elsewhere
+    meta_path.write_text(json.dumps(meta))
+    results = merge_runs(shards, tmp_path / "merged")
+    assert results["metadata"]["numerical_floor"]["max_nll_abs_diff"] == 5e-3
+    # stats.tie_tolerance=auto follows the worst floor: rounding on any shard's machine is a tie
+    assert results["statistics"]["tie_tolerance"] == 5e-3

@@ -203,21 +203,40 @@ def load(cfg: Mapping):
     model = AutoModelForCausalLM.from_pretrained(folder, **_revision(cfg), **kwargs).eval()
     if not cfg.get("device_map"):
         model = model.to(resolve_device(cfg))
+    return model, tokenizer, {**weights_identity(cfg), "commit": getattr(model.config, "_commit_hash", None)}
+
+
+def weights_identity(cfg: Mapping) -> dict | None:
+    """What ``load`` records about the weights (source, name, folder, hub commit, sha256 of each weight file),
+    from the files alone, without loading them: packaged models (fetched if missing, as loading would), local and
+    hub models. None for an in-process random model, whose weights exist only once built."""
+    source = cfg.get("source")
+    if source == "tiny_random":
+        return None
+    config = model_config(cfg)  # the cheap checks; fetches a missing asset, as load would
+    folder = _folder(cfg)
     info = {"source": source, "name": model_name(cfg), "path": folder,
-            "commit": getattr(model.config, "_commit_hash", None)}
+            "commit": getattr(config, "_commit_hash", None)}
     if source in ("asset", "local"):
         info["weights_sha256"] = _files_sha256(Path(folder))
-    return model, tokenizer, info
+    return info
+
+
+_HASHED: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: a generator's identity, then its load, hash once
 
 
 def _files_sha256(folder: Path) -> dict[str, str]:
     out = {}
     for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        out[path.name] = digest.hexdigest()
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _HASHED:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(block)
+            _HASHED[key] = digest.hexdigest()
+        out[path.name] = _HASHED[key]
     return out
 
 

@@ -117,11 +117,13 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
     peak = matmul_gflops(device, dtype, n)
     say(f"  {str(dtype).removeprefix('torch.')} matmul throughput ({n}^3, torch.mm on {device}): {peak:.1f} GFLOP/s")
 
-    # Generated surrogates: batched vs one document at a time, same seeds, same outputs.
+    # Generated surrogates: batched vs one document at a time, same seeds, same outputs, on the run's generator
+    # (generation.model; the scored model when it is null).
     templates = session.templates()
+    gen_model, gen_tok = session.generator.load()[:2] if templates else (model, tok)
     docs = [s.passage for s in samples]
     # Untimed warm-up (kernel selection, allocator, lazy initialisation), so neither path pays for it.
-    generate(model, tok, docs[:2], GENERATION_TEMPLATES["target_question"],
+    generate(gen_model, gen_tok, docs[:2], GENERATION_TEMPLATES["target_question"],
              dataclasses.replace(batched_settings, max_new_tokens=2, batch_size=2))
     gen = {"batched": {"s": 0.0, "rows": []}, "single": {"s": 0.0, "rows": []}}
     texts: dict = {}
@@ -130,7 +132,7 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
                                ("single", dataclasses.replace(batched_settings, batch_size=1))):
             stats: dict = {}
             t = time.perf_counter()
-            out = generate(model, tok, docs, GENERATION_TEMPLATES[template], settings, stats=stats)
+            out = generate(gen_model, gen_tok, docs, GENERATION_TEMPLATES[template], settings, stats=stats)
             gen[mode]["s"] += time.perf_counter() - t
             gen[mode]["rows"] += stats.get("rows", [])
             texts.setdefault(template, {})[mode] = out
@@ -140,6 +142,7 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
     # The texts just timed are the run's texts (seeded per document), so the session uses them, not the store.
     session.generated.update({(t, s.sample_id): v["batched"][i] for t, v in texts.items()
                               for i, s in enumerate(samples)})
+    session.generator.release()  # a separate generator's weights are not needed to score
     engine = session.engine
     work = [(s, name, spec) for s in samples for name, spec in specs.items()]
     by_sample = {s.sample_id: session.segments(s) for s in samples}
@@ -181,7 +184,7 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -
         for (cache_len, _), seg in zip(fast, segs))
 
     def gen_flops(rows):
-        return sum(generation_flops(config, p, n) for p, n in rows)
+        return sum(generation_flops(gen_model.config, p, n) for p, n in rows)
 
     gen_tokens = sum(n for _, n in gen["batched"]["rows"])
     end_fast, end_slow = fast_s + gen["batched"]["s"], slow_s + gen["single"]["s"]

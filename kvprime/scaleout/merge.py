@@ -245,6 +245,10 @@ def merge_runs(run_dirs, out_dir, *, check_dataset: bool = True, overwrite: bool
             timings[k] = round(timings.get(k, 0.0) + float(v), 3)
     meta = json.loads(json.dumps(metas[0]))
     meta["dataset"]["sample_ids_sha256"] = md.sample_ids_sha256(merged_ids)
+    # Shards may have run on different machines: the merged run's floor is the worst one measured.
+    floors = [m["numerical_floor"] for m in metas if (m.get("numerical_floor") or {}).get("measured")]
+    if floors:
+        meta["numerical_floor"] = max(floors, key=lambda f: f.get("max_nll_abs_diff") or 0.0)
     meta.update(
         skipped=[skipped[sid] for sid in merged_ids if sid in skipped],
         log_lines_repaired_on_resume=sum(m.get("log_lines_repaired_on_resume", 0) for m in metas),

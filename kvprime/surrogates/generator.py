@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 from ..errors import ConfigError
 
@@ -70,24 +69,6 @@ def generator_model_cfg(run_cfg: Mapping) -> dict:
     return cfg
 
 
-def weights_identity(model_cfg: Mapping) -> dict | None:
-    """What ``kvprime.cache.models.load`` records about the weights (the parts ``model_id`` reads), from the
-    files alone: packaged (fetched if missing, as loading would), local and hub models; None for an in-process
-    random model, whose weights exist only once built (building one takes a second, so it is just loaded)."""
-    from ..cache import models
-
-    source = model_cfg.get("source")
-    if source == "tiny_random":
-        return None
-    config = models.model_config(model_cfg)  # the cheap checks; fetches a missing asset, as load would
-    folder = models._folder(model_cfg)
-    info = {"source": source, "name": models.model_name(model_cfg), "path": folder,
-            "commit": getattr(config, "_commit_hash", None)}
-    if source in ("asset", "local"):
-        info["weights_sha256"] = models._files_sha256(Path(folder))
-    return info
-
-
 class Generator:
     """The generator of one session: its config, identity and HF config cheaply, its weights on first need.
 
@@ -128,7 +109,9 @@ class Generator:
     @property
     def model_id(self) -> str:
         if self._id is None:
-            info = None if self.is_scored_model else weights_identity(self.cfg)
+            from ..cache import models
+
+            info = None if self.is_scored_model else models.weights_identity(self.cfg)
             self._id = model_id(self.cfg, info if info is not None else self.load()[2])
         return self._id
 
