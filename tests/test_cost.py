@@ -45,6 +45,12 @@ def test_cost_table_extra_cost_and_benefit_per_tflop():
     assert t.delta_per_index_tflop == pytest.approx(0.1 / (extra / 1e3))
     assert t.extra_index_s == pytest.approx(2.5 - 1.0)
     assert cost.worth_it(cost.cost_table(costs, tests))[0].startswith("**primed vs bare**")
+    # with named comparisons, the experiment's own questions are answered, not every test vs the baseline
+    both = pd.concat([tests, tests.assign(name="named: primed vs bare")], ignore_index=True)
+    named = cost.worth_it(cost.cost_table(costs, both), named=1)
+    assert len(named) == 1 and named[0].startswith("**named: primed vs bare**")
+    none_generate = pd.concat([tests, tests.assign(name="named", treatment="bare")], ignore_index=True)
+    assert cost.worth_it(cost.cost_table(costs, none_generate), named=1)[0].startswith("**primed vs bare**")
     # a routed condition builds every cache it routes among
     routed = cost.add_derived(costs, [{"name": "routed", "among": ["bare", "primed"]}])
     r = routed[routed.condition == "routed"].set_index("sample_id").loc["a"]

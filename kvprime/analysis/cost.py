@@ -126,11 +126,18 @@ def cost_table(costs: pd.DataFrame, tests: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def worth_it(table: pd.DataFrame) -> list[str]:
+def worth_it(table: pd.DataFrame, named: int = 0) -> list[str]:
     """A sentence per test whose treatment generates surrogates its reference does not: the walkthrough's
-    question "is document-specific generation worth the compute?", answered with the run's numbers."""
+    question "is document-specific generation worth the compute?", answered with the run's numbers. ``named``:
+    how many of the table's last rows are the experiment's named comparisons (its questions); only those are
+    answered, or every test when none of them generates."""
+    rows = list(table.itertuples(index=False))
+    return _worth_it(rows[len(rows) - named:]) or _worth_it(rows) if named else _worth_it(rows)
+
+
+def _worth_it(rows) -> list[str]:
     out = []
-    for r in table.itertuples(index=False):
+    for r in rows:
         if not (r.generated_tokens > 0) or not (r.extra_index_gflop > 0):
             continue
         out.append(f"**{r.test}**: mean delta {r.mean_delta:+.4f} nats [{r.ci_low:+.4f}, {r.ci_high:+.4f}], verdict "

@@ -140,7 +140,7 @@ def finalize(run_dir) -> dict:
         "comparisons": comp.to_dict(orient="records"),
         "diagnosis": diagnosis,
         "costs": cost_tab.to_dict(orient="records"),
-        "worth_it": cost.worth_it(cost_tab),
+        "worth_it": cost.worth_it(cost_tab, named=len(comp)),
         "generated_surrogates": {"table": gen_quality.to_dict(orient="records"), "generator": meta.get("generation"),
                                  "warnings": gen_warnings} if len(gen_quality) else None,
         "analyses": {k: v.to_dict(orient="records") for k, v in analyses.items()},
