@@ -43,6 +43,7 @@ class Engine:
         self._memo: dict = {}
         self._kept: dict = {}
         self.n_encodes = 0  # model encodes actually run (memo hits excluded)
+        self.n_openings = 0  # of which scratch encodes of an opening several encodes share (prefill)
         self.n_encoded_tokens = 0
         self.encode_lengths: list[int] = []  # tokens run through the model by each encode
         # (new tokens, past entries they attend to) of each encode: a continuation after a past of p entries costs
@@ -232,6 +233,8 @@ class Engine:
         req = getattr(item, "request", item)
         if req is not None:
             (self._kept if req.keep else self._memo)[req.key] = cache
+        else:
+            self.n_openings += 1
         self.n_encodes += 1
         self.n_encoded_tokens += new
         self.encode_lengths.append(new)
