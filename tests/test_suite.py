@@ -121,11 +121,14 @@ def test_routing_experiment_on_the_tiny_model(tmp_path, samples_file):
     for name in ("static_routed", "generated_routed", "static_oracle", "generated_oracle", "static_random"):
         assert summary.loc[name, "n"] == 5
     wide = pd.read_csv(out / "scores.csv").pivot(index="sample_id", columns="condition", values="nll")
-    gen = [c for c in wide.columns if c.startswith("gen_")]
+    gen = [c for c in wide.columns if c.startswith("gen_") and not c.startswith("gen_other_")]  # generated_oracle's
     routed = pd.read_csv(out / "routed_scores.csv")
     oracle = routed[routed.condition == "generated_oracle"].set_index("sample_id")["nll"]
     assert (oracle <= wide[gen].min(axis=1) + 1e-12).all()  # the oracle is never worse than any single cache
     assert "routing_choices" in results["analyses"]
+    # the document-specificity control routes among the other documents' surrogates, the same way
+    other = routed[routed.condition == "generated_other_routed"].set_index("sample_id")
+    assert set(other.routed_to) <= {c for c in wide.columns if c.startswith("gen_other_")} and len(other) == 5
     truncated = plan.plan_conditions(cfg_for("routing", samples_file, tmp_path, "experiment.cache_variant=truncated"))
     assert truncated["gen_keyword_query"].builder == "truncate_prefix" and truncated["baseline"].builder == "full"
 
