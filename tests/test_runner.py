@@ -74,7 +74,9 @@ def test_tiny_run_writes_every_file_with_consistent_contents(tmp_path, samples_f
     row = summary.set_index("condition").loc["truncated_oracle"]
     assert row.mean_delta == pytest.approx((bare["bare"] - bare["truncated_oracle"]).mean(), abs=1e-12)
     assert len(pd.read_csv(out / "comparisons.csv")) == 5
-    assert results["metadata"]["model_encodes"] == 6 * 3  # bare, query+doc (B, C, D), random+doc (E)
+    # bare, query+doc (B, C, D), random+doc (E); openings several of them share are encoded apart (prefix extension)
+    meta = results["metadata"]
+    assert meta["model_encodes"] - meta["shared_openings_encoded"] == 6 * 3
     assert len(results["diagnosis"]) == 3
     assert results["rejected"] == [{"source_id": "empty", "reason": "empty answer"}]
     report = (out / "report.md").read_text()
@@ -141,7 +143,7 @@ def test_auto_batch_settings_are_recorded_as_the_devices_numbers(tmp_path, sampl
     kind = batching.device_kind(models.resolve_device(stored["model"]))
     want = batching.DEFAULTS[kind]
     assert stored["batch"] == {"samples": want["samples"], "encode_tokens": want["encode_tokens"],
-                               "score_tokens": want["score_tokens"]}
+                               "score_tokens": want["score_tokens"], "extend_prefixes": True}
     assert stored["generation"]["batch_size"] == want["generation"]
     # Another generation batch size changes no surrogate, so resuming with one is allowed.
     runner.run_experiment(tiny_cfg(samples_file, "resume=true", "generation.batch_size=3"), out)

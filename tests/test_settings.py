@@ -59,6 +59,7 @@ BAD = {
     "batch.samples": [0, -1, 1.5, "lots", True],
     "batch.encode_tokens": [0, "2048", 2048.0, False],
     "batch.score_tokens": [0, -4096, 1.5, "big"],
+    "batch.extend_prefixes": ["yes", 1, None],
     "run.num_shards": [0, -1, 1.5, "2", True, None],
     "run.shard": [-1, 0.0, "0", True, None],
     "dataset.n_samples": [0, -1, 2.5, "10", True],
@@ -93,6 +94,7 @@ GOOD = {
     "batch.samples": [1, "auto", None],
     "batch.encode_tokens": [1, "auto"],
     "batch.score_tokens": [1, "auto"],
+    "batch.extend_prefixes": [True, False],
     "run.num_shards": [1, 5],
     "run.shard": [0],
     "dataset.n_samples": [1, None],
@@ -202,7 +204,7 @@ def test_missing_settings_get_the_declared_defaults_and_the_input_is_not_changed
     assert out["floor"] == {"measure": "auto", "max_nll_diff": "auto"} and out["generation"]["model"] is None
     assert out["generation"]["temperature"] == 0 and out["generation"]["max_new_tokens"] == 45
     assert out["generation"]["seed"] == out["dataset"]["seed"] == 7  # they follow seed, as ${seed} does
-    assert out["batch"] == {"samples": "auto", "encode_tokens": "auto", "score_tokens": "auto"}
+    assert out["batch"] == {"samples": "auto", "encode_tokens": "auto", "score_tokens": "auto", "extend_prefixes": True}
     assert out["run"] == {"num_shards": 1, "shard": 0} and out["dataset"]["n_samples"] is None
     assert out["model"] == {"device": "auto", "dtype": "float32", "sink": "bos"}
     assert settings.defaults()["seed"] == 42 and settings.defaults()["generation"]["seed"] == 42

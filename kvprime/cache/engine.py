@@ -24,12 +24,14 @@ from ..builders import BUILDERS, PLANNERS, EncodeRequest, PrimedCache
 from ..errors import DataError
 from ..pipeline.conditions import ConditionSpec, validate
 from . import hf_internals as hf
+from . import prefixes
 from .scoring import Score, score_answer, score_batch
 from .segments import Segments, build_segments, sink_ids
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, sink: str = "bos", max_context: int | None = None):
+    def __init__(self, model, tokenizer, *, sink: str = "bos", max_context: int | None = None,
+                 extend_prefixes: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.sink_policy = sink
@@ -41,8 +43,13 @@ class Engine:
         self._memo: dict = {}
         self._kept: dict = {}
         self.n_encodes = 0  # model encodes actually run (memo hits excluded)
+        self.n_openings = 0  # of which scratch encodes of an opening several encodes share (prefill)
         self.n_encoded_tokens = 0
-        self.encode_lengths: list[int] = []  # real tokens of each encode run (the benchmark's FLOP count)
+        self.encode_lengths: list[int] = []  # tokens run through the model by each encode
+        # (new tokens, past entries they attend to) of each encode: a continuation after a past of p entries costs
+        # more than a fresh encode of its new tokens (the benchmark's FLOP count)
+        self.encode_work: list[tuple[int, int]] = []
+        self.extend_prefixes = extend_prefixes  # continue encodes from the caches of their prefixes (prefill)
 
     @classmethod
     def load(cls, model: str = "smollm2_135m_instruct", **overrides) -> "Engine":
@@ -117,6 +124,7 @@ class Engine:
             self.n_encodes += 1
             self.n_encoded_tokens += len(ids)
             self.encode_lengths.append(len(ids))
+            self.encode_work.append((len(ids), 0))
         return cache
 
     def plan(self, spec: ConditionSpec, seg: Segments) -> list[EncodeRequest]:
@@ -126,40 +134,111 @@ class Engine:
 
     def prefill(self, requests, *, batch_tokens: int = 4096) -> None:
         """Run every distinct, not yet memoised encode of ``requests`` as right-padded batches of similar
-        lengths (at most ``batch_tokens`` padded tokens a batch), so the builders then find them memoised."""
+        lengths (at most ``batch_tokens`` padded tokens a batch), so the builders then find them memoised.
+
+        With ``extend_prefixes``, an encode whose ids and positions begin with another's (planned, memoised, or
+        an opening several share) continues from that cache and encodes only its remaining tokens
+        (``kvprime.cache.prefixes``); level by level, fresh encodes and continuations each run as batches."""
         todo = {}
         for req in requests:
             if req.key not in self._memo and req.key not in self._kept:
                 todo.setdefault(req.key, req)
         if not todo:
             return
-        # A sliding-window cache keeps only its last window-1 entries: padding could push real ones out.
-        limit = min(self.windows) - 1 if self.windows else None
-        reqs = sorted(todo.values(), key=lambda r: len(r.ids))
-        batch: list[EncodeRequest] = []
-        for req in reqs + [None]:
-            width = len(req.ids) if req is not None else 0
-            if batch and (req is None or (len(batch) + 1) * width > batch_tokens
-                          or (limit is not None and width > limit)):
-                self._encode_batch(batch)
-                batch = []
-            if req is not None:
-                batch.append(req)
-
-    def _encode_batch(self, batch) -> None:
-        if len(batch) == 1:
-            self.encode(batch[0].ids, batch[0].positions, keep=batch[0].keep)
+        if not self.extend_prefixes:
+            for batch in self._fresh_batches(list(todo.values()), batch_tokens):
+                self._run_fresh(batch, {})
             return
-        width = max(len(r.ids) for r in batch)
-        ids = torch.tensor([list(r.ids) + [0] * (width - len(r.ids)) for r in batch], device=self.device)
-        # Pads continue each row's positions; they are never attended to by a real token.
-        pos = torch.tensor([list(r.positions) + list(range(r.positions[-1] + 1, r.positions[-1] + 1 + width
-                                                           - len(r.ids))) for r in batch], device=self.device)
-        for req, cache in zip(batch, hf.encode_batch(self.model, ids, pos, [len(r.ids) for r in batch])):
+        available = [(k[0], tuple(range(k[1], k[1] + k[2]))) for k in (*self._kept, *self._memo)]
+        steps = prefixes.plan_steps(list(todo.values()), available)
+        limit = self._window_limit()
+        for s in steps:  # a sliding layer would drop the first entries of a longer one (see _continuation_batches)
+            if limit is not None and len(s.ids) > limit:
+                s.parent = None
+        made = {id(s): self._cached(s) for s in steps if s.ready}  # this prefill's caches, scratch ones too
+        for level in sorted({s.level for s in steps if not s.ready}):
+            here = [s for s in steps if s.level == level]
+            for batch in self._fresh_batches([s for s in here if s.parent is None], batch_tokens):
+                self._run_fresh(batch, made)
+            for batch in self._continuation_batches([s for s in here if s.parent is not None], batch_tokens):
+                self._run_continuations(batch, made)
+
+    def _cached(self, step):
+        key = (step.ids, step.positions[0], len(step.positions))
+        return self._kept.get(key) or self._memo[key]
+
+    def _window_limit(self) -> int | None:
+        # A sliding-window cache keeps only its last window-1 entries, and sliding layers mask by column of the
+        # padded batch: padding could push a row's real entries out of its window.
+        return min(self.windows) - 1 if self.windows else None
+
+    def _fresh_batches(self, items, batch_tokens):
+        """Items (with ``ids``) grouped by similar length, at most ``batch_tokens`` padded tokens a batch."""
+        limit = self._window_limit()
+        batch: list = []
+        for item in sorted(items, key=lambda r: len(r.ids)) + [None]:
+            width = len(item.ids) if item is not None else 0
+            if batch and (item is None or (len(batch) + 1) * width > batch_tokens
+                          or (limit is not None and width > limit)):
+                yield batch
+                batch = []
+            if item is not None:
+                batch.append(item)
+
+    def _continuation_batches(self, steps, batch_tokens):
+        """Continuations grouped by new length (the padded work), then past length; a batch's rows times its
+        padded past + new width stays within ``batch_tokens``, and that width inside a sliding window."""
+        limit = self._window_limit()
+        batch: list = []
+        for step in sorted(steps, key=lambda s: (len(s.ids) - s.past, s.past)) + [None]:
+            width = (max(len(s.ids) - s.past for s in batch + [step]) + max(s.past for s in batch + [step])
+                     if step is not None else 0)
+            if batch and (step is None or (len(batch) + 1) * width > batch_tokens
+                          or (limit is not None and width > limit)):
+                yield batch
+                batch = []
+            if step is not None:
+                batch.append(step)
+
+    def _padded(self, rows):
+        """Right-padded ids and positions of (ids, positions) rows; pads continue each row's positions and are
+        never attended to by a real token."""
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.tensor([list(i) + [0] * (width - len(i)) for i, _ in rows], device=self.device)
+        pos = torch.tensor([list(p) + list(range(p[-1] + 1, p[-1] + 1 + width - len(p))) for _, p in rows],
+                           device=self.device)
+        return ids, pos
+
+    def _run_fresh(self, batch, made) -> None:
+        if len(batch) == 1:
+            ids, pos = self._padded([(batch[0].ids, batch[0].positions)])
+            caches = [hf.encode(self.model, ids, pos)]
+        else:
+            ids, pos = self._padded([(r.ids, r.positions) for r in batch])
+            caches = hf.encode_batch(self.model, ids, pos, [len(r.ids) for r in batch])
+        for item, cache in zip(batch, caches):
+            self._record(item, cache, len(item.ids), 0, made)
+
+    def _run_continuations(self, batch, made) -> None:
+        ids, pos = self._padded([(s.ids[s.past:], s.positions[s.past:]) for s in batch])
+        caches = hf.extend_batch(self.model, [made[id(s.parent)] for s in batch], ids, pos,
+                                 [len(s.ids) - s.past for s in batch])
+        for step, cache in zip(batch, caches):
+            self._record(step, cache, len(step.ids) - step.past, step.past, made)
+
+    def _record(self, item, cache, new: int, context: int, made) -> None:
+        """Memoise a planned encode's cache (an EncodeRequest, or a plan step serving one) and count the work:
+        ``new`` tokens run through the model after a past of ``context`` entries."""
+        made[id(item)] = cache
+        req = getattr(item, "request", item)
+        if req is not None:
             (self._kept if req.keep else self._memo)[req.key] = cache
-            self.n_encodes += 1
-            self.n_encoded_tokens += len(req.ids)
-            self.encode_lengths.append(len(req.ids))
+        else:
+            self.n_openings += 1
+        self.n_encodes += 1
+        self.n_encoded_tokens += new
+        self.encode_lengths.append(new)
+        self.encode_work.append((new, context))
 
     def score_many(self, items, *, per_token: bool = False, batch_tokens: int = 4096) -> list[Score]:
         """Scores of several (primed cache, segments) pairs, batched by cache length within ``batch_tokens``."""

@@ -281,6 +281,29 @@ def encode_batch(model, input_ids: torch.Tensor, position_ids: torch.Tensor, len
                                       for layer in cache.layers]) for r, n in enumerate(lengths)]
 
 
+@torch.inference_mode()
+def extend_batch(model, pasts: list[DynamicCache], input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 lengths: list[int]) -> list[DynamicCache]:
+    """Continue each row's past cache with its right-padded new ids: one cache per row holding exactly its
+    past's entries then its ``lengths[r]`` new ones (new tensors: the pasts stay as they were).
+
+    The pasts are stacked right-padded (``stack_caches``) and their pads masked, so a new token attends to its
+    own row's past and to the real new tokens before it, as an unpadded continuation does (up to float
+    rounding). Only for models without sliding-window layers: there the padded width could push a row's own
+    entries out of its window."""
+    past = [cache_length(c) for c in pasts]
+    cache, past_mask = stack_caches(model, pasts)
+    width = past_mask.shape[1]
+    new_mask = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+                < torch.tensor(lengths, device=input_ids.device)[:, None]).long()
+    call(model.base_model, cache, input_ids=input_ids, position_ids=position_ids,
+         attention_mask=torch.cat([past_mask, new_mask], dim=1), use_cache=True)
+    return [cache_from_layers(model, [
+        (torch.cat([layer.keys[r:r + 1, :, :p], layer.keys[r:r + 1, :, width:width + n]], dim=-2),
+         torch.cat([layer.values[r:r + 1, :, :p], layer.values[r:r + 1, :, width:width + n]], dim=-2))
+        for layer in cache.layers]) for r, (p, n) in enumerate(zip(past, lengths))]
+
+
 def stack_caches(model, caches: list[DynamicCache], side: str = "right") -> tuple[DynamicCache, torch.Tensor]:
     """One batch cache from caches of different lengths, padded with zeros on ``side``, and its 0/1 mask.
 

@@ -191,6 +191,11 @@ class Batch:
                                        "the number of padded tokens per encode batch")
     score_tokens: int | str = setting("auto", _positive_or_auto("score_tokens"),
                                       "the number of cache tokens per scoring batch")
+    # Continuing an encode from the cache of another that its ids and positions begin with changes no number
+    # beyond float rounding (tests/test_prefix_extension.py); false encodes each from scratch (the bench's
+    # side-by-side, debugging).
+    extend_prefixes: bool = setting(True, BOOL, "whether an encode continues from the cache of a planned encode "
+                                                "(or shared opening) its ids and positions begin with")
 
 
 @dataclass(frozen=True)

@@ -208,7 +208,7 @@ def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) ->
     timings["score"] = time.perf_counter() - t
     peaks["score"] = metadata.peak_rss_mb()
 
-    scoring_encodes, scoring_tokens = engine.n_encodes, engine.n_encoded_tokens
+    scoring_encodes, scoring_tokens, openings = engine.n_encodes, engine.n_encoded_tokens, engine.n_openings
     inspect_result = None
     wanted = exp.get("inspect")
     scored = [s for s in samples if s.sample_id not in {k["sample_id"] for k in skipped}]
@@ -241,6 +241,7 @@ def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) ->
         "skipped": skipped,
         "log_lines_repaired_on_resume": repaired,
         "model_encodes": scoring_encodes, "encoded_tokens": scoring_tokens,
+        "shared_openings_encoded": openings,  # of model_encodes: openings several encodes continued from
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "peak_rss_mb": metadata.peak_rss_mb(), "peak_rss_mb_after": peaks,
         "run_dir": str(run_dir.resolve()),

@@ -105,7 +105,8 @@ class Session:
         from ..cache.engine import Engine
 
         return (cls or Engine)(self.model, self.tokenizer, sink=self.cfg["model"]["sink"],
-                               max_context=self.cfg["model"].get("max_context"))
+                               max_context=self.cfg["model"].get("max_context"),
+                               extend_prefixes=(self.cfg.get("batch") or {}).get("extend_prefixes", True))
 
     @cached_property
     def engine(self):
