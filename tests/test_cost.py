@@ -49,6 +49,11 @@ def test_cost_table_extra_cost_and_benefit_per_tflop():
     both = pd.concat([tests, tests.assign(name="named: primed vs bare")], ignore_index=True)
     named = cost.worth_it(cost.cost_table(costs, both), named=1)
     assert len(named) == 1 and named[0].startswith("**named: primed vs bare**")
+    # both sides generate one surrogate per document (C2 vs F1): no generation is bought, nothing to answer
+    both_generate = pd.concat([tests, tests.assign(name="named", reference="primed")], ignore_index=True)
+    assert cost.cost_table(costs, both_generate).extra_generated_tokens.iloc[1] == 0
+    assert [w.split("**")[1] for w in cost.worth_it(cost.cost_table(costs, both_generate), named=1)] == [
+        "primed vs bare"]
     none_generate = pd.concat([tests, tests.assign(name="named", treatment="bare")], ignore_index=True)
     assert cost.worth_it(cost.cost_table(costs, none_generate), named=1)[0].startswith("**primed vs bare**")
     # a routed condition builds every cache it routes among
