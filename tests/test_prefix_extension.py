@@ -74,6 +74,7 @@ def test_extended_caches_equal_fresh_encodes(variant, offset):
     reqs = [req(p1, offset), req(p2, offset), req(p1 + ids(7), offset), req(p2 + ids(15), offset),
             req(p1 + ids(23), offset), req(p3 + ids(4), offset), req(p3 + ids(31), offset)]
     eng, ref = engine_for(variant), engine_for(variant)
+    eng.extend_prefixes = True  # opt-in (batch.extend_prefixes); ref encodes every request from scratch
     eng.prefill(reqs, batch_tokens=10_000)
     continued = [w for w in eng.encode_work if w[1] > 0]
     assert len(continued) == 5  # the three rows after p1/p2, and p3's two after their shared opening
@@ -97,6 +98,7 @@ def test_extension_off_and_rows_past_a_sliding_window_encode_from_scratch():
     off.prefill([req(base), req(base + ids(6))])
     assert all(ctx == 0 for _, ctx in off.encode_work) and off.n_encoded_tokens == 2 * 16 + 6
     gemma = engine_for("gemma3")  # window 64: a sliding layer keeps 63 entries
+    gemma.extend_prefixes = True
     gemma.prefill([req(base), req(base + ids(6)), req(base + ids(60))])
     assert sorted(gemma.encode_work) == [(6, 16), (16, 0), (76, 0)]
 

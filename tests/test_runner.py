@@ -143,7 +143,7 @@ def test_auto_batch_settings_are_recorded_as_the_devices_numbers(tmp_path, sampl
     kind = batching.device_kind(models.resolve_device(stored["model"]))
     want = batching.DEFAULTS[kind]
     assert stored["batch"] == {"samples": want["samples"], "encode_tokens": want["encode_tokens"],
-                               "score_tokens": want["score_tokens"], "extend_prefixes": True}
+                               "score_tokens": want["score_tokens"], "extend_prefixes": False}
     assert stored["generation"]["batch_size"] == want["generation"]
     # Another generation batch size changes no surrogate, so resuming with one is allowed.
     runner.run_experiment(tiny_cfg(samples_file, "resume=true", "generation.batch_size=3"), out)

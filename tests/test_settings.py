@@ -204,7 +204,7 @@ def test_missing_settings_get_the_declared_defaults_and_the_input_is_not_changed
     assert out["floor"] == {"measure": "auto", "max_nll_diff": "auto"} and out["generation"]["model"] is None
     assert out["generation"]["temperature"] == 0 and out["generation"]["max_new_tokens"] == 45
     assert out["generation"]["seed"] == out["dataset"]["seed"] == 7  # they follow seed, as ${seed} does
-    assert out["batch"] == {"samples": "auto", "encode_tokens": "auto", "score_tokens": "auto", "extend_prefixes": True}
+    assert out["batch"] == {"samples": "auto", "encode_tokens": "auto", "score_tokens": "auto", "extend_prefixes": False}
     assert out["run"] == {"num_shards": 1, "shard": 0} and out["dataset"]["n_samples"] is None
     assert out["model"] == {"device": "auto", "dtype": "float32", "sink": "bos"}
     assert settings.defaults()["seed"] == 42 and settings.defaults()["generation"]["seed"] == 42

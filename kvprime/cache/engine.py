@@ -31,7 +31,7 @@ from .segments import Segments, build_segments, sink_ids
 
 class Engine:
     def __init__(self, model, tokenizer, *, sink: str = "bos", max_context: int | None = None,
-                 extend_prefixes: bool = True):
+                 extend_prefixes: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.sink_policy = sink

@@ -194,7 +194,7 @@ class Batch:
     # Continuing an encode from the cache of another that its ids and positions begin with changes no number
     # beyond float rounding (tests/test_prefix_extension.py); false encodes each from scratch (the bench's
     # side-by-side, debugging).
-    extend_prefixes: bool = setting(True, BOOL, "whether an encode continues from the cache of a planned encode "
+    extend_prefixes: bool = setting(False, BOOL, "whether an encode continues from the cache of a planned encode "
                                                 "(or shared opening) its ids and positions begin with")
 
 

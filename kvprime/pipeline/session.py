@@ -106,7 +106,7 @@ class Session:
 
         return (cls or Engine)(self.model, self.tokenizer, sink=self.cfg["model"]["sink"],
                                max_context=self.cfg["model"].get("max_context"),
-                               extend_prefixes=(self.cfg.get("batch") or {}).get("extend_prefixes", True))
+                               extend_prefixes=(self.cfg.get("batch") or {}).get("extend_prefixes", False))
 
     @cached_property
     def engine(self):
