@@ -8,8 +8,6 @@ import pandas as pd
 import pytest
 
 from kvprime.analysis import cost
-from kvprime.config.compose import compose
-from kvprime.pipeline import runner
 from kvprime.pipeline.results_io import read_jsonl
 
 SHAPE = {"hidden_size": 4, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -64,20 +62,9 @@ def test_cost_table_extra_cost_and_benefit_per_tflop():
     assert r.query_gflop == pytest.approx(both.query_gflop.mean())
 
 
-@pytest.fixture(scope="module")
-def tiny_exp01(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cost")
-    rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city of France and into the "
-                                       f"sea near the tower {i}.", "query": f"Where does river {i} flow?",
-             "answer": f"into the sea {i}"} for i in range(4)]
-    data = tmp / "samples.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = compose(["experiment=exp01", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={data}",
-                   "stats.n_boot=1000", "progress=false", "generation.max_new_tokens=6", "generation.model=null",
-                   f"generation.store={tmp / 'store'}"])
-    out = tmp / "run"
-    runner.run_experiment(cfg, out)
-    return out
+@pytest.fixture()
+def tiny_exp01(tiny_exp01_run):
+    return tiny_exp01_run  # conftest's exp01 run on the tiny model, read only here
 
 
 def test_a_run_records_each_conditions_cost(tiny_exp01):
@@ -107,6 +94,7 @@ def test_the_report_judges_its_generated_surrogates(tiny_exp01):
     results = json.loads((tiny_exp01 / "results.json").read_text())
     gen = results["generated_surrogates"]
     assert gen["generator"]["model"] == "tiny_random_llama"
-    # a random 2-layer model writes no questions: the report must say so
-    assert any("read as a question" in w for w in gen["warnings"])
+    # a random 2-layer model writes no queries (a few bytes of noise): the report must say so, for its own source
+    # only (generated_other repeats those texts and gets no warnings of its own)
+    assert gen["warnings"] and all(w.startswith("generated:exp01 ") for w in gen["warnings"])
     assert "Warning: degenerate surrogates" in (tiny_exp01 / "report.md").read_text()

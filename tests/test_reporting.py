@@ -19,9 +19,8 @@ from kvprime.analysis.registry import (
     unregister_analysis,
     validate_analyses,
 )
-from kvprime.config.compose import compose
 from kvprime.errors import ConfigError
-from kvprime.pipeline import results_io, runner
+from kvprime.pipeline import results_io
 from kvprime.reporting.finalize import finalize
 from kvprime.reporting.tables import cell, markdown_table
 
@@ -151,21 +150,10 @@ def test_run_analyses_merges_in_order_and_refuses_clashes(throwaway):
 
 
 # ---------------------------------------------------------------- finalize on a tiny run
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One exp01 run of the tiny random model on 4 samples (surrogates generated into a private store)."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city | of France and into the "
-                                       f"sea near the tower {i}.\nBoats carry grain along it.",
-             "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(4)]
-    data = tmp / "samples.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = compose(["experiment=exp01", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={data}",
-                   "stats.n_boot=1000", "progress=false", "generation.max_new_tokens=6", "generation.model=null",
-                   f"generation.store={tmp / 'store'}"])
-    out = tmp / "run"
-    runner.run_experiment(cfg, out)
-    return out
+@pytest.fixture()
+def tiny_run(tiny_exp01_run):
+    """conftest's exp01 run of the tiny random model (tests copy it before changing anything)."""
+    return tiny_exp01_run
 
 
 def _copy(run, tmp_path):

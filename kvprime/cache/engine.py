@@ -172,33 +172,28 @@ class Engine:
         # padded batch: padding could push a row's real entries out of its window.
         return min(self.windows) - 1 if self.windows else None
 
-    def _fresh_batches(self, items, batch_tokens):
-        """Items (with ``ids``) grouped by similar length, at most ``batch_tokens`` padded tokens a batch."""
+    def _batches(self, items, batch_tokens, *, order, width):
+        """``items`` sorted by ``order`` and cut into batches whose rows times padded ``width(rows)`` stay within
+        ``batch_tokens``, and whose width stays inside a sliding window."""
         limit = self._window_limit()
         batch: list = []
-        for item in sorted(items, key=lambda r: len(r.ids)) + [None]:
-            width = len(item.ids) if item is not None else 0
-            if batch and (item is None or (len(batch) + 1) * width > batch_tokens
-                          or (limit is not None and width > limit)):
+        for item in sorted(items, key=order) + [None]:
+            w = width(batch + [item]) if item is not None else 0
+            if batch and (item is None or (len(batch) + 1) * w > batch_tokens or (limit is not None and w > limit)):
                 yield batch
                 batch = []
             if item is not None:
                 batch.append(item)
 
+    def _fresh_batches(self, items, batch_tokens):
+        """Items (with ``ids``) grouped by similar length (sorted ascending: the last row is the widest)."""
+        return self._batches(items, batch_tokens, order=lambda r: len(r.ids), width=lambda rows: len(rows[-1].ids))
+
     def _continuation_batches(self, steps, batch_tokens):
-        """Continuations grouped by new length (the padded work), then past length; a batch's rows times its
-        padded past + new width stays within ``batch_tokens``, and that width inside a sliding window."""
-        limit = self._window_limit()
-        batch: list = []
-        for step in sorted(steps, key=lambda s: (len(s.ids) - s.past, s.past)) + [None]:
-            width = (max(len(s.ids) - s.past for s in batch + [step]) + max(s.past for s in batch + [step])
-                     if step is not None else 0)
-            if batch and (step is None or (len(batch) + 1) * width > batch_tokens
-                          or (limit is not None and width > limit)):
-                yield batch
-                batch = []
-            if step is not None:
-                batch.append(step)
+        """Continuations grouped by new length (the padded work), then past length; the padded width is the
+        longest past plus the longest new part."""
+        return self._batches(steps, batch_tokens, order=lambda s: (len(s.ids) - s.past, s.past),
+                             width=lambda rows: max(len(s.ids) - s.past for s in rows) + max(s.past for s in rows))
 
     def _padded(self, rows):
         """Right-padded ids and positions of (ids, positions) rows; pads continue each row's positions and are
