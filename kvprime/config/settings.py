@@ -211,6 +211,10 @@ class Dataset:
                                     "the number of samples the run selects")
     seed: int | None = setting(None, Rule("an integer >= 0, or null", lambda v: v is None or SEED.ok(v)),
                                "the seed of dataset.selection=random", follows="seed")
+    # One primed cache serves every question of its passage (kvprime.data.passages): whole passages of >= 2
+    # questions are selected, n_samples counts questions, and a chunk (so a shard) is one passage.
+    group_by_passage: bool = setting(False, BOOL, "whether questions are selected, scored and sharded as whole "
+                                                  "passages (each passage's caches built once for all its questions)")
 
 
 @dataclass(frozen=True)

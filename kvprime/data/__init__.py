@@ -115,6 +115,11 @@ def load_samples(cfg: Mapping) -> LoadResult:
             )
         seen.add(record.sample_id)
         candidates.append(record)
+    if settings.check_value("dataset.group_by_passage", cfg.get("group_by_passage", False)):
+        from kvprime.data.passages import select_grouped
+
+        chosen, single = select_grouped(candidates, n, selection, seed)
+        return LoadResult(samples=chosen, rejected=rejected + single, n_candidates=len(candidates))
     return LoadResult(
         samples=_select(candidates, n, selection, seed),
         rejected=rejected,

@@ -96,17 +96,32 @@ def comparisons_for(exp: Mapping, defined: Mapping, names) -> list[dict]:
     return out
 
 
-def shard(samples: list, run_cfg: Mapping, chunk: int = 1) -> list:
+def shard(samples: list, run_cfg: Mapping, chunk: int = 1, *, grouped: bool = False) -> list:
     """This job's deterministic slice of the selection: whole chunks of ``chunk`` consecutive samples, dealt
     round-robin. Dealing the scoring chunks (``batch.samples``) whole means a shard batches exactly the samples
-    the unsharded run batches together, so merged shards equal the unsharded run bit for bit."""
+    the unsharded run batches together, so merged shards equal the unsharded run bit for bit. ``grouped``
+    (``dataset.group_by_passage``): the chunks are whole passages (``chunks``)."""
     n, i = int(run_cfg.get("num_shards", 1)), int(run_cfg.get("shard", 0))
     if n < 1 or not 0 <= i < n:
         raise RunError(f"run.shard={i} with run.num_shards={n}: the shard must be in 0..num_shards-1 and "
                        "num_shards >= 1.")
+    return [s for group in chunks(samples, chunk, grouped=grouped)[i::n] for s in group]
+
+
+def chunks(samples: list, chunk: int = 1, *, grouped: bool = False) -> list[list]:
+    """The scoring chunks: ``chunk`` consecutive samples, or with ``grouped`` one passage each (its questions
+    share the chunk's memoised encodes: kvprime.data.passages)."""
+    if grouped:
+        from ..data.passages import chunks as by_passage
+
+        return by_passage(samples)
     chunk = max(1, int(chunk))
-    groups = [samples[k:k + chunk] for k in range(0, len(samples), chunk)]
-    return [s for group in groups[i::n] for s in group]
+    return [samples[k:k + chunk] for k in range(0, len(samples), chunk)]
+
+
+def grouped(cfg: Mapping) -> bool:
+    """``dataset.group_by_passage`` of a run config (False when absent: runs before the setting existed)."""
+    return bool((cfg.get("dataset") or {}).get("group_by_passage", False))
 
 
 def chunk_size(cfg: Mapping) -> int:
@@ -128,7 +143,9 @@ def prepare(cfg, only: str | None = None) -> dict:
     exp = cfg["experiment"]
     from ..analysis.registry import validate_analyses
 
-    validate_analyses(exp.get("analyses"))
+    if "per_passage" in validate_analyses(exp.get("analyses")) and not grouped(cfg):
+        raise RunError("experiment.analyses names per_passage, which needs the passage of every question, but "
+                       "dataset.group_by_passage=false. Accepted: dataset.group_by_passage=true, or drop per_passage.")
     specs = plan_conditions(cfg, only)
     derived = [dict(r) for r in exp.get("derived") or []]
     if only is None:
@@ -152,14 +169,14 @@ def prepare(cfg, only: str | None = None) -> dict:
             hf.check_config_supports(mconf, needed)
     t = time.perf_counter()
     loaded = load_samples({**cfg["dataset"]})
-    samples = shard(loaded.samples, cfg.get("run") or {}, chunk_size(cfg))
+    samples = shard(loaded.samples, cfg.get("run") or {}, chunk_size(cfg), grouped=grouped(cfg))
     if not samples:
         raise RunError(f"dataset {cfg['dataset']['name']!r} gave no usable samples "
                        f"({len(loaded.rejected)} rejected; e.g. {loaded.rejected[:3]}).")
-    if any(s.surrogate.startswith("generated_other:") for s in specs.values()):
-        from ..surrogates.sources import derangement
+    from ..surrogates import sources
 
-        derangement(loaded.samples, cfg["seed"])  # needs two samples: said before the model loads
+    for source in dict.fromkeys(s.surrogate for s in specs.values()):
+        sources.prepare(source, loaded.samples, cfg["seed"])  # a donor, a sibling: said before the model loads
     pool = [s.query for s in loaded.samples]  # random queries come from the whole selection, not the shard
     return {"cfg": cfg, "specs": specs, "only": only, "loaded": loaded, "samples": samples, "pool": pool,
             "load_data_s": time.perf_counter() - t}

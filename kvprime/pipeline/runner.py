@@ -18,9 +18,10 @@ from pathlib import Path
 from ..analysis import cost
 from ..cache import floor as numerical_floor
 from ..config import plugins
+from ..data.passages import passage_id
 from ..errors import RunDirError
 from . import interrupts, metadata
-from .plan import RunError, builder_notes, chunk_size, prepare
+from .plan import RunError, builder_notes, chunk_size, chunks, grouped, prepare
 from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
 
 # Keys that may differ between a run and its resumption.
@@ -281,15 +282,15 @@ def _score_all(session, similarity, run_dir, progress):
     resolved = session.resolved()
     skipped, on_too_long = [], cfg["on_too_long"]
     save_tokens, per_token = cfg["save_tokens"], cfg["per_token"]
-    chunk = chunk_size(cfg)
+    chunk, by_passage = chunk_size(cfg), grouped(cfg)
     encode_tokens, score_tokens = int(cfg["batch"]["encode_tokens"]), int(cfg["batch"]["score_tokens"])
     shape = cost.model_shape(session.model.config)
     with ScoreLog(run_dir / "scores.jsonl") as log:
         bar = tqdm(total=len(samples), desc=f"{cfg['experiment']['name']} ({len(specs)} conditions)",
                    unit="sample", disable=not progress)
-        for first in range(0, len(samples), chunk):
+        for group in chunks(samples, chunk, grouped=by_passage):
             work = []  # (sample, condition name, segments)
-            for sample in samples[first:first + chunk]:
+            for sample in group:
                 segs = session.segments(sample)
                 too_long = [n for n, spec in specs.items() if not engine.fits(segs[n], spec)]
                 if too_long:
@@ -306,7 +307,7 @@ def _score_all(session, similarity, run_dir, progress):
             # batches as the uninterrupted run (smaller batches round differently in float32), and appends
             # only the missing lines.
             if all((sample.sample_id, name) in log.done for sample, name, _ in work):
-                bar.update(min(chunk, len(samples) - first))
+                bar.update(len(group))
                 continue
             done = engine.run_chunk([(specs[name], seg) for _, name, seg in work], per_token=per_token,
                                     encode_tokens=encode_tokens, score_tokens=score_tokens)
@@ -314,11 +315,13 @@ def _score_all(session, similarity, run_dir, progress):
             for (sample, name, seg), (pc, score), spent in zip(work, done, costs):
                 if (sample.sample_id, name) in log.done:
                     continue
+                row = _row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token, spent)
+                if by_passage:  # the cluster of the per-passage statistics (kvprime.analysis.passages)
+                    row["passage_id"] = passage_id(sample)
                 with interrupts.record_boundary():
-                    log.append(_row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token,
-                                    spent))
+                    log.append(row)
             engine.forget()
-            bar.update(min(chunk, len(samples) - first))
+            bar.update(len(group))
         bar.close()
         n_rows, repaired = len(log.rows), log.repaired
     if not n_rows:

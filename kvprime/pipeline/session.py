@@ -38,6 +38,7 @@ class Session:
         self.seed = int(self.cfg["seed"])
         self.generated: dict = {}  # (template, sample_id) -> text
         self._texts: dict = {}  # sample_id -> {condition: surrogate text}
+        self._states: dict = {}  # surrogate source -> its prepared state (kvprime.surrogates.sources.prepare)
         self._everything = None  # every usable sample of the dataset, loaded only for sample= outside it
 
     @classmethod
@@ -170,6 +171,12 @@ class Session:
             donor_id = sources.donor_outside(sample, self.loaded.samples, self.seed)
         return next(s for s in self.loaded.samples if s.sample_id == donor_id)
 
+    def source_state(self, source: str):
+        """A source's per-run state over the whole selection (``sibling_query``'s siblings), computed once."""
+        if source not in self._states:
+            self._states[source] = sources.prepare(source, self.loaded.samples, self.seed)
+        return self._states[source]
+
     def _needed(self, samples: Sequence, names: Iterable[str] | None) -> dict[str, dict]:
         """template -> {sample_id: sample} whose generated text the conditions need for ``samples``: the
         samples themselves (``generated:``) and their donors (``generated_other:``)."""
@@ -242,7 +249,8 @@ class Session:
                 donors = ({sample.sample_id: self.donor(sample).sample_id}
                           if spec.surrogate.startswith("generated_other:") else None)
                 known[n] = sources.resolve(spec.surrogate, sample, pool=self.pool, seed=self.seed, tokenizer=tok,
-                                           n_tokens=spec.random_tokens, generated=self.generated, donors=donors)
+                                           n_tokens=spec.random_tokens, generated=self.generated, donors=donors,
+                                           selection=self.loaded.samples, state=self.source_state(spec.surrogate))
         return {n: known[n] for n in names}
 
     def resolved(self, samples: Sequence | None = None) -> dict:

@@ -23,7 +23,7 @@ from ..surrogates import quality
 from . import report
 
 FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_tokens", "cache_len", "next_position",
-                      "encoded_tokens", "surrogate", "similarity", "nonfinite")
+                      "encoded_tokens", "surrogate", "similarity", "nonfinite", "passage_id")
 
 
 def _load(run_dir: Path, name: str):
@@ -85,7 +85,7 @@ def finalize(run_dir) -> dict:
     similarity = _primary_similarity(scores, exp)
     # Copies: an analysis that changes its inputs must not change what finalize writes after it.
     ran = run_analyses(analysis_names, AnalysisInput(
-        scores=scores[["sample_id", "condition", "nll", "similarity"]].copy(),
+        scores=scores[[c for c in ("sample_id", "condition", "nll", "similarity", "passage_id") if c in scores]].copy(),
         similarity=None if similarity is None else similarity.copy(), baseline=exp["baseline"], seed=seed,
         n_boot=st["n_boot"], alpha=st["alpha"], confidence=st["confidence"], experiment=copy.deepcopy(exp),
         derived=derived.copy(), tie_tolerance=tie, equivalence_margin=st["equivalence_margin"], power=st["power"]))

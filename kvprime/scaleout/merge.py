@@ -172,12 +172,15 @@ def merge_runs(run_dirs, out_dir, *, check_dataset: bool = True, overwrite: bool
                          + "; ".join(f"{sid!r} in shards {sh}" for sid, sh in list(dup.items())[:5]))
     total = sum(map(len, inputs))
     # Which selection positions each shard holds: the runner's own split applied to 0..total-1.
-    from ..pipeline.plan import chunk_size
+    from ..pipeline.plan import chunk_size, grouped
     from ..pipeline.plan import shard as split
 
     run_cfg = dict(cfgs[0].get("run") or {})
-    positions = [split(list(range(total)), {**run_cfg, "num_shards": n, "shard": i}, chunk_size(cfgs[0]))
-                 for i in range(n)]
+    if grouped(cfgs[0]):
+        positions = _passage_positions(inputs, n)
+    else:
+        positions = [split(list(range(total)), {**run_cfg, "num_shards": n, "shard": i}, chunk_size(cfgs[0]))
+                     for i in range(n)]
     for i, rows in enumerate(inputs):
         if len(rows) != len(positions[i]):
             raise MergeError(f"shard {i} ({shard_dirs[i]}) holds {len(rows)} samples, but a {total}-sample selection "
@@ -269,3 +272,24 @@ def merge_runs(run_dirs, out_dir, *, check_dataset: bool = True, overwrite: bool
     results["merge"] = {"num_shards": n, "shards": [str(d) for d in shard_dirs], "n_samples": total,
                         "score_lines": len(rows_by_key), "selection_check": selection, "exact_vs_unsharded": exact}
     return results
+
+
+def _passage_positions(inputs: list[list[dict]], n: int) -> list[list[int]]:
+    """Selection positions of each shard's rows when chunks are whole passages (``dataset.group_by_passage``):
+    chunk g of the selection went to shard g % n as its (g // n)-th passage, so the shards' passages, taken
+    round-robin, rebuild the selection's order."""
+    from ..data.passages import chunks, passage_key
+
+    per_shard = [chunks(rows, key=lambda r: passage_key(r["passage"])) for rows in inputs]
+    positions: list[list[int]] = [[] for _ in range(n)]
+    at = 0
+    for g in range(sum(map(len, per_shard))):
+        shard, k = g % n, g // n
+        if k >= len(per_shard[shard]):
+            raise MergeError(f"shard {shard} holds {len(per_shard[shard])} passages, too few for a selection dealt "
+                             f"{n} ways one passage at a time: passages are missing or the shards come from "
+                             "different selections.")
+        size = len(per_shard[shard][k])
+        positions[shard].extend(range(at, at + size))
+        at += size
+    return positions

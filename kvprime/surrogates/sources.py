@@ -1,12 +1,25 @@
-"""Where a condition's surrogate text comes from.
+"""Where a condition's surrogate text comes from: the surrogate-source registry and kvprime's own sources.
+
+A source is registered by name with ``@register_source(name, ...)`` (as builders with ``register_builder`` and
+loaders with ``register_loader``); a condition names it in ``surrogate:``. A researcher's source is one module
+named in the run's ``plugins:`` list; kvprime's ``sibling_query`` is one module of this package
+(``kvprime.surrogates.sibling_query``). A source declares:
+
+- its resolver ``fn(sample, ctx, arg) -> str | None``: the text for one sample (``ctx``: ``SourceContext``, what
+  the run knows; ``arg``: the part after the colon of ``name:<arg>``, None for a source without one);
+- ``arg`` (e.g. ``"<name>"``) if it takes one, and ``accepted(static_set) -> names`` to check it;
+- ``prepare(selection, seed) -> state``, if it needs the whole selection (a donor, a sibling): computed once per
+  run over the whole selection, never the shard, so every shard and command agrees; it raises ``ConfigError``
+  before any model loads when the selection cannot serve the source.
 
 Sources: ``none``; ``query`` (the sample's true query: an oracle); ``random_query`` (another sample's
 query, chosen per sample from the run seed); ``random_tokens`` (N token ids drawn per sample from the run
 seed, decoded to text, then re-encoded like any text); ``static:<name>`` (a fixed intent question from the
 static set); ``generated:<template>`` (written by the model for each document, seeded and stored on disk;
 see ``kvprime.surrogates.generation``); ``generated_other:<template>`` (the generated surrogate of ANOTHER
-document of the run: the document-specificity control, see ``derangement``). Every random draw uses its own
-``numpy.random.Generator`` seeded from (run seed, sample id):
+document of the run: the document-specificity control, see ``derangement``); ``sibling_query`` (another real
+question about the same passage). Every random draw uses its own ``numpy.random.Generator`` seeded from
+(run seed, sample id):
 the same sample gets the same surrogate whatever else the run contains (the notebooks seeded numpy and drew
 from torch, so their "fixed" prefixes were not fixed).
 
@@ -20,7 +33,8 @@ the order of the data file, so shards of one run agree and merge.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,16 +49,79 @@ STATIC_SURROGATES: dict[str, str] = {
     "problem": "What problem does this solve?",
 }
 
-SOURCES = ("none", "query", "random_query", "random_tokens", "static:<name>", "generated:<template>",
-           "generated_other:<template>")
-# The sources whose text a generation template writes (the part after the colon names the template).
-GENERATED_KINDS = ("generated", "generated_other")
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What a resolver may use besides the sample. ``selection``: the whole selection (not the shard);
+    ``state``: what the source's ``prepare`` computed from it."""
+
+    pool: Sequence[str] = ()
+    seed: int = 0
+    tokenizer: object = None
+    n_tokens: int = 20
+    static_set: Mapping[str, str] = field(default_factory=lambda: STATIC_SURROGATES)
+    generated: Mapping | None = None
+    donors: Mapping[str, str] | None = None
+    selection: Sequence | None = None
+    state: object = None
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    name: str
+    resolve: Callable
+    arg: str | None = None  # "<name>": the source is spelled name:<arg>; None: it takes no argument
+    accepted: Callable[[Mapping[str, str]], Mapping] | None = None  # (static_set) -> the arguments it accepts
+    noun: str = "name"  # what the argument is, for the error paragraph
+    template: bool = False  # the argument names a generation template (the run generates surrogates for it)
+    prepare: Callable | None = None  # (selection, seed) -> state, once per run over the whole selection
+    doc: str = ""
+
+    @property
+    def spelling(self) -> str:
+        return f"{self.name}:{self.arg}" if self.arg else self.name
+
+
+SOURCE_REGISTRY: dict[str, SourceInfo] = {}
+
+
+def register_source(name: str, *, arg: str | None = None, accepted: Callable | None = None, noun: str = "name",
+                    template: bool = False, prepare: Callable | None = None):
+    """Decorator: make ``fn(sample, ctx, arg) -> str | None`` available as ``surrogate: <name>`` (or
+    ``<name>:<arg>`` when ``arg`` is given)."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ConfigError(f"a surrogate source needs a name without ':', got {name!r}.")
+
+    def wrap(fn):
+        old = SOURCE_REGISTRY.get(name)
+        if old is not None and (old.resolve.__module__, old.resolve.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ConfigError(f"surrogate source {name!r} is registered twice ({old.resolve.__module__} and "
+                              f"{fn.__module__}).")
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if (fn.__doc__ or "").strip() else ""
+        SOURCE_REGISTRY[name] = SourceInfo(name, fn, arg, accepted, noun, template, prepare, doc)
+        return fn
+    return wrap
+
+
+def spellings() -> tuple[str, ...]:
+    """Every registered source as a condition spells it, in registration order."""
+    return tuple(info.spelling for info in SOURCE_REGISTRY.values())
+
+
+def lookup(source: str) -> tuple[SourceInfo, str | None]:
+    """The registered source and its argument for a condition's ``surrogate:`` value, or ConfigError."""
+    kind, sep, arg = source.partition(":") if isinstance(source, str) else ("", "", "")
+    info = SOURCE_REGISTRY.get(kind)
+    if info is None or bool(sep) != bool(info.arg):
+        raise ConfigError(f"surrogate source {source!r} is not known. Accepted: {', '.join(spellings())}.")
+    return info, (arg if sep else None)
 
 
 def generated_template(source: str) -> str | None:
     """The generation template a source needs (``generated:t`` and ``generated_other:t``), else None."""
     kind, sep, name = source.partition(":")
-    return name if sep and kind in GENERATED_KINDS else None
+    info = SOURCE_REGISTRY.get(kind)
+    return name if sep and info is not None and info.template else None
 
 
 def _rng(seed: int, sample_id: str, purpose: str) -> np.random.Generator:
@@ -52,21 +129,98 @@ def _rng(seed: int, sample_id: str, purpose: str) -> np.random.Generator:
 
 
 def validate_source(source: str, static_set: Mapping[str, str]) -> None:
-    if source in ("none", "query", "random_query", "random_tokens"):
-        return
-    kind, _, name = source.partition(":")
-    if kind in ("static", *GENERATED_KINDS):
-        if kind == "static":
-            valid, noun = static_set, "static surrogate"
-        else:
-            from .generation import GENERATION_TEMPLATES
+    info, arg = lookup(source)
+    if info.accepted is not None:
+        valid = info.accepted(static_set)
+        if arg not in valid:
+            raise ConfigError(f"surrogate source {source!r} names an unknown {info.noun} {arg!r}. "
+                              f"Accepted names: {', '.join(sorted(valid))}.")
 
-            valid, noun = GENERATION_TEMPLATES, "generation template"
-        if name not in valid:
-            raise ConfigError(f"surrogate source {source!r} names an unknown {noun} {name!r}. "
-                             f"Accepted names: {', '.join(sorted(valid))}.")
-        return
-    raise ConfigError(f"surrogate source {source!r} is not known. Accepted: {', '.join(SOURCES)}.")
+
+def prepare(source: str, selection: Sequence, seed: int):
+    """The source's per-run state over the whole selection (None for a source that needs none); raises
+    ConfigError when the selection cannot serve the source (said before any model loads)."""
+    info, _ = lookup(source)
+    return info.prepare(selection, seed) if info.prepare is not None else None
+
+
+def resolve(source: str, sample, *, pool: Sequence[str], seed: int, tokenizer=None, n_tokens: int = 20,
+            static_set: Mapping[str, str] = STATIC_SURROGATES, generated: Mapping | None = None,
+            donors: Mapping[str, str] | None = None, selection: Sequence | None = None, state=None) -> str | None:
+    """The surrogate text for one sample; ``generated`` maps (template, sample_id) to pre-generated text and
+    ``donors`` (``derangement``) sample_id to the sample whose generated text ``generated_other`` takes.
+    A source with ``prepare`` takes its ``state``, or computes it from ``selection``."""
+    validate_source(source, static_set)
+    info, arg = lookup(source)
+    if info.prepare is not None and state is None:
+        if selection is None:
+            raise ValueError(f"surrogate source {source!r} needs the run's selection (selection=) or its state")
+        state = info.prepare(selection, seed)
+    ctx = SourceContext(pool=pool, seed=seed, tokenizer=tokenizer, n_tokens=n_tokens, static_set=static_set,
+                        generated=generated, donors=donors, selection=selection, state=state)
+    return info.resolve(sample, ctx, arg)
+
+
+# ------------------------------------------------------------ kvprime's own sources
+
+
+@register_source("none")
+def _none(sample, ctx, arg) -> None:
+    """No surrogate."""
+    return None
+
+
+@register_source("query")
+def _query(sample, ctx, arg) -> str:
+    """The sample's true query (an oracle)."""
+    return sample.query
+
+
+@register_source("random_query")
+def _random_query(sample, ctx, arg) -> str:
+    """Another sample's query, drawn per sample from the run seed."""
+    return random_query(sample, ctx.pool, ctx.seed)
+
+
+@register_source("random_tokens")
+def _random_tokens(sample, ctx, arg) -> str:
+    """N random ordinary tokens, drawn per sample from the run seed."""
+    return random_tokens(sample, ctx.tokenizer, ctx.n_tokens, ctx.seed)
+
+
+@register_source("static", arg="<name>", accepted=lambda static_set: static_set, noun="static surrogate")
+def _static(sample, ctx, arg) -> str:
+    """A fixed intent question from the static set."""
+    return ctx.static_set[arg]
+
+
+def _templates(static_set):
+    # generation imports torch: only when a generated source is checked
+    from .generation import GENERATION_TEMPLATES
+
+    return GENERATION_TEMPLATES
+
+
+def _generated_text(template: str, donor: str, generated) -> str:
+    key = (template, donor)
+    if not generated or key not in generated:
+        raise ValueError(f"no generated surrogate for {key}; generate the run's surrogates first")
+    return generated[key]
+
+
+@register_source("generated", arg="<template>", accepted=_templates, noun="generation template", template=True)
+def _generated(sample, ctx, arg) -> str:
+    """Written by the generator for this document (seeded, stored)."""
+    return _generated_text(arg, sample.sample_id, ctx.generated)
+
+
+@register_source("generated_other", arg="<template>", accepted=_templates, noun="generation template",
+                 template=True, prepare=lambda selection, seed: derangement(selection, seed))
+def _generated_other(sample, ctx, arg) -> str:
+    """The generated surrogate of another document of the run (a seeded derangement)."""
+    if not ctx.donors or sample.sample_id not in ctx.donors:
+        raise ValueError(f"no donor sample for {sample.sample_id!r}; pass the run's derangement as donors=")
+    return _generated_text(arg, ctx.donors[sample.sample_id], ctx.generated)
 
 
 def random_query(sample, pool: Sequence[str], seed: int) -> str:
@@ -94,36 +248,6 @@ def random_tokens(sample, tokenizer, n_tokens: int, seed: int) -> str:
         if i not in special:
             ids.append(i)
     return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def resolve(source: str, sample, *, pool: Sequence[str], seed: int, tokenizer=None, n_tokens: int = 20,
-            static_set: Mapping[str, str] = STATIC_SURROGATES, generated: Mapping | None = None,
-            donors: Mapping[str, str] | None = None) -> str | None:
-    """The surrogate text for one sample; ``generated`` maps (template, sample_id) to pre-generated text and
-    ``donors`` (``derangement``) sample_id to the sample whose generated text ``generated_other`` takes."""
-    if source == "none":
-        return None
-    if source == "query":
-        return sample.query
-    if source == "random_query":
-        return random_query(sample, pool, seed)
-    if source == "random_tokens":
-        return random_tokens(sample, tokenizer, n_tokens, seed)
-    if source.startswith("static:"):
-        return static_set[source.split(":", 1)[1]]
-    template = generated_template(source)
-    if template is not None:
-        donor = sample.sample_id
-        if source.startswith("generated_other:"):
-            if not donors or sample.sample_id not in donors:
-                raise ValueError(f"no donor sample for {sample.sample_id!r}; pass the run's derangement as donors=")
-            donor = donors[sample.sample_id]
-        key = (template, donor)
-        if not generated or key not in generated:
-            raise ValueError(f"no generated surrogate for {key}; generate the run's surrogates first")
-        return generated[key]
-    validate_source(source, static_set)
-    raise AssertionError("unreachable")
 
 
 def derangement(samples: Sequence, seed: int) -> dict[str, str]:
@@ -163,3 +287,10 @@ def donor_outside(sample, samples: Sequence, seed: int) -> str:
         raise ConfigError("surrogate source generated_other:<template> needs another sample to take a surrogate "
                           "from; the selection has none. Raise dataset.n_samples.")
     return others[int(_rng(seed, sample.sample_id, "generated_other").integers(len(others)))]
+
+
+# Imported last: the module registers itself through ``register_source`` above.
+from . import sibling_query  # noqa: E402,F401
+
+# kvprime's own sources as conditions spell them (a plugin's are in ``spellings()`` once it is loaded).
+SOURCES = spellings()
