@@ -18,7 +18,7 @@ from kvprime.pipeline import runner
 from kvprime.pipeline.plan import shard
 from kvprime.pipeline.results_io import read_jsonl
 from kvprime.surrogates import sources
-from kvprime.surrogates.sibling_query import siblings
+from kvprime.surrogates.sources.sibling_query import siblings
 
 # Passage index -> number of questions. Rows are interleaved in the file: grouping must make them consecutive.
 SIZES = {0: 3, 1: 2, 2: 4, 3: 2}

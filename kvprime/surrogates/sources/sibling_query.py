@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..data.passages import groups, passage_id
-from ..errors import ConfigError
-from .sources import _rng, register_source
+from ...data.passages import groups, passage_id
+from ...errors import ConfigError
+from . import _rng, register_source
 
 
 def primers(selection: Sequence, seed: int) -> dict[str, list[str]]:

@@ -3,7 +3,7 @@
 A source is registered by name with ``@register_source(name, ...)`` (as builders with ``register_builder`` and
 loaders with ``register_loader``); a condition names it in ``surrogate:``. A researcher's source is one module
 named in the run's ``plugins:`` list; kvprime's ``sibling_query`` is one module of this package
-(``kvprime.surrogates.sibling_query``). A source declares:
+(``kvprime.surrogates.sources.sibling_query``; a module dropped into this package registers itself). A source declares:
 
 - its resolver ``fn(sample, ctx, arg) -> str | None``: the text for one sample (``ctx``: ``SourceContext``, what
   the run knows; ``arg``: the part after the colon of ``name:<arg>``, None for a source without one);
@@ -32,13 +32,15 @@ the order of the data file, so shards of one run agree and merge.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 # The walkthrough notebook's five intent queries (same for every document).
 STATIC_SURROGATES: dict[str, str] = {
@@ -196,7 +198,7 @@ def _static(sample, ctx, arg) -> str:
 
 def _templates(static_set):
     # generation imports torch: only when a generated source is checked
-    from .generation import GENERATION_TEMPLATES
+    from ..generation import GENERATION_TEMPLATES
 
     return GENERATION_TEMPLATES
 
@@ -289,8 +291,15 @@ def donor_outside(sample, samples: Sequence, seed: int) -> str:
     return others[int(_rng(seed, sample.sample_id, "generated_other").integers(len(others)))]
 
 
-# Imported last: the module registers itself through ``register_source`` above.
-from . import sibling_query  # noqa: E402,F401
+
+
+def _discover() -> None:
+    """Import every module of this package: each registers its source (no list to keep by hand)."""
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_discover()
 
 # kvprime's own sources as conditions spell them (a plugin's are in ``spellings()`` once it is loaded).
 SOURCES = spellings()
