@@ -233,3 +233,15 @@ def test_sibling_and_per_passage_refuse_an_ungrouped_selection_before_the_model_
     with pytest.raises(ConfigError, match="per_passage.*dataset.group_by_passage=false"):
         _run(tmp_path, data, "b", "dataset.group_by_passage=false")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_grouped_shards_merge_into_the_unsharded_run_byte_for_byte(tmp_path):
+    from kvprime.scaleout.merge import merge_runs
+
+    data = _write(tmp_path, _rows())
+    only, base = "reuse/truncated_sibling", ["condition=reuse/truncated_sibling", "run.num_shards=3"]
+    whole = _run(tmp_path, data, "whole", base[0], only=only)
+    shards = [_run(tmp_path, data, f"shard{i}", *base, f"run.shard={i}", only=only) for i in range(3)]
+    merge_runs(shards, tmp_path / "merged")
+    for name in ("scores.csv", "summary.csv", "comparisons.csv", "analyses/per_passage.csv"):
+        assert (tmp_path / "merged" / name).read_bytes() == (whole / name).read_bytes(), name
