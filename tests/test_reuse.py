@@ -220,6 +220,9 @@ def test_reuse_experiment_reports_per_question_and_per_passage_statistics(tmp_pa
     assert np.allclose(per.iloc[len(others):]["mean_delta"].to_numpy(), comps["mean_delta"].to_numpy(), rtol=0,
                        atol=1e-12)
     assert ((per["passages_better"] + per["passages_tied"] + per["passages_worse"]) == len(SIZES)).all()
+    # A named comparison that repeats a vs-baseline test gets the same bootstrap (seeded by the pair).
+    same = per[(per.treatment == "truncated_sibling") & (per.reference == "bare")]
+    assert len(same) == 2 and same.drop(columns="test").nunique().max() == 1
     report = (out / "report.md").read_text()
     assert "Per passage: cluster bootstrap over passages" in report
     assert "passage_id" in pd.read_csv(out / "scores.csv").columns

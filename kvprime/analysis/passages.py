@@ -9,7 +9,7 @@ baseline, each named comparison) is recomputed with the passage as the unit:
 - ``ci_low``/``ci_high``: a cluster bootstrap of the question-level mean delta, resampling whole passages
   (scipy.stats.bootstrap over paired per-passage (sum of deltas, number of questions), statistic
   sum/sum; BCa, percentile when BCa fails), seeded per test from the run seed as summary.csv's CIs are
-  (``stats._derive_seed``, the test's name plus " (passages)");
+  (``stats._derive_seed``, "<treatment> vs <reference> (passages)");
 - ``design_effect``: the cluster bootstrap's variance of the mean over the independent-questions variance
   (sd^2/n): 1 when passages do not matter, larger when their questions move together;
 - ``passage_mean_delta``: the mean of the passages' mean deltas (each passage counts once);
@@ -92,8 +92,10 @@ def per_passage(run: AnalysisInput) -> AnalysisResult:
         clusters = passage.loc[j.index].to_numpy()
         row = {"test": name, "treatment": trt, "reference": ref, "n_questions": len(delta),
                "n_passages": int(pd.Series(clusters).nunique())}
-        row.update(cluster_ci(delta, clusters, n_boot=run.n_boot, seed=_derive_seed(run.seed, f"{name} (passages)"),
-                              confidence=run.confidence))
+        # Keyed by the pair, as summary.csv's seeds are: a named comparison repeating a vs-baseline test gets the
+        # same numbers.
+        seed = _derive_seed(run.seed, f"{trt} vs {ref} (passages)")
+        row.update(cluster_ci(delta, clusters, n_boot=run.n_boot, seed=seed, confidence=run.confidence))
         means = pd.Series(delta).groupby(clusters).mean()
         better, worse = int((means > run.tie_tolerance).sum()), int((means < -run.tie_tolerance).sum())
         row.update(passage_mean_delta=float(means.mean()) if len(means) else math.nan, passages_better=better,
