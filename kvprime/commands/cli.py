@@ -235,6 +235,11 @@ def conditions() -> None:
         if cfg.get("rope_fix"):
             detail += f" rope_fix={cfg.get('rope_fix')}"
         typer.echo(f"  {name:<{width}}  {detail:<70} {cfg.get('description', '')}")
+    from ..surrogates.sources import SOURCE_REGISTRY
+
+    typer.echo("surrogate sources (surrogate: in a condition):")
+    for info in SOURCE_REGISTRY.values():
+        typer.echo(f"  {info.spelling:<28} {info.doc}")
     from ..analysis.registry import ANALYSES
 
     typer.echo("analyses (experiment.analyses):")
