@@ -248,3 +248,27 @@ def test_grouped_shards_merge_into_the_unsharded_run_byte_for_byte(tmp_path):
     merge_runs(shards, tmp_path / "merged")
     for name in ("scores.csv", "summary.csv", "comparisons.csv", "analyses/per_passage.csv"):
         assert (tmp_path / "merged" / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_a_grouped_run_killed_after_its_first_passage_resumes_to_the_uninterrupted_tables(tmp_path, monkeypatch):
+    from kvprime.cache.engine import Engine
+
+    data = _write(tmp_path, _rows())
+    only, extra = "reuse/truncated_sibling", "condition=reuse/truncated_sibling"
+    full = _run(tmp_path, data, "full", extra, only=only)
+    real, calls = Engine.score_many, {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt  # killed while scoring the second passage
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Engine, "score_many", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, data, "crashed", extra, only=only)
+    monkeypatch.setattr(Engine, "score_many", real)
+    assert len(read_jsonl(tmp_path / "crashed" / "scores.jsonl")) == 2 * SIZES[0]  # the first passage, whole
+    _run(tmp_path, data, "crashed", extra, "resume=true", only=only)
+    for name in ("scores.csv", "summary.csv", "analyses/per_passage.csv"):
+        assert (tmp_path / "crashed" / name).read_bytes() == (full / name).read_bytes(), name
