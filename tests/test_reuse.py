@@ -113,6 +113,15 @@ def test_sibling_is_another_question_of_the_same_passage_with_one_primer_per_pas
     assert alone == {k: v for k, v in siblings(samples, 4).items() if k.startswith("p0")}
 
 
+def test_a_sibling_worded_as_the_question_itself_is_passed_over():
+    samples = _samples({0: 3})
+    samples[1].query = samples[0].query  # two questions worded alike: either would be the other's oracle
+    for seed in range(10):
+        sib = siblings(samples, seed)
+        by_id = {s.sample_id: s.query for s in samples}
+        assert all(by_id[o] != by_id[sid] for sid, o in sib.items())
+
+
 def test_sibling_query_resolves_through_the_registry_and_refuses_a_lone_question():
     samples = _samples({0: 3, 1: 2})
     sib = siblings(samples, 42)

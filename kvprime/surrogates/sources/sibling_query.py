@@ -4,8 +4,9 @@ The realistic middle ground between the oracle (``query``) and a generated guess
 with one user's question and serves the next users' questions about the same document. So each passage gets
 one primer, a seeded choice among its selected questions (seeded from the run seed and the passage, never the
 shard or batch): every other question of the passage is primed with it, and the primer itself, which would
-otherwise get its own question (the oracle), gets the seeded order's next question. A passage's sibling caches
-are then two encodes whatever its number of questions, and the engine's memo shares them within the chunk.
+otherwise get its own question (the oracle), gets the seeded order's next question; a question worded exactly
+as the one asked is passed over. A passage's sibling caches
+are then two encodes whatever its number of questions (duplicate wordings aside), and the engine's memo shares them within the chunk.
 
 A selected question alone on its passage has no sibling: the run stops before any model loads and says to
 set ``dataset.group_by_passage=true``, which selects whole passages of at least two questions.
@@ -41,7 +42,15 @@ def siblings(selection: Sequence, seed: int) -> dict[str, str]:
             f"{len(alone)} of the {len(selection)} selected samples are the only selected question of their "
             f"passage (e.g. {alone[0]!r}). Set dataset.group_by_passage=true (whole passages with at least two "
             "questions), or drop the sibling_query condition.")
-    return {sid: (ids[1] if sid == ids[0] else ids[0]) for ids in order.values() for sid in ids}
+    query = {s.sample_id: s.query for s in selection}
+
+    def sibling(sid: str, ids: list[str]) -> str:
+        # The first other question in the seeded order: the primer, or for the primer the next one. A question
+        # worded exactly as this one (SQuAD repeats a few) would be the oracle, so it is passed over if it can be.
+        others = [o for o in ids if o != sid]
+        return next((o for o in others if query[o] != query[sid]), others[0])
+
+    return {sid: sibling(sid, ids) for ids in order.values() for sid in ids}
 
 
 def _prepare(selection: Sequence, seed: int) -> dict:
