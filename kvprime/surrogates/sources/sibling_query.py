@@ -5,8 +5,8 @@ with one user's question and serves the next users' questions about the same doc
 one primer, a seeded choice among its selected questions (seeded from the run seed and the passage, never the
 shard or batch): every other question of the passage is primed with it, and the primer itself, which would
 otherwise get its own question (the oracle), gets the seeded order's next question; a question worded exactly
-as the one asked is passed over. A passage's sibling caches
-are then two encodes whatever its number of questions (duplicate wordings aside), and the engine's memo shares them within the chunk.
+as the one asked is passed over. A passage's sibling caches are then two encodes whatever its number of
+questions (duplicate wordings aside), and the engine's memo shares them within the chunk.
 
 A selected question alone on its passage has no sibling: the run stops before any model loads and says to
 set ``dataset.group_by_passage=true``, which selects whole passages of at least two questions.
