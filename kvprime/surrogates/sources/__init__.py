@@ -2,8 +2,8 @@
 
 A source is registered by name with ``@register_source(name, ...)`` (as builders with ``register_builder`` and
 loaders with ``register_loader``); a condition names it in ``surrogate:``. A researcher's source is one module
-named in the run's ``plugins:`` list; kvprime's ``sibling_query`` is one module of this package
-(``kvprime.surrogates.sources.sibling_query``; a module dropped into this package registers itself). A source declares:
+named in the run's ``plugins:`` list; each module of this package registers its own (``sibling_query``). A
+source declares:
 
 - its resolver ``fn(sample, ctx, arg) -> str | None``: the text for one sample (``ctx``: ``SourceContext``, what
   the run knows; ``arg``: the part after the colon of ``name:<arg>``, None for a source without one);
