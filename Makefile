@@ -14,7 +14,7 @@ MODEL ?= smollm2_135m_instruct
 DATASET ?= squad_v11
 N ?= 50
 
-.PHONY: help setup run test test-fast bench reproduce-exp21 reproduce-exp01 reproduce-walkthrough \
+.PHONY: help setup run test test-fast bench bench-gpu reproduce-exp21 reproduce-exp01 reproduce-walkthrough \
 	sweep-offsets sweep-prefixes sweep-models
 
 help: ## list the targets
@@ -40,6 +40,11 @@ test-fast: setup ## the tests without the real model (-m "not slow")
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup ## kvprime vs the notebooks' naive path on exp01, 20 samples, side by side (ARGS= for overrides)
+	$(BIN)/kvprime bench $(ARGS)
+
+bench-gpu: setup ## on a CUDA machine: Mistral-7B's shape (random bf16 weights) then SmolLM2, each side by side
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs a CUDA device (make setup TORCH_SPEC=torch)')"
+	$(BIN)/kvprime bench model=mistral_7b_shape_random generation.model=null $(ARGS)
 	$(BIN)/kvprime bench $(ARGS)
 
 reproduce-exp21: setup ## the exp21 notebook: its France/Paris sanity example, then MODEL/DATASET/N

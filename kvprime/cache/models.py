@@ -189,7 +189,8 @@ def load(cfg: Mapping):
         from . import shape_random
 
         model_config(cfg)
-        return shape_random.load(cfg, dtype, resolve_device(cfg))
+        return shape_random.load(cfg, dtype, resolve_device(cfg), _folder(shape_random.tokenizer_model_cfg(cfg)),
+                                 model_name(cfg))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -47,15 +47,14 @@ def tokenizer_model_cfg(cfg: Mapping) -> dict:
     return tcfg
 
 
-def load(cfg: Mapping, dtype, device: str):
-    """(model, tokenizer, info); the tokenizer's ids must fit the architecture's vocabulary."""
+def load(cfg: Mapping, dtype, device: str, tokenizer_folder: str, name: str | None):
+    """(model, tokenizer, info); ``tokenizer_folder``: where ``tokenizer_model_cfg``'s files are (the caller,
+    ``kvprime.cache.models``, resolves it). The tokenizer's ids must fit the architecture's vocabulary."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import models
-
     config = config_of(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(models._folder(tokenizer_model_cfg(cfg)))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     if len(tokenizer) > config.vocab_size:
         raise ConfigError(f"model.config.vocab_size={config.vocab_size} is smaller than the vocabulary of "
                           f"model.tokenizer={cfg.get('tokenizer')!r} ({len(tokenizer)} tokens): its ids would fall "
@@ -64,6 +63,6 @@ def load(cfg: Mapping, dtype, device: str):
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    info = {"source": "shape_random", "name": models.model_name(cfg), "arch": cfg.get("arch"), "seed": seed,
+    info = {"source": "shape_random", "name": name, "arch": cfg.get("arch"), "seed": seed,
             "tokenizer": cfg.get("tokenizer"), "weights": "random: cost only, NLLs meaningless"}
     return model, tokenizer, info
