@@ -67,6 +67,10 @@ BAD = {
     "model.device": ["tpu", "gpu", "CPU", "cuda:x", "cuda:-1", "cuda:99999", "cpu:0", "", 0, None],
     "model.dtype": ["float64", "fp16", "", None],
     "model.sink": ["eos", "BOS", None],
+    "multidoc.k": [0, -1, 2.5, "3", True, None],
+    "multidoc.distractors": ["bm25", "Random", None, 3],
+    "multidoc.gold_slot": ["centre", 1, None],
+    "multidoc.seed": [-1, "abc", 1.5, True],
 }
 GOOD = {
     "seed": [0, 1, 2**40],
@@ -102,6 +106,10 @@ GOOD = {
     "model.device": ["auto", "cpu"],
     "model.dtype": list(settings.DTYPES),
     "model.sink": list(settings.SINKS),
+    "multidoc.k": [1, 3, 5],
+    "multidoc.distractors": list(settings.DISTRACTOR_SOURCES),
+    "multidoc.gold_slot": list(settings.GOLD_SLOTS),
+    "multidoc.seed": [0, 7],
 }
 
 
@@ -255,6 +263,9 @@ def test_words_agree_with_the_modules_that_use_them():
 
     assert settings.CLEAN_MODES == generation.CLEAN_MODES
     assert settings.DTYPES == models.DTYPES
+    from kvprime.data import distractors
+
+    assert settings.DISTRACTOR_SOURCES == distractors.SOURCES and settings.GOLD_SLOTS == distractors.SLOTS
 
 
 def test_describe_lists_every_setting_with_default_and_accepted_values():

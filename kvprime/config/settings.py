@@ -213,6 +213,20 @@ class Dataset:
                                "the seed of dataset.selection=random", follows="seed")
 
 
+# Kept in step with kvprime.data.distractors.SOURCES / SLOTS (tested), which this module cannot import (numpy).
+DISTRACTOR_SOURCES = ("random", "same_article", "nearest", "candidates")
+GOLD_SLOTS = ("first", "middle", "last", "random")
+
+
+@dataclass(frozen=True)
+class Multidoc:
+    k: int = setting(1, _int_at_least(1), "the number of passages in each sample's context: the gold passage plus "
+                                          "k-1 distractors (1: the passage alone)")
+    distractors: str = setting("random", _one_of(DISTRACTOR_SOURCES), "where the distractor passages come from")
+    gold_slot: str = setting("random", _one_of(GOLD_SLOTS), "where the gold passage sits among the k passages")
+    seed: int = setting(None, SEED, "the seed of the distractor and gold-slot draws", follows="seed")
+
+
 @dataclass(frozen=True)
 class Model:
     device: str = setting("auto", Rule("auto (cuda if present, else cpu), cpu, cuda or cuda:N", device_ok,
@@ -245,11 +259,12 @@ class Settings:
     run: Run = section(Run)
     dataset: Dataset = section(Dataset)
     model: Model = section(Model)
+    multidoc: Multidoc = section(Multidoc)
 
 
 # Sections whose every key is declared here: another key in them is a misspelling (Hydra only lets one in
 # with +key=...). model and dataset carry many more keys (their YAML files), checked elsewhere.
-CLOSED_SECTIONS = ("stats", "generation", "floor", "batch", "run")
+CLOSED_SECTIONS = ("stats", "generation", "floor", "batch", "run", "multidoc")
 
 
 @dataclass(frozen=True)
