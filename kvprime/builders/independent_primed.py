@@ -5,7 +5,8 @@ Per document i: encode [sink, prefix_i, document_i], keep document_i's entries, 
 slot in the concatenation (``rope_fix``: rerotate by slot - encoded position, or shift: encode at positions
 that put the document at its slot). With one document this is exactly ``truncate_prefix`` with the same
 surrogate. ``other_sinks`` as for ``independent`` (default drop). A prefix span primes every document after it:
-static, query and random-query sources give one surrogate text, tokenized once, for every document.
+static, query and random-query sources give one surrogate text, tokenized once, for every document; a
+generated source gives each passage its own (``surrogate_per_document``: one prefix span before each document).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def plan_independent_primed(seg, spec) -> list[EncodeRequest]:
     return plan(seg, spec, primed=True)
 
 
-@register_builder("independent_primed", params=IndependentParams, roles={"prefix": "cut"}, notes=_notes)
+@register_builder("independent_primed", params=IndependentParams, roles={"prefix": "cut"}, notes=_notes,
+                  surrogate_per_document=True)
 def build_independent_primed(engine, seg, spec) -> PrimedCache:
     """Encode [sink, surrogate, document_i] per document, cut the surrogate, concatenate at the slots."""
     return build(engine, seg, spec, primed=True)
