@@ -69,6 +69,14 @@ def test_every_passage_gets_its_own_generated_surrogate(run_dir):
     # the gold passage's surrogate is the sample's own (what the records and the quality table show)
     gold = session.passage_generated[("target_question", sample.passage)]
     assert session.surrogates(sample)["primed_generated"] == gold
+    # the cost of priming every passage is the sum of their generations, as scores.jsonl records it
+    from kvprime.surrogates import per_document
+
+    total = per_document.generation_cost(session, spec, sample)["prompt_tokens"]
+    gold_only = session.generation_cost("target_question", sample.sample_id)["prompt_tokens"]
+    row = next(r for r in read_jsonl(run_dir[0] / "scores.jsonl")
+               if r["sample_id"] == sample.sample_id and r["condition"] == "primed_generated")
+    assert total == row["generation_prompt_tokens"] and gold_only < total < 4 * gold_only
     # a static surrogate is one text before all documents
     static = session.segments(sample)["primed_static"]
     assert [s.name for s in static.spans] == ["sink", "prefix", "document_0", "document_1", "document_2"]
