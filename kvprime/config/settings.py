@@ -34,6 +34,8 @@ CLEAN_MODES = ("first_content_line", "notebook")
 DTYPES = ("float32", "bfloat16", "float16")
 SINKS = ("bos", "none")
 ON_TOO_LONG = ("skip", "error")
+DISTRACTOR_SOURCES = ("random", "same_article", "nearest", "candidates")  # = kvprime.data.distractors.SOURCES
+GOLD_SLOTS = ("first", "middle", "last", "random")  # = kvprime.data.distractors.SLOTS (that module imports numpy)
 
 # Bootstrap resamples: at least 1000. A 95% interval's ends are the 2.5% and 97.5% quantiles of the bootstrap
 # distribution; with 1000 resamples each tail holds 25 of them, the fewest for which the ends (and BCa's bias
@@ -114,8 +116,6 @@ def _n_samples_zero(key: str, value) -> str | None:
     if _is_int(value) and value == 0:
         return f"{key}=0 selects no sample; give a positive integer, or null for all."
     return None
-
-
 
 
 def setting(default, rule: Rule, what: str, *, follows: str | None = None):
@@ -213,15 +213,9 @@ class Dataset:
                                "the seed of dataset.selection=random", follows="seed")
 
 
-# Kept in step with kvprime.data.distractors.SOURCES / SLOTS (tested), which this module cannot import (numpy).
-DISTRACTOR_SOURCES = ("random", "same_article", "nearest", "candidates")
-GOLD_SLOTS = ("first", "middle", "last", "random")
-
-
 @dataclass(frozen=True)
 class Multidoc:
-    k: int = setting(1, _int_at_least(1), "the number of passages in each sample's context: the gold passage plus "
-                                          "k-1 distractors (1: the passage alone)")
+    k: int = setting(1, _int_at_least(1), "the number of passages per sample: the gold one and k-1 distractors")
     distractors: str = setting("random", _one_of(DISTRACTOR_SOURCES), "where the distractor passages come from")
     gold_slot: str = setting("random", _one_of(GOLD_SLOTS), "where the gold passage sits among the k passages")
     seed: int = setting(None, SEED, "the seed of the distractor and gold-slot draws", follows="seed")

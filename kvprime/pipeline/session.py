@@ -69,7 +69,8 @@ class Session:
         if self._everything is None:
             from ..data import load_samples
 
-            self._everything = load_samples({**self.cfg["dataset"], "n_samples": None}).samples
+            self._everything = load_samples({**self.cfg["dataset"], "n_samples": None},
+                                            multidoc=self.cfg["multidoc"]).samples
         for s in self._everything:
             if s.sample_id == sample_id:
                 return s
