@@ -129,3 +129,16 @@ def test_squad_same_article_and_real_minilm_nearest():
     assert all(len(set(s.passages)) == 3 and s.article for s in res.samples)
     near = load_samples(cfg, multidoc=md(k=3, distractors="nearest", gold_slot="first")).samples
     assert all(s.passages[0] == s.passage and s.passage not in s.passages[1:] for s in near)
+
+
+def test_msmarco_records_keep_the_querys_other_candidates():
+    from kvprime.data.msmarco import _record
+
+    item = {"query_id": 7, "query": "what is x", "answers": ["x is y"], "wellFormedAnswers": [],
+            "passages": {"passage_text": ["first", "selected one", "third"], "is_selected": [0, 1, 0]}}
+    walk = _record(item, "walkthrough")
+    assert walk.passage == "selected one" and walk.candidates == ("first", "third")
+    first = _record(item, "exp21")
+    assert first.passage == "first" and first.candidates == ("selected one", "third")
+    (s,) = attach([walk], Pool([walk]), md(k=3, distractors="candidates", gold_slot="middle"))
+    assert s.passages[1] == "selected one" and set(s.passages) == {"first", "selected one", "third"}
