@@ -91,3 +91,13 @@ def test_a_context_that_does_not_fit_is_skipped_and_counted(tmp_path):
     # ... three passages do not: every sample is skipped with its reason, and the run says so
     with pytest.raises(runner.RunError, match="all 6 selected samples were skipped .*needs 2.. tokens"):
         runner.run_experiment(compose(overrides(tmp_path, "model.max_context=150", "multidoc.k=3")), tmp_path / "r3")
+
+
+def test_prefix_extension_and_batching_change_no_number(run_dir):
+    out, tmp = run_dir
+    other = tmp / "extended"
+    runner.run_experiment(compose(overrides(tmp, "batch.extend_prefixes=true", "batch.samples=4",
+                                            "batch.encode_tokens=512")), other)
+    a = {(r["sample_id"], r["condition"]): r["nll"] for r in read_jsonl(out / "scores.jsonl")}
+    b = {(r["sample_id"], r["condition"]): r["nll"] for r in read_jsonl(other / "scores.jsonl")}
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) <= 1e-4
