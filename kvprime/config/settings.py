@@ -158,6 +158,9 @@ class Generation:
                                     "the number of documents generated together")
     clean: str = setting("first_content_line", _one_of(CLEAN_MODES),
                          "how a generated text is cut down to one query")
+    shared_prefix: bool = setting(True, BOOL, "encode the prompt's document-independent opening (chat template and "
+                                  "instruction) once and continue every document's prefill from it; the "
+                                  "surrogates do not depend on it")
     model: str | None = setting(None, Rule("null (the scored model), or the name of a model config in conf/model "
                                            "(e.g. qwen25_coder_05b_instruct)",
                                            lambda v: v is None or (isinstance(v, str) and bool(re.fullmatch(

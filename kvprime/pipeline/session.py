@@ -127,7 +127,8 @@ class Session:
         from ..surrogates.generation import GenerationSettings
 
         g = self.cfg["generation"]
-        return GenerationSettings(**{k: g[k] for k in ("temperature", "max_new_tokens", "seed", "batch_size", "clean")
+        return GenerationSettings(**{k: g[k] for k in ("temperature", "max_new_tokens", "seed", "batch_size", "clean",
+                                                          "shared_prefix")
                                      if k in g})
 
     @cached_property

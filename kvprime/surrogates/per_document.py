@@ -64,7 +64,7 @@ def generation_cost(session, spec, sample) -> dict:
     from .store import cost
 
     template = generated_template(source)
-    total: dict = {"prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}
+    total: dict = {"prompt_tokens": 0, "shared_prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}
     for passage in dict.fromkeys(sample.passages):
         key = session.store.key(model_id=session.generator.model_id, template_name=template,
                                 template_text=GENERATION_TEMPLATES[template], settings=session.generation_settings,
