@@ -64,7 +64,7 @@ def test_random_slot_is_seeded_per_sample_and_recorded(data):
     assert [s.passages for s in a[:3]] == [s.passages for s in b]  # a sample's context ignores the selection
     assert len({s.gold_slot for s in a}) >= 3  # slots really vary over 22 samples
     assert all(s.passages[s.gold_slot] == s.passage for s in a)
-    c = load_samples(data, multidoc=md(k=5, gold_slot="random", seed=7)).samples
+    c = load_samples({**data, "seed": 7}, multidoc=md(k=5, gold_slot="random")).samples
     assert [s.passages for s in a] != [s.passages for s in c]
 
 

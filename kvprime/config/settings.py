@@ -34,8 +34,7 @@ CLEAN_MODES = ("first_content_line", "notebook")
 DTYPES = ("float32", "bfloat16", "float16")
 SINKS = ("bos", "none")
 ON_TOO_LONG = ("skip", "error")
-DISTRACTOR_SOURCES = ("random", "same_article", "nearest", "candidates")  # = kvprime.data.distractors.SOURCES
-GOLD_SLOTS = ("first", "middle", "last", "random")  # = kvprime.data.distractors.SLOTS (that module imports numpy)
+DISTRACTOR_SOURCES, GOLD_SLOTS = ("random", "same_article", "nearest", "candidates"), ("first", "middle", "last", "random")
 
 # Bootstrap resamples: at least 1000. A 95% interval's ends are the 2.5% and 97.5% quantiles of the bootstrap
 # distribution; with 1000 resamples each tail holds 25 of them, the fewest for which the ends (and BCa's bias
@@ -220,8 +219,7 @@ class Dataset:
 class Multidoc:
     k: int = setting(1, _int_at_least(1), "the number of passages per sample: the gold one and k-1 distractors")
     distractors: str = setting("random", _one_of(DISTRACTOR_SOURCES), "where the distractor passages come from")
-    gold_slot: str = setting("random", _one_of(GOLD_SLOTS), "where the gold passage sits among the k passages")
-    seed: int = setting(None, SEED, "the seed of the distractor and gold-slot draws", follows="seed")
+    gold_slot: str = setting("random", _one_of(GOLD_SLOTS), "where the gold passage sits (drawn from dataset.seed)")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Distractor sources:
   one ``is_selected`` marks in mode walkthrough, the first in mode exp21), drawn per sample.
 
 The gold passage goes to slot ``first``, ``middle`` (k // 2), ``last`` or ``random``; ``Sample.gold_slot``
-records it. Every draw uses its own generator seeded from (multidoc.seed, sample id, purpose), so a sample's
+records it. Every draw uses its own generator seeded from (dataset.seed, sample id, purpose), so a sample's
 context depends neither on the selection, the shard nor the file order. Eligibility (enough distinct
 distractors) is decided before selection, so ``dataset.n_samples`` is honoured; an ineligible candidate is
 rejected with its reason.
@@ -25,11 +25,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..config.settings import DISTRACTOR_SOURCES as SOURCES
+from ..config.settings import GOLD_SLOTS as SLOTS  # noqa: F401 - the accepted words, declared with the settings
 from ..errors import ConfigError
 from .types import Rejection, Sample
-
-SOURCES = ("random", "same_article", "nearest", "candidates")
-SLOTS = ("first", "middle", "last", "random")
 
 
 def _rng(seed: int, sample_id: str, purpose: str) -> np.random.Generator:
