@@ -68,6 +68,9 @@ BAD = {
     "model.device": ["tpu", "gpu", "CPU", "cuda:x", "cuda:-1", "cuda:99999", "cpu:0", "", 0, None],
     "model.dtype": ["float64", "fp16", "", None],
     "model.sink": ["eos", "BOS", None],
+    "multidoc.k": [0, -1, 2.5, "3", True, None],
+    "multidoc.distractors": ["bm25", "Random", None, 3],
+    "multidoc.gold_slot": ["centre", 1, None],
 }
 GOOD = {
     "seed": [0, 1, 2**40],
@@ -104,6 +107,9 @@ GOOD = {
     "model.device": ["auto", "cpu"],
     "model.dtype": list(settings.DTYPES),
     "model.sink": list(settings.SINKS),
+    "multidoc.k": [1, 3, 5],
+    "multidoc.distractors": list(settings.DISTRACTOR_SOURCES),
+    "multidoc.gold_slot": list(settings.GOLD_SLOTS),
 }
 
 

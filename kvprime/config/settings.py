@@ -34,6 +34,7 @@ CLEAN_MODES = ("first_content_line", "notebook")
 DTYPES = ("float32", "bfloat16", "float16")
 SINKS = ("bos", "none")
 ON_TOO_LONG = ("skip", "error")
+DISTRACTOR_SOURCES, GOLD_SLOTS = ("random", "same_article", "nearest", "candidates"), ("first", "middle", "last", "random")
 
 # Bootstrap resamples: at least 1000. A 95% interval's ends are the 2.5% and 97.5% quantiles of the bootstrap
 # distribution; with 1000 resamples each tail holds 25 of them, the fewest for which the ends (and BCa's bias
@@ -114,8 +115,6 @@ def _n_samples_zero(key: str, value) -> str | None:
     if _is_int(value) and value == 0:
         return f"{key}=0 selects no sample; give a positive integer, or null for all."
     return None
-
-
 
 
 def setting(default, rule: Rule, what: str, *, follows: str | None = None):
@@ -217,6 +216,13 @@ class Dataset:
 
 
 @dataclass(frozen=True)
+class Multidoc:
+    k: int = setting(1, _int_at_least(1), "the number of passages per sample: the gold one and k-1 distractors")
+    distractors: str = setting("random", _one_of(DISTRACTOR_SOURCES), "where the distractor passages come from")
+    gold_slot: str = setting("random", _one_of(GOLD_SLOTS), "where the gold passage sits (drawn from dataset.seed)")
+
+
+@dataclass(frozen=True)
 class Model:
     device: str = setting("auto", Rule("auto (cuda if present, else cpu), cpu, cuda or cuda:N", device_ok,
                                        machine=this_machine), "the device the model runs on")
@@ -248,11 +254,12 @@ class Settings:
     run: Run = section(Run)
     dataset: Dataset = section(Dataset)
     model: Model = section(Model)
+    multidoc: Multidoc = section(Multidoc)
 
 
 # Sections whose every key is declared here: another key in them is a misspelling (Hydra only lets one in
 # with +key=...). model and dataset carry many more keys (their YAML files), checked elsewhere.
-CLOSED_SECTIONS = ("stats", "generation", "floor", "batch", "run")
+CLOSED_SECTIONS = ("stats", "generation", "floor", "batch", "run", "multidoc")
 
 
 @dataclass(frozen=True)

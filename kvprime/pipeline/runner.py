@@ -19,6 +19,7 @@ from ..analysis import cost
 from ..cache import floor as numerical_floor
 from ..config import plugins
 from ..errors import RunDirError
+from ..surrogates import per_document
 from . import interrupts, metadata
 from .plan import RunError, builder_notes, chunk_size, prepare
 from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
@@ -265,7 +266,7 @@ def _chunk_costs(session, work, done, seconds, shape) -> list[dict]:
         if source.startswith(("generated:", "generated_other:")):
             # generated_other: this document's own generation is what an index would pay for; the control only
             # swaps whose text is used, so its cost is the same as generated:<template>'s.
-            g = session.generation_cost(source.split(":", 1)[1], sample.sample_id)
+            g = per_document.generation_cost(session, session.specs[name], sample)  # every passage it primes
             row.update(generation_prompt_tokens=g.get("prompt_tokens"),
                        generation_shared_tokens=g.get("shared_prompt_tokens"), generated_tokens=g.get("generated_tokens"),
                        generation_s=g.get("seconds"))
