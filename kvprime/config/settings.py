@@ -34,6 +34,9 @@ CLEAN_MODES = ("first_content_line", "notebook")
 DTYPES = ("float32", "bfloat16", "float16")
 SINKS = ("bos", "none")
 ON_TOO_LONG = ("skip", "error")
+# What a run measures per sample and condition. nll is always scored (every statistic pairs on it); answer adds a
+# greedily decoded answer with SQuAD exact match and F1 (kvprime.cache.answers, kvprime.analysis.answer_quality).
+METRICS = ("nll", "answer")
 
 # Bootstrap resamples: at least 1000. A 95% interval's ends are the 2.5% and 97.5% quantiles of the bootstrap
 # distribution; with 1000 resamples each tail holds 25 of them, the fewest for which the ends (and BCa's bias
@@ -198,6 +201,19 @@ class Batch:
                                                 "(or shared opening) its ids and positions begin with")
 
 
+def _metrics_ok(v) -> bool:
+    return (isinstance(v, (list, tuple)) and all(isinstance(m, str) and m in METRICS for m in v)
+            and len(set(v)) == len(v) and "nll" in v)
+
+
+@dataclass(frozen=True)
+class Answer:
+    # SQuAD answers are a few words (a median of 2-3); 32 tokens leaves room for a sentence while bounding what a
+    # model that never writes a newline costs per condition.
+    max_new_tokens: int = setting(32, _int_at_least(1), "the most tokens decoded for an answer (metrics: answer); "
+                                                        "decoding stops earlier at a newline or an end token")
+
+
 @dataclass(frozen=True)
 class Run:
     num_shards: int = setting(1, _int_at_least(1), "the number of jobs a run's samples are dealt to")
@@ -233,6 +249,10 @@ class Settings:
     on_too_long: str = setting("skip", _one_of(ON_TOO_LONG),
                                "what happens to a sample longer than the model's context (skip: skipped and counted)")
     progress: bool = setting(True, BOOL, "whether progress bars are shown")
+    metrics: list = setting(("nll",), Rule(f"a list of distinct metrics out of {', '.join(METRICS)} that includes nll "
+                                           "(e.g. [nll] or [nll,answer])", _metrics_ok),
+                            "what is measured per sample and condition (answer: a greedily decoded answer, scored "
+                            "by exact match and F1)")
     plugins: list = setting((), Rule("a list of module names or .py file paths",
                                      lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) and x.strip()
                                                                                    for x in v)),
@@ -240,6 +260,7 @@ class Settings:
                             "analyses (kvprime.plugins)")
     stats: Stats = section(Stats)
     generation: Generation = section(Generation)
+    answer: Answer = section(Answer)
     floor: Floor = section(Floor)
     batch: Batch = section(Batch)
     run: Run = section(Run)
@@ -249,7 +270,7 @@ class Settings:
 
 # Sections whose every key is declared here: another key in them is a misspelling (Hydra only lets one in
 # with +key=...). model and dataset carry many more keys (their YAML files), checked elsewhere.
-CLOSED_SECTIONS = ("stats", "generation", "floor", "batch", "run")
+CLOSED_SECTIONS = ("stats", "generation", "floor", "batch", "run", "answer")
 
 
 @dataclass(frozen=True)
