@@ -19,6 +19,7 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import DataError
 from ..surrogates.generation import stop_ids
 from . import hf_internals as hf
 
@@ -63,7 +64,7 @@ def decode_batch(model, items, *, max_new_tokens: int, newline: frozenset[int] =
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: at least one token is decoded")
     if any(not prompt for _, prompt in items):
-        raise ValueError("every row needs a prompt: its last token's logits give the first answer token")
+        raise DataError("the prompt has no tokens; the first answer token would have no logit to predict it")
     cache, cache_mask = hf.stack_caches(model, [p.cache for p, _ in items])
     device = cache_mask.device
     for r, (p, _) in enumerate(items):
