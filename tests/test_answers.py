@@ -44,6 +44,23 @@ def test_full_cache_decoding_equals_model_generate(engine, tiny_tok):
     assert list(end.token_ids) == reference[:j] and end.stop == "eos"
 
 
+def test_newlines_before_any_text_do_not_end_the_answer(engine, tiny_tok):
+    primed, _ = engine.prime(DOC)
+    prompt = tokenize(tiny_tok, PROMPT)
+    reference = _generate(engine, primed.token_ids + prompt, 12)
+    first, later = reference[0], next(t for t in reference[3:] if t != reference[0])
+
+    def text_of(ids):  # the first token reads as a bare line break, the later one as text then a line break
+        return "".join("\n" if t == first else "x\n" if t == later else "x" for t in ids)
+
+    [d] = answers.decode_batch(engine.model, [(primed, prompt)], max_new_tokens=12,
+                               newline=frozenset({first, later}), text_of=text_of)
+    k = next(i for i, t in enumerate(reference) if t in (first, later) and "\n" in text_of(reference[:i + 1]).lstrip())
+    assert k > 0 and list(d.token_ids) == reference[:k + 1] and d.stop == "newline"
+    ids = tokenize(tiny_tok, "\n\n Paris.\nThe capital")
+    assert answers.answer_text(tiny_tok, ids) == "Paris."
+
+
 def _caches(engine, tiny_tok):
     """Caches of every kind a run builds: bare, full with the surrogate kept, truncated and re-rotated, shifted,
     offset, and one with masked entries; each with its own prompt length."""
