@@ -21,17 +21,24 @@ def engine(tiny_tok):
     return Engine(position_sensitive(tiny_model("llama", seed=3, vocab_size=len(tiny_tok))), tiny_tok)
 
 
+def _eos(model) -> frozenset:
+    eos = model.generation_config.eos_token_id
+    return frozenset([eos] if isinstance(eos, int) else eos or [])
+
+
 def _generate(engine, ids, n):
+    """model.generate's greedy tokens, without the end token it stops at (decoding does not keep it)."""
     out = engine.model.generate(torch.tensor([list(ids)]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
-    return out[0, len(ids):].tolist()
+                                max_new_tokens=n, do_sample=False, pad_token_id=0)
+    tokens = out[0, len(ids):].tolist()
+    return tokens[:-1] if tokens and tokens[-1] in _eos(engine.model) else tokens
 
 
 def test_full_cache_decoding_equals_model_generate(engine, tiny_tok):
     primed, _ = engine.prime(DOC)
     prompt = tokenize(tiny_tok, PROMPT)
     reference = _generate(engine, primed.token_ids + prompt, 12)
-    [free] = answers.decode_batch(engine.model, [(primed, prompt)], max_new_tokens=12)
+    [free] = answers.decode_batch(engine.model, [(primed, prompt)], max_new_tokens=12, end=_eos(engine.model))
     assert list(free.token_ids) == reference and free.stop == "max_new_tokens"
     # The stopping rules cut the same sequence where they should: a newline token is kept (its text may end the
     # answer), an end token is not.
@@ -152,3 +159,23 @@ def test_answer_text_is_the_first_line_stripped(tiny_tok):
     assert any(i in newline for i in ids)
     assert all("\n" in tiny_tok.decode([i]) for i in newline)
     assert not any("\n" in tiny_tok.decode([i]) for i in set(range(len(tiny_tok))) - newline)
+
+
+@pytest.mark.slow
+def test_smollm2_answers_equal_generate_and_are_scored():
+    """The real packaged model: a full cache's greedy answer is model.generate's, cut at the answer's line."""
+    from kvprime.analysis import answer_quality
+
+    eng = Engine.load("smollm2_135m_instruct")
+    doc = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
+           "France. They were descended from Norse raiders and pirates from Denmark, Iceland and Norway.")
+    primed, _ = eng.prime(doc)
+    prompt = tokenize(eng.tokenizer, "\n\nQuestion: Where did the Norse raiders come from?\nAnswer:")
+    reference = _generate(eng, primed.token_ids + prompt, 16)
+    [free] = answers.decode_batch(eng.model, [(primed, prompt)], max_new_tokens=16, end=_eos(eng.model))
+    assert list(free.token_ids) == reference
+    [d] = answers.decode_many(eng.model, eng.tokenizer, [(primed, prompt)], max_new_tokens=16)
+    text = eng.tokenizer.decode(reference, skip_special_tokens=True)
+    assert d.stop == "newline" and d.text == text.strip().split("\n")[0].strip() and len(d.text.split()) > 2
+    assert list(d.token_ids) == reference[:d.n_tokens]
+    assert answer_quality.f1(d.text, ["Denmark, Iceland and Norway", "the North"]) > 0
