@@ -121,3 +121,14 @@ def test_a_run_killed_while_decoding_resumes_to_the_same_lines(answer_run, sampl
     b = pd.read_csv(crashed / "scores.csv")[cols].sort_values(cols[:2]).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
     assert (answer_run / "summary.csv").read_text() == (crashed / "summary.csv").read_text()
+
+
+def test_a_run_started_before_the_answer_metric_resumes(samples_file, tmp_path):
+    out = tmp_path / "old"
+    runner.run_experiment(cfg(samples_file), out)
+    stored = json.loads((out / "config.json").read_text())
+    del stored["metrics"], stored["answer"]  # as a run written before these settings existed
+    (out / "config.json").write_text(json.dumps(stored))
+    runner.run_experiment(cfg(samples_file, "resume=true"), out)
+    with pytest.raises(runner.RunError, match=r"\['answer', 'metrics'\]"):
+        runner.run_experiment(cfg(samples_file, *ANSWER, "resume=true"), out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..analysis import cost
 from ..cache import floor as numerical_floor
-from ..config import plugins
+from ..config import plugins, settings
 from ..errors import RunDirError
 from . import interrupts, metadata
 from .plan import RunError, builder_notes, chunk_size, prepare
@@ -32,6 +32,8 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
     if not stored_path.exists():
         return
     stored = json.loads(stored_path.read_text())
+    # A run started before the answer metric existed measured NLL only: its missing keys take their defaults.
+    stored = json.loads(dumps(settings.check(stored, only=("metrics", "answer"), origin=str(stored_path))))
 
     def relevant(c: Mapping) -> dict:
         out = {k: v for k, v in c.items() if k not in _RESUME_FREE}
