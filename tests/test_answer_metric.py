@@ -79,6 +79,15 @@ def test_answer_statistics_sit_beside_nll_in_summary_comparisons_and_report(answ
     assert sum(sum(v for k, v in s.items() if k != "condition") for s in results["answer_quality"]["stops"]) == 25
 
 
+def test_the_report_command_rebuilds_the_answer_tables_byte_for_byte(answer_run):
+    from kvprime.reporting.finalize import finalize
+
+    names = ["summary.csv", "comparisons.csv", "report.md", "answer_quality.png", "scores.csv"]
+    before = {n: (answer_run / n).read_bytes() for n in names}
+    finalize(answer_run)
+    assert {n: (answer_run / n).read_bytes() for n in names} == before
+
+
 def test_decoding_changes_no_nll_and_batching_changes_no_answer(answer_run, samples_file, tmp_path):
     plain = tmp_path / "plain"
     runner.run_experiment(cfg(samples_file), plain)
