@@ -70,6 +70,7 @@ def figure(summary: pd.DataFrame, path: Path, *, title: str) -> Path:
     """NLL delta (x) against F1 delta (y) vs the baseline, one point per condition with both 95% CIs; colour =
     the NLL verdict. Points up and to the right are better on both."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     from .figures import VERDICT_COLORS, message, save_figure
 
@@ -92,6 +93,10 @@ def figure(summary: pd.DataFrame, path: Path, *, title: str) -> Path:
         ax.errorbar(x[i], y[i], xerr=xerr[:, i:i + 1], yerr=yerr[:, i:i + 1], fmt="o", color=color, ecolor=color,
                     capsize=3, markersize=7)
         ax.annotate(str(row["condition"]), (x[i], y[i]), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    seen = [v for v in VERDICT_COLORS if v in set(s["verdict"].astype(str))]
+    if seen:
+        ax.legend(handles=[Patch(color=VERDICT_COLORS[v], label=f"NLL verdict: {v}") for v in seen], fontsize=9,
+                  loc="best")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("NLL delta = baseline - condition, 95% CI (positive = lower NLL)")
