@@ -1,7 +1,7 @@
 """Greedy decoding of an answer from a primed cache and a condition's prompt (the ``answer`` metric).
 
-The cache is read exactly as the scorer reads it (``kvprime.cache.scoring.score_batch``): the rows' caches are
-stacked right-padded with pads and the entries a cache marks as not to be attended masked out, the prompts are
+The cache is read exactly as the scorer reads it (``kvprime.cache.scoring.stack_rows``, shared): the rows' caches
+are stacked right-padded with pads and the entries a cache marks as not to be attended masked out, the prompts are
 left-padded so that every row's next token lands in the same column, and each row keeps its own position ids
 (continuing from ``next_position``). The stack is a copy, so the primed caches that other conditions and the
 scorer share are never touched; each decode step appends one column to the copy.
@@ -24,6 +24,7 @@ import torch
 from ..errors import DataError
 from ..surrogates.generation import stop_ids
 from . import hf_internals as hf
+from .scoring import stack_rows
 
 STOPS = ("newline", "eos", "max_new_tokens", "window")
 
@@ -72,18 +73,8 @@ def decode_batch(model, items, *, max_new_tokens: int, newline: frozenset[int] =
         raise ValueError(f"max_new_tokens={max_new_tokens}: at least one token is decoded")
     if any(not prompt for _, prompt in items):
         raise DataError("the prompt has no tokens; the first answer token would have no logit to predict it")
-    cache, cache_mask = hf.stack_caches(model, [p.cache for p, _ in items])
+    cache, cache_mask, input_ids, input_mask, positions = stack_rows(model, items)
     device = cache_mask.device
-    for r, (p, _) in enumerate(items):
-        if p.attend is not None:
-            cache_mask[r, :len(p)] = torch.tensor([int(a) for a in p.attend], device=device)
-    rows = [list(prompt) for _, prompt in items]
-    width = max(map(len, rows))
-    pad = [width - len(r) for r in rows]
-    input_ids = torch.tensor([[0] * k + r for k, r in zip(pad, rows)], device=device)
-    input_mask = torch.tensor([[0] * k + [1] * len(r) for k, r in zip(pad, rows)], device=device)
-    positions = torch.stack([torch.arange(p.next_position - k, p.next_position - k + width, device=device)
-                             for (p, _), k in zip(items, pad)]).clamp_min(0)
     mask = torch.cat([cache_mask, input_mask], dim=1)
     steps = max_new_tokens
     if window is not None:  # the last step's forward holds mask.shape[1] + steps - 1 columns; all must stay < window
