@@ -62,6 +62,7 @@ BAD = {
     "batch.encode_tokens": [0, "2048", 2048.0, False],
     "batch.score_tokens": [0, -4096, 1.5, "big"],
     "batch.extend_prefixes": ["yes", 1, None],
+    "generation.shared_prefix": ["yes", 0, None],
     "run.num_shards": [0, -1, 1.5, "2", True, None],
     "run.shard": [-1, 0.0, "0", True, None],
     "dataset.n_samples": [0, -1, 2.5, "10", True],
@@ -69,6 +70,9 @@ BAD = {
     "model.device": ["tpu", "gpu", "CPU", "cuda:x", "cuda:-1", "cuda:99999", "cpu:0", "", 0, None],
     "model.dtype": ["float64", "fp16", "", None],
     "model.sink": ["eos", "BOS", None],
+    "multidoc.k": [0, -1, 2.5, "3", True, None],
+    "multidoc.distractors": ["bm25", "Random", None, 3],
+    "multidoc.gold_slot": ["centre", 1, None],
 }
 GOOD = {
     "seed": [0, 1, 2**40],
@@ -99,6 +103,7 @@ GOOD = {
     "batch.encode_tokens": [1, "auto"],
     "batch.score_tokens": [1, "auto"],
     "batch.extend_prefixes": [True, False],
+    "generation.shared_prefix": [True, False],
     "run.num_shards": [1, 5],
     "run.shard": [0],
     "dataset.n_samples": [1, None],
@@ -106,6 +111,9 @@ GOOD = {
     "model.device": ["auto", "cpu"],
     "model.dtype": list(settings.DTYPES),
     "model.sink": list(settings.SINKS),
+    "multidoc.k": [1, 3, 5],
+    "multidoc.distractors": list(settings.DISTRACTOR_SOURCES),
+    "multidoc.gold_slot": list(settings.GOLD_SLOTS),
 }
 
 

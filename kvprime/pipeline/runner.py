@@ -19,6 +19,7 @@ from ..analysis import cost
 from ..cache import floor as numerical_floor
 from ..config import plugins, settings
 from ..errors import RunDirError
+from ..surrogates import per_document
 from . import interrupts, metadata
 from .plan import RunError, builder_notes, chunk_size, prepare
 from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
@@ -39,8 +40,8 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
         out = {k: v for k, v in c.items() if k not in _RESUME_FREE}
         if (c.get("run") or {}).get("num_shards", 1) > 1:  # batch.samples deals a shard its samples
             out["batch.samples"] = (c.get("batch") or {}).get("samples")
-        if isinstance(out.get("generation"), Mapping):  # the generation batch size changes no surrogate
-            out["generation"] = {k: v for k, v in out["generation"].items() if k != "batch_size"}
+        if isinstance(out.get("generation"), Mapping):  # neither the batch size nor the shared prefix changes a surrogate
+            out["generation"] = {k: v for k, v in out["generation"].items() if k not in ("batch_size", "shared_prefix")}
         return out
 
     now, old = json.loads(dumps(relevant(cfg))), relevant(stored)
@@ -267,8 +268,9 @@ def _chunk_costs(session, work, done, seconds, shape) -> list[dict]:
         if source.startswith(("generated:", "generated_other:")):
             # generated_other: this document's own generation is what an index would pay for; the control only
             # swaps whose text is used, so its cost is the same as generated:<template>'s.
-            g = session.generation_cost(source.split(":", 1)[1], sample.sample_id)
-            row.update(generation_prompt_tokens=g.get("prompt_tokens"), generated_tokens=g.get("generated_tokens"),
+            g = per_document.generation_cost(session, session.specs[name], sample)  # every passage it primes
+            row.update(generation_prompt_tokens=g.get("prompt_tokens"),
+                       generation_shared_tokens=g.get("shared_prompt_tokens"), generated_tokens=g.get("generated_tokens"),
                        generation_s=g.get("seconds"))
         out.append(row)
     return out
