@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..analysis import cost
 from ..cache import floor as numerical_floor
-from ..config import plugins
+from ..config import plugins, settings
 from ..errors import RunDirError
 from ..surrogates import per_document
 from . import interrupts, metadata
@@ -33,6 +33,8 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
     if not stored_path.exists():
         return
     stored = json.loads(stored_path.read_text())
+    # A run started before the answer metric existed measured NLL only: its missing keys take their defaults.
+    stored = json.loads(dumps(settings.check(stored, only=("metrics", "answer"), origin=str(stored_path))))
 
     def relevant(c: Mapping) -> dict:
         out = {k: v for k, v in c.items() if k not in _RESUME_FREE}
@@ -279,6 +281,8 @@ def _score_all(session, similarity, run_dir, progress):
     (sample, condition) of the chunk is scored in batches, and its lines are appended before the next chunk."""
     from tqdm.auto import tqdm
 
+    from .answering import answer_fields
+
     cfg, engine, specs, samples = session.cfg, session.engine, session.specs, session.samples
     resolved = session.resolved()
     skipped, on_too_long = [], cfg["on_too_long"]
@@ -313,12 +317,15 @@ def _score_all(session, similarity, run_dir, progress):
             done = engine.run_chunk([(specs[name], seg) for _, name, seg in work], per_token=per_token,
                                     encode_tokens=encode_tokens, score_tokens=score_tokens)
             costs = _chunk_costs(session, work, done, engine.last_chunk_s, shape)
-            for (sample, name, seg), (pc, score), spent in zip(work, done, costs):
+            # metrics: [nll, answer]: the answer fields join the NLL's line, so a line is whole or absent on resume.
+            extra = answer_fields(engine, work, done, max_new_tokens=cfg["answer"]["max_new_tokens"],
+                                  batch_tokens=score_tokens) if "answer" in cfg["metrics"] else [{}] * len(work)
+            for (sample, name, seg), (pc, score), spent, more in zip(work, done, costs, extra):
                 if (sample.sample_id, name) in log.done:
                     continue
                 with interrupts.record_boundary():
-                    log.append(_row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token,
-                                    spent))
+                    log.append({**_row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token,
+                                       spent), **more})
             engine.forget()
             bar.update(min(chunk, len(samples) - first))
         bar.close()

@@ -162,7 +162,8 @@ class GumbelSampler(LogitsProcessor):
         return scores / self.temperature + gumbel.to(device=scores.device, dtype=scores.dtype)
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
+def stop_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a generation: the tokenizer's and the model's EOS and any end-of-turn marker it has."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -319,7 +320,7 @@ def generate(model, tokenizer, documents: list[str], template_text: str, setting
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ConfigError("the tokenizer has neither a pad nor an eos token to pad batches with")
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_ids(model, tokenizer)
     if not stop:
         raise ConfigError("the tokenizer has no eos or end-of-turn token; generation could not stop early")
 
