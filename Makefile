@@ -14,8 +14,8 @@ MODEL ?= smollm2_135m_instruct
 DATASET ?= squad_v11
 N ?= 50
 
-.PHONY: help setup run test test-fast bench reproduce-exp21 reproduce-exp01 reproduce-walkthrough \
-	sweep-offsets sweep-prefixes sweep-models
+.PHONY: help setup run test test-fast bench bench-gpu reproduce-exp21 reproduce-exp01 reproduce-walkthrough \
+	sweep-offsets sweep-prefixes sweep-models reproduce-multidoc sweep-multidoc
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -42,6 +42,11 @@ test-fast: setup ## the tests without the real model (-m "not slow")
 bench: setup ## kvprime vs the notebooks' naive path on exp01, 20 samples, side by side (ARGS= for overrides)
 	$(BIN)/kvprime bench $(ARGS)
 
+bench-gpu: setup ## on a CUDA machine: Mistral-7B's shape (random bf16 weights) then SmolLM2, each side by side
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs a CUDA device (make setup TORCH_SPEC=torch)')"
+	$(BIN)/kvprime bench model=mistral_7b_shape_random generation.model=null $(ARGS)
+	$(BIN)/kvprime bench $(ARGS)
+
 reproduce-exp21: setup ## the exp21 notebook: its France/Paris sanity example, then MODEL/DATASET/N
 	$(BIN)/kvprime run experiment=exp21 model=$(MODEL) dataset=exp21_sanity stats.n_boot=1000 $(ARGS)
 	$(BIN)/kvprime run experiment=exp21 model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(N) $(ARGS)
@@ -53,6 +58,9 @@ WALK_N ?= 20
 reproduce-walkthrough: setup ## the walkthrough notebook: routing over 5 static + 5 generated caches (WALK_N samples)
 	$(BIN)/kvprime run experiment=routing model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(WALK_N) $(ARGS)
 	$(BIN)/kvprime walkthrough model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(WALK_N) $(ARGS)
+
+reproduce-multidoc: setup ## multi-document contexts: joint vs independent vs primed caches, k=3 (N samples)
+	$(BIN)/kvprime run experiment=multidoc model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(N) $(ARGS)
 
 LAUNCHER ?= basic
 # A new directory per sweep (mktemp: exclusive, so sweeps started together never share one).
@@ -75,3 +83,10 @@ sweep-prefixes: setup ## prefix-template sweep: truncated priming under 4 templa
 SWEEP_MODELS ?= smollm2_135m_instruct,qwen25_coder_05b_instruct,gemma3_270m
 sweep-models: setup ## exp21 on SmolLM2, Qwen2.5-0.5B and Gemma3-270m side by side (N samples) + sweep report
 	$(call run_sweep,exp21,model=$(SWEEP_MODELS) dataset.n_samples=$(N))
+
+MULTIDOC_N ?= 20
+MULTIDOC_KS ?= 1,3,5
+MULTIDOC_SLOTS ?= first,middle,last
+sweep-multidoc: setup ## multidoc over k=1,3,5 (gold slot random), then gold slot first/middle/last (k=3); MULTIDOC_N samples
+	$(call run_sweep,multidoc,model=$(MODEL) dataset.n_samples=$(MULTIDOC_N) multidoc.k=$(MULTIDOC_KS))
+	$(call run_sweep,multidoc,model=$(MODEL) dataset.n_samples=$(MULTIDOC_N) multidoc.gold_slot=$(MULTIDOC_SLOTS))

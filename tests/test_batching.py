@@ -82,6 +82,40 @@ def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path):
     assert r["generation"]["identical_outputs"]
     assert r["encode_score"]["kvprime_encodes"] < r["encode_score"]["naive_encodes"]
     assert (tmp_path / "bench.json").exists() and "speed-up" in (tmp_path / "bench.md").read_text()
+    es, g = r["encode_score"], r["generation"]
+    # The minimum-work plan bounds kvprime's plan, which bounds the naive path (scoring is in all three).
+    assert es["minimum_plan_gflop"] <= es["useful_gflop"] < es["naive_gflop"]
+    assert es["minimum_work_ratio"] >= es["work_ratio"] > 1
+    # Batched generation continues the shared opening; the notebooks' way prefills each prompt whole.
+    assert g["shared_prefix_tokens"] >= 8 and g["batched_gflop"] < g["single_gflop"]
+
+
+def test_minimum_plan_encodes_each_distinct_token_path_once():
+    """Two encodes, the second beginning with the first, plus a third sharing only their first 4 tokens at
+    the same positions: the minimum plan runs 10 + 10 (continued) + 6 (continued from a 4-token opening)
+    tokens, plus the opening's 4 once, whatever order they were planned in."""
+    from types import SimpleNamespace
+
+    from kvprime.analysis.cost import forward_flops
+    from kvprime.builders import EncodeRequest
+    from kvprime.commands.bench import minimum_plan_flops
+
+    a = EncodeRequest(tuple(range(10)), tuple(range(10)))
+    b = EncodeRequest(tuple(range(20)), tuple(range(20)))
+    c = EncodeRequest(tuple(range(4)) + (99,) * 6, tuple(range(10)))
+    plans = {"x": [a, b], "y": [b, c], "z": [a]}  # b planned twice: encoded once
+    engine = SimpleNamespace(plan=lambda spec, seg: plans[spec.name])
+    work = [(None, n, SimpleNamespace(name=n)) for n in plans]
+    config = tiny_config_for_flops()
+    expected = (forward_flops(config, 4) + forward_flops(config, 6, 4) + forward_flops(config, 6, 4)
+                + forward_flops(config, 10, 10))
+    assert minimum_plan_flops(config, engine, work, [None] * 3) == pytest.approx(expected, rel=1e-12)
+
+
+def tiny_config_for_flops():
+    from kvprime.cache.tiny import tiny_config
+
+    return tiny_config("llama")
 
 
 def test_batched_scoring_on_sliding_layers_stays_inside_the_window():

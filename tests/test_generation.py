@@ -120,9 +120,11 @@ def test_rows_stop_at_eos_independently(tiny):
     assert [len(t) for t in new] == [len(r) % 4 + 1 for r in rows]
     assert all(tok.eos_token_id not in t and tok.pad_token_id not in t for t in new)
     assert wrapped.calls == max(len(r) % 4 + 1 for r in rows) + 1  # stops once every row is done
-    # Early-finished batch mates change nothing for the others.
-    assert generate(wrapped, tok, DOCS, TEMPLATE, _settings(batch_size=6), per_row_prefill=False) == \
-        generate(wrapped, tok, DOCS, TEMPLATE, _settings(batch_size=1), per_row_prefill=False)
+    # Early-finished batch mates change nothing for the others (the wrapper spots a prefill by its missing
+    # cache, so each prompt is prefilled whole here).
+    assert generate(wrapped, tok, DOCS, TEMPLATE, _settings(batch_size=6, shared_prefix=False),
+                    per_row_prefill=False) == \
+        generate(wrapped, tok, DOCS, TEMPLATE, _settings(batch_size=1, shared_prefix=False), per_row_prefill=False)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.1])
@@ -360,3 +362,106 @@ def test_real_smollm2_batched_equals_single_and_seeded():
         print(f"\n[passage] {p[:70]}...\n[target_question] {q}")
     assert batched == single == again
     assert all(q and len(q.split()) <= 40 for q in batched)
+
+
+# ---------------------------------------------------------------- the shared generation prefix
+
+
+def _rows(tok):
+    return [tok(build_prompt(tok, TEMPLATE, d))["input_ids"] for d in DOCS]
+
+
+def test_shared_prefix_is_the_templates_opening_and_covers_every_prompt(tiny):
+    model, tok = tiny
+    shared = generation.shared_prefix(model, tok, TEMPLATE)
+    assert shared is not None and len(shared.ids) >= generation.MIN_SHARED_PREFIX_TOKENS
+    assert hf_cache_length(shared.cache) == len(shared.ids)
+    rows = _rows(tok)
+    assert all(shared.covers(r) for r in rows)
+    # It is the longest opening the rows share, less at most the one token that could merge with a document.
+    common = min(next((j for j, (a, b) in enumerate(zip(rows[0], r)) if a != b), len(r)) for r in rows[1:])
+    assert common - 1 <= len(shared.ids) <= common
+
+
+def hf_cache_length(cache):
+    from kvprime.cache import hf_internals as hf
+
+    return hf.cache_length(cache)
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_prefill_from_the_shared_prefix_equals_the_whole_prompt(tiny, per_row):
+    """Logits and cache entries of a prefill that continues the shared prefix equal those of the whole prompt
+    prefilled at once (padded rows of unequal lengths: the batched path's pads sit between prefix and row)."""
+    from kvprime.cache import hf_internals as hf
+
+    model, tok = tiny
+    rows = _rows(tok)
+    shared = generation.shared_prefix(model, tok, TEMPLATE)
+    with torch.inference_mode():
+        whole = generation._prefill(model, rows, tok.pad_token_id, per_row)
+        cont = generation._prefill(model, rows, tok.pad_token_id, per_row, shared)
+    torch.testing.assert_close(cont[0], whole[0], atol=1e-5, rtol=0)
+    assert torch.equal(cont[3], whole[3])  # each row's last position
+    # The real entries of each row (mask 1) agree, whatever the padding layout around them.
+    for (wk, wv), (ck, cv) in zip(hf.cache_layers(whole[1]), hf.cache_layers(cont[1])):
+        for r in range(len(rows)):
+            w, c = whole[2][r].bool(), cont[2][r].bool()
+            torch.testing.assert_close(ck[r][:, c], wk[r][:, w], atol=1e-5, rtol=0)
+            torch.testing.assert_close(cv[r][:, c], wv[r][:, w], atol=1e-5, rtol=0)
+    # The shared cache itself is untouched by the continuations.
+    assert hf.cache_length(shared.cache) == len(shared.ids)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.1, 1.0])
+def test_shared_prefix_changes_no_surrogate(tiny, temperature):
+    """Batched and one-at-a-time, row-by-row and padded prefill, with and without the shared prefix: one
+    output. Greedy and T=0.1 make a wrong position or mask change the tokens."""
+    model, tok = tiny
+    settings = _settings(temperature=temperature, max_new_tokens=12)
+    reference = generate(model, tok, DOCS, TEMPLATE, dataclasses.replace(settings, batch_size=1, shared_prefix=False))
+    for batch_size in (1, 4):
+        for per_row in (True, False):
+            out = generate(model, tok, DOCS, TEMPLATE, dataclasses.replace(settings, batch_size=batch_size),
+                           per_row_prefill=per_row)
+            assert out == reference, (batch_size, per_row)
+
+
+def test_shared_prefix_counts_the_work_it_saves(tiny):
+    model, tok = tiny
+    shared_len = len(generation.shared_prefix(model, tok, TEMPLATE).ids)
+    on, off = {}, {}
+    generate(model, tok, DOCS, TEMPLATE, _settings(), stats=on)
+    generate(model, tok, DOCS, TEMPLATE, _settings(shared_prefix=False), stats=off)
+    assert on["shared_prefix_tokens"] == shared_len and off["shared_prefix_tokens"] == 0
+    assert [r[2] for r in on["rows"]] == [shared_len] * len(DOCS) and all(r[2] == 0 for r in off["rows"])
+    assert [r[:2] for r in on["rows"]] == [r[:2] for r in off["rows"]]  # same prompts, same lengths generated
+    assert [d["shared_prompt_tokens"] for d in on["documents"]] == [shared_len] * len(DOCS)
+
+
+def test_a_prompt_the_prefix_does_not_cover_is_prefilled_whole(tiny):
+    """A row that does not begin with the shared ids (a token merged across the boundary) must not continue
+    from it; in a padded batch one such row sends the whole batch down the whole-prompt path."""
+    model, tok = tiny
+    rows = _rows(tok)
+    shared = generation.shared_prefix(model, tok, TEMPLATE)
+    odd = list(rows[1])
+    odd[len(shared.ids) - 1] = (odd[len(shared.ids) - 1] + 1) % len(tok)
+    assert not shared.covers(odd) and not shared.covers(shared.ids)
+    mixed = [rows[0], odd, rows[2]]
+    with torch.inference_mode():
+        for per_row in (True, False):
+            whole = generation._prefill(model, mixed, tok.pad_token_id, per_row)
+            cont = generation._prefill(model, mixed, tok.pad_token_id, per_row, shared)
+            torch.testing.assert_close(cont[0], whole[0], atol=1e-5, rtol=0)
+
+
+def test_no_shared_prefix_on_sliding_window_models():
+    from kvprime.cache import hf_internals as hf
+    from kvprime.cache.tiny import ROPE_VARIANTS, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    arch, overrides = ROPE_VARIANTS["gemma3_per_layer"]
+    model = tiny_model(arch, vocab_size=len(tok), **overrides)
+    assert any(hf.sliding_windows(model))
+    assert generation.shared_prefix(model, tok, TEMPLATE) is None

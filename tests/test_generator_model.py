@@ -69,8 +69,11 @@ def test_another_generator_gets_its_own_keys_and_leaves_the_scored_model_alone(o
     assert {e["meta"]["generator"] for e in by_generator[other.generator.model_id]} == {"tiny_random_llama"}
 
     cost = other.generation_cost("keyword_query", "s1")
-    assert set(cost) == {"prompt_tokens", "generated_tokens", "seconds", "generator"}
+    assert set(cost) == {"prompt_tokens", "shared_prompt_tokens", "generated_tokens", "seconds", "generator"}
     assert cost["generator"] == other.generator.model_id and cost["prompt_tokens"] > 0
+    # The template's opening was encoded once and continued (the tiny tokenizer has no chat template: the
+    # instruction alone is the shared part).
+    assert 8 <= cost["shared_prompt_tokens"] < cost["prompt_tokens"]
     assert other.generation_cost("generated:keyword_query", "s1") == cost
     info = other.generation_info()
     assert info["model"] == "tiny_random_llama" and info["model_id"] == other.generator.model_id
@@ -95,13 +98,15 @@ def test_entries_without_costs_still_load(overrides, tmp_path):
     texts = session.generate()
     for path in (tmp_path / "store").rglob("*.json"):
         entry = json.loads(path.read_text())
-        for k in ("prompt_tokens", "generated_tokens", "seconds"):
+        for k in ("prompt_tokens", "shared_prompt_tokens", "generated_tokens", "seconds"):
             entry["meta"].pop(k)
         path.write_text(json.dumps(entry))
     again = Session.from_overrides(overrides)
     assert again.generate() == texts
-    assert again.generation_cost("keyword_query", "s0") == {"prompt_tokens": None, "generated_tokens": None,
-                                                            "seconds": None, "generator": again.model_id}
+    # An entry written before the shared prefix existed had its prompt prefilled whole: 0 shared tokens.
+    assert again.generation_cost("keyword_query", "s0") == {"prompt_tokens": None, "shared_prompt_tokens": 0,
+                                                            "generated_tokens": None, "seconds": None,
+                                                            "generator": again.model_id}
 
 
 def test_generator_config_takes_the_runs_device_and_dtype():

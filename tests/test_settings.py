@@ -41,6 +41,8 @@ BAD = {
     "on_too_long": ["ignore", None, True],
     "progress": ["on", 1.0],
     "plugins": ["my_builders", [""], [3], None],
+    "metrics": ["answer", ["answer"], ["nll", "bleu"], ["nll", "nll"], [], None, "nll"],
+    "answer.max_new_tokens": [0, -1, 1.5, "32", True, None],
     "stats.n_boot": [0, -5, settings.MIN_N_BOOT - 1, 10000.0, "10000", True, None],
     "stats.alpha": [2, 0, 1, 0.0, 1.0, -0.05, math.nan, math.inf, "0.05", True, None],
     "stats.confidence": [0, 1, 1.5, -0.95, math.nan, "0.95", False],
@@ -60,6 +62,7 @@ BAD = {
     "batch.encode_tokens": [0, "2048", 2048.0, False],
     "batch.score_tokens": [0, -4096, 1.5, "big"],
     "batch.extend_prefixes": ["yes", 1, None],
+    "generation.shared_prefix": ["yes", 0, None],
     "run.num_shards": [0, -1, 1.5, "2", True, None],
     "run.shard": [-1, 0.0, "0", True, None],
     "dataset.n_samples": [0, -1, 2.5, "10", True],
@@ -68,6 +71,9 @@ BAD = {
     "model.device": ["tpu", "gpu", "CPU", "cuda:x", "cuda:-1", "cuda:99999", "cpu:0", "", 0, None],
     "model.dtype": ["float64", "fp16", "", None],
     "model.sink": ["eos", "BOS", None],
+    "multidoc.k": [0, -1, 2.5, "3", True, None],
+    "multidoc.distractors": ["bm25", "Random", None, 3],
+    "multidoc.gold_slot": ["centre", 1, None],
 }
 GOOD = {
     "seed": [0, 1, 2**40],
@@ -77,6 +83,8 @@ GOOD = {
     "on_too_long": ["skip", "error"],
     "progress": [True, False],
     "plugins": [[], ["my_builders", "~/study/extra.py"]],
+    "metrics": [["nll"], ["nll", "answer"], ["answer", "nll"]],
+    "answer.max_new_tokens": [1, 32],
     "stats.n_boot": [settings.MIN_N_BOOT, 10000],
     "stats.alpha": [1e-12, 0.05, 1 - 1e-12],
     "stats.confidence": [1e-12, 0.95, 1 - 1e-12],
@@ -96,6 +104,7 @@ GOOD = {
     "batch.encode_tokens": [1, "auto"],
     "batch.score_tokens": [1, "auto"],
     "batch.extend_prefixes": [True, False],
+    "generation.shared_prefix": [True, False],
     "run.num_shards": [1, 5],
     "run.shard": [0],
     "dataset.n_samples": [1, None],
@@ -104,6 +113,9 @@ GOOD = {
     "model.device": ["auto", "cpu"],
     "model.dtype": list(settings.DTYPES),
     "model.sink": list(settings.SINKS),
+    "multidoc.k": [1, 3, 5],
+    "multidoc.distractors": list(settings.DISTRACTOR_SOURCES),
+    "multidoc.gold_slot": list(settings.GOLD_SLOTS),
 }
 
 

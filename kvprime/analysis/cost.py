@@ -53,13 +53,15 @@ def forward_flops(shape, tokens: float, context: float = 0, logits: float = 0) -
     return s["num_hidden_layers"] * (tokens * (proj + mlp) + attention) + 2 * h * s["vocab_size"] * logits
 
 
-def generation_flops(shape, prompt_tokens: float, generated_tokens: float) -> float:
-    """Prefill of the prompt (one logit) and one forward per further generated token."""
+def generation_flops(shape, prompt_tokens: float, generated_tokens: float, shared_tokens: float = 0) -> float:
+    """Prefill of the prompt (one logit) and one forward per further generated token. ``shared_tokens`` of the
+    prompt came from the template's shared prefix, encoded once per run (not per document): the prefill runs
+    only the rest, against them."""
     if not generated_tokens:
         return 0.0
     n = int(generated_tokens)
-    return forward_flops(shape, prompt_tokens, 0, 1) + sum(forward_flops(shape, 1, prompt_tokens + j, 1)
-                                                             for j in range(n - 1))
+    return forward_flops(shape, prompt_tokens - shared_tokens, shared_tokens, 1) + sum(
+        forward_flops(shape, 1, prompt_tokens + j, 1) for j in range(n - 1))
 
 
 COST_COLUMNS = ("index_tokens", "generated_tokens", "index_gflop", "index_s", "query_tokens", "query_gflop",
@@ -74,10 +76,12 @@ def per_score_costs(scores: pd.DataFrame, shape: Mapping | None, generator_shape
     out = scores[["sample_id", "condition"]].copy()
     enc, prompt, answer, cache = col("encoded_tokens"), col("prompt_tokens"), col("n_answer_tokens"), col("cache_len")
     gen_prompt, gen = col("generation_prompt_tokens"), col("generated_tokens").fillna(0.0)
+    gen_shared = col("generation_shared_tokens").fillna(0.0)
     out["index_tokens"], out["generated_tokens"] = enc, gen
     if shape:
         gshape = generator_shape or shape
-        gen_f = [generation_flops(gshape, p, g) if g else 0.0 for p, g in zip(gen_prompt.fillna(0.0), gen)]
+        gen_f = [generation_flops(gshape, p, g, s) if g else 0.0
+                 for p, g, s in zip(gen_prompt.fillna(0.0), gen, gen_shared)]
         out["index_gflop"] = [(forward_flops(shape, e) if e == e else np.nan) / 1e9 for e in enc]
         out["index_gflop"] += np.asarray(gen_f) / 1e9
         out["query_gflop"] = [forward_flops(shape, p + a, c, a + 1) / 1e9 for p, a, c in zip(prompt, answer, cache)]

@@ -9,6 +9,9 @@ A builder declares, with ``@register_builder(name, params=..., roles=..., notes=
 - ``roles``: what it does with each span kind (``{"prefix": "cut"}``); the engine renders segments with them.
 - ``notes``: ``fn(params) -> str | None``, a sentence for the report on conditions built this way (stored in
   the run's plan.json, so ``kvprime report`` needs no builder code).
+- ``surrogate_per_document``: the builder primes each document of a multi-passage sample on its own, so a
+  generated surrogate is written for each passage (one prefix span before each document) rather than only
+  for the sample's gold passage.
 - the build function ``fn(engine, segments, spec) -> PrimedCache``, and optionally a planner
   (``@register_planner(name)``: the encodes it will ask for, so a chunk's encodes run as padded batches).
 
@@ -40,6 +43,7 @@ class BuilderInfo:
     roles: dict = field(default_factory=dict)
     notes: Callable | None = None
     doc: str = ""
+    surrogate_per_document: bool = False
 
     def param_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.params))
@@ -75,7 +79,7 @@ PLANNERS: dict[str, Callable] = {}
 
 
 def register_builder(name: str, *, params: type = NoParams, roles: dict | None = None,
-                     notes: Callable | None = None):
+                     notes: Callable | None = None, surrogate_per_document: bool = False):
     if not dataclasses.is_dataclass(params):
         raise ConfigError(f"cache builder {name!r}: params must be a dataclass, got {params!r}.")
 
@@ -83,7 +87,7 @@ def register_builder(name: str, *, params: type = NoParams, roles: dict | None =
         if name in BUILDERS and BUILDERS[name].build is not fn:
             raise ConfigError(f"cache builder {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        BUILDERS[name] = BuilderInfo(name, fn, params, dict(roles or {}), notes, doc)
+        BUILDERS[name] = BuilderInfo(name, fn, params, dict(roles or {}), notes, doc, surrogate_per_document)
         return fn
     return wrap
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from ..config import settings
 from ..errors import ConfigError
 
-DEFAULTS = settings.DEVICE_BATCH_DEFAULTS  # declared with the other settings' defaults
+DEFAULTS = settings.DEVICE_BATCH_DEFAULTS  # declared with the device checks (kvprime.config.devices)
 
 # (config section, key, DEFAULTS key)
 _KEYS = (("batch", "samples", "samples"), ("batch", "encode_tokens", "encode_tokens"),

@@ -77,7 +77,13 @@ class Engine:
     def segments(self, spec: ConditionSpec, *, document: str, query: str, answer: str,
                  surrogate: str | None = None, documents: list[str] | None = None) -> Segments:
         """The condition's spans for a sample (each tokenized alone), with the roles its builder declares.
-        ``documents``: a sample's several passages, one document span each (``document`` is then unused)."""
+        ``documents``: a sample's several passages, one document span each (``document`` is then unused).
+        ``surrogate`` as a tuple (one text per document): each document gets its own prefix span before it."""
+        own = list(surrogate) if isinstance(surrogate, (tuple, list)) else None
+        if own is not None:
+            if not documents or len(own) != len(documents):
+                raise ValueError(f"{len(own)} per-document surrogates for {len(documents or [])} documents")
+            surrogate = None
         texts = {
             "prefix": spec.prefix_template.format(surrogate=surrogate) if spec.prefix_template else "",
             "document": spec.document_template.format(document=document),
@@ -87,8 +93,9 @@ class Engine:
         }
         rendered = [spec.document_template.format(document=d) for d in documents] if documents else None
         info = BUILDERS.get(spec.builder)
+        prefixes = [spec.prefix_template.format(surrogate=t) for t in own] if own is not None else None
         return build_segments(self.tokenizer, sink=self.sink, texts=texts, documents=rendered,
-                              roles=info.roles if info else None)
+                              roles=info.roles if info else None, prefixes=prefixes)
 
     def fits(self, seg: Segments, spec: ConditionSpec) -> bool:
         """Whether encode + score stays inside the model's context (offset included) and, for sliding-window

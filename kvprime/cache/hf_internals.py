@@ -166,6 +166,13 @@ def cache_from_layers(model, layers: list[tuple[torch.Tensor, torch.Tensor]]) ->
     return cache
 
 
+def repeat_cache(model, cache: DynamicCache, rows: int = 1) -> DynamicCache:
+    """A new cache holding ``rows`` copies of a one-row cache: decoding appends to the copy, never to
+    ``cache``, so one shared prefix serves any number of continuations."""
+    return cache_from_layers(model, [(k.repeat(rows, 1, 1, 1), v.repeat(rows, 1, 1, 1))
+                                     for k, v in cache_layers(cache)])
+
+
 def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 

@@ -2,7 +2,8 @@
 
 Sources: ``asset`` (a packaged model fetched by ``make setup`` into KVPRIME_HOME), ``local`` (an HF folder:
 ``model=hf_local model.path=<dir>``), ``hub`` (a hub id: ``model=hf_hub model.id=<org/name>``; needs network
-and usually a GPU), ``tiny_random`` (built in-process). Every check that can fail without weights (the
+and usually a GPU), ``tiny_random`` (built in-process), ``shape_random`` (a real architecture from its config
+values, random weights, for cost measurements: ``kvprime.cache.shape_random``). Every check that can fail without weights (the
 folder or id set, CUDA for 4-bit, hub reachable, RoPE support for the run's conditions) runs first, in
 ``model_config``, so a bad setting costs seconds, not a model load.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, UnavailableError
 
-SOURCES = ("asset", "local", "hub", "tiny_random")
+SOURCES = ("asset", "local", "hub", "tiny_random", "shape_random")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -110,7 +111,7 @@ def _check_location(cfg: Mapping) -> None:
         if not _setting(cfg, "asset"):
             raise ConfigError("model.asset is not set: a model with source 'asset' names a packaged model "
                               "(see `kvprime setup --list`).")
-    elif source != "tiny_random":
+    elif source not in ("tiny_random", "shape_random"):
         raise ConfigError(f"model.source={source!r} is not known. Accepted: {', '.join(SOURCES)}.")
 
 
@@ -136,6 +137,11 @@ def model_config(cfg: Mapping):
 
         return tiny_config(cfg.get("arch", "llama"), **dict(cfg.get("overrides") or {}))
     _dtype(cfg.get("dtype") or "float32")
+    if source == "shape_random":
+        from .shape_random import config_of, tokenizer_model_cfg
+
+        tokenizer_model_cfg(cfg)
+        return config_of(cfg)
     if cfg.get("quantization"):
         import torch
 
@@ -179,6 +185,12 @@ def load(cfg: Mapping):
         info = {"source": "tiny_random", "name": model_name(cfg), "arch": cfg.get("arch", "llama"),
                 "seed": int(cfg.get("seed", 0)), "weights_sha256": _state_dict_sha256(model)}
         return model.to(resolve_device(cfg)), tokenizer, info
+    if source == "shape_random":
+        from . import shape_random
+
+        model_config(cfg)
+        return shape_random.load(cfg, dtype, resolve_device(cfg), _folder(shape_random.tokenizer_model_cfg(cfg)),
+                                 model_name(cfg))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,7 +223,7 @@ def weights_identity(cfg: Mapping) -> dict | None:
     from the files alone, without loading them: packaged models (fetched if missing, as loading would), local and
     hub models. None for an in-process random model, whose weights exist only once built."""
     source = cfg.get("source")
-    if source == "tiny_random":
+    if source in ("tiny_random", "shape_random"):
         return None
     config = model_config(cfg)  # the cheap checks; fetches a missing asset, as load would
     folder = _folder(cfg)

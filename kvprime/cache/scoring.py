@@ -70,19 +70,8 @@ def score_batch(model, items, *, per_token: bool = False) -> list[Score]:
     for primed, prompt, answer in items:
         if not answer or not prompt:
             return [score_answer(model, p, pr, an, per_token=per_token) for p, pr, an in items]
-    cache, cache_mask = hf.stack_caches(model, [p.cache for p, _, _ in items])
-    device = cache_mask.device
-    for r, (p, _, _) in enumerate(items):  # right-padded: row r's entries are its first len(p) columns
-        if p.attend is not None:
-            cache_mask[r, :len(p)] = torch.tensor([int(a) for a in p.attend], device=device)
-    rows = [list(pr) + list(an) for _, pr, an in items]
-    width = max(map(len, rows))
-    pad = [width - len(r) for r in rows]
-    input_ids = torch.tensor([[0] * k + r for k, r in zip(pad, rows)], device=device)
-    input_mask = torch.tensor([[0] * k + [1] * len(r) for k, r in zip(pad, rows)], device=device)
-    position_ids = torch.stack([
-        torch.arange(p.next_position - k, p.next_position - k + width, device=device)
-        for (p, _, _), k in zip(items, pad)]).clamp_min(0)
+    cache, cache_mask, input_ids, input_mask, position_ids = stack_rows(
+        model, [(p, list(pr) + list(an)) for p, pr, an in items])
     keep = max(len(an) for _, _, an in items) + 1
     logits = hf.logits_batch(model, cache, cache_mask, input_ids, input_mask, position_ids, keep_last=keep)
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -95,6 +84,28 @@ def score_batch(model, items, *, per_token: bool = False) -> list[Score]:
         out.append(Score(nll=nll_sum / n, nll_sum=nll_sum, n_answer_tokens=n,
                          token_logprobs=[float(x) for x in token_lp] if per_token else None))
     return out
+
+
+def stack_rows(model, items):
+    """The batch inputs of (primed cache, token ids) rows read against their caches: a right-padded copy of the
+    caches stacked, its 0/1 mask (pads and entries a cache marks as not to be attended are 0), the ids left-padded
+    so that every row ends in the last column, their mask, and each row's own position ids continuing from its
+    ``next_position``. Shared by scoring and answer decoding (``kvprime.cache.answers``), so both read a cache
+    the same way."""
+    cache, cache_mask = hf.stack_caches(model, [p.cache for p, _ in items])
+    device = cache_mask.device
+    for r, (p, _) in enumerate(items):  # right-padded: row r's entries are its first len(p) columns
+        if p.attend is not None:
+            cache_mask[r, :len(p)] = torch.tensor([int(a) for a in p.attend], device=device)
+    rows = [list(ids) for _, ids in items]
+    width = max(map(len, rows))
+    pad = [width - len(r) for r in rows]
+    input_ids = torch.tensor([[0] * k + r for k, r in zip(pad, rows)], device=device)
+    input_mask = torch.tensor([[0] * k + [1] * len(r) for k, r in zip(pad, rows)], device=device)
+    position_ids = torch.stack([
+        torch.arange(p.next_position - k, p.next_position - k + width, device=device)
+        for (p, _), k in zip(items, pad)]).clamp_min(0)
+    return cache, cache_mask, input_ids, input_mask, position_ids
 
 
 def score_without_cache(model, ids, n_answer: int) -> float:

@@ -121,18 +121,24 @@ class Segments:
 
 
 def build_segments(tokenizer, *, sink: list[int], texts: dict[str, str], documents: list[str] | None = None,
-                   roles: dict[str, str] | None = None) -> Segments:
+                   roles: dict[str, str] | None = None, prefixes: list[str] | None = None) -> Segments:
     """``texts`` maps prefix/document/suffix/prompt/answer to rendered text. ``documents`` (rendered passages)
     replaces ``texts["document"]`` for a sample with several: one span each, tokenized alone, so each
-    document's ids are the same whatever else the context holds."""
+    document's ids are the same whatever else the context holds. ``prefixes`` (rendered, one per document)
+    replaces ``texts["prefix"]``: each document then has its own prefix span (``prefix_<i>``) right before it."""
     tok = {name: tuple(tokenize(tokenizer, texts.get(name, ""))) for name in ("prefix", "suffix", "prompt",
                                                                              "answer")}
     docs = documents if documents is not None else [texts.get("document", "")]
+    if prefixes is not None and len(prefixes) != len(docs):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(docs)} documents")
     spans = [Span("sink", tuple(sink))] if sink else []
-    if tok["prefix"]:
+    if tok["prefix"] and prefixes is None:
         spans.append(Span("prefix", tok["prefix"]))
     for i, text in enumerate(docs):
         ids = tuple(tokenize(tokenizer, text))
+        own = tuple(tokenize(tokenizer, prefixes[i])) if prefixes is not None else ()
+        if ids and own:
+            spans.append(Span("prefix", own, f"prefix_{i}"))
         if ids:
             spans.append(Span("document", ids, "document" if len(docs) == 1 else f"document_{i}"))
     if tok["suffix"]:

@@ -7,13 +7,9 @@ default, so the code after it indexes ``cfg["stats"]["alpha"]`` instead of repea
 A bad value raises ``ConfigError`` with one paragraph per bad setting: the dotted key, the value given and
 what is accepted.
 
-Values from Hydra overrides arrive typed by Hydra's grammar (``stats.alpha=2`` is the int 2, ``seed=abc`` the
-string ``'abc'``, ``resume=yes`` the string ``'yes'``): an int is a valid float, a bool is neither an int nor
-a float, and a string is only accepted where a word is (``auto``, ``skip``, ...). Values are never converted;
-only missing keys are filled.
-
-This module imports neither torch nor transformers; torch is imported only to list this machine's devices
-when ``model.device`` names one (``cuda``, ``cuda:N``) or is not accepted.
+Values arrive typed by Hydra's grammar (``stats.alpha=2`` the int 2, ``seed=abc`` the string ``'abc'``): an int
+is a valid float, a bool neither int nor float, a string accepted only where a word is (``auto``, ``skip``).
+Values are never converted; only missing keys are filled. No torch import here (only to list CUDA devices).
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError
-from .devices import device_ok, this_machine
+from .devices import DEVICE_BATCH_DEFAULTS, device_ok, this_machine
 
 # The accepted words of the settings that take one. generation.CLEAN_MODES and models.DTYPES must be equal to
 # these (tested); they are repeated here because kvprime.surrogates.generation imports torch at module level.
@@ -34,13 +30,15 @@ CLEAN_MODES = ("first_content_line", "notebook")
 DTYPES = ("float32", "bfloat16", "float16")
 SINKS = ("bos", "none")
 ON_TOO_LONG = ("skip", "error")
+# What a run measures per sample and condition. nll is always scored (every statistic pairs on it); answer adds a
+# greedily decoded answer with SQuAD exact match and F1 (kvprime.cache.answers, kvprime.analysis.answer_quality).
+METRICS = ("nll", "answer")
+DISTRACTOR_SOURCES, GOLD_SLOTS = ("random", "same_article", "nearest", "candidates"), ("first", "middle", "last", "random")
 
-# Bootstrap resamples: at least 1000. A 95% interval's ends are the 2.5% and 97.5% quantiles of the bootstrap
-# distribution; with 1000 resamples each tail holds 25 of them, the fewest for which the ends (and BCa's bias
-# and acceleration corrections, which push them further into the tails) stop moving visibly with the seed
-# (Efron & Tibshirani 1993, ch. 14 and 19, recommend >= 1000 for percentile and BCa intervals; the default
-# 10000 gives 250 a tail). Fewer make the CI mostly resampling noise, and 0 makes scipy refuse, which used to
-# leave NaN intervals in the tables without a word.
+# Bootstrap resamples: at least 1000. A 95% interval's ends are the 2.5% and 97.5% quantiles; with 1000 resamples
+# each tail holds 25, the fewest for which the ends (and BCa's corrections) stop moving visibly with the seed
+# (Efron & Tibshirani 1993, ch. 14 and 19; the default 10000 gives 250 a tail). Fewer make the CI mostly
+# resampling noise, and 0 makes scipy refuse, which used to leave NaN intervals in the tables without a word.
 MIN_N_BOOT = 1000
 
 
@@ -80,24 +78,6 @@ SEED = _int_at_least(0)  # numpy's generators refuse negative seeds (dataset sel
 OPEN_UNIT = Rule("a number strictly between 0 and 1", lambda v: _is_number(v) and 0 < v < 1)
 
 
-# cpu: on a 2-core machine with SmolLM2-135M (exp01, 12 samples) 2 samples per chunk and 4096-token scoring
-# batches scored in 64.0 s at a peak of 2195 MB, against 68.7 s and 3213 MB with 4 and 8192: larger batches
-# gain nothing on a CPU and their caches and stacked copies cost memory (README, Performance). Encode
-# batches of 2048 tokens ran at 137 GFLOP/s against 115-118 for 4096 (8 samples; activations that stay in
-# cache; 1024 gave the same as 2048). Generation,
-# 16 SQuAD documents: 14.6 tok/s one at a time, 38.5 in batches of 8, 44.5 of 16, 44.4 of 32.
-# cuda: on an H100 with SmolLM2-135M (fp32, exp01, 64 samples) encode+score took 6.6-6.8 s for every setting
-# from 4 to 64 samples per chunk (per-cache work, not the batch, bounds a 135M model there), while peak memory
-# grew from 2.8 to 51 GB; generation gained up to 64 rows (42.8 tok/s at 1, 935 at 64, 937 at 128). So: the
-# smallest batches that keep a 7B model's matmuls large (16k tokens) and its chunk of caches small (8 exp01
-# samples hold ~30k cache tokens, ~4 GB of bf16 keys/values for Mistral-7B), beside 4-bit weights on 24 GB.
-# What batch.*=auto and generation.batch_size=auto resolve to on each kind of device (kvprime.cache.batching).
-DEVICE_BATCH_DEFAULTS: dict[str, dict[str, int]] = {
-    "cpu": {"samples": 2, "encode_tokens": 2048, "score_tokens": 4096, "generation": 16},
-    "cuda": {"samples": 8, "encode_tokens": 16384, "score_tokens": 32768, "generation": 64},
-}
-
-
 def _batch_words(name: str) -> Callable[[], str]:
     def words() -> str:
         return "a positive integer, or auto: " + ", ".join(f"{d[name]} on {kind}"
@@ -114,8 +94,6 @@ def _n_samples_zero(key: str, value) -> str | None:
     if _is_int(value) and value == 0:
         return f"{key}=0 selects no sample; give a positive integer, or null for all."
     return None
-
-
 
 
 def setting(default, rule: Rule, what: str, *, follows: str | None = None):
@@ -158,6 +136,9 @@ class Generation:
                                     "the number of documents generated together")
     clean: str = setting("first_content_line", _one_of(CLEAN_MODES),
                          "how a generated text is cut down to one query")
+    shared_prefix: bool = setting(True, BOOL, "encode the prompt's document-independent opening (chat template and "
+                                  "instruction) once and continue every document's prefill from it; the "
+                                  "surrogates do not depend on it")
     model: str | None = setting(None, Rule("null (the scored model), or the name of a model config in conf/model "
                                            "(e.g. qwen25_coder_05b_instruct)",
                                            lambda v: v is None or (isinstance(v, str) and bool(re.fullmatch(
@@ -198,6 +179,19 @@ class Batch:
                                                 "(or shared opening) its ids and positions begin with")
 
 
+def _metrics_ok(v) -> bool:
+    return (isinstance(v, (list, tuple)) and all(isinstance(m, str) and m in METRICS for m in v)
+            and len(set(v)) == len(v) and "nll" in v)
+
+
+@dataclass(frozen=True)
+class Answer:
+    # SQuAD answers are a few words (a median of 2-3); 32 tokens leaves room for a sentence while bounding what a
+    # model that never writes a newline costs per condition.
+    max_new_tokens: int = setting(32, _int_at_least(1), "the most tokens decoded for an answer (metrics: answer); "
+                                                        "decoding stops earlier at a newline or an end token")
+
+
 @dataclass(frozen=True)
 class Run:
     num_shards: int = setting(1, _int_at_least(1), "the number of jobs a run's samples are dealt to")
@@ -211,10 +205,16 @@ class Dataset:
                                     "the number of samples the run selects")
     seed: int | None = setting(None, Rule("an integer >= 0, or null", lambda v: v is None or SEED.ok(v)),
                                "the seed of dataset.selection=random", follows="seed")
-    # One primed cache serves every question of its passage (kvprime.data.passages): whole passages of >= 2
-    # questions are selected, n_samples counts questions, and a chunk (so a shard) is one passage.
-    group_by_passage: bool = setting(False, BOOL, "whether questions are selected, scored and sharded as whole "
-                                                  "passages (each passage's caches built once for all its questions)")
+    group_by_passage: bool = setting(False, BOOL, "whether whole passages of >= 2 questions are selected, scored "
+                                                  "and sharded together, each passage's caches built once for all "
+                                                  "its questions (n_samples counts questions; kvprime.data.passages)")
+
+
+@dataclass(frozen=True)
+class Multidoc:
+    k: int = setting(1, _int_at_least(1), "the number of passages per sample: the gold one and k-1 distractors")
+    distractors: str = setting("random", _one_of(DISTRACTOR_SOURCES), "where the distractor passages come from")
+    gold_slot: str = setting("random", _one_of(GOLD_SLOTS), "where the gold passage sits (drawn from dataset.seed)")
 
 
 @dataclass(frozen=True)
@@ -237,6 +237,10 @@ class Settings:
     on_too_long: str = setting("skip", _one_of(ON_TOO_LONG),
                                "what happens to a sample longer than the model's context (skip: skipped and counted)")
     progress: bool = setting(True, BOOL, "whether progress bars are shown")
+    metrics: list = setting(("nll",), Rule(f"a list of distinct metrics out of {', '.join(METRICS)} that includes nll "
+                                           "(e.g. [nll] or [nll,answer])", _metrics_ok),
+                            "what is measured per sample and condition (answer: a greedily decoded answer, scored "
+                            "by exact match and F1)")
     plugins: list = setting((), Rule("a list of module names or .py file paths",
                                      lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) and x.strip()
                                                                                    for x in v)),
@@ -244,16 +248,18 @@ class Settings:
                             "analyses (kvprime.plugins)")
     stats: Stats = section(Stats)
     generation: Generation = section(Generation)
+    answer: Answer = section(Answer)
     floor: Floor = section(Floor)
     batch: Batch = section(Batch)
     run: Run = section(Run)
     dataset: Dataset = section(Dataset)
     model: Model = section(Model)
+    multidoc: Multidoc = section(Multidoc)
 
 
 # Sections whose every key is declared here: another key in them is a misspelling (Hydra only lets one in
 # with +key=...). model and dataset carry many more keys (their YAML files), checked elsewhere.
-CLOSED_SECTIONS = ("stats", "generation", "floor", "batch", "run")
+CLOSED_SECTIONS = ("stats", "generation", "floor", "batch", "run", "multidoc", "answer")
 
 
 @dataclass(frozen=True)

@@ -74,12 +74,13 @@ def _select(candidates: list[Sample], n, selection: str, seed) -> list[Sample]:
     return [candidates[i] for i in idx]
 
 
-def load_samples(cfg: Mapping) -> LoadResult:
+def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
     """Load, check and select samples as `cfg` (a plain mapping, e.g. the `dataset` config) says.
 
     Common keys: `name` (loader), `n_samples` (int or null = all), `selection` ("first" or
     "random"), `seed` (int, used by "random"), `filters` (word-count limits, null = no limit).
-    Every other key is an option for the loader.
+    Every other key is an option for the loader. ``multidoc`` (the run's checked ``multidoc`` settings) gives
+    each selected sample k passages: the gold among distractors (``kvprime.data.distractors``), drawn from `seed`.
     """
     cfg = dict(cfg)
     name = cfg.get("name")
@@ -115,13 +116,32 @@ def load_samples(cfg: Mapping) -> LoadResult:
             )
         seen.add(record.sample_id)
         candidates.append(record)
-    if settings.check_value("dataset.group_by_passage", cfg.get("group_by_passage", False)):
+    grouped = settings.check_value("dataset.group_by_passage", cfg.get("group_by_passage", False))
+    pool = None
+    if multidoc is not None and multidoc["k"] > 1:
+        from . import distractors
+
+        if grouped:
+            raise ConfigError(f"dataset.group_by_passage=true serves one passage's cache to all of its questions, "
+                              f"but multidoc.k={multidoc['k']} gives each question its own distractors, so no cache "
+                              f"would be shared; use one of the two (multidoc.k=1, or group_by_passage=false).")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"multidoc.k={multidoc['k']} draws distractors and gold slots from dataset.seed, which "
+                              f"must then be an integer; got {seed!r}.")
+        multidoc = {**multidoc, "seed": seed}
+        candidates, unfit, pool = distractors.eligible(candidates, multidoc)
+        rejected += unfit
+    if grouped:
         from kvprime.data.passages import select_grouped
 
-        chosen, single = select_grouped(candidates, n, selection, seed)
-        return LoadResult(samples=chosen, rejected=rejected + single, n_candidates=len(candidates))
+        selected, single = select_grouped(candidates, n, selection, seed)
+        rejected = rejected + single
+    else:
+        selected = _select(candidates, n, selection, seed)
+    if pool is not None:
+        selected = distractors.attach(selected, pool, multidoc)
     return LoadResult(
-        samples=_select(candidates, n, selection, seed),
+        samples=selected,
         rejected=rejected,
         n_candidates=len(candidates),
     )

@@ -20,7 +20,8 @@ def load_jsonl(cfg: Mapping) -> Iterator[Sample]:
 
     Options: `path` (required). Optional per-line keys: `id` (else "<file stem>:<line number>"),
     `answers` (a list of further references; the scored `answer` is always first) and `passages` (several
-    passages in context order, each its own document span; `passage` is then the gold one).
+    passages in context order, each its own document span; `passage` is then the gold one) and `article` (a
+    group of passages: multidoc.distractors=same_article draws from it).
     """
     if cfg.get("path") in (None, "???"):  # "???" is the config's "must be set"
         raise DataError("The jsonl loader needs dataset.path=/path/to/file.jsonl (it is not set).")
@@ -50,6 +51,8 @@ def load_jsonl(cfg: Mapping) -> Iterator[Sample]:
             if not isinstance(passages, list) or not all(isinstance(x, str) and x for x in passages):
                 raise DataError(f"{where}: field 'passages' must be a list of non-empty strings (the context's "
                                 "passages in order, the gold one among them).")
+            if not isinstance(obj.get("article", ""), str):
+                raise DataError(f"{where}: field 'article' must be a string (the passage's group).")
             sid = obj.get("id")
             yield Sample(
                 # The line number fallback is stable as long as the file is not edited.
@@ -60,4 +63,5 @@ def load_jsonl(cfg: Mapping) -> Iterator[Sample]:
                 answers=dedupe([obj["answer"], *extra]),
                 source=path.stem,
                 passages=tuple(passages),
+                article=obj.get("article", ""),
             )

@@ -75,15 +75,17 @@ def _record(item: Mapping, mode: str) -> Sample | Rejection:
             answer=answers[0] if answers else "",
             answers=dedupe(answers),
             source=SOURCE,
+            candidates=tuple(texts[1:]),
         )
     well_formed = _real(item.get("wellFormedAnswers"))
     answer = well_formed[0] if well_formed else (answers[0] if answers else "")
     if answer.strip() == NO_ANSWER:
         return Rejection(source_id, f"answer is {NO_ANSWER!r}")
     selected = list(passages.get("is_selected") or [])
-    passage = next((t for t, s in zip(texts, selected) if s == 1), None)
-    if passage is None:
+    gold = next((i for i, s in enumerate(selected[:len(texts)]) if s == 1), None)
+    if gold is None:
         return Rejection(source_id, "no passage with is_selected == 1")
+    passage = texts[gold]
     return Sample(
         sample_id=source_id,
         passage=passage,
@@ -91,6 +93,7 @@ def _record(item: Mapping, mode: str) -> Sample | Rejection:
         answer=answer,
         answers=dedupe([answer, *well_formed, *(a for a in answers if a.strip() != NO_ANSWER)]),
         source=SOURCE,
+        candidates=tuple(t for i, t in enumerate(texts) if i != gold),  # multidoc.distractors=candidates
     )
 
 

@@ -58,4 +58,5 @@ def load_squad(cfg: Mapping) -> Iterator[Sample]:
                     answer=texts[0] if texts else "",
                     answers=dedupe(texts),
                     source=SOURCE,
+                    article=str(article.get("title") or ""),
                 )

@@ -19,6 +19,12 @@ class Sample:
     # Several passages, in context order (e.g. the gold passage among retrieved distractors); empty: just
     # ``passage``. Each becomes its own document span, tokenized alone.
     passages: tuple[str, ...] = ()
+    # The source's group of passages (SQuAD: the article title): where same-article distractors come from.
+    article: str = ""
+    # MS MARCO: the query's other candidate passages (gold excluded), the source's own distractors.
+    candidates: tuple[str, ...] = ()
+    # Multi-document samples: the gold passage's index in ``passages`` (kvprime.data.distractors).
+    gold_slot: int | None = None
 
     def __post_init__(self) -> None:
         # Callers (JSON, datasets rows) hand over lists; a tuple keeps the frozen sample hashable.
@@ -26,6 +32,8 @@ class Sample:
             object.__setattr__(self, "answers", tuple(self.answers))
         if not isinstance(self.passages, tuple):
             object.__setattr__(self, "passages", tuple(self.passages))
+        if not isinstance(self.candidates, tuple):
+            object.__setattr__(self, "candidates", tuple(self.candidates))
         if not isinstance(self.sample_id, str):
             object.__setattr__(self, "sample_id", str(self.sample_id))
 
@@ -36,7 +44,10 @@ class Sample:
         if self.passages:
             d["passages"] = list(self.passages)
         else:
-            del d["passages"]  # single-passage samples keep the record they always had
+            # single-passage samples keep the record they always had (so runs made before these fields resume)
+            for key in ("passages", "article", "gold_slot"):
+                del d[key]
+        del d["candidates"]  # the source's distractor pool, not what was evaluated (``passages`` is)
         return d
 
     @property

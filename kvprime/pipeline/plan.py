@@ -168,7 +168,7 @@ def prepare(cfg, only: str | None = None) -> dict:
         if needed is not None:
             hf.check_config_supports(mconf, needed)
     t = time.perf_counter()
-    loaded = load_samples({**cfg["dataset"]})
+    loaded = load_samples({**cfg["dataset"]}, multidoc=cfg["multidoc"])
     samples = shard(loaded.samples, cfg.get("run") or {}, chunk_size(cfg), grouped=grouped(cfg))
     if not samples:
         raise RunError(f"dataset {cfg['dataset']['name']!r} gave no usable samples "

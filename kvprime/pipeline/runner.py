@@ -17,9 +17,10 @@ from pathlib import Path
 
 from ..analysis import cost
 from ..cache import floor as numerical_floor
-from ..config import plugins
+from ..config import plugins, settings
 from ..data.passages import passage_id
 from ..errors import RunDirError
+from ..surrogates import per_document
 from . import interrupts, metadata
 from .plan import RunError, builder_notes, chunk_size, chunks, grouped, prepare
 from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
@@ -33,13 +34,15 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
     if not stored_path.exists():
         return
     stored = json.loads(stored_path.read_text())
+    # A run started before the answer metric existed measured NLL only: its missing keys take their defaults.
+    stored = json.loads(dumps(settings.check(stored, only=("metrics", "answer"), origin=str(stored_path))))
 
     def relevant(c: Mapping) -> dict:
         out = {k: v for k, v in c.items() if k not in _RESUME_FREE}
         if (c.get("run") or {}).get("num_shards", 1) > 1:  # batch.samples deals a shard its samples
             out["batch.samples"] = (c.get("batch") or {}).get("samples")
-        if isinstance(out.get("generation"), Mapping):  # the generation batch size changes no surrogate
-            out["generation"] = {k: v for k, v in out["generation"].items() if k != "batch_size"}
+        if isinstance(out.get("generation"), Mapping):  # neither the batch size nor the shared prefix changes a surrogate
+            out["generation"] = {k: v for k, v in out["generation"].items() if k not in ("batch_size", "shared_prefix")}
         return out
 
     now, old = json.loads(dumps(relevant(cfg))), relevant(stored)
@@ -266,8 +269,9 @@ def _chunk_costs(session, work, done, seconds, shape) -> list[dict]:
         if source.startswith(("generated:", "generated_other:")):
             # generated_other: this document's own generation is what an index would pay for; the control only
             # swaps whose text is used, so its cost is the same as generated:<template>'s.
-            g = session.generation_cost(source.split(":", 1)[1], sample.sample_id)
-            row.update(generation_prompt_tokens=g.get("prompt_tokens"), generated_tokens=g.get("generated_tokens"),
+            g = per_document.generation_cost(session, session.specs[name], sample)  # every passage it primes
+            row.update(generation_prompt_tokens=g.get("prompt_tokens"),
+                       generation_shared_tokens=g.get("shared_prompt_tokens"), generated_tokens=g.get("generated_tokens"),
                        generation_s=g.get("seconds"))
         out.append(row)
     return out
@@ -277,6 +281,8 @@ def _score_all(session, similarity, run_dir, progress):
     """Score in chunks of samples: the chunk's distinct encodes run as padded batches, then every
     (sample, condition) of the chunk is scored in batches, and its lines are appended before the next chunk."""
     from tqdm.auto import tqdm
+
+    from .answering import answer_fields
 
     cfg, engine, specs, samples = session.cfg, session.engine, session.specs, session.samples
     resolved = session.resolved()
@@ -312,14 +318,17 @@ def _score_all(session, similarity, run_dir, progress):
             done = engine.run_chunk([(specs[name], seg) for _, name, seg in work], per_token=per_token,
                                     encode_tokens=encode_tokens, score_tokens=score_tokens)
             costs = _chunk_costs(session, work, done, engine.last_chunk_s, shape)
-            for (sample, name, seg), (pc, score), spent in zip(work, done, costs):
+            # metrics: [nll, answer]: the answer fields join the NLL's line, so a line is whole or absent on resume.
+            extra = answer_fields(engine, work, done, max_new_tokens=cfg["answer"]["max_new_tokens"],
+                                  batch_tokens=score_tokens) if "answer" in cfg["metrics"] else [{}] * len(work)
+            for (sample, name, seg), (pc, score), spent, more in zip(work, done, costs, extra):
                 if (sample.sample_id, name) in log.done:
                     continue
                 row = _row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token, spent)
                 if by_passage:  # the cluster of the per-passage statistics (kvprime.analysis.passages)
                     row["passage_id"] = passage_id(sample)
                 with interrupts.record_boundary():
-                    log.append(row)
+                    log.append({**row, **more})
             engine.forget()
             bar.update(len(group))
         bar.close()

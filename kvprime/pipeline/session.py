@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..surrogates import sources
+from ..surrogates import per_document, sources
 from ..surrogates.generator import model_id
 
 
@@ -37,6 +37,7 @@ class Session:
         self.load_data_s: float = prepared.get("load_data_s", 0.0)
         self.seed = int(self.cfg["seed"])
         self.generated: dict = {}  # (template, sample_id) -> text
+        self.passage_generated: dict = {}  # (template, passage) -> text, for per-document priming (per_document)
         self._texts: dict = {}  # sample_id -> {condition: surrogate text}
         self._states: dict = {}  # surrogate source -> its prepared state (kvprime.surrogates.sources.prepare)
         self._everything = None  # every usable sample of the dataset, loaded only for sample= outside it
@@ -69,7 +70,8 @@ class Session:
         if self._everything is None:
             from ..data import load_samples
 
-            self._everything = load_samples({**self.cfg["dataset"], "n_samples": None}).samples
+            self._everything = load_samples({**self.cfg["dataset"], "n_samples": None},
+                                            multidoc=self.cfg["multidoc"]).samples
         for s in self._everything:
             if s.sample_id == sample_id:
                 return s
@@ -126,7 +128,8 @@ class Session:
         from ..surrogates.generation import GenerationSettings
 
         g = self.cfg["generation"]
-        return GenerationSettings(**{k: g[k] for k in ("temperature", "max_new_tokens", "seed", "batch_size", "clean")
+        return GenerationSettings(**{k: g[k] for k in ("temperature", "max_new_tokens", "seed", "batch_size", "clean",
+                                                          "shared_prefix")
                                      if k in g})
 
     @cached_property
@@ -211,6 +214,7 @@ class Session:
                            documents=[s.passage for s in todo], settings=self.generation_settings, progress=progress,
                            load=lambda: gen.load()[:2], provenance={"generator": gen.cfg.get("name")})
             self.generated.update({(template, s.sample_id): t for s, t in zip(todo, texts)})
+        per_document.generate(self, samples, self.specs if names is None else names, progress=progress)
         if not gen.is_scored_model:
             gen.release()  # scoring does not need the generator's weights
         return {(t, sid): self.generated[(t, sid)] for t, wanted in needed.items() for sid in wanted}
@@ -278,8 +282,10 @@ class Session:
         """Condition -> the sample's token spans (sink, prefix, its document(s), suffix; prompt, answer)."""
         names = list(self.specs if names is None else names)
         texts = self.surrogates(sample, names)
+        own = {n: per_document.texts(self, self.specs[n], sample) for n in names}  # one per passage, or None
         return {n: self.engine.segments(self.specs[n], document=sample.passage, query=sample.query,
-                                        answer=sample.answer, surrogate=texts[n], documents=sample.documents)
+                                        answer=sample.answer, surrogate=own[n] or texts[n],
+                                        documents=sample.documents)
                 for n in names}
 
 

@@ -23,7 +23,8 @@ from ..surrogates import quality
 from . import report
 
 FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_tokens", "cache_len", "next_position",
-                      "encoded_tokens", "surrogate", "similarity", "nonfinite", "passage_id")
+                      "encoded_tokens", "surrogate", "similarity", "nonfinite", "passage_id", "generated_answer",
+                      "exact_match", "f1", "generated_answer_tokens", "answer_stop")
 
 
 def _load(run_dir: Path, name: str):
@@ -39,7 +40,7 @@ def finalize(run_dir) -> dict:
     cfg, plan, meta = _load(run_dir, "config.json"), _load(run_dir, "plan.json"), _load(run_dir, "metadata.json")
     # Only what this step uses is checked: the run's model device belongs to the machine that scored it. An older
     # run's config.json may lack newer settings; they get their declared defaults.
-    cfg = settings.check(cfg, only=("seed", "stats"), origin=str(run_dir / "config.json"))
+    cfg = settings.check(cfg, only=("seed", "stats", "metrics", "answer"), origin=str(run_dir / "config.json"))
     exp, seed, st = cfg["experiment"], cfg["seed"], cfg["stats"]
     # `kvprime report` runs in a fresh process: the run's plugins register their analyses as they import.
     plugins.load(cfg.get("plugins") or (), recorded=plan.get("plugins"))
@@ -82,6 +83,14 @@ def finalize(run_dir) -> dict:
     summary.loc[summary["is_baseline"].astype(bool), ["index_gflop", "query_gflop"]] = base_cost.to_numpy()
     diagnosis = report.diagnose(comp, exp.get("diagnosis") or [], alpha=st["alpha"]) if len(comp) else []
 
+    answer_part = None
+    if "answer" in cfg["metrics"]:  # EM and F1 beside NLL (kvprime.reporting.answer_report)
+        from . import answer_report
+
+        summary, comp, answer_part = answer_report.add(scores, derived, summary, comp, baseline=exp["baseline"],
+                                                       conditions=all_names, named=comparisons, cfg=cfg,
+                                                       run_dir=run_dir)
+
     similarity = _primary_similarity(scores, exp)
     # Copies: an analysis that changes its inputs must not change what finalize writes after it.
     ran = run_analyses(analysis_names, AnalysisInput(
@@ -104,6 +113,10 @@ def finalize(run_dir) -> dict:
         figures["conditions"] = conditions_figure(summary, run_dir / "conditions.png",
                                                   title=f"{exp['name']}: mean NLL and delta vs {exp['baseline']}",
                                                   margin=st["equivalence_margin"]).name
+        if answer_part is not None:
+            figures["answer_quality"] = answer_report.figure(
+                summary, run_dir / answer_report.FIGURE,
+                title=f"{exp['name']}: NLL delta against F1 delta vs {exp['baseline']}").name
         for key, fig in ran.figures.items():
             figures[key] = save_figure(fig.draw(), run_dir / fig.file).name
     except ImportError:  # figures are optional output; tables are not
@@ -139,6 +152,7 @@ def finalize(run_dir) -> dict:
         "summary": summary.to_dict(orient="records"),
         "comparisons": comp.to_dict(orient="records"),
         "diagnosis": diagnosis,
+        "answer_quality": answer_part,
         "costs": cost_tab.to_dict(orient="records"),
         "worth_it": cost.worth_it(cost_tab, named=len(comp)),
         "generated_surrogates": {"table": gen_quality.to_dict(orient="records"), "generator": meta.get("generation"),

@@ -176,6 +176,10 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *
     if len(comparisons):
         parts += ["## Named comparisons", "delta = reference NLL - treatment NLL (positive: treatment better).",
                   markdown_table(comparisons, COMPARISON_COLUMNS)]
+    if results.get("answer_quality"):
+        from .answer_report import section
+
+        parts += section(results["answer_quality"])
     if results.get("costs"):
         parts += ["## Cost beside benefit",
                   "Per document, the treatment's indexing work (its cache's encoded tokens, plus a generated "

@@ -87,9 +87,11 @@ class GenerationSettings:
     seed: int = 42
     batch_size: int = 8
     clean: str = "first_content_line"  # or "notebook"; see clean()
+    shared_prefix: bool = True  # encode the prompt's document-independent opening once (SharedPrefix)
 
     def key(self) -> dict:
-        """What determines the output; batch_size is absent because the output does not depend on it."""
+        """What determines the output; batch_size and shared_prefix are absent: the output does not depend on
+        them (up to float rounding, tested)."""
         return {"temperature": float(self.temperature), "max_new_tokens": int(self.max_new_tokens),
                 "seed": int(self.seed), "clean": self.clean}
 
@@ -160,7 +162,8 @@ class GumbelSampler(LogitsProcessor):
         return scores / self.temperature + gumbel.to(device=scores.device, dtype=scores.dtype)
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
+def stop_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a generation: the tokenizer's and the model's EOS and any end-of-turn marker it has."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -187,29 +190,84 @@ def prefill_rows_by_default(model) -> bool:
     return next(model.parameters()).device.type == "cpu" and not any(hf.sliding_windows(model))
 
 
-def _prefill(model, rows: list[list[int]], pad_id: int, per_row: bool):
-    """(last-position logits [rows, vocab], left-padded cache, its 0/1 mask, each row's last position)."""
+_DOCUMENT_MARKER = "\uE000kvprime-document\uE000"  # a private-use character: no real document holds it
+# Below this many shared tokens the extra forward and the cache copies cost more than they save.
+MIN_SHARED_PREFIX_TOKENS = 8
+
+
+@dataclass
+class SharedPrefix:
+    """The token ids every document's prompt begins with (chat template and instruction: 88 tokens for
+    SmolLM2's, 84 for Qwen2.5's), encoded once; each prompt's prefill continues from a copy of its cache.
+
+    The ids are the template's text before the document, tokenized alone, less its last token: that token
+    could merge with the document's first characters, so each prompt is checked (``covers``) and a prompt
+    that does not begin with these ids is prefilled whole. Which prompts use it depends on the template and
+    the document only, never on batch mates; continuing a cache gives the whole prefill's logits up to float
+    rounding."""
+
+    ids: list[int]
+    cache: object  # the DynamicCache of ``ids`` at positions 0..len-1
+
+    def covers(self, row: list[int]) -> bool:
+        return len(row) > len(self.ids) and row[:len(self.ids)] == self.ids
+
+
+def shared_prefix(model, tokenizer, template_text: str) -> SharedPrefix | None:
+    """The template's shared opening, encoded; None where too short to pay, or on sliding-window models
+    (there the pad columns between prefix and document could push a row's own entries out of its window)."""
+    if any(hf.sliding_windows(model)):
+        return None
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompt = build_prompt(tokenizer, template_text, _DOCUMENT_MARKER)
+    ids = _encode(tokenizer, prompt[:prompt.index(_DOCUMENT_MARKER)], chat)[:-1]
+    if len(ids) < MIN_SHARED_PREFIX_TOKENS:
+        return None
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        _, cache = hf.step(model, torch.tensor([ids], device=device), keep_last=1)
+    return SharedPrefix(list(ids), cache)
+
+
+def _prefill(model, rows: list[list[int]], pad_id: int, per_row: bool, shared: SharedPrefix | None = None):
+    """(last-position logits [rows, vocab], left-padded cache, its 0/1 mask, each row's last position).
+
+    With ``shared``, rows it covers continue from its cache instead of encoding its ids again."""
     device = next(model.parameters()).device
     if per_row:
         caches, logits = [], []
         for r in rows:
-            row_logits, row_cache = hf.step(model, torch.tensor([r], device=device), keep_last=1)
+            if shared is not None and shared.covers(r):
+                n = len(shared.ids)
+                row_logits, row_cache = hf.step(
+                    model, torch.tensor([r[n:]], device=device), cache=hf.repeat_cache(model, shared.cache),
+                    position_ids=torch.arange(n, len(r), device=device)[None], keep_last=1)
+            else:
+                row_logits, row_cache = hf.step(model, torch.tensor([r], device=device), keep_last=1)
             caches.append(row_cache)
             logits.append(row_logits[:, -1, :])
         cache, mask = hf.stack_caches(model, caches, side="left")
         return torch.cat(logits), cache, mask, torch.tensor([[len(r) - 1] for r in rows], device=device)
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    # Position ids count real tokens only, so a padded row sees the positions it would see alone.
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits, cache = hf.step(model, ids, attention_mask=mask, position_ids=positions, keep_last=1)
+    # One padded batch continues the shared prefix only when it covers every row (else the whole prompts).
+    n = len(shared.ids) if shared is not None and all(shared.covers(r) for r in rows) else 0
+    rest = [r[n:] for r in rows]
+    width = max(len(r) for r in rest)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rest], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=device)
+    # Position ids count real tokens only, so a padded row sees the positions it would see alone; the pads sit
+    # between the shared prefix and the row's own tokens, masked.
+    positions = n + (mask.cumsum(-1) - 1).clamp_min(0)
+    cache = hf.repeat_cache(model, shared.cache, len(rows)) if n else None
+    if n:
+        mask = torch.cat([torch.ones(len(rows), n, dtype=mask.dtype, device=device), mask], dim=1)
+    logits, cache = hf.step(model, ids, cache=cache, attention_mask=mask, position_ids=positions, keep_last=1)
     return logits[:, -1, :], cache, mask, positions[:, -1:]
 
 
 @torch.inference_mode()
 def _generate_batch(model, rows: list[list[int]], generators: list[torch.Generator], settings, pad_id: int,
-                    stop: set[int], per_row_prefill: bool | None = None) -> list[list[int]]:
+                    stop: set[int], per_row_prefill: bool | None = None,
+                    shared: SharedPrefix | None = None) -> list[list[int]]:
     """Left-padded incremental decoding; returns each row's new tokens up to (excluding) its stop token."""
     device = next(model.parameters()).device
     if per_row_prefill is None:
@@ -217,7 +275,7 @@ def _generate_batch(model, rows: list[list[int]], generators: list[torch.Generat
     sampler = GumbelSampler(generators, settings.temperature)
     stop_t = torch.tensor(sorted(stop), device=device)
 
-    logits, cache, mask, positions = _prefill(model, rows, pad_id, per_row_prefill)
+    logits, cache, mask, positions = _prefill(model, rows, pad_id, per_row_prefill, shared)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     new: list[torch.Tensor] = []
     for _ in range(settings.max_new_tokens):
@@ -245,10 +303,12 @@ def generate(model, tokenizer, documents: list[str], template_text: str, setting
              per_row_prefill: bool | None = None) -> list[str]:
     """One cleaned surrogate per document, in input order; independent of batch size and batch mates.
 
-    ``stats``, if given, receives the real prompt and generated token counts (``rows``, in generation order:
-    the benchmark's FLOP count) and, under ``documents``, one dict per document in input order with its
-    ``prompt_tokens``, ``generated_tokens`` (the stop token included) and ``seconds`` (its equal share of its
-    batch's wall time: what the store records as the surrogate's cost).
+    ``stats``, if given, receives the real token counts (``rows``, in generation order: the benchmark's FLOP
+    count): (prompt tokens, generated tokens, prompt tokens taken from the shared prefix), the length of the
+    shared prefix encoded once (``shared_prefix_tokens``, 0 when none), and, under ``documents``, one dict per
+    document in input order with its ``prompt_tokens``, ``shared_prompt_tokens``, ``generated_tokens`` (the
+    stop token included) and ``seconds`` (its equal share of its batch's wall time: what the store records as
+    the surrogate's cost; the shared prefix's one encode is not shared out).
     ``per_row_prefill``: None chooses by device (``prefill_rows_by_default``); either way the output is the
     same up to float rounding."""
     if not documents:
@@ -260,11 +320,14 @@ def generate(model, tokenizer, documents: list[str], template_text: str, setting
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ConfigError("the tokenizer has neither a pad nor an eos token to pad batches with")
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_ids(model, tokenizer)
     if not stop:
         raise ConfigError("the tokenizer has no eos or end-of-turn token; generation could not stop early")
 
     # Similar lengths share a batch so little compute goes to padding; the stable sort keeps it deterministic.
+    shared = shared_prefix(model, tokenizer, template_text) if settings.shared_prefix else None
+    if stats is not None:
+        stats["shared_prefix_tokens"] = len(shared.ids) if shared is not None else 0
     order = sorted(range(len(documents)), key=lambda i: len(encoded[i]))
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     if progress:
@@ -277,16 +340,19 @@ def generate(model, tokenizer, documents: list[str], template_text: str, setting
     for batch in batches:
         gens = [torch.Generator().manual_seed(row_seed(settings.seed, documents[i])) for i in batch]
         t = time.perf_counter()
-        new_tokens = _generate_batch(model, [encoded[i] for i in batch], gens, settings, pad_id, stop,
-                                     per_row_prefill)
+        rows = [encoded[i] for i in batch]
+        new_tokens = _generate_batch(model, rows, gens, settings, pad_id, stop, per_row_prefill, shared)
         share = (time.perf_counter() - t) / len(batch)
         if stats is not None:
-            rows = [(len(encoded[i]), min(len(toks) + 1, settings.max_new_tokens))  # +1: the stop token
-                    for i, toks in zip(batch, new_tokens)]
-            stats.setdefault("rows", []).extend(rows)
-            for i, (prompt_tokens, generated_tokens) in zip(batch, rows):
-                per_document[i] = {"prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
-                                   "seconds": share}
+            per_row = per_row_prefill if per_row_prefill is not None else prefill_rows_by_default(model)
+            batch_shared = shared is not None and (per_row or all(shared.covers(r) for r in rows))
+            counts = [(len(r), min(len(toks) + 1, settings.max_new_tokens),  # +1: the stop token
+                       len(shared.ids) if batch_shared and shared.covers(r) else 0)
+                      for r, toks in zip(rows, new_tokens)]
+            stats.setdefault("rows", []).extend(counts)
+            for i, (prompt_tokens, generated_tokens, from_shared) in zip(batch, counts):
+                per_document[i] = {"prompt_tokens": prompt_tokens, "shared_prompt_tokens": from_shared,
+                                   "generated_tokens": generated_tokens, "seconds": share}
         for i, toks in zip(batch, new_tokens):
             results[i] = clean(tokenizer.decode(toks, skip_special_tokens=True), settings.clean)
     if stats is not None:

@@ -93,9 +93,11 @@ class SurrogateStore:
 
 
 def cost(meta: Mapping) -> dict:
-    """An entry's generation cost: ``prompt_tokens``, ``generated_tokens``, ``seconds`` (its share of its batch's
+    """An entry's generation cost: ``prompt_tokens`` (of which ``shared_prompt_tokens`` continued from the
+    template's shared prefix, encoded once per run), ``generated_tokens``, ``seconds`` (its share of its batch's
     wall time) and ``generator`` (model id); None for what an entry written before they were recorded lacks."""
-    return {"prompt_tokens": meta.get("prompt_tokens"), "generated_tokens": meta.get("generated_tokens"),
+    return {"prompt_tokens": meta.get("prompt_tokens"), "shared_prompt_tokens": meta.get("shared_prompt_tokens", 0),
+            "generated_tokens": meta.get("generated_tokens"),
             "seconds": meta.get("seconds"), "generator": meta.get("model_id")}
 
 
@@ -134,6 +136,7 @@ def ensure(store: SurrogateStore, model, tokenizer, *, model_id: str, template_n
                     "settings": settings.key(), "document_sha256": doc_hash(d)}
             if spent:
                 meta.update(prompt_tokens=int(spent["prompt_tokens"]),
+                            shared_prompt_tokens=int(spent.get("shared_prompt_tokens", 0)),
                             generated_tokens=int(spent["generated_tokens"]), seconds=round(spent["seconds"], 6))
             store.put(k, text, meta)
         fresh = dict(zip(missing, texts))
