@@ -1,4 +1,4 @@
-"""metrics=[nll,answer] in a run: the answer fields in each score line, EM/F1 beside NLL in the tables and the
+"""metrics=[nll,answer] in a run: the answer fields in each score line, EM/contains/F1 beside NLL in the tables and the
 report, NLL untouched by decoding, and a killed run resumed to the same lines."""
 
 import json
@@ -47,6 +47,7 @@ def test_every_score_line_has_its_answer_scored_against_every_reference(answer_r
         assert len(refs) == 2  # the scored answer and the extra reference
         assert r["exact_match"] == aq.exact_match(r["generated_answer"], refs)
         assert r["f1"] == aq.f1(r["generated_answer"], refs)
+        assert r["contains"] == aq.contains(r["generated_answer"], refs)
         n, stop = r["generated_answer_tokens"], r["answer_stop"]
         assert stop in ("newline", "eos", "max_new_tokens")
         # the end token is not kept, so an answer it ends has at most max_new_tokens - 1 tokens
@@ -54,7 +55,8 @@ def test_every_score_line_has_its_answer_scored_against_every_reference(answer_r
         assert "\n" not in r["generated_answer"] and r["answer_s"] >= 0
     assert len({r["generated_answer"] for r in rows}) > 1
     scores_csv = pd.read_csv(answer_run / "scores.csv")
-    assert {"generated_answer", "exact_match", "f1", "answer_stop"} <= set(scores_csv.columns)
+    assert {"generated_answer", "exact_match", "f1", "contains", "answer_stop"} <= set(scores_csv.columns)
+    assert list(scores_csv["contains"]) == [r["contains"] for r in rows]
 
 
 def test_answer_statistics_sit_beside_nll_in_summary_comparisons_and_report(answer_run):
@@ -66,17 +68,27 @@ def test_answer_statistics_sit_beside_nll_in_summary_comparisons_and_report(answ
         assert summary.loc[c, "f1_delta"] == pytest.approx((wide[c] - wide["bare"]).mean(), abs=1e-12)
         assert summary.loc[c, "f1"] == pytest.approx(wide[c].mean(), abs=1e-12)
         assert summary.loc[c, "n_answers"] == 5
+    held = rows.pivot(index="sample_id", columns="condition", values="contains")
+    for c in EXP21:
+        assert summary.loc[c, "contains"] == pytest.approx(held[c].mean(), abs=1e-12)
+    for c in EXP21[1:]:
+        assert summary.loc[c, "contains_delta"] == pytest.approx((held[c] - held["bare"]).mean(), abs=1e-12)
+        assert summary.loc[c, "contains_gained"] == ((held[c] == 1) & (held["bare"] == 0)).sum()
+        assert summary.loc[c, "contains_lost"] == ((held[c] == 0) & (held["bare"] == 1)).sum()
+    assert {"p_mcnemar_contains", "p_mcnemar_contains_holm"} <= set(summary.columns)
     assert pd.isna(summary.loc["bare", "f1_delta"])
     comp = pd.read_csv(answer_run / "comparisons.csv").set_index("name")
     d_vs_e = comp.loc["D vs E: is there a semantic signal?"]
     assert d_vs_e.f1_delta == pytest.approx((wide["truncated_oracle"] - wide["truncated_random"]).mean(), abs=1e-12)
-    assert "mean_delta" in comp.columns and "p_mcnemar" in comp.columns
+    assert "mean_delta" in comp.columns and "p_mcnemar" in comp.columns and "p_mcnemar_contains" in comp.columns
     report = (answer_run / "report.md").read_text()
-    assert "## Answer quality: exact match and F1" in report and aq.NORMALISATION in report
+    assert "## Answer quality: exact match, contains and F1" in report and aq.NORMALISATION in report
+    assert "contains_gained" in report and "instruct models answer in sentences" in report
     assert "![answer_quality](answer_quality.png)" in report
     assert (answer_run / "answer_quality.png").stat().st_size > 0
     results = json.loads((answer_run / "results.json").read_text())
     assert results["answer_quality"]["max_new_tokens"] == 5
+    assert "p_mcnemar_contains_holm" in results["answer_quality"]["summary"][1]
     assert sum(sum(v for k, v in s.items() if k != "condition") for s in results["answer_quality"]["stops"]) == 25
 
 
@@ -87,6 +99,23 @@ def test_the_report_command_rebuilds_the_answer_tables_byte_for_byte(answer_run)
     before = {n: (answer_run / n).read_bytes() for n in names}
     finalize(answer_run)
     assert {n: (answer_run / n).read_bytes() for n in names} == before
+
+
+def test_score_lines_written_before_contains_existed_still_report(answer_run, tmp_path):
+    import shutil
+
+    from kvprime.reporting.finalize import finalize
+
+    old = tmp_path / "old_scores"
+    shutil.copytree(answer_run, old)
+    lines = [{k: v for k, v in r.items() if k != "contains"} for r in read_jsonl(old / "scores.jsonl")]
+    (old / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    finalize(old)
+    new, was = pd.read_csv(answer_run / "summary.csv"), pd.read_csv(old / "summary.csv")
+    contains_cols = [c for c in new.columns if "contains" in c]
+    assert len(contains_cols) == 6 and was[contains_cols].isna().all().all()  # missing, not zero
+    pd.testing.assert_frame_equal(was.drop(columns=contains_cols), new.drop(columns=contains_cols))
+    assert "contains" not in pd.read_csv(old / "scores.csv").columns
 
 
 def test_decoding_changes_no_nll_and_batching_changes_no_answer(answer_run, samples_file, tmp_path):

@@ -31,7 +31,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SINKS = ("bos", "none")
 ON_TOO_LONG = ("skip", "error")
 # What a run measures per sample and condition. nll is always scored (every statistic pairs on it); answer adds a
-# greedily decoded answer with SQuAD exact match and F1 (kvprime.cache.answers, kvprime.analysis.answer_quality).
+# greedy answer scored by SQuAD exact match, F1 and contains (kvprime.cache.answers, kvprime.analysis.answer_quality).
 METRICS = ("nll", "answer")
 DISTRACTOR_SOURCES, GOLD_SLOTS = ("random", "same_article", "nearest", "candidates"), ("first", "middle", "last", "random")
 
@@ -240,7 +240,7 @@ class Settings:
     metrics: list = setting(("nll",), Rule(f"a list of distinct metrics out of {', '.join(METRICS)} that includes nll "
                                            "(e.g. [nll] or [nll,answer])", _metrics_ok),
                             "what is measured per sample and condition (answer: a greedily decoded answer, scored "
-                            "by exact match and F1)")
+                            "by exact match, contains and F1)")
     plugins: list = setting((), Rule("a list of module names or .py file paths",
                                      lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) and x.strip()
                                                                                    for x in v)),

@@ -14,16 +14,20 @@ from .tables import markdown_table
 
 FIGURE = "answer_quality.png"
 SUMMARY_COLUMNS = ("condition", "mean_delta", "verdict", "n_answers", "em", "em_delta", "em_gained", "em_lost",
-                   "p_mcnemar", "p_mcnemar_holm", "f1", "f1_delta", "f1_ci_low", "f1_ci_high", "f1_p_ttest",
-                   "f1_p_wilcoxon", "f1_p_holm")
+                   "p_mcnemar", "p_mcnemar_holm", "contains", "contains_delta", "contains_gained", "contains_lost",
+                   "p_mcnemar_contains", "p_mcnemar_contains_holm", "f1", "f1_delta", "f1_ci_low", "f1_ci_high",
+                   "f1_p_ttest", "f1_p_wilcoxon", "f1_p_holm")
 COMPARISON_COLUMNS = ("name", "mean_delta", "verdict", "n_answers", "em_delta", "em_gained", "em_lost", "p_mcnemar",
-                      "p_mcnemar_holm", "f1_delta", "f1_ci_low", "f1_ci_high", "f1_p_ttest", "f1_p_holm")
+                      "p_mcnemar_holm", "contains_delta", "contains_gained", "contains_lost", "p_mcnemar_contains",
+                      "p_mcnemar_contains_holm", "f1_delta", "f1_ci_low", "f1_ci_high", "f1_p_ttest", "f1_p_holm")
+COUNTS = {c: ".0f" for c in ("n_answers", "em_gained", "em_lost", "contains_gained", "contains_lost")}
 
 
 def add(scores: pd.DataFrame, derived: pd.DataFrame, summary: pd.DataFrame, comparisons: pd.DataFrame, *,
         baseline: str, conditions: list[str], named: list[dict], cfg: dict, run_dir: Path):
     """summary and comparisons with the answer columns joined on, and results.json's ``answer_quality``."""
-    missing = [c for c in aq.SCORE_FIELDS if c not in scores]
+    # A field added later (contains) is missing from older score lines: NaN in its columns, not an error.
+    missing = [c for c in aq.SCORE_FIELDS if c not in scores and c not in aq.LATER_SCORE_FIELDS]
     if missing:
         raise DataError(f"{run_dir / 'scores.jsonl'} lacks the answer fields {missing}, but the run's metrics include "
                         "answer: its score lines were written without them. Rerun with metrics=[nll,answer].")
@@ -43,22 +47,24 @@ def add(scores: pd.DataFrame, derived: pd.DataFrame, summary: pd.DataFrame, comp
 def section(part: dict) -> list[str]:
     """The report's answer-quality section, from results.json's ``answer_quality``."""
     parts = [
-        "## Answer quality: exact match and F1",
+        "## Answer quality: exact match, contains and F1",
         f"Each condition's answer is decoded greedily from its cache and prompt (at most {part['max_new_tokens']} "
         "new tokens; it ends at the first newline or an end token) and scored against every reference answer, "
         f"taking the best: exact match (EM) and token F1 as SQuAD scores them, after normalisation: "
-        f"{part['normalisation']}. `em_delta` and `f1_delta` = condition - reference (positive: better answers), "
+        f"{part['normalisation']}. `contains` is 1 when a normalised reference appears, as whole tokens, in the "
+        "normalised answer: instruct models answer in sentences, which EM scores 0 even when they are right (the "
+        "accuracy of open-domain QA with chatty LLMs, e.g. Liu et al. 2023). `em_delta`, `contains_delta` and "
+        "`f1_delta` = condition - reference (positive: better answers), "
         "beside the NLL `mean_delta` (reference - condition; positive: lower NLL). EM: McNemar's exact test "
-        "(statsmodels) of the discordant pairs, `em_gained` (right only with the condition) against `em_lost`; F1: "
-        "the paired t-test, Wilcoxon and bootstrap CI of the NLL statistics. Holm: the McNemar p-values of all the "
-        "run's tests form one family, the F1 t-test p-values another.",
-        markdown_table(pd.DataFrame(part["summary"]), SUMMARY_COLUMNS,
-                       formats={"n_answers": ".0f", "em_gained": ".0f", "em_lost": ".0f"}),
+        "(statsmodels) of the discordant pairs, `em_gained` (right only with the condition) against `em_lost`; "
+        "contains: the same test (`contains_gained`, `contains_lost`, `p_mcnemar_contains`); F1: the paired t-test, "
+        "Wilcoxon and bootstrap CI of the NLL statistics. Holm: the EM McNemar p-values of all the run's tests form "
+        "one family, the contains McNemar p-values another, the F1 t-test p-values a third.",
+        markdown_table(pd.DataFrame(part["summary"]), SUMMARY_COLUMNS, formats=COUNTS),
     ]
     if part.get("comparisons"):
         parts += ["Named comparisons:", markdown_table(pd.DataFrame(part["comparisons"]), COMPARISON_COLUMNS,
-                                                       formats={"n_answers": ".0f", "em_gained": ".0f",
-                                                                "em_lost": ".0f"})]
+                                                       formats=COUNTS)]
     if part.get("stops"):
         parts += ["How the decoding of the answers ended (newline: the answer's line ended; eos: an end token; "
                   "max_new_tokens: the limit; window: a sliding attention window):",

@@ -24,7 +24,7 @@ from . import report
 
 FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_tokens", "cache_len", "next_position",
                       "encoded_tokens", "surrogate", "similarity", "nonfinite", "passage_id", "generated_answer",
-                      "exact_match", "f1", "generated_answer_tokens", "answer_stop")
+                      "exact_match", "f1", "contains", "generated_answer_tokens", "answer_stop")
 
 
 def _load(run_dir: Path, name: str):
