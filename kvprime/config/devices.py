@@ -10,8 +10,10 @@ _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)\Z")
 # batches scored in 64.0 s at a peak of 2195 MB, against 68.7 s and 3213 MB with 4 and 8192: larger batches
 # gain nothing on a CPU and their caches and stacked copies cost memory (README, Performance). Encode
 # batches of 2048 tokens ran at 137 GFLOP/s against 115-118 for 4096 (8 samples; activations that stay in
-# cache; 1024 gave the same as 2048). Generation,
-# 16 SQuAD documents: 14.6 tok/s one at a time, 38.5 in batches of 8, 44.5 of 16, 44.4 of 32.
+# cache; 1024 gave the same as 2048). Generation (SmolLM2), 16 SQuAD documents: 14.6 tok/s one at a time,
+# 38.5 in batches of 8, 44.5 of 16. Rows share each decode step's weight reads: a Qwen2.5-0.5B step of 32 rows
+# cost 1.4x one of 16 here (fp32 matmuls of 16 vs 32 rows: 2.4 vs 3.7 ms, LM head 132 vs 182 ms), so 20
+# documents generated in 43.4 s as one batch of 32 against 47.2 s as 16 + 4 (2026-12-03).
 # cuda: on an H100 with SmolLM2-135M (fp32, exp01, 64 samples) encode+score took 6.6-6.8 s for every setting
 # from 4 to 64 samples per chunk (per-cache work, not the batch, bounds a 135M model there), while peak memory
 # grew from 2.8 to 51 GB; generation gained up to 64 rows (42.8 tok/s at 1, 935 at 64, 937 at 128). So: the
@@ -19,7 +21,7 @@ _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)\Z")
 # samples hold ~30k cache tokens, ~4 GB of bf16 keys/values for Mistral-7B), beside 4-bit weights on 24 GB.
 # What batch.*=auto and generation.batch_size=auto resolve to on each kind of device (kvprime.cache.batching).
 DEVICE_BATCH_DEFAULTS: dict[str, dict[str, int]] = {
-    "cpu": {"samples": 2, "encode_tokens": 2048, "score_tokens": 4096, "generation": 16},
+    "cpu": {"samples": 2, "encode_tokens": 2048, "score_tokens": 4096, "generation": 32},
     "cuda": {"samples": 8, "encode_tokens": 16384, "score_tokens": 32768, "generation": 64},
 }
 
