@@ -10,6 +10,7 @@ import pytest
 
 from kvprime.analysis.passages import cluster_ci
 from kvprime.analysis.stats import _bootstrap_ci
+from kvprime.config import settings
 from kvprime.config.compose import compose
 from kvprime.data import load_samples
 from kvprime.data.passages import passage_id
@@ -73,6 +74,15 @@ def test_group_by_passage_setting_is_checked(tmp_path):
     path = _write(tmp_path, _rows())
     with pytest.raises(ConfigError, match=r"dataset.group_by_passage='yes' is not accepted.*Accepted: true \| false"):
         load_samples(_cfg(path, group_by_passage="yes"))
+
+
+def test_group_by_passage_with_several_passages_a_sample_is_refused_in_one_paragraph(tmp_path):
+    # Each question would get its own distractors, so no passage cache could serve its siblings.
+    path = _write(tmp_path, _rows())
+    multidoc = {**settings.defaults()["multidoc"], "k": 3}
+    with pytest.raises(ConfigError, match=r"group_by_passage=true.*multidoc.k=3.*no cache would be shared"):
+        load_samples(_cfg(path, group_by_passage=True), multidoc=multidoc)
+    assert len(load_samples(_cfg(path, group_by_passage=True), multidoc={**multidoc, "k": 1}).samples) == 11
 
 
 def test_shards_keep_a_passage_together_and_cover_the_selection(tmp_path):
