@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ConfigError, UnavailableError
@@ -216,6 +217,20 @@ def load(cfg: Mapping):
     if not cfg.get("device_map"):
         model = model.to(resolve_device(cfg))
     return model, tokenizer, {**weights_identity(cfg), "commit": getattr(model.config, "_commit_hash", None)}
+
+
+@contextmanager
+def loading_bars(shown: bool):
+    """transformers' weight-loading bars on or off while the block runs (a run with ``progress=false`` prints no
+    bar), then as they were: the switch is process-wide, and a notebook keeps its own choice."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
 
 
 def weights_identity(cfg: Mapping) -> dict | None:

@@ -120,9 +120,15 @@ def minimum_plan_flops(config, engine, work, segs) -> float:
 def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -> dict:
     """Both paths on the session that ``args`` (Hydra overrides, after ``DEFAULTS``) describe; returns what
     ``bench.json`` holds and, with ``out_dir``, writes it and ``bench.md`` there."""
+    from ..cache import models
     from ..pipeline.session import Session
 
     session = Session.from_overrides(args, defaults=DEFAULTS)
+    with models.loading_bars(bool(session.cfg["progress"])):
+        return _measure(session, out_dir, progress)
+
+
+def _measure(session, out_dir: Path | None, progress: bool) -> dict:
     cfg, specs, samples = session.cfg, session.specs, session.samples
     model, tok = session.model, session.tokenizer
     config = model.config

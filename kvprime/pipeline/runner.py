@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..analysis import cost
 from ..cache import floor as numerical_floor
+from ..cache import models
 from ..config import plugins, settings
 from ..data.passages import passage_id
 from ..errors import RunDirError
@@ -139,7 +140,9 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
         try:
             if on_claimed is not None:
                 on_claimed(run_dir)
-            results = _execute(prepared, run_dir, progress, t0)
+            shown = prepared["cfg"]["progress"] if progress is None else progress
+            with models.loading_bars(shown):
+                results = _execute(prepared, run_dir, progress, t0)
         except BaseException as err:
             if on_failure is not None:
                 on_failure(err)
