@@ -166,7 +166,8 @@ def test_a_run_started_before_the_answer_metric_resumes(samples_file, tmp_path):
     out = tmp_path / "old"
     runner.run_experiment(cfg(samples_file), out)
     stored = json.loads((out / "config.json").read_text())
-    del stored["metrics"], stored["answer"]  # as a run written before these settings existed
+    # As a run written before these settings existed (answer metric, multidoc, group_by_passage).
+    del stored["metrics"], stored["answer"], stored["multidoc"], stored["dataset"]["group_by_passage"]
     (out / "config.json").write_text(json.dumps(stored))
     runner.run_experiment(cfg(samples_file, "resume=true"), out)
     with pytest.raises(runner.RunError, match=r"\['answer', 'metrics'\]"):

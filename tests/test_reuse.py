@@ -245,6 +245,13 @@ def test_reuse_experiment_reports_per_question_and_per_passage_statistics(tmp_pa
     report = (out / "report.md").read_text()
     assert "Per passage: cluster bootstrap over passages" in report
     assert "passage_id" in pd.read_csv(out / "scores.csv").columns
+    # The random control is never a question of the sample's own passage (that would be the sibling condition).
+    inputs = read_jsonl(out / "inputs.jsonl")
+    siblings = {r["sample_id"]: {o["query"] for o in inputs if o["passage"] == r["passage"]} for r in inputs}
+    assert all(r["surrogates"]["truncated_random"] not in siblings[r["sample_id"]] for r in inputs)
+    # ... which the whole-selection draw alone would give here: the check above can fail.
+    pool, samples = [r["query"] for r in inputs], [SimpleNamespace(**{**r, "random_query": None}) for r in inputs]
+    assert any(sources.random_query(x, pool, 42) in siblings[x.sample_id] for x in samples)
 
 
 def test_sibling_and_per_passage_refuse_an_ungrouped_selection_before_the_model_loads(tmp_path):

@@ -179,6 +179,7 @@ def prepare(cfg, only: str | None = None) -> dict:
         sources.prepare(source, loaded.samples, cfg["seed"])  # a donor, a sibling: said before the model loads
     pool = [s.query for s in loaded.samples]  # random queries come from the whole selection, not the shard
     return {"cfg": cfg, "specs": specs, "only": only, "loaded": loaded, "samples": samples, "pool": pool,
+            "grouped": grouped(cfg),
             "load_data_s": time.perf_counter() - t}
 
 

@@ -35,8 +35,10 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
     if not stored_path.exists():
         return
     stored = json.loads(stored_path.read_text())
-    # A run started before the answer metric existed measured NLL only: its missing keys take their defaults.
-    stored = json.loads(dumps(settings.check(stored, only=("metrics", "answer"), origin=str(stored_path))))
+    # A run started before the answer metric, multidoc or group_by_passage existed: its missing keys take their
+    # defaults (NLL only, one passage a sample, ungrouped), which is what it ran with.
+    stored = json.loads(dumps(settings.check(stored, only=("metrics", "answer", "multidoc", "dataset"),
+                                             origin=str(stored_path))))
 
     def relevant(c: Mapping) -> dict:
         out = {k: v for k, v in c.items() if k not in _RESUME_FREE}

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
+from ..data.passages import passage_id
 from ..errors import ConfigError
 from ..surrogates import per_document, sources
 from ..surrogates.generator import model_id
@@ -34,6 +35,11 @@ class Session:
         # Random queries are drawn from the whole selection, so a sample's control does not depend on the
         # shard it lands in, nor on which command looks at it.
         self.pool: list[str] = prepared["pool"]
+        # Grouped by passage: a passage's own questions are its sibling primers, never its random control.
+        self._passage_queries: dict[str, set[str]] = {}
+        if prepared.get("grouped"):
+            for s in self.loaded.samples:
+                self._passage_queries.setdefault(passage_id(s), set()).add(s.query)
         self.load_data_s: float = prepared.get("load_data_s", 0.0)
         self.seed = int(self.cfg["seed"])
         self.generated: dict = {}  # (template, sample_id) -> text
@@ -254,7 +260,9 @@ class Session:
                           if spec.surrogate.startswith("generated_other:") else None)
                 known[n] = sources.resolve(spec.surrogate, sample, pool=self.pool, seed=self.seed, tokenizer=tok,
                                            n_tokens=spec.random_tokens, generated=self.generated, donors=donors,
-                                           selection=self.loaded.samples, state=self.source_state(spec.surrogate))
+                                           selection=self.loaded.samples, state=self.source_state(spec.surrogate),
+                                           exclude=(self._passage_queries.get(passage_id(sample), ())
+                                                    if self._passage_queries else ()))
         return {n: known[n] for n in names}
 
     def resolved(self, samples: Sequence | None = None) -> dict:

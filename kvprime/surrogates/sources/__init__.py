@@ -35,7 +35,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +66,7 @@ class SourceContext:
     donors: Mapping[str, str] | None = None
     selection: Sequence | None = None
     state: object = None
+    exclude: Collection[str] = ()  # queries random_query must not draw (the passage's own, in a grouped run)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ def prepare(source: str, selection: Sequence, seed: int):
 
 def resolve(source: str, sample, *, pool: Sequence[str], seed: int, tokenizer=None, n_tokens: int = 20,
             static_set: Mapping[str, str] = STATIC_SURROGATES, generated: Mapping | None = None,
-            donors: Mapping[str, str] | None = None, selection: Sequence | None = None, state=None) -> str | None:
+            donors: Mapping[str, str] | None = None, selection: Sequence | None = None, state=None,
+            exclude: Collection[str] = ()) -> str | None:
     """The surrogate text for one sample; ``generated`` maps (template, sample_id) to pre-generated text and
     ``donors`` (``derangement``) sample_id to the sample whose generated text ``generated_other`` takes.
     A source with ``prepare`` takes its ``state``, or computes it from ``selection``."""
@@ -159,7 +161,7 @@ def resolve(source: str, sample, *, pool: Sequence[str], seed: int, tokenizer=No
             raise ValueError(f"surrogate source {source!r} needs the run's selection (selection=) or its state")
         state = info.prepare(selection, seed)
     ctx = SourceContext(pool=pool, seed=seed, tokenizer=tokenizer, n_tokens=n_tokens, static_set=static_set,
-                        generated=generated, donors=donors, selection=selection, state=state)
+                        generated=generated, donors=donors, selection=selection, state=state, exclude=exclude)
     return info.resolve(sample, ctx, arg)
 
 
@@ -181,7 +183,7 @@ def _query(sample, ctx, arg) -> str:
 @register_source("random_query")
 def _random_query(sample, ctx, arg) -> str:
     """Another sample's query, drawn per sample from the run seed."""
-    return random_query(sample, ctx.pool, ctx.seed)
+    return random_query(sample, ctx.pool, ctx.seed, exclude=ctx.exclude)
 
 
 @register_source("random_tokens")
@@ -225,11 +227,13 @@ def _generated_other(sample, ctx, arg) -> str:
     return _generated_text(arg, ctx.donors[sample.sample_id], ctx.generated)
 
 
-def random_query(sample, pool: Sequence[str], seed: int) -> str:
-    """Another sample's query; a sample's own fixed control query wins (the sanity example has one)."""
+def random_query(sample, pool: Sequence[str], seed: int, exclude: Collection[str] = ()) -> str:
+    """Another sample's query; a sample's own fixed control query wins (the sanity example has one).
+    ``exclude``: queries never drawn. A grouped run passes the passage's own questions, so the random control
+    is never a sibling question (which would make it the sibling_query condition)."""
     if sample.random_query:
         return sample.random_query
-    others = sorted({q for q in pool if q != sample.query})
+    others = sorted({q for q in pool if q != sample.query and q not in exclude})
     if not others:
         raise ConfigError(
             "surrogate source random_query needs at least one other sample with a different query; "
