@@ -37,9 +37,9 @@ def pools(monkeypatch):
     seen: list = []
     original = surrogates.random_query
 
-    def spy(sample, pool, seed):
+    def spy(sample, pool, seed, **kw):
         seen.append(tuple(pool))
-        return original(sample, pool, seed)
+        return original(sample, pool, seed, **kw)
 
     monkeypatch.setattr(surrogates, "random_query", spy)
     return seen
