@@ -13,7 +13,8 @@ _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)\Z")
 # cache; 1024 gave the same as 2048). Generation (SmolLM2), 16 SQuAD documents: 14.6 tok/s one at a time,
 # 38.5 in batches of 8, 44.5 of 16. Rows share each decode step's weight reads: a Qwen2.5-0.5B step of 32 rows
 # cost 1.4x one of 16 here (fp32 matmuls of 16 vs 32 rows: 2.4 vs 3.7 ms, LM head 132 vs 182 ms), so 20
-# documents generated in 43.4 s as one batch of 32 against 47.2 s as 16 + 4 (2026-12-03).
+# documents generated in 43.4 s as one batch of 32 (a test job may have shared the cores) against 47.2 s as
+# 16 + 4 (idle), 2026-12-03.
 # cuda: on an H100 with SmolLM2-135M (fp32, exp01, 64 samples) encode+score took 6.6-6.8 s for every setting
 # from 4 to 64 samples per chunk (per-cache work, not the batch, bounds a 135M model there), while peak memory
 # grew from 2.8 to 51 GB; generation gained up to 64 rows (42.8 tok/s at 1, 935 at 64, 937 at 128). So: the

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
-from ..data.passages import passage_id
+from ..data.passages import groups, passage_id
 from ..errors import ConfigError
 from ..surrogates import per_document, sources
 from ..surrogates.generator import model_id
@@ -36,10 +36,8 @@ class Session:
         # shard it lands in, nor on which command looks at it.
         self.pool: list[str] = prepared["pool"]
         # Grouped by passage: a passage's own questions are its sibling primers, never its random control.
-        self._passage_queries: dict[str, set[str]] = {}
-        if prepared.get("grouped"):
-            for s in self.loaded.samples:
-                self._passage_queries.setdefault(passage_id(s), set()).add(s.query)
+        grouped = groups(self.loaded.samples) if prepared.get("grouped") else []
+        self._passage_queries: dict[str, set[str]] = {passage_id(g[0]): {s.query for s in g} for g in grouped}
         self.load_data_s: float = prepared.get("load_data_s", 0.0)
         self.seed = int(self.cfg["seed"])
         self.generated: dict = {}  # (template, sample_id) -> text
