@@ -90,22 +90,18 @@ def test_result_does_not_depend_on_batch_mates(tiny, temperature):
 
 
 class _EosAfter(torch.nn.Module):
-    """Wraps a model so each row emits EOS after a row-intrinsic number of tokens (1..4, from its prompt
-    length): rows of one batch then finish at different steps."""
+    """Wraps a model so each row emits EOS once its real length (prompt and new tokens) is a multiple of 5: a row
+    of prompt length p stops after (-p) % 5 tokens (0..4), whatever batch it is in and whichever rows are left."""
 
     def __init__(self, inner, eos_id: int):
         super().__init__()
-        self.inner, self.eos_id, self.calls = inner, eos_id, 0
+        self.inner, self.eos_id, self.calls, self.rows = inner, eos_id, 0, []
 
     def forward(self, **kw):
         out = self.inner(**kw)
-        if kw.get("cache", kw.get("past_key_values")) is None:
-            self.step = 0
-            self.stop_at = kw["attention_mask"].sum(-1) % 4 + 1
         self.calls += 1
-        stop_rows = self.stop_at == self.step
-        out.logits[stop_rows, -1, self.eos_id] = 1e4
-        self.step += 1
+        self.rows.append(kw["input_ids"].shape[0])
+        out.logits[kw["attention_mask"].sum(-1) % 5 == 0, -1, self.eos_id] = 1e4
         return out
 
 
@@ -114,14 +110,17 @@ def test_rows_stop_at_eos_independently(tiny):
     wrapped = _EosAfter(model, tok.eos_token_id)
     settings = _settings(max_new_tokens=20)
     rows = [tok(build_prompt(tok, TEMPLATE, d))["input_ids"] for d in DOCS[:4]]
+    expected = [-len(r) % 5 for r in rows]
+    assert len(set(expected)) > 2  # rows finish at different steps
     gens = [torch.Generator().manual_seed(row_seed(42, d)) for d in DOCS[:4]]
     new = generation._generate_batch(wrapped, rows, gens, settings, tok.pad_token_id, {tok.eos_token_id},
                                      per_row_prefill=False)  # the wrapper reads the batch's attention mask
-    assert [len(t) for t in new] == [len(r) % 4 + 1 for r in rows]
+    assert [len(t) for t in new] == expected
     assert all(tok.eos_token_id not in t and tok.pad_token_id not in t for t in new)
-    assert wrapped.calls == max(len(r) % 4 + 1 for r in rows) + 1  # stops once every row is done
-    # Early-finished batch mates change nothing for the others (the wrapper spots a prefill by its missing
-    # cache, so each prompt is prefilled whole here).
+    assert wrapped.calls == max(expected) + 1  # stops once every row is done
+    # A finished row leaves the batch: each step runs only the rows still decoding.
+    assert wrapped.rows == [len(rows)] + [sum(e > j for e in expected) for j in range(max(expected))]
+    # Early-finished batch mates change nothing for the others.
     assert generate(wrapped, tok, DOCS, TEMPLATE, _settings(batch_size=6, shared_prefix=False),
                     per_row_prefill=False) == \
         generate(wrapped, tok, DOCS, TEMPLATE, _settings(batch_size=1, shared_prefix=False), per_row_prefill=False)

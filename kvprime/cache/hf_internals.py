@@ -173,6 +173,11 @@ def repeat_cache(model, cache: DynamicCache, rows: int = 1) -> DynamicCache:
                                      for k, v in cache_layers(cache)])
 
 
+def keep_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
+    """Keep only these batch rows of ``cache``, in this order (a decoding batch dropping its finished rows)."""
+    cache.batch_select_indices(rows)
+
+
 def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 

@@ -139,7 +139,8 @@ class GumbelSampler(LogitsProcessor):
     """Turns greedy decoding into sampling from softmax(logits / T), one private RNG per row.
 
     Row i of the batch must belong to ``generators[i]`` at every call; each call consumes exactly one
-    vocab-sized draw per row (finished rows too), so a row's noise at step t is fixed by its seed alone.
+    vocab-sized draw per row, so a row's noise at step t is fixed by its seed alone (a row that has stopped
+    leaves the batch and draws nothing more).
     ``temperature <= 0`` means plain greedy decoding (no noise drawn).
     """
 
@@ -268,34 +269,37 @@ def _prefill(model, rows: list[list[int]], pad_id: int, per_row: bool, shared: S
 def _generate_batch(model, rows: list[list[int]], generators: list[torch.Generator], settings, pad_id: int,
                     stop: set[int], per_row_prefill: bool | None = None,
                     shared: SharedPrefix | None = None) -> list[list[int]]:
-    """Left-padded incremental decoding; returns each row's new tokens up to (excluding) its stop token."""
+    """Left-padded incremental decoding; returns each row's new tokens up to (excluding) its stop token.
+
+    A row that stops leaves the batch (its cache rows, mask and generator with it), so the steps after it run
+    on the rows still decoding: no forward, LM head or noise is spent on a finished row. What a row draws and
+    sees depends on its own prompt and generator only, so leaving changes no other row's tokens."""
     device = next(model.parameters()).device
     if per_row_prefill is None:
         per_row_prefill = prefill_rows_by_default(model)
-    sampler = GumbelSampler(generators, settings.temperature)
     stop_t = torch.tensor(sorted(stop), device=device)
 
     logits, cache, mask, positions = _prefill(model, rows, pad_id, per_row_prefill, shared)
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    new: list[torch.Tensor] = []
-    for _ in range(settings.max_new_tokens):
-        scores = sampler(None, logits)
-        token = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), scores.argmax(-1))
-        done = done | torch.isin(token, stop_t)
-        new.append(torch.where(done, torch.full_like(token, -1), token))
-        if bool(done.all()):
+    live = list(range(len(rows)))  # the input row of each batch row still decoding
+    gens = list(generators)
+    new: list[list[int]] = [[] for _ in rows]
+    for step in range(settings.max_new_tokens):
+        token = GumbelSampler(gens, settings.temperature)(None, logits).argmax(-1)
+        stopped = torch.isin(token, stop_t)
+        for row, t, s in zip(live, token.tolist(), stopped.tolist()):
+            if not s:
+                new[row].append(t)
+        if bool(stopped.all()) or step == settings.max_new_tokens - 1:
             break
+        if bool(stopped.any()):
+            keep = (~stopped).nonzero().squeeze(1)
+            hf.keep_rows(cache, keep)
+            mask, positions, token = mask[keep], positions[keep], token[keep]
+            live, gens = [live[i] for i in keep.tolist()], [gens[i] for i in keep.tolist()]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
         logits = hf.step(model, token[:, None], cache=cache, attention_mask=mask, position_ids=positions)[0][:, -1, :]
-    if not new:
-        return [[] for _ in rows]
-    table = torch.stack(new, dim=1).tolist()
-    result = []
-    for row in table:
-        cut = row.index(-1) if -1 in row else len(row)
-        result.append(row[:cut])
-    return result
+    return new
 
 
 def generate(model, tokenizer, documents: list[str], template_text: str, settings: GenerationSettings,
