@@ -2,6 +2,8 @@
 random models across RoPE variants. Each compares two independent computations; a wrong slot, sign or sink
 breaks it by orders of magnitude more than the tolerance."""
 
+import re
+
 import pytest
 import torch
 
@@ -211,6 +213,19 @@ def test_bad_settings_and_spans_are_refused():
         spec("independent", rope_fix="shift", other_sinks="some")
     with pytest.raises(ConfigError, match="needs a non-empty prefix_template"):
         validate(ConditionSpec("t", builder="independent_primed", rope_fix="shift"), BUILDERS)
+    # Templates a builder cannot honour are refused with the condition, before any model loads.
+    for builder, key, reason in [("independent", "prefix_template", "use builder independent_primed"),
+                                 ("independent", "suffix_template", "no place for a suffix"),
+                                 ("independent_primed", "suffix_template", "no place for a suffix"),
+                                 ("joint", "prefix_template", "builder full keeps"),
+                                 ("joint", "suffix_template", "builder full keeps")]:
+        params = {} if builder == "joint" else {"rope_fix": "shift"}
+        templates = {key: "Q: {surrogate}\n"}
+        if builder == "independent_primed":
+            templates["prefix_template"] = "{surrogate}\n"
+        expected = re.escape(f"condition 't': builder {builder} takes no {key} (got 'Q: {{surrogate}}\\n'): ")
+        with pytest.raises(ConfigError, match=expected + ".*" + reason):
+            validate(ConditionSpec("t", builder=builder, surrogate="query", **params, **templates), BUILDERS)
     eng = engine_for("llama")
     with pytest.raises(ConfigError, match="takes no prefix_template.*independent_primed"):
         eng.build(spec("independent", rope_fix="shift"), segs(n_prefix=3))

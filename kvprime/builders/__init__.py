@@ -9,6 +9,8 @@ A builder declares, with ``@register_builder(name, params=..., roles=..., notes=
 - ``roles``: what it does with each span kind (``{"prefix": "cut"}``); the engine renders segments with them.
 - ``notes``: ``fn(params) -> str | None``, a sentence for the report on conditions built this way (stored in
   the run's plan.json, so ``kvprime report`` needs no builder code).
+- ``refuses``: ``{template key: why}`` for the condition templates it cannot honour (``{"suffix_template":
+  "..."}``); a condition that sets one is refused before any model loads, with the reason.
 - ``surrogate_per_document``: the builder primes each document of a multi-passage sample on its own, so a
   generated surrogate is written for each passage (one prefix span before each document) rather than only
   for the sample's gold passage.
@@ -44,6 +46,7 @@ class BuilderInfo:
     notes: Callable | None = None
     doc: str = ""
     surrogate_per_document: bool = False
+    refuses: dict = field(default_factory=dict)
 
     def param_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.params))
@@ -79,7 +82,8 @@ PLANNERS: dict[str, Callable] = {}
 
 
 def register_builder(name: str, *, params: type = NoParams, roles: dict | None = None,
-                     notes: Callable | None = None, surrogate_per_document: bool = False):
+                     notes: Callable | None = None, surrogate_per_document: bool = False,
+                     refuses: dict | None = None):
     if not dataclasses.is_dataclass(params):
         raise ConfigError(f"cache builder {name!r}: params must be a dataclass, got {params!r}.")
 
@@ -87,7 +91,8 @@ def register_builder(name: str, *, params: type = NoParams, roles: dict | None =
         if name in BUILDERS and BUILDERS[name].build is not fn:
             raise ConfigError(f"cache builder {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        BUILDERS[name] = BuilderInfo(name, fn, params, dict(roles or {}), notes, doc, surrogate_per_document)
+        BUILDERS[name] = BuilderInfo(name, fn, params, dict(roles or {}), notes, doc, surrogate_per_document,
+                                     dict(refuses or {}))
         return fn
     return wrap
 

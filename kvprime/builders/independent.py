@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from . import EncodeRequest, PrimedCache, register_builder, register_planner
 
+NO_PREFIX = ("it encodes each document bare; to prime each document with a surrogate use builder "
+             "independent_primed.")
+NO_SUFFIX = ("it builds each document's cache from [sink, prefix, document] alone, with no place for a suffix; "
+             "prime with a prefix_template and builder independent_primed.")
+
 ROPE_FIXES = ("rerotate", "shift")
 SINK_POLICIES = ("drop", "keep")
 
@@ -58,11 +63,12 @@ def layout(seg, spec, *, primed: bool) -> list[Piece]:
     """The documents in context order with their slots. A prefix span primes every document after it up to
     the next prefix span: one prefix before all documents (the same surrogate for each, as static, query and
     random sources give) or one before each."""
+    # Conditions are refused these templates before any model loads (``REFUSES``); segments built by hand are
+    # checked here.
     if seg.suffix:
-        raise ConfigError(f"condition {spec.name!r}: builder {spec.builder} takes no suffix_template.")
+        raise ConfigError(f"condition {spec.name!r}: builder {spec.builder} takes no suffix_template: {NO_SUFFIX}")
     if seg.prefix and not primed:
-        raise ConfigError(f"condition {spec.name!r}: builder independent encodes each document bare, so it takes no "
-                          "prefix_template; to prime each document with a surrogate use builder independent_primed.")
+        raise ConfigError(f"condition {spec.name!r}: builder independent takes no prefix_template: {NO_PREFIX}")
     n_sink, keep = len(seg.sink), spec.settings.other_sinks == "keep"
     pieces, prefix, at = [], (), spec.position_offset + n_sink
     for span in seg.spans:
@@ -142,7 +148,8 @@ def plan_independent(seg, spec) -> list[EncodeRequest]:
     return plan(seg, spec, primed=False)
 
 
-@register_builder("independent", params=IndependentParams, notes=_notes)
+@register_builder("independent", params=IndependentParams, notes=_notes,
+                  refuses={"prefix_template": NO_PREFIX, "suffix_template": NO_SUFFIX})
 def build_independent(engine, seg, spec) -> PrimedCache:
     """Encode each document alone after the sink; concatenate the caches at the documents' slots."""
     return build(engine, seg, spec, primed=False)

@@ -12,7 +12,7 @@ generated source gives each passage its own (``surrogate_per_document``: one pre
 from __future__ import annotations
 
 from . import EncodeRequest, PrimedCache, register_builder, register_planner
-from .independent import IndependentParams, build, plan
+from .independent import NO_SUFFIX, IndependentParams, build, plan
 
 
 def _notes(params: IndependentParams) -> str:
@@ -26,7 +26,7 @@ def plan_independent_primed(seg, spec) -> list[EncodeRequest]:
 
 
 @register_builder("independent_primed", params=IndependentParams, roles={"prefix": "cut"}, notes=_notes,
-                  surrogate_per_document=True)
+                  surrogate_per_document=True, refuses={"suffix_template": NO_SUFFIX})
 def build_independent_primed(engine, seg, spec) -> PrimedCache:
     """Encode [sink, surrogate, document_i] per document, cut the surrogate, concatenate at the slots."""
     return build(engine, seg, spec, primed=True)

@@ -138,6 +138,9 @@ def validate(spec: ConditionSpec, builders: Mapping, static_set: Mapping[str, st
     if spec.uses_surrogate and not needs_surrogate:
         raise ConfigError(f"{where}: surrogate={spec.surrogate!r} is set but neither prefix_template nor "
                          "suffix_template uses {surrogate}, so it would have no effect.")
+    for key, why in info.refuses.items():
+        if getattr(spec, key, None):
+            raise ConfigError(f"{where}: builder {spec.builder} takes no {key} (got {getattr(spec, key)!r}): {why}")
     for kind, role in info.roles.items():  # a builder that cuts or masks a span needs that span
         if role != "kept" and kind in ("prefix", "suffix") and not getattr(spec, f"{kind}_template"):
             raise ConfigError(f"{where}: builder {spec.builder} needs a non-empty {kind}_template.")
