@@ -88,6 +88,11 @@ def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path):
     assert es["minimum_work_ratio"] >= es["work_ratio"] > 1
     # Batched generation continues the shared opening; the notebooks' way prefills each prompt whole.
     assert g["shared_prefix_tokens"] >= 8 and g["batched_gflop"] < g["single_gflop"]
+    # The matmul throughput is measured around each stage; each share is against the two measurements around it.
+    peaks = r["matmul_gflops_measured"]
+    assert len(peaks) == 4 and all(p > 0 for p in peaks)
+    assert es["share_of_matmul_peak"] == pytest.approx(es["kvprime_gflops"] / ((peaks[1] + peaks[2]) / 2))
+    assert "before and after kvprime's encode+score" in (tmp_path / "bench.md").read_text()
 
 
 def test_minimum_plan_encodes_each_distinct_token_path_once():
