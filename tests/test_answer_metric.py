@@ -85,6 +85,14 @@ def test_answer_statistics_sit_beside_nll_in_summary_comparisons_and_report(answ
     assert "## Answer quality: exact match, contains and F1" in report and aq.NORMALISATION in report
     assert "contains_gained" in report and "instruct models answer in sentences" in report
     assert "![answer_quality](answer_quality.png)" in report
+    # What decoding cost is counted beside the rest (costs.csv, the report's cost table).
+    costs = pd.read_csv(answer_run / "costs.csv")
+    costs = costs[costs.test == costs.treatment + f" vs {EXP21[0]}"].set_index("treatment")
+    decoded = rows.groupby("condition")["generated_answer_tokens"].mean()
+    for c in EXP21[1:]:
+        assert costs.loc[c, "answer_tokens"] == pytest.approx(decoded[c])
+        assert costs.loc[c, "answer_gflop"] > 0 and costs.loc[c, "answer_s"] > 0
+    assert "answer_gflop" in (answer_run / "report.md").read_text()
     assert (answer_run / "answer_quality.png").stat().st_size > 0
     results = json.loads((answer_run / "results.json").read_text())
     assert results["answer_quality"]["max_new_tokens"] == 5

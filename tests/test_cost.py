@@ -60,6 +60,25 @@ def test_cost_table_extra_cost_and_benefit_per_tflop():
     both = costs[costs.sample_id == "a"]
     assert r.index_gflop == pytest.approx(both.index_gflop.sum())
     assert r.query_gflop == pytest.approx(both.query_gflop.mean())
+    assert np.isnan(t.answer_gflop) and np.isnan(t.answer_s)  # this run decoded no answers
+
+
+def test_answer_decoding_is_counted_as_a_generation_continuing_the_cache():
+    scores = pd.DataFrame([
+        {"sample_id": s, "condition": c, "encoded_tokens": 10, "prompt_tokens": 4, "n_answer_tokens": 2,
+         "cache_len": 10 + k, "encode_s": 1.0, "score_s": 0.01, "generated_answer_tokens": n, "answer_s": a}
+        for s in ("a", "b") for c, k, n, a in (("bare", 0, 3, 0.2), ("primed", 5, 1, 0.1))])
+    costs = cost.per_score_costs(scores, SHAPE, None).set_index(["sample_id", "condition"])
+    # bare: the 4 prompt tokens after 10 cached (1 logit), then 2 single-token steps after 14 and 15
+    bare = cost.forward_flops(SHAPE, 4, 10, 1) + cost.forward_flops(SHAPE, 1, 14, 1) + cost.forward_flops(SHAPE, 1, 15, 1)
+    assert costs.loc[("a", "bare"), "answer_gflop"] * 1e9 == pytest.approx(bare)
+    assert costs.loc[("a", "primed"), "answer_gflop"] * 1e9 == pytest.approx(cost.forward_flops(SHAPE, 4, 15, 1))
+    assert costs.loc[("b", "bare"), "answer_tokens"] == 3 and costs.loc[("b", "bare"), "answer_s"] == 0.2
+    tests = pd.DataFrame([{"name": "primed vs bare", "treatment": "primed", "reference": "bare", "mean_delta": 0.1,
+                           "ci_low": 0.0, "ci_high": 0.2, "verdict": "better"}])
+    t = cost.cost_table(costs.reset_index(), tests).iloc[0]
+    assert t.answer_tokens == 1 and t.answer_s == pytest.approx(0.1)
+    assert t.answer_gflop * 1e9 == pytest.approx(cost.forward_flops(SHAPE, 4, 15, 1))
 
 
 @pytest.fixture()

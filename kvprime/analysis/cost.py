@@ -11,6 +11,9 @@ The cost model (the README's definitions section states it too):
   suffix: the builder's ``encoded_tokens``) through the scored model with no LM head, plus, for a generated
   surrogate, the generator's prompt prefill and one forward per generated token.
 * **Query-time cost**: the prompt and answer tokens scored against the cache (context = cache length).
+* **Answer decoding** (runs with the ``answer`` metric): the prompt prefilled against the cache (one logit), then
+  one forward per further generated token, as surrogate generation is counted; its seconds are the row's share
+  of its chunk's decoding time.
 * **Measured seconds**: each chunk's wall time for encoding and building (indexing) and for scoring (query),
   shared among its (sample, condition) pairs in proportion to their FLOPs; generation seconds are the
   document's share of its generation batch. Seconds depend on the device and on batching; FLOPs do not.
@@ -65,7 +68,7 @@ def generation_flops(shape, prompt_tokens: float, generated_tokens: float, share
 
 
 COST_COLUMNS = ("index_tokens", "generated_tokens", "index_gflop", "index_s", "query_tokens", "query_gflop",
-                "query_s")
+                "query_s", "answer_tokens", "answer_gflop", "answer_s")
 
 
 def per_score_costs(scores: pd.DataFrame, shape: Mapping | None, generator_shape: Mapping | None) -> pd.DataFrame:
@@ -77,6 +80,7 @@ def per_score_costs(scores: pd.DataFrame, shape: Mapping | None, generator_shape
     enc, prompt, answer, cache = col("encoded_tokens"), col("prompt_tokens"), col("n_answer_tokens"), col("cache_len")
     gen_prompt, gen = col("generation_prompt_tokens"), col("generated_tokens").fillna(0.0)
     gen_shared = col("generation_shared_tokens").fillna(0.0)
+    decoded = col("generated_answer_tokens")  # NaN: the run decoded no answers
     out["index_tokens"], out["generated_tokens"] = enc, gen
     if shape:
         gshape = generator_shape or shape
@@ -85,12 +89,16 @@ def per_score_costs(scores: pd.DataFrame, shape: Mapping | None, generator_shape
         out["index_gflop"] = [(forward_flops(shape, e) if e == e else np.nan) / 1e9 for e in enc]
         out["index_gflop"] += np.asarray(gen_f) / 1e9
         out["query_gflop"] = [forward_flops(shape, p + a, c, a + 1) / 1e9 for p, a, c in zip(prompt, answer, cache)]
+        # The decoded answer continues the cache as a generation whose "shared" opening is the cache itself.
+        out["answer_gflop"] = [generation_flops(shape, c + p, n, c) / 1e9 if n == n else np.nan
+                               for p, n, c in zip(prompt, decoded, cache)]
     else:
-        out["index_gflop"] = out["query_gflop"] = np.nan
+        out["index_gflop"] = out["query_gflop"] = out["answer_gflop"] = np.nan
     out["index_s"] = col("encode_s") + col("generation_s").fillna(0.0)
     out["query_tokens"] = prompt + answer
     out["query_s"] = col("score_s")
-    return out
+    out["answer_tokens"], out["answer_s"] = decoded, col("answer_s")
+    return out[["sample_id", "condition", *COST_COLUMNS]]
 
 
 def add_derived(costs: pd.DataFrame, derived_rules) -> pd.DataFrame:
@@ -103,7 +111,8 @@ def add_derived(costs: pd.DataFrame, derived_rules) -> pd.DataFrame:
             continue
         agg = part.groupby("sample_id", sort=False).agg(
             {**{c: "sum" for c in ("index_tokens", "generated_tokens", "index_gflop", "index_s")},
-             **{c: "mean" for c in ("query_tokens", "query_gflop", "query_s")}}).reset_index()
+             **{c: "mean" for c in ("query_tokens", "query_gflop", "query_s", "answer_tokens", "answer_gflop",
+                                    "answer_s")}}).reset_index()
         agg["condition"] = rule["name"]
         rows.append(agg[costs.columns])
     return pd.concat(rows, ignore_index=True)
@@ -126,6 +135,8 @@ def cost_table(costs: pd.DataFrame, tests: pd.DataFrame) -> pd.DataFrame:
                      "extra_index_s": trt["index_s"] - ref["index_s"],
                      "query_tokens": trt["query_tokens"], "query_gflop": trt["query_gflop"],
                      "extra_query_gflop": trt["query_gflop"] - ref["query_gflop"],
+                     "answer_tokens": trt["answer_tokens"], "answer_gflop": trt["answer_gflop"],
+                     "answer_s": trt["answer_s"],
                      # nats of mean NLL gained per TFLOP of extra indexing work; undefined when it costs nothing more
                      "delta_per_index_tflop": t.mean_delta / (extra / 1e3) if extra > 0 else np.nan})
     return pd.DataFrame(rows)

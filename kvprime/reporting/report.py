@@ -181,14 +181,21 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *
 
         parts += section(results["answer_quality"])
     if results.get("costs"):
+        costs = pd.DataFrame(results["costs"])
+        # Runs that decoded answers also show what decoding them cost (tokens and GFLOPs per document).
+        decoded = "answer_gflop" in costs and costs["answer_gflop"].notna().any()
+        answer_cols = ("answer_tokens", "answer_gflop") if decoded else ()
         parts += ["## Cost beside benefit",
                   "Per document, the treatment's indexing work (its cache's encoded tokens, plus a generated "
-                  "surrogate's generation) and query-time work, next to its benefit over the reference; "
+                  "surrogate's generation) and query-time work"
+                  + (" (scoring, and `answer_gflop`: decoding the answer)" if decoded else "")
+                  + ", next to its benefit over the reference; "
                   "`delta_per_index_tflop` = mean delta per TFLOP of extra indexing. Seconds: this run's device.",
-                  markdown_table(pd.DataFrame(results["costs"]), COST_COLUMNS,
+                  markdown_table(costs, COST_COLUMNS + answer_cols,
                                  formats={"index_tokens": ".0f", "generated_tokens": ".0f", "query_tokens": ".0f",
                                           "index_gflop": ".3f", "extra_index_gflop": ".3f", "extra_index_s": ".3f",
-                                          "query_gflop": ".3f", "delta_per_index_tflop": ".3g"})]
+                                          "query_gflop": ".3f", "delta_per_index_tflop": ".3g",
+                                          "answer_tokens": ".1f", "answer_gflop": ".3f"})]
         if results.get("worth_it"):
             parts += ["Is document-specific generation worth its compute?\n\n"
                       + "\n".join(f"- {line}" for line in results["worth_it"])]
