@@ -245,3 +245,18 @@ def test_engine_segments_give_one_span_per_passage(tiny_tok):
     pc = eng.build(sp, seg)
     alone = [eng.segments(ConditionSpec("b"), document=d, query="q", answer="a").document for d in docs]
     assert pc.token_ids == list(eng.sink) + [i for a in alone for i in a]
+
+
+def test_kept_sinks_count_in_the_context_check():
+    """With other_sinks=keep every later document keeps its sink: the cache and the scored positions run two
+    entries past the sample's spans here, so a context that holds exactly the spans must refuse the sample."""
+    s = segs()  # sink, 3 documents, prompt, answer
+    keep, drop = spec("independent", rope_fix="shift", other_sinks="keep"), spec("independent", rope_fix="shift")
+    eng = engine_for("llama")
+    built = eng.build(keep, s)
+    assert len(built) == len(s) - len(s.prompt) - len(s.answer) + 2  # two kept sinks beyond the spans
+    assert Engine.context_needed(s, keep) == len(s) + 2 == built.next_position + len(s.prompt) + len(s.answer)
+    eng.max_context = len(s)
+    assert eng.fits(s, drop) and not eng.fits(s, keep)
+    eng.max_context = len(s) + 2
+    assert eng.fits(s, keep)

@@ -47,6 +47,12 @@ class IndependentParams:
             raise ConfigError(f"other_sinks={self.other_sinks!r} is not accepted: what happens to the other "
                               f"documents' sink entries. Accepted: {', '.join(SINK_POLICIES)} (default drop).")
 
+    def extra_context(self, seg) -> int:
+        """Cache entries beyond the sample's spans (the engine's context check adds them): with
+        other_sinks=keep, every document after the first keeps its own sink in front of it."""
+        documents = sum(1 for s in seg.spans if s.kind == "document")
+        return (documents - 1) * len(seg.sink) if self.other_sinks == "keep" and documents > 1 else 0
+
 
 @dataclass(frozen=True)
 class Piece:

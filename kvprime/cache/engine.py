@@ -97,17 +97,26 @@ class Engine:
         return build_segments(self.tokenizer, sink=self.sink, texts=texts, documents=rendered,
                               roles=info.roles if info else None, prefixes=prefixes)
 
+    @staticmethod
+    def context_needed(seg: Segments, spec: ConditionSpec) -> int:
+        """Tokens a condition's encode + score spans: the sample's spans, plus any entries its builder adds
+        (``extra_context(seg)`` on the builder's params: independent's kept sinks)."""
+        extra = getattr(spec.settings, "extra_context", None)
+        return len(seg) + (extra(seg) if extra else 0)
+
     def fits(self, seg: Segments, spec: ConditionSpec) -> bool:
         """Whether encode + score stays inside the model's context (offset included) and, for sliding-window
         models, inside the window (a longer sample's caches would not match their references)."""
-        if self.windows and len(seg) >= min(self.windows):
+        need = self.context_needed(seg, spec)
+        if self.windows and need >= min(self.windows):
             return False
-        return self.max_context is None or spec.position_offset + len(seg) <= self.max_context
+        return self.max_context is None or spec.position_offset + need <= self.max_context
 
     def build(self, spec: ConditionSpec, seg: Segments) -> PrimedCache:
-        if self.windows and len(seg) >= min(self.windows):
+        need = self.context_needed(seg, spec)
+        if self.windows and need >= min(self.windows):
             raise DataError(
-                f"condition {spec.name!r}: the sample needs {len(seg)} tokens (encode + prompt + answer), which "
+                f"condition {spec.name!r}: the sample needs {need} tokens (encode + prompt + answer), which "
                 f"crosses this model's sliding attention window of {min(self.windows)} tokens; a truncated or "
                 "scored cache would then not match its reference. Use shorter passages "
                 "(dataset.filters.max_passage_words) or a model without sliding-window layers."
