@@ -464,3 +464,22 @@ def test_no_shared_prefix_on_sliding_window_models():
     model = tiny_model(arch, vocab_size=len(tok), **overrides)
     assert any(hf.sliding_windows(model))
     assert generation.shared_prefix(model, tok, TEMPLATE) is None
+
+
+def test_rows_leave_the_batch_on_a_sliding_window_model():
+    """Dropping finished rows selects batch rows of every cache layer, the sliding ones too: rows that stop at
+    different steps still get the tokens they get alone (Gemma3's per-layer windows, greedy and sampled)."""
+    from kvprime.cache.tiny import ROPE_VARIANTS, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    arch, overrides = ROPE_VARIANTS["gemma3_per_layer"]
+    wrapped = _EosAfter(tiny_model(arch, vocab_size=len(tok), **overrides), tok.eos_token_id)
+    for temperature in (0.0, 0.7):
+        settings = _settings(temperature=temperature, shared_prefix=False, max_new_tokens=8)
+        wrapped.rows = []
+        together = generate(wrapped, tok, DOCS, TEMPLATE, dataclasses.replace(settings, batch_size=6),
+                            per_row_prefill=False)
+        assert len(set(wrapped.rows)) > 2  # the batch shrank step by step
+        alone = generate(wrapped, tok, DOCS, TEMPLATE, dataclasses.replace(settings, batch_size=1),
+                         per_row_prefill=False)
+        assert together == alone and len({len(t) for t in together}) > 2
