@@ -77,7 +77,7 @@ def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path):
     from kvprime.commands.bench import bench
 
     r = bench(["model=tiny_random_llama", "dataset.n_samples=2", "generation.max_new_tokens=4", "generation.model=null",
-               f"generation.store={tmp_path / 'store'}"], out_dir=tmp_path, progress=False)
+               f"generation.store={tmp_path / 'store'}"], out_dir=tmp_path, progress=False, one_by_one=True)
     assert r["encode_score"]["max_abs_nll_diff"] <= 1e-4
     assert r["generation"]["identical_outputs"]
     assert r["encode_score"]["kvprime_encodes"] < r["encode_score"]["naive_encodes"]
@@ -93,6 +93,9 @@ def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path):
     assert len(peaks) == 4 and all(p > 0 for p in peaks)
     assert es["share_of_matmul_peak"] == pytest.approx(es["kvprime_gflops"] / ((peaks[1] + peaks[2]) / 2))
     assert "before and after kvprime's encode+score" in (tmp_path / "bench.md").read_text()
+    # The same path with every cache assembled one by one (the way before stacking from spans): same NLLs.
+    assert es["per_cache_assembly_s"] > 0 and es["per_cache_assembly_nll_diff"] <= 1e-6
+    assert "caches assembled one by one" in (tmp_path / "bench.md").read_text()
 
 
 def test_minimum_plan_encodes_each_distinct_token_path_once():

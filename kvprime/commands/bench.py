@@ -86,6 +86,11 @@ class NaiveEngine(Engine):
         self.encode_lengths.append(len(ids))
         return cache
 
+    def build(self, spec, seg):
+        primed = super().build(spec, seg)
+        hf.materialize(primed.cache)  # the notebooks assemble each cache as they build it
+        return primed
+
 
 @torch.inference_mode()
 def naive_score(model, primed, seg) -> float:
@@ -121,18 +126,21 @@ def minimum_plan_flops(config, engine, work, segs) -> float:
 # ---------------------------------------------------------------- the benchmark
 
 
-def bench(args: list[str], out_dir: Path | None = None, progress: bool = True) -> dict:
+def bench(args: list[str], out_dir: Path | None = None, progress: bool = True,
+          one_by_one: bool | None = None) -> dict:
     """Both paths on the session that ``args`` (Hydra overrides, after ``DEFAULTS``) describe; returns what
-    ``bench.json`` holds and, with ``out_dir``, writes it and ``bench.md`` there."""
+    ``bench.json`` holds and, with ``out_dir``, writes it and ``bench.md`` there. ``one_by_one``: also time
+    kvprime's path with every cache assembled as it is built and stacked row by row (None: on a GPU only,
+    where that per-cache host work is what bounds a small model)."""
     from ..cache import models
     from ..pipeline.session import Session
 
     session = Session.from_overrides(args, defaults=DEFAULTS)
     with models.loading_bars(bool(session.cfg["progress"])):
-        return _measure(session, out_dir, progress)
+        return _measure(session, out_dir, progress, one_by_one)
 
 
-def _measure(session, out_dir: Path | None, progress: bool) -> dict:
+def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | None) -> dict:
     cfg, specs, samples = session.cfg, session.specs, session.samples
     model, tok = session.model, session.tokenizer
     config = model.config
@@ -186,17 +194,18 @@ def _measure(session, out_dir: Path | None, progress: bool) -> dict:
     segs = [by_sample[s.sample_id][name] for s, name, _ in work]
 
     # kvprime's path (first, so its peak memory is read before the naive path runs).
+    def kvprime_path(eng):
+        t, out, per_sample = time.perf_counter(), [], len(specs)
+        for first in range(0, len(work), chunk * per_sample):
+            part = list(range(first, min(first + chunk * per_sample, len(work))))
+            done = eng.run_chunk([(work[i][2], segs[i]) for i in part],
+                                 encode_tokens=bcfg["encode_tokens"], score_tokens=bcfg["score_tokens"])
+            out += [(len(pc), sc) for pc, sc in done]  # lengths only: holding the caches would inflate peak memory
+            eng.forget()
+        return out, time.perf_counter() - t
+
     peaks.append(matmul_gflops(device, dtype, n))
-    t = time.perf_counter()
-    fast = []
-    per_sample = len(specs)
-    for first in range(0, len(work), chunk * per_sample):
-        part = list(range(first, min(first + chunk * per_sample, len(work))))
-        done = engine.run_chunk([(work[i][2], segs[i]) for i in part],
-                                encode_tokens=bcfg["encode_tokens"], score_tokens=bcfg["score_tokens"])
-        fast += [(len(pc), sc) for pc, sc in done]  # lengths only: holding the caches would inflate peak memory
-        engine.forget()
-    fast_s = time.perf_counter() - t
+    fast, fast_s = kvprime_path(engine)
     peaks.append(matmul_gflops(device, dtype, n))
     fast_rss = metadata.peak_rss_mb()
     fast_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -205,6 +214,14 @@ def _measure(session, out_dir: Path | None, progress: bool) -> dict:
         forward_flops(config, len(seg.prompt) + len(seg.answer), cache_len, len(seg.answer) + 1)
         for (cache_len, _), seg in zip(fast, segs))
     say(f"  kvprime encode+score: {fast_s:.1f} s ({engine.n_encodes} encodes)")
+    per_cache_s = per_cache_diff = None
+    if one_by_one or (one_by_one is None and device.type == "cuda"):
+        # Where per-cache host work bounds a small model: the same path with every cache assembled as it is
+        # built and stacked row by row (the way before stacking from spans), side by side.
+        with hf.per_cache_assembly():
+            per_cache, per_cache_s = kvprime_path(session.new_engine())
+        per_cache_diff = max(abs(a.nll - b.nll) for (_, a), (_, b) in zip(fast, per_cache))
+        say(f"  kvprime encode+score, caches assembled one by one: {per_cache_s:.1f} s")
 
     # The naive path.
     naive_engine = session.new_engine(NaiveEngine)
@@ -253,7 +270,8 @@ def _measure(session, out_dir: Path | None, progress: bool) -> dict:
                          "ceiling_at_matmul_peak": slow_s / (fast_flops / 1e9 / fast_peak),
                          "naive_share_of_matmul_peak": slow_flops / 1e9 / slow_s / slow_peak,
                          "kvprime_gflops": fast_flops / 1e9 / fast_s,
-                         "share_of_matmul_peak": fast_flops / 1e9 / fast_s / fast_peak},
+                         "share_of_matmul_peak": fast_flops / 1e9 / fast_s / fast_peak,
+                         "per_cache_assembly_s": per_cache_s, "per_cache_assembly_nll_diff": per_cache_diff},
         "generation": {"templates": templates, "batched_s": gen["batched"]["s"], "single_s": gen["single"]["s"],
                        "generated_tokens": gen_tokens,
                        "batched_tokens_per_s": gen_tokens / gen["batched"]["s"] if gen["batched"]["s"] else None,
@@ -301,6 +319,10 @@ def render(r: dict) -> str:
          f(g["speedup"]) + "x", "identical" if g["identical_outputs"] else "DIFFERENT"),
         ("end to end", f(e2e["naive_s"], ".1f") + " s", f(e2e["kvprime_s"], ".1f") + " s", f(e2e["speedup"]) + "x", ""),
     ]
+    if es.get("per_cache_assembly_s"):
+        rows.insert(1, ("encode + score, caches assembled one by one", f(es["naive_s"], ".1f") + " s",
+                        f(es["per_cache_assembly_s"], ".1f") + " s", f(es["naive_s"] / es["per_cache_assembly_s"]) + "x",
+                        f"{es['per_cache_assembly_nll_diff']:.1e}"))
     lines = [f"{r['experiment']} on {r['model']} ({r['device']}, {r['dtype']}, {r['torch_threads']} threads): "
              f"{r['samples']} samples x {r['conditions']} conditions", "",
              markdown_table(rows, ["stage", "naive", "kvprime", "speed-up", "max abs NLL diff / outputs"])]
