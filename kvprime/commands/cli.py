@@ -122,7 +122,11 @@ def walkthrough(ctx: typer.Context) -> None:
 
 
 @app.command(context_settings=PASSTHROUGH)
-def bench(ctx: typer.Context) -> None:
+def bench(ctx: typer.Context,
+          one_by_one: Optional[bool] = typer.Option(
+              None, "--one-by-one/--no-one-by-one", show_default="on a GPU only",
+              help="Also time kvprime's path with every cache assembled as it is built and stacked row by row "
+                   "(the way before stacking from spans), side by side.")) -> None:
     """Time kvprime's path against the notebooks' naive path on the same work, side by side, and print the
     speed-ups, the largest NLL difference, the share of the measured matmul throughput and peak memory.
 
@@ -130,6 +134,7 @@ def bench(ctx: typer.Context) -> None:
     kvprime bench                                   # exp01, SmolLM2-135M, 20 SQuAD samples, CPU
     kvprime bench dataset.n_samples=5 model=tiny_random_llama
     kvprime bench experiment=exp21                  # another experiment's conditions
+    kvprime bench --one-by-one                      # also the per-cache host work (default: on a GPU)
     Defaults: experiment=exp01 dataset.n_samples=20 progress=false; the same key given replaces each.
     Writes bench.json and bench.md to outputs/bench/<timestamp>/.
     """
@@ -138,7 +143,7 @@ def bench(ctx: typer.Context) -> None:
     from .bench import bench as run_bench
 
     out = Path(_guarded(new_run_dir, str(Path(outputs_root()) / "bench")))
-    _guarded(run_bench, list(ctx.args), out_dir=out)
+    _guarded(run_bench, list(ctx.args), out_dir=out, one_by_one=one_by_one)
 
 
 @app.command()
