@@ -44,7 +44,7 @@ bench: setup ## kvprime vs the notebooks' naive path on exp01, 20 samples, side 
 
 bench-gpu: setup ## on a CUDA machine: Mistral-7B's shape (random bf16 weights) then SmolLM2, each side by side
 	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs a CUDA device (make setup TORCH_SPEC=torch)')"
-	$(BIN)/kvprime bench model=mistral_7b_shape_random generation.model=null $(ARGS)
+	$(BIN)/kvprime bench --no-one-by-one model=mistral_7b_shape_random generation.model=null $(ARGS)
 	$(BIN)/kvprime bench $(ARGS)
 
 reproduce-exp21: setup ## the exp21 notebook: its France/Paris sanity example, then MODEL/DATASET/N
