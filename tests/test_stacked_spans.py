@@ -1,4 +1,4 @@
-"""Stacking caches straight from their spans (``hf_internals.AssembledCache``, ``stack_caches``) against the
+"""Stacking caches straight from their spans (``hf_internals.AssembledCache``, ``batch_caches.stack_caches``) against the
 per-cache way: assemble each cache alone (its own rotations and concatenations), then copy it into its padded
 row. Same numbers, bit for bit, across RoPE variants and dtypes; far fewer tensor operations per batch."""
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kvprime.cache import batch_caches
 from kvprime.cache import hf_internals as hf
 from kvprime.cache.tiny import ROPE_VARIANTS, tiny_model
 
@@ -65,7 +66,7 @@ def test_stacking_from_spans_equals_assembling_each_cache(variant, dtype):
     lengths = [hf.cache_length(c) for c in lazy]
     assert lengths == [hf.cache_length(c) for c in eager] == [6, 18, 12, 28, hf.cache_length(plain)]
 
-    stacked, mask = hf.stack_caches(model, lazy)
+    stacked, mask = batch_caches.stack_caches(model, lazy)
     assert all(c.unassembled for c in lazy[:-1])  # stacked without assembling any of them
     reference = _reference_stack(eager, max(lengths))
     for (k, v), (rk, rv) in zip(hf.cache_layers(stacked), reference):
@@ -81,7 +82,7 @@ def test_rotation_by_columns_equals_rotate_keys():
     model = tiny_model("llama", seed=1, vocab_size=VOCAB)
     spec = hf.rope_spec(model)
     (a,) = _sources(model, 1)
-    stacked, _ = hf.stack_caches(model, [hf.assemble(model, [(a, 0, 1, 0), (a, 2, 9, -2)], spec)])
+    stacked, _ = batch_caches.stack_caches(model, [hf.assemble(model, [(a, 0, 1, 0), (a, 2, 9, -2)], spec)])
     for i, (k, _) in enumerate(hf.cache_layers(stacked)):
         assert torch.equal(k[0, :, :1], a.layers[i].keys[0, :, :1])
         assert torch.equal(k[0, :, 1:8], hf.rotate_keys(a.layers[i].keys[..., 2:9, :], -2, spec.layers[i].inv_freq)[0])
@@ -124,7 +125,7 @@ def test_stacking_from_spans_takes_a_fixed_number_of_operations_per_layer():
     for n in (4, 32):
         caches = [hf.assemble(model, parts, spec) for parts in _recipes(src) * (n // 4)]
         with _CountOps() as batched:
-            hf.stack_caches(model, caches)
+            batch_caches.stack_caches(model, caches)
         with _CountOps() as one_by_one:
             for c in caches:
                 c.layers  # noqa: B018

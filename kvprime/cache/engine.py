@@ -23,8 +23,8 @@ import torch
 from ..builders import BUILDERS, PLANNERS, EncodeRequest, PrimedCache
 from ..errors import DataError
 from ..pipeline.conditions import ConditionSpec, validate
+from . import batch_caches, prefixes
 from . import hf_internals as hf
-from . import prefixes
 from .scoring import Score, score_answer, score_batch
 from .segments import Segments, build_segments, sink_ids
 
@@ -232,7 +232,7 @@ class Engine:
 
     def _run_continuations(self, batch, made) -> None:
         ids, pos = self._padded([(s.ids[s.past:], s.positions[s.past:]) for s in batch])
-        caches = hf.extend_batch(self.model, [made[id(s.parent)] for s in batch], ids, pos,
+        caches = batch_caches.extend_batch(self.model, [made[id(s.parent)] for s in batch], ids, pos,
                                  [len(s.ids) - s.past for s in batch])
         for step, cache in zip(batch, caches):
             self._record(step, cache, len(step.ids) - step.past, step.past, made)

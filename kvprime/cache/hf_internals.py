@@ -12,7 +12,6 @@ Shapes: keys/values are ``[batch, kv_heads, seq, head_dim]``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -138,8 +137,7 @@ def rope_spec(model) -> RopeSpec:
 
 def rotate_keys(keys: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate RoPE'd keys by ``delta`` positions (negative moves them earlier): one int for every key, or a
-    tensor of one delta per key position (``[seq]``, the keys' second-last dimension; 0 leaves a key exactly as
-    it is, since cos 0 = 1 and sin 0 = 0).
+    tensor of one delta per key position (``[seq]``, the keys' second-last dimension).
 
     RoPE is a rotation, so RoPE(k, p + d) = R(d) RoPE(k, p). Angles are built in fp32 from ``inv_freq``,
     never from the model's cos/sin, which carry yarn/longrope ``attention_scaling`` (that scale is already
@@ -215,35 +213,16 @@ def assemble(model, parts, spec: RopeSpec | None = None) -> DynamicCache:
     with each layer's own frequencies (values carry no position and are kept as they are).
 
     The spans are copied together when the cache is first read (``AssembledCache``), so a batch of such caches
-    can be stacked for scoring straight from their spans (``stack_caches``)."""
+    can be stacked for scoring straight from their spans (``batch_caches.stack_caches``)."""
     if any(delta for *_, delta in parts) and spec is None:
         raise ValueError("a span with delta != 0 needs the model's RopeSpec to rotate its keys")
-    cache = AssembledCache(model, parts, spec)
-    if not _FROM_SPANS:
-        materialize(cache)
-    return cache
+    return AssembledCache(model, parts, spec)
 
 
 def materialize(cache: DynamicCache) -> DynamicCache:
     """Assemble a pending ``AssembledCache`` now (any other cache is returned as it is)."""
     cache.layers  # noqa: B018 -- reading the layers assembles it
     return cache
-
-
-# False only inside ``per_cache_assembly()``.
-_FROM_SPANS = True
-
-
-@contextlib.contextmanager
-def per_cache_assembly():
-    """Inside it, every cache is assembled as it is built and stacked row by row: the way before stacking from
-    spans, kept so that ``kvprime bench`` can time both ways side by side on one device."""
-    global _FROM_SPANS
-    before, _FROM_SPANS = _FROM_SPANS, False
-    try:
-        yield
-    finally:
-        _FROM_SPANS = before
 
 
 def _assembled_layers(parts, spec: RopeSpec | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -262,14 +241,10 @@ def _assembled_layers(parts, spec: RopeSpec | None) -> list[tuple[torch.Tensor, 
 
 
 class AssembledCache(DynamicCache):
-    """A DynamicCache made of spans of other caches (``assemble``), copied together on first read of its layers.
-
-    Until then it holds only its spans. ``stack_caches`` stacks a batch of pending caches (and plain ones) in a
-    fixed number of tensor operations per layer, where assembling each cache and then stacking it costs several
-    per cache and layer: the per-cache host work (kernel launches) that bounds a small model on a GPU. Reading
-    ``layers`` (a forward, ``cache_layers``, ``crop_to``) assembles it first, so it is an ordinary cache to every
-    other reader. Its source caches must not change in its spans meanwhile (memoised encodes never do: the
-    scorer only appends to a cache and crops it back)."""
+    """A DynamicCache made of spans of other caches (``assemble``), copied together on first read of its layers,
+    so that ``batch_caches.stack_caches`` can stack many straight from their spans. Any read of ``layers`` (a
+    forward, ``cache_layers``, ``crop_to``) assembles it first. Its sources must not change in its spans
+    meanwhile (memoised encodes never do: the scorer only appends to a cache and crops it back)."""
 
     def __init__(self, model, parts, spec: RopeSpec | None):
         self._kvprime_spans = None  # DynamicCache.__init__ sets ``layers`` through the property below
@@ -375,100 +350,6 @@ def encode_batch(model, input_ids: torch.Tensor, position_ids: torch.Tensor, len
          use_cache=True)
     return [cache_from_layers(model, [(layer.keys[r:r + 1, :, :n], layer.values[r:r + 1, :, :n])
                                       for layer in cache.layers]) for r, n in enumerate(lengths)]
-
-
-@torch.inference_mode()
-def extend_batch(model, pasts: list[DynamicCache], input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 lengths: list[int]) -> list[DynamicCache]:
-    """Continue each row's past cache with its right-padded new ids: one cache per row holding exactly its
-    past's entries then its ``lengths[r]`` new ones (new tensors: the pasts stay as they were).
-
-    The pasts are stacked right-padded (``stack_caches``) and their pads masked, so a new token attends to its
-    own row's past and to the real new tokens before it, as an unpadded continuation does (up to float
-    rounding). Only for models without sliding-window layers: there the padded width could push a row's own
-    entries out of its window."""
-    past = [cache_length(c) for c in pasts]
-    cache, past_mask = stack_caches(model, pasts)
-    width = past_mask.shape[1]
-    new_mask = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
-                < torch.tensor(lengths, device=input_ids.device)[:, None]).long()
-    call(model.base_model, cache, input_ids=input_ids, position_ids=position_ids,
-         attention_mask=torch.cat([past_mask, new_mask], dim=1), use_cache=True)
-    return [cache_from_layers(model, [
-        (torch.cat([layer.keys[r:r + 1, :, :p], layer.keys[r:r + 1, :, width:width + n]], dim=-2),
-         torch.cat([layer.values[r:r + 1, :, :p], layer.values[r:r + 1, :, width:width + n]], dim=-2))
-        for layer in cache.layers]) for r, (p, n) in enumerate(zip(past, lengths))]
-
-
-def stack_caches(model, caches: list[DynamicCache], side: str = "right") -> tuple[DynamicCache, torch.Tensor]:
-    """One batch cache from caches of different lengths, padded with zeros on ``side``, and its 0/1 mask.
-
-    Right padding serves scoring (rows read from position 0); left padding serves decoding, where every
-    row's next token must land in the same column. Right-padded stacks on models without sliding-window
-    layers are built from the caches' spans (``_stack_spans``): pending ``AssembledCache``s are never assembled
-    one by one."""
-    if side not in ("right", "left"):
-        raise ValueError(f"side={side!r}; accepted: right, left")
-    lengths = [cache_length(c) for c in caches]
-    width = max(lengths)
-    if side == "right" and _FROM_SPANS and not any(sliding_windows(model)):
-        layers, device = _stack_spans(caches, width)
-    else:
-        layers = []
-        for i in range(len(caches[0].layers)):
-            k0 = caches[0].layers[i].keys
-            keys = k0.new_zeros((len(caches), k0.shape[1], width, k0.shape[3]))
-            values = k0.new_zeros((len(caches), k0.shape[1], width, caches[0].layers[i].values.shape[3]))
-            for r, c in enumerate(caches):
-                cols = slice(0, lengths[r]) if side == "right" else slice(width - lengths[r], width)
-                keys[r, :, cols] = c.layers[i].keys[0]
-                values[r, :, cols] = c.layers[i].values[0]
-            layers.append((keys, values))
-        device = layers[0][0].device
-    real = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-    mask = (real if side == "right" else real.flip(-1)).long()
-    return cache_from_layers(model, layers), mask
-
-
-def _stack_spans(caches: list[DynamicCache], width: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], object]:
-    """The right-padded per-layer (keys, values) of ``caches`` built from their spans (a pending
-    ``AssembledCache``'s parts; any other cache is one span of itself): per layer, one concatenation of every
-    span, one rotation of the moved spans' keys (each column by its own delta) and one indexed copy into the
-    padded batch, whatever the number of caches. ``rotate_keys`` with one delta
-    per column does the same arithmetic as per span, so each row equals that cache assembled alone."""
-    spans, rows, cols, deltas, spec = [], [], [], [], None
-    for r, c in enumerate(caches):
-        parts = c.spans if isinstance(c, AssembledCache) and c.unassembled else [(c, 0, cache_length(c), 0)]
-        if isinstance(c, AssembledCache) and c.spans_rope is not None:
-            spec = c.spans_rope
-        at = 0
-        for src, start, stop, delta in parts:
-            spans.append((src, start, stop))
-            rows += [r] * (stop - start)
-            cols += range(at, at + stop - start)
-            deltas += [delta] * (stop - start)
-            at += stop - start
-    first = spans[0][0].layers[0].keys
-    device = first.device
-    row_idx, col_idx = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-    # Only the keys of moved spans are rotated (one gather and one indexed write per layer): every other key is
-    # copied untouched, exactly as assembling each cache alone leaves it.
-    moved = [j for j, d in enumerate(deltas) if d]
-    moved_idx = torch.tensor(moved, device=device) if moved else None
-    moved_delta = torch.tensor([deltas[j] for j in moved], dtype=torch.float32, device=device) if moved else None
-    layers = []
-    for i in range(len(spans[0][0].layers)):
-        # [kv_heads, columns, dim]: one slice (a view) per span, one copy per layer
-        k = torch.cat([src.layers[i].keys[:, :, a:b] for src, a, b in spans], dim=2)[0]
-        v = torch.cat([src.layers[i].values[:, :, a:b] for src, a, b in spans], dim=2)[0]
-        if moved:
-            k[:, moved_idx] = rotate_keys(k[:, moved_idx], moved_delta, spec.layers[i].inv_freq)
-        keys = k.new_zeros((len(caches), k.shape[0], width, k.shape[-1]))
-        values = v.new_zeros((len(caches), v.shape[0], width, v.shape[-1]))
-        keys[row_idx, :, col_idx] = k.transpose(0, 1)
-        values[row_idx, :, col_idx] = v.transpose(0, 1)
-        layers.append((keys, values))
-    return layers, device
 
 
 @torch.inference_mode()

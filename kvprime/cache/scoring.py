@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DataError
+from . import batch_caches
 from . import hf_internals as hf
 
 
@@ -92,7 +93,7 @@ def stack_rows(model, items):
     so that every row ends in the last column, their mask, and each row's own position ids continuing from its
     ``next_position``. Shared by scoring and answer decoding (``kvprime.cache.answers``), so both read a cache
     the same way."""
-    cache, cache_mask = hf.stack_caches(model, [p.cache for p, _ in items])
+    cache, cache_mask = batch_caches.stack_caches(model, [p.cache for p, _ in items])
     device = cache_mask.device
     for r, (p, _) in enumerate(items):  # right-padded: row r's entries are its first len(p) columns
         if p.attend is not None:

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from ..analysis.cost import forward_flops, generation_flops
+from ..cache import batch_caches, prefixes
 from ..cache import hf_internals as hf
-from ..cache import prefixes
 from ..cache.engine import Engine
 from ..pipeline import metadata
 from ..pipeline.plan import chunk_size
@@ -218,7 +218,7 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
     if one_by_one or (one_by_one is None and device.type == "cuda"):
         # Where per-cache host work bounds a small model: the same path with every cache assembled as it is
         # built and stacked row by row (the way before stacking from spans), side by side.
-        with hf.per_cache_assembly():
+        with batch_caches.per_cache_assembly():
             per_cache, per_cache_s = kvprime_path(session.new_engine())
         per_cache_diff = max(abs(a.nll - b.nll) for (_, a), (_, b) in zip(fast, per_cache))
         say(f"  kvprime encode+score, caches assembled one by one: {per_cache_s:.1f} s")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
+from ..cache import batch_caches
 from ..cache import hf_internals as hf
 from ..errors import ConfigError
 
@@ -247,7 +248,7 @@ def _prefill(model, rows: list[list[int]], pad_id: int, per_row: bool, shared: S
                 row_logits, row_cache = hf.step(model, torch.tensor([r], device=device), keep_last=1)
             caches.append(row_cache)
             logits.append(row_logits[:, -1, :])
-        cache, mask = hf.stack_caches(model, caches, side="left")
+        cache, mask = batch_caches.stack_caches(model, caches, side="left")
         return torch.cat(logits), cache, mask, torch.tensor([[len(r) - 1] for r in rows], device=device)
     # One padded batch continues the shared prefix only when it covers every row (else the whole prompts).
     n = len(shared.ids) if shared is not None and all(shared.covers(r) for r in rows) else 0
