@@ -10,20 +10,34 @@ An entry's ``meta`` is the surrogate's provenance: ``model_id`` (the generating 
 key), ``generator`` (its config name), the template, the settings and the document's sha256, and what its
 generation cost: ``prompt_tokens``, ``generated_tokens`` and ``seconds`` (the document's share of its batch's
 wall time). Entries written before the cost was recorded lack those three and still load (cost unknown).
+
+Each entry is generated once however many processes need it at the same time (two ``surrogates generate``, a
+run beside them): a process generates only the entries whose lock (``<key>.lock`` beside the entry) it takes
+without waiting, and then waits for the others' locks and reads what their holders wrote. Locks are the OS's
+(``filelock``), so a killed holder's lock is released with it; its lock file stays, harmless.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from ..errors import ConfigError
-from ..pipeline.results_io import write_atomic
+from ..pipeline.results_io import raise_write_error, write_atomic
 from . import generation
 from .generation import GENERATION_TEMPLATES, GenerationSettings, doc_hash
+
+log = logging.getLogger("kvprime")
+# The most entries one process claims at a time: each holds an open lock file until its entry is written, so
+# this stays far below the open-file limit while leaving the generator several full batches to sort by length.
+CLAIM_AT_MOST = 256
 
 
 def _sha256(text: str) -> str:
@@ -53,6 +67,13 @@ class SurrogateStore:
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
+
+    def lock_path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.lock"
+
+    def lock(self, key: str) -> FileLock:
+        """The lock a process holds while it generates ``key``'s entry (see ``ensure``)."""
+        return FileLock(str(self.lock_path(key)))
 
     def entry(self, key: str) -> dict | None:
         """The stored entry (``key``, ``text``, ``text_sha256``, ``meta``), or None; a corrupt one is deleted
@@ -108,7 +129,9 @@ def ensure(store: SurrogateStore, model, tokenizer, *, model_id: str, template_n
 
     ``model_id`` is the generating model's identity (the key). ``load``, if given, returns (model, tokenizer)
     and is called only when something must be generated, so a run whose surrogates are all stored loads no
-    generator. ``provenance`` is added to each new entry's meta (e.g. the generator's config name)."""
+    generator. ``provenance`` is added to each new entry's meta (e.g. the generator's config name).
+    Entries another process is generating right now are not generated again: this waits for them and reads
+    what it wrote (while it waits it holds no lock, so two processes can never wait on each other)."""
     if template_text is None:
         if template_name not in GENERATION_TEMPLATES:
             raise ConfigError(f"unknown generation template {template_name!r}. "
@@ -119,26 +142,101 @@ def ensure(store: SurrogateStore, model, tokenizer, *, model_id: str, template_n
     results: list[str | None] = [store.get(k) for k in keys]
 
     # A document repeated in the input is generated once; its copies share the key and the result.
-    missing: dict[str, str] = {}
+    pending: dict[str, str] = {}
     for k, d, r in zip(keys, documents, results):
-        if r is None and k not in missing:
-            missing[k] = d
-    if missing:
-        if load is not None:
-            model, tokenizer = load()
-        stats: dict = {}
-        # Looked up through the module so tests (and callers) can substitute the generator.
-        texts = generation.generate(model, tokenizer, list(missing.values()), template_text, settings,
-                                    progress=progress, stats=stats)
-        costs = stats.get("documents") or [None] * len(texts)
-        for (k, d), text, spent in zip(missing.items(), texts, costs):
-            meta = {**dict(provenance or {}), "model_id": model_id, "template_name": template_name,
-                    "settings": settings.key(), "document_sha256": doc_hash(d)}
-            if spent:
-                meta.update(prompt_tokens=int(spent["prompt_tokens"]),
-                            shared_prompt_tokens=int(spent.get("shared_prompt_tokens", 0)),
-                            generated_tokens=int(spent["generated_tokens"]), seconds=round(spent["seconds"], 6))
-            store.put(k, text, meta)
-        fresh = dict(zip(missing, texts))
-        results = [r if r is not None else fresh[k] for k, r in zip(keys, results)]
-    return results  # type: ignore[return-value]
+        if r is None and k not in pending:
+            pending[k] = d
+    fresh: dict[str, str] = {}
+    generator = None
+    told = False
+    while pending:
+        held = _claim(store, pending, fresh, max(CLAIM_AT_MOST, settings.batch_size))
+        if held:
+            try:
+                if generator is None:
+                    generator = load() if load is not None else (model, tokenizer)
+                fresh.update(_generate_and_store(store, *generator, {k: pending.pop(k) for k in held},
+                                                 model_id=model_id, template_name=template_name,
+                                                 template_text=template_text, settings=settings,
+                                                 progress=progress, provenance=provenance))
+            finally:
+                for lock in held.values():
+                    lock.release()
+        elif pending:
+            if not told:
+                _say(progress, f"waiting for another process generating {len(pending)} of these surrogates into "
+                               f"{store.root} (they are read from there when it has written them)")
+                told = True
+            _wait_for_holder(store, next(iter(pending)))
+    return [r if r is not None else fresh[k] for k, r in zip(keys, results)]
+
+
+def _say(progress: bool, msg: str) -> None:
+    """A wait the user should know about: on the terminal beside the progress bars, else in the log."""
+    if progress:
+        print(f"kvprime: {msg}", file=sys.stderr, flush=True)
+    else:
+        log.info(msg)
+
+
+def _take(store: SurrogateStore, key: str) -> FileLock | None:
+    """``key``'s lock if nobody holds it (never waits, so claiming cannot deadlock), else None."""
+    lock = store.lock(key)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    except OSError as err:
+        raise_write_error(err, store.lock_path(key))
+    return lock
+
+
+def _claim(store: SurrogateStore, pending: dict[str, str], found: dict[str, str], at_most: int) -> dict:
+    """Take the locks of up to ``at_most`` pending entries that nobody else is generating; returns them (key ->
+    lock). An entry another process wrote in the meantime moves from ``pending`` to ``found``."""
+    held: dict[str, FileLock] = {}
+    for key in list(pending):
+        if len(held) >= at_most:
+            break
+        lock = _take(store, key)
+        if lock is None:
+            continue
+        text = store.get(key)  # written by a holder that released the lock after we first looked
+        if text is None:
+            held[key] = lock
+            continue
+        lock.release()
+        found[key] = text
+        del pending[key]
+    return held
+
+
+def _wait_for_holder(store: SurrogateStore, key: str) -> None:
+    """Block until the process generating ``key`` writes it and lets go (or dies: the OS frees its lock)."""
+    lock = store.lock(key)
+    try:
+        lock.acquire()
+    except OSError as err:
+        raise_write_error(err, store.lock_path(key))
+    lock.release()
+
+
+def _generate_and_store(store: SurrogateStore, model, tokenizer, todo: dict[str, str], *, model_id: str,
+                        template_name: str, template_text: str, settings: GenerationSettings, progress: bool,
+                        provenance: Mapping | None) -> dict[str, str]:
+    """Generate ``todo`` (key -> document) in batches, store each entry with its provenance and cost; returns
+    key -> text."""
+    stats: dict = {}
+    # Looked up through the module so tests (and callers) can substitute the generator.
+    texts = generation.generate(model, tokenizer, list(todo.values()), template_text, settings,
+                                progress=progress, stats=stats)
+    costs = stats.get("documents") or [None] * len(texts)
+    for (k, d), text, spent in zip(todo.items(), texts, costs):
+        meta = {**dict(provenance or {}), "model_id": model_id, "template_name": template_name,
+                "settings": settings.key(), "document_sha256": doc_hash(d)}
+        if spent:
+            meta.update(prompt_tokens=int(spent["prompt_tokens"]),
+                        shared_prompt_tokens=int(spent.get("shared_prompt_tokens", 0)),
+                        generated_tokens=int(spent["generated_tokens"]), seconds=round(spent["seconds"], 6))
+        store.put(k, text, meta)
+    return dict(zip(todo, texts))
