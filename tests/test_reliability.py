@@ -321,9 +321,18 @@ def test_library_warnings_go_to_the_run_log_not_the_terminal(tmp_path, data_file
     assert "baseline 'bare'" in out.stdout and "baseline 'bare'" in log and f"wrote {run_dir}/report.md" in log
 
 
+# Runs a CLI command whose run is refused once it holds its directory and has written its first files (the
+# version record, config.json, plan.json), before any score.
+REFUSED_AFTER_START = ("import sys\nfrom kvprime.cache import floor\nfrom kvprime.pipeline.plan import RunError\n"
+                       "def refuse(*a, **k):\n    raise RunError('refused once the run had started')\n"
+                       "floor.for_run = refuse\n"
+                       "from kvprime.commands.cli import main; sys.argv = ['kvprime', *sys.argv[1:]]; main()")
+
+
 def test_a_run_refused_after_it_took_the_lock_leaves_nothing_and_latest_as_it_was(tmp_path):
-    """Two samples with the same query: random_query cannot be resolved, which is found only once the run holds
-    its directory. The refused run must remove what it made and leave `latest` where it pointed."""
+    """A run refused before it holds its directory (two samples with the same query: no random_query control),
+    and one refused after it wrote its first files, must both remove what they made and leave `latest` where it
+    pointed."""
     same = tmp_path / "same.jsonl"
     same.write_text("".join(json.dumps({"id": f"s{i}", "passage": f"Passage {i} about rivers and the sea.",
                                         "query": "Where does it flow?", "answer": "the sea"}) + "\n" for i in range(2)))
@@ -334,6 +343,10 @@ def test_a_run_refused_after_it_took_the_lock_leaves_nothing_and_latest_as_it_wa
     latest = os.readlink(exp_dir / "latest")
     out = _cli(["run", *TINY, "dataset=jsonl", f"dataset.path={same}"], tmp_path)
     assert out.returncode == 2 and "random_query" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert sorted(p.name for p in exp_dir.iterdir()) == before
+    assert os.readlink(exp_dir / "latest") == latest
+    out = _cli(["run", *TINY, "dataset=exp21_sanity"], tmp_path, code=REFUSED_AFTER_START)
+    assert out.returncode == 2 and "refused once the run had started" in out.stderr, out.stderr
     assert sorted(p.name for p in exp_dir.iterdir()) == before
     assert os.readlink(exp_dir / "latest") == latest
 

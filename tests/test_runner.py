@@ -310,3 +310,20 @@ def test_routing_by_similarity_without_similarities_fails_before_scoring(samples
 def test_bad_run_settings_fail_before_the_model_loads(samples_file, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         runner.run_experiment(tiny_cfg(samples_file, override), tmp_path / "r")
+
+
+def test_the_terminal_summary_counts_skipped_and_rejected_samples_by_reason(tmp_path, samples_file, caplog):
+    from kvprime.commands.app import _print_summary
+
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    rows[0]["passage"] = " ".join(["word"] * 200)
+    rows[1]["passage"] = " ".join(["word"] * 180)  # another token count, the same reason
+    samples_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = runner.run_experiment(tiny_cfg(samples_file, "model.max_context=150"), tmp_path / "r")
+    with caplog.at_level("INFO", logger="kvprime.summary"):
+        _print_summary(results)
+    lines = caplog.text.splitlines()
+    assert "2 samples skipped as too long (each listed in report.md):" in lines
+    assert "  2 × needs N tokens in condition 'bare'; the model's limit is 150" in lines
+    rejected = results["rejected"][0]["reason"]
+    assert "1 record rejected at load (each listed in results.json):" in lines and f"  1 × {rejected}" in lines

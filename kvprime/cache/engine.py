@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 
@@ -31,14 +32,18 @@ from .segments import Segments, build_segments, sink_ids
 
 class Engine:
     def __init__(self, model, tokenizer, *, sink: str = "bos", max_context: int | None = None,
-                 extend_prefixes: bool = False):
+                 extend_prefixes: bool = False, config=None):
+        """``model=None`` with the model's ``config``: an engine for the checks before the weights load, whose
+        ``segments`` and ``fits`` are the loaded engine's (building or scoring needs the model)."""
         self.model = model
         self.tokenizer = tokenizer
         self.sink_policy = sink
         self.sink = sink_ids(tokenizer, sink)
-        config = model.config.get_text_config(decoder=True)
-        self.max_context = max_context or getattr(config, "max_position_embeddings", None)
-        self.windows = [w for w in hf.sliding_windows(model) if w is not None]
+        config = model.config if config is None else config
+        self.max_context = max_context or getattr(config.get_text_config(decoder=True), "max_position_embeddings",
+                                                  None)
+        # sliding_windows reads only the model's config, so the config alone gives the loaded model's windows.
+        self.windows = [w for w in hf.sliding_windows(SimpleNamespace(config=config)) if w is not None]
         self._rope = None
         self._memo: dict = {}
         self._kept: dict = {}

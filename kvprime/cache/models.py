@@ -171,8 +171,27 @@ def model_config(cfg: Mapping):
         raise ModelUnavailable(f"cannot read the model config in {folder!r}: {err}") from err
 
 
-def load(cfg: Mapping):
-    """(model, tokenizer, info) with the model in eval mode; ``info`` goes into the run's metadata."""
+def tokenizer_and_config(cfg: Mapping) -> tuple:
+    """(tokenizer, transformers config) without weights: what the checks before the model loads need (token
+    lengths, the context and sliding windows). ``load(cfg, tokenizer=...)`` then reuses the tokenizer."""
+    config = model_config(cfg)
+    source = cfg.get("source")
+    if source == "tiny_random":
+        from .tiny import tiny_tokenizer
+
+        return tiny_tokenizer(), config
+    from transformers import AutoTokenizer
+
+    if source == "shape_random":
+        from .shape_random import tokenizer_model_cfg
+
+        return AutoTokenizer.from_pretrained(_folder(tokenizer_model_cfg(cfg))), config
+    return AutoTokenizer.from_pretrained(_folder(cfg), **_revision(cfg)), config
+
+
+def load(cfg: Mapping, tokenizer=None):
+    """(model, tokenizer, info) with the model in eval mode; ``info`` goes into the run's metadata.
+    ``tokenizer``: one ``tokenizer_and_config`` already read for this config, used instead of reading it again."""
 
     source = cfg.get("source")
     _check_location(cfg)
@@ -180,7 +199,7 @@ def load(cfg: Mapping):
     if source == "tiny_random":
         from .tiny import tiny_model, tiny_tokenizer
 
-        tokenizer = tiny_tokenizer()
+        tokenizer = tokenizer or tiny_tokenizer()
         model = tiny_model(cfg.get("arch", "llama"), seed=int(cfg.get("seed", 0)), vocab_size=len(tokenizer),
                            device="cpu", **dict(cfg.get("overrides") or {})).to(dtype)
         info = {"source": "tiny_random", "name": model_name(cfg), "arch": cfg.get("arch", "llama"),
@@ -190,8 +209,9 @@ def load(cfg: Mapping):
         from . import shape_random
 
         model_config(cfg)
-        return shape_random.load(cfg, dtype, resolve_device(cfg), _folder(shape_random.tokenizer_model_cfg(cfg)),
-                                 model_name(cfg))
+        model, own, info = shape_random.load(cfg, dtype, resolve_device(cfg),
+                                             _folder(shape_random.tokenizer_model_cfg(cfg)), model_name(cfg))
+        return model, tokenizer or own, info
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -212,7 +232,7 @@ def load(cfg: Mapping):
         kwargs["dtype"] = compute
     if cfg.get("device_map"):
         kwargs["device_map"] = cfg["device_map"]
-    tokenizer = AutoTokenizer.from_pretrained(folder, **_revision(cfg))
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder, **_revision(cfg))
     model = AutoModelForCausalLM.from_pretrained(folder, **_revision(cfg), **kwargs).eval()
     if not cfg.get("device_map"):
         model = model.to(resolve_device(cfg))

@@ -233,7 +233,29 @@ def _print_summary(results: dict) -> None:
         lines.append(f"{r['condition']:<{w}}{r['mean']:>10.4f}{r['mean_delta']:>+10.4f}{ci:>22}"
                      f"{r['win_rate']:>7.0%}{r['p_holm']:>10.2g}  {r['verdict']}")
     lines += [f"[{d['status']}] {d['text']}" for d in results.get("diagnosis", [])]
-    out.info("\n".join(lines))
+    out.info("\n".join(lines + _left_out(results)))
+
+
+def _left_out(results: dict) -> list[str]:
+    """The samples the summary's numbers leave out, counted by reason as report.md counts them: skipped as too
+    long (report.md lists each) and records rejected at load (results.json lists each)."""
+    import re
+
+    from ..reporting.report import rejection_counts
+
+    lines = []
+    skipped, rejected = results.get("skipped") or [], results.get("rejected") or []
+    if skipped:
+        # A reason's token count differs from sample to sample: masked, one line per reason.
+        masked = [{"reason": re.sub(r"\bneeds \d+ tokens", "needs N tokens", s["reason"])} for s in skipped]
+        lines.append(f"{len(skipped)} sample{'s' if len(skipped) > 1 else ''} skipped as too long (each listed in "
+                     "report.md):")
+        lines += [f"  {n} × {reason}" for reason, n in rejection_counts(masked)]
+    if rejected:
+        lines.append(f"{len(rejected)} record{'s' if len(rejected) > 1 else ''} rejected at load (each listed in "
+                     "results.json):")
+        lines += [f"  {n} × {reason}" for reason, n in rejection_counts(rejected)]
+    return lines
 
 
 def _override_paths(args) -> dict[str, str]:

@@ -177,10 +177,62 @@ def prepare(cfg, only: str | None = None) -> dict:
 
     for source in dict.fromkeys(s.surrogate for s in specs.values()):
         sources.prepare(source, loaded.samples, cfg["seed"])  # a donor, a sibling: said before the model loads
+    _check_random_pool(cfg, specs, loaded.samples)
     pool = [s.query for s in loaded.samples]  # random queries come from the whole selection, not the shard
     return {"cfg": cfg, "specs": specs, "only": only, "loaded": loaded, "samples": samples, "pool": pool,
             "grouped": grouped(cfg),
             "load_data_s": time.perf_counter() - t}
+
+
+def _check_random_pool(cfg: Mapping, specs: Mapping, selection: list) -> None:
+    """``random_query`` draws each sample's control from the whole selection's other queries (grouped by passage:
+    other passages' questions). A selection that leaves a sample none is refused here, not when it is scored."""
+    from ..surrogates import sources
+
+    names = [n for n, s in specs.items() if s.surrogate == "random_query"]
+    unserved = sources.random_query_unserved(selection, by_passage=grouped(cfg)) if names else []
+    if not unserved:
+        return
+    conditions = f"condition{'s' if len(names) > 1 else ''} {', '.join(names)}"
+    drop = f"or drop the random_query condition{'s' if len(names) > 1 else ''}"
+    n = cfg["dataset"].get("n_samples")
+    if not grouped(cfg):
+        raise RunError(f"surrogate source random_query ({conditions}) draws each sample's random control from the "
+                       f"other selected samples' queries, but the {len(selection)} selected sample(s) (e.g. "
+                       f"{unserved[0].sample_id!r}) have no other query (dataset.n_samples={n}). Raise "
+                       f"dataset.n_samples, {drop}.")
+    from ..data.passages import groups
+
+    passages = groups(selection)
+    if len(passages) > 1:  # several passages, whose questions are all worded alike: no larger n is sure to help
+        raise RunError(f"surrogate source random_query ({conditions}) draws each question's random control from the "
+                       f"questions of other passages, but sample {unserved[0].sample_id!r}'s passage has every "
+                       f"question the selection holds. Select other data, {drop}.")
+    ids = ", ".join(repr(s.sample_id) for s in selection[:3]) + (", ..." if len(selection) > 3 else "")
+    why = (f"surrogate source random_query ({conditions}) draws each question's random control from the questions "
+           "of other passages (with dataset.group_by_passage=true a passage's own questions are its sibling "
+           f"primers, never its control), but dataset.n_samples={n} selects one whole passage ({len(selection)} "
+           f"questions: {ids}), so there is no other passage to draw from.")
+    works = _n_selecting_a_second_passage(cfg, len(selection))
+    if works is None:
+        raise RunError(f"{why} The data holds no second passage with at least two usable questions: use data with "
+                       f"more passages, {drop}.")
+    raise RunError(f"{why} Set dataset.n_samples={works} or more (passages are taken whole, in selection order; "
+                   f"{works} is the smallest that selects a second passage), {drop}.")
+
+
+def _n_selecting_a_second_passage(cfg: Mapping, first_size: int) -> int | None:
+    """The smallest ``dataset.n_samples`` whose grouped selection holds two passages: whole passages are taken in
+    selection order until they hold n questions, so one question more than the first passage has, if the data
+    has a second passage (loaded again to be sure: filters may leave it none). None: no n does."""
+    from ..data import load_samples
+    from ..data.passages import groups
+
+    if cfg["dataset"].get("n_samples") is None:
+        return None  # everything is selected already
+    n = first_size + 1
+    again = load_samples({**cfg["dataset"], "n_samples": n}, multidoc=cfg["multidoc"])
+    return n if len(groups(again.samples)) > 1 else None
 
 
 def _check_store(cfg: Mapping, specs: Mapping) -> None:

@@ -1,7 +1,8 @@
 """Run one experiment into one run directory: validate, load, generate surrogates, score, then finalize.
 
 Everything that can be checked without weights (condition definitions, templates, names, RoPE support,
-CUDA for 4-bit, the run directory's state) is checked first. Scores stream to ``scores.jsonl`` as they are
+CUDA for 4-bit, the surrogate sources' pools, token lengths with ``on_too_long=error``, the run directory's state
+and the kvprime that started it) is checked first. Scores stream to ``scores.jsonl`` as they are
 computed; a rerun with ``resume=true`` into the same directory scores only what is missing. Statistics,
 tables, figures and the report come from the directory's files alone (``kvprime.reporting.finalize``), so
 ``kvprime report <run_dir>`` can redo them without a model.
@@ -49,10 +50,49 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
         return out
 
     now, old = json.loads(dumps(relevant(cfg))), relevant(stored)
+    added, removed, changed = _config_diff(now, old)
+    if added or removed:
+        raise RunDirConflict(_version_changed(run_dir, added, removed, changed))
     diff = sorted(k for k in set(now) | set(old) if now.get(k) != old.get(k))
     if diff:
         raise RunDirConflict(f"resume=true, but the configuration differs from the one {run_dir} was started with in "
-                       f"{diff}. Resume with the original overrides (see {stored_path}), or start a new run.")
+                             f"{diff}. Resume with the original overrides (see {stored_path}), or start a new run.")
+
+
+def _config_diff(now: Mapping, old: Mapping, prefix: str = "") -> tuple[list, list, list]:
+    """Dotted settings only in ``now`` (added to kvprime since ``old`` was written), only in ``old`` (removed
+    since), and in both with other values (overridden); a missing section is named once, not key by key."""
+    added, removed, changed = [], [], []
+    for key in sorted(set(now) | set(old)):
+        path = f"{prefix}{key}"
+        if key not in old:
+            added.append(path)
+        elif key not in now:
+            removed.append(path)
+        elif isinstance(now[key], Mapping) and isinstance(old[key], Mapping):
+            for mine, theirs in zip((added, removed, changed), _config_diff(now[key], old[key], f"{path}.")):
+                mine += theirs
+        elif now[key] != old[key]:
+            changed.append(path)
+    return added, removed, changed
+
+
+def _version_changed(run_dir: Path, added: list, removed: list, changed: list) -> str:
+    """The paragraph for resuming a directory another kvprime started: its settings are not this kvprime's."""
+    then, now = metadata.recorded_identity(run_dir), metadata.identity()
+    what = []
+    if added:
+        what.append(f"this kvprime has settings added since, which its config.json lacks: {', '.join(added)}")
+    if removed:
+        what.append(f"its config.json has settings this kvprime no longer has: {', '.join(removed)}")
+    if changed:
+        what.append(f"besides, these settings differ from the ones it was started with: {', '.join(changed)}")
+    finish = f"{metadata.how_to_get(then, now)}, then `kvprime resume {run_dir}`"
+    return (f"resume=true, but {run_dir} was started by {metadata.describe(then)}, and this is "
+            f"{metadata.describe(now)}: {'; '.join(what)}. This is a change of kvprime version, not an override "
+            f"that can be undone on the command line. Either finish the run with the version that started it "
+            f"({finish}), or start a new run with this version (leave hydra.run.dir unset). Nothing in {run_dir} "
+            "was changed.")
 
 
 def _complete(run_dir: Path, samples, names) -> bool:
@@ -88,7 +128,8 @@ class RunDirConflict(RunError, RunDirError):
 
 
 # A directory holding any of these holds a run (started, killed or finished).
-RUN_FILES = ("config.json", "plan.json", "inputs.jsonl", "scores.jsonl", "metadata.json", "results.json")
+RUN_FILES = (metadata.VERSION_FILE, "config.json", "plan.json", "inputs.jsonl", "scores.jsonl", "metadata.json",
+             "results.json")
 
 
 def check_run_dir(run_dir: Path, cfg: Mapping) -> None:
@@ -135,16 +176,19 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     ``on_claimed(run_dir)`` is called once it is (the CLI writes Hydra's record of the run there), and
     ``on_failure(err)`` when the run then fails, still under the lock, so what a failed run leaves behind is
     settled before another command can take the directory."""
+    from .session import Session
+
     t0 = time.perf_counter()
-    prepared = prepare(cfg, only)
+    session = Session(prepare(cfg, only))
+    check_lengths(session)
     run_dir = Path(run_dir)
-    with claim(run_dir, prepared["cfg"], "resume" if prepared["cfg"].get("resume") else "run"):
+    with claim(run_dir, session.cfg, "resume" if session.cfg.get("resume") else "run"):
         try:
             if on_claimed is not None:
                 on_claimed(run_dir)
-            shown = prepared["cfg"]["progress"] if progress is None else progress
+            shown = session.cfg["progress"] if progress is None else progress
             with models.loading_bars(shown):
-                results = _execute(prepared, run_dir, progress, t0)
+                results = _execute(session, run_dir, progress, t0)
         except BaseException as err:
             if on_failure is not None:
                 on_failure(err)
@@ -153,22 +197,53 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
         return results
 
 
-def _execute(prepared: dict, run_dir: Path, progress: bool | None, t0: float) -> dict:
-    from .session import Session
+def check_lengths(session) -> None:
+    """With ``on_too_long=error``, refuse a sample too long for the model before any weights load: the tokenizer
+    and the model's config (its context, its sliding windows) are read without them.
 
+    Checked here, exactly as scoring checks them: every condition whose surrogate text needs no model (none,
+    query, random_query, static, sibling_query, random_tokens, a plugin's source) and every generated one the
+    store already holds. Checked late, when the sample is scored (``_score_all``): a generated surrogate the
+    store lacks, whose length is known only once the generator has written it, which needs its weights."""
+    if session.cfg["on_too_long"] != "error":
+        return
+    session.read_stored(session.samples)
+    for sample in session.samples:
+        reason = _too_long(session.checks_engine, session.specs, session.known_segments(sample))
+        if reason is not None:
+            raise _too_long_error(sample, reason)
+
+
+def _too_long(engine, specs, segs) -> str | None:
+    """Why a sample's spans (condition -> Segments) do not fit the model, or None when they all fit."""
+    too_long = [n for n in segs if not engine.fits(segs[n], specs[n])]
+    if not too_long:
+        return None
+    need = max(len(segs[n]) + specs[n].position_offset for n in too_long)
+    limit = min([w for w in [engine.max_context, *engine.windows] if w])
+    return f"needs {need} tokens in condition {too_long[0]!r}; the model's limit is {limit}"
+
+
+def _too_long_error(sample, reason: str) -> RunError:
+    return RunError(f"sample {sample.sample_id!r} {reason} (on_too_long=error; use on_too_long=skip to skip and "
+                    "count such samples).")
+
+
+def _execute(session, run_dir: Path, progress: bool | None, t0: float) -> dict:
     timings: dict[str, float] = {}
     peaks: dict[str, int] = {}  # the process's peak resident memory after each stage (MB; it never goes down)
-    session = Session(prepared)
     cfg, specs, only = session.cfg, session.specs, session.only
     exp = cfg["experiment"]
     seed = cfg["seed"]
     progress = cfg["progress"] if progress is None else progress
     model_cfg = cfg["model"]
+    if not (run_dir / "config.json").exists() and not (run_dir / metadata.VERSION_FILE).exists():
+        write_json(run_dir / metadata.VERSION_FILE, metadata.identity())  # once: the kvprime that started the run
     write_json(run_dir / "config.json", cfg)
     write_json(run_dir / "plan.json", {"only": only, "conditions": {n: s.to_dict() for n, s in specs.items()},
                                        "builder_notes": builder_notes(specs),
                                        "plugins": plugins.origins(cfg["plugins"])})
-    timings["validate"] = time.perf_counter() - t0 - prepared["load_data_s"]
+    timings["validate"] = time.perf_counter() - t0 - session.load_data_s
 
     loaded, samples = session.loaded, session.samples
     timings["load_data"] = session.load_data_s
@@ -303,14 +378,10 @@ def _score_all(session, similarity, run_dir, progress):
             work = []  # (sample, condition name, segments)
             for sample in group:
                 segs = session.segments(sample)
-                too_long = [n for n, spec in specs.items() if not engine.fits(segs[n], spec)]
-                if too_long:
-                    need = max(len(segs[n]) + specs[n].position_offset for n in too_long)
-                    limit = min([w for w in [engine.max_context, *engine.windows] if w])
-                    reason = f"needs {need} tokens in condition {too_long[0]!r}; the model's limit is {limit}"
+                reason = _too_long(engine, specs, segs)
+                if reason is not None:
                     if on_too_long == "error":
-                        raise RunError(f"sample {sample.sample_id!r} {reason} (on_too_long=error; use "
-                                       "on_too_long=skip to skip and count such samples).")
+                        raise _too_long_error(sample, reason)
                     skipped.append({"sample_id": sample.sample_id, "reason": reason})
                     continue
                 work += [(sample, name, segs[name]) for name in specs]

@@ -2,7 +2,8 @@
 
 ``run``, ``inspect``, ``walkthrough``, ``bench`` and ``surrogates generate`` all start here, so they cannot
 disagree about a sample: the validated settings and conditions (``kvprime.pipeline.plan.prepare``), this shard's
-samples, the random-query pool (the whole selection's queries), the model and tokenizer (loaded on first use),
+samples, the random-query pool (the whole selection's queries), the tokenizer and the model's config (read
+without weights, for the checks before the model loads), the model (loaded on first use, with that tokenizer),
 the Engine, every sample's surrogate text per condition (generated ones through the on-disk store, written
 by the generator: ``generation.model``, the scored model by default, loaded only if the store lacks
 something) and its token segments per condition.
@@ -24,7 +25,7 @@ class Session:
     """Everything a command needs for one config. Build it with ``Session.open(cfg)`` or
     ``Session.from_overrides([...])``; the run builds it from the ``prepare`` it did before claiming its
     directory. Nothing heavy happens until it is asked for: the model loads on first use of ``model``,
-    ``tokenizer``, ``engine`` or a surrogate that needs them."""
+    ``engine`` or a surrogate that needs it (``tokenizer`` and ``checks_engine`` need no weights)."""
 
     def __init__(self, prepared: Mapping):
         self.cfg: dict = prepared["cfg"]  # validated, batch sizes resolved to numbers
@@ -85,10 +86,16 @@ class Session:
     # ------------------------------------------------------------ model
 
     @cached_property
+    def _tokenizer_and_config(self) -> tuple:
+        from ..cache import models
+
+        return models.tokenizer_and_config(self.cfg["model"])
+
+    @cached_property
     def _model(self) -> tuple:
         from ..cache import models
 
-        return models.load(self.cfg["model"])
+        return models.load(self.cfg["model"], tokenizer=self.tokenizer)
 
     @property
     def model(self):
@@ -96,7 +103,8 @@ class Session:
 
     @property
     def tokenizer(self):
-        return self._model[1]
+        """The scored model's tokenizer, read without its weights (the model, once loaded, shares it)."""
+        return self._tokenizer_and_config[0]
 
     @property
     def model_info(self) -> dict:
@@ -118,6 +126,15 @@ class Session:
     @cached_property
     def engine(self):
         return self.new_engine()
+
+    @cached_property
+    def checks_engine(self):
+        """An engine without weights (``segments`` and ``fits`` only): the context and sliding windows come from
+        the model's config, so the length checks run before the model loads and agree with the loaded engine's."""
+        from ..cache.engine import Engine
+
+        return Engine(None, self.tokenizer, sink=self.cfg["model"]["sink"],
+                      max_context=self.cfg["model"].get("max_context"), config=self._tokenizer_and_config[1])
 
     # ------------------------------------------------------------ surrogates
 
@@ -251,17 +268,80 @@ class Session:
         if missing:
             self.generate([sample], missing)
             for n in missing:
-                spec = self.specs[n]
-                # The tokenizer only for random tokens: other sources need no model loaded.
-                tok = self.tokenizer if spec.surrogate == "random_tokens" else None
-                donors = ({sample.sample_id: self.donor(sample).sample_id}
-                          if spec.surrogate.startswith("generated_other:") else None)
-                known[n] = sources.resolve(spec.surrogate, sample, pool=self.pool, seed=self.seed, tokenizer=tok,
-                                           n_tokens=spec.random_tokens, generated=self.generated, donors=donors,
-                                           selection=self.loaded.samples, state=self.source_state(spec.surrogate),
-                                           exclude=(self._passage_queries.get(passage_id(sample), ())
-                                                    if self._passage_queries else ()))
+                known[n] = self._resolve(sample, n)
         return {n: known[n] for n in names}
+
+    def _resolve(self, sample, name: str) -> str | None:
+        """The condition's surrogate text for ``sample``; a generated one must be in ``generated`` already."""
+        spec = self.specs[name]
+        # The tokenizer only for random tokens (it loads without weights): other sources need none.
+        tok = self.tokenizer if spec.surrogate == "random_tokens" else None
+        donors = ({sample.sample_id: self.donor(sample).sample_id}
+                  if spec.surrogate.startswith("generated_other:") else None)
+        return sources.resolve(spec.surrogate, sample, pool=self.pool, seed=self.seed, tokenizer=tok,
+                               n_tokens=spec.random_tokens, generated=self.generated, donors=donors,
+                               selection=self.loaded.samples, state=self.source_state(spec.surrogate),
+                               exclude=(self._passage_queries.get(passage_id(sample), ())
+                                        if self._passage_queries else ()))
+
+    def _generator_id_without_weights(self) -> str | None:
+        """The generator's store identity when its files give it (a packaged, local or hub model); None for an
+        in-process random model, whose identity is a digest of weights that exist only once it is built."""
+        from ..cache import models
+
+        info = models.weights_identity(self.generator.cfg)
+        return None if info is None else model_id(self.generator.cfg, info)
+
+    def read_stored(self, samples: Sequence) -> None:
+        """Fill ``generated`` (and ``passage_generated``) with what the store already holds for ``samples``,
+        never generating: the texts ``generate`` would read from it, so nothing it later generates differs."""
+        from ..surrogates.generation import GENERATION_TEMPLATES
+
+        gen_id = self._generator_id_without_weights() if self.templates() else None
+        if gen_id is None:
+            return
+
+        def stored(template: str, document: str) -> str | None:
+            return self.store.get(self.store.key(model_id=gen_id, template_name=template,
+                                                 template_text=GENERATION_TEMPLATES[template],
+                                                 settings=self.generation_settings, document=document))
+
+        for template, wanted in self._needed(samples, None).items():
+            for sid, s in wanted.items():
+                if (template, sid) not in self.generated and (text := stored(template, s.passage)) is not None:
+                    self.generated[(template, sid)] = text
+        for spec in self.specs.values():
+            template = sources.generated_template(spec.surrogate)
+            for s in samples:
+                if not per_document.applies(spec, s):
+                    continue
+                for p in s.passages:
+                    if (template, p) not in self.passage_generated and (text := stored(template, p)) is not None:
+                        self.passage_generated[(template, p)] = text
+
+    def _known_without_model(self, spec, sample) -> bool:
+        template = sources.generated_template(spec.surrogate)
+        if template is None:
+            return True
+        owner = self.donor(sample) if spec.surrogate.startswith("generated_other:") else sample
+        passages = sample.passages if per_document.applies(spec, sample) else ()
+        return (template, owner.sample_id) in self.generated and \
+            all((template, p) in self.passage_generated for p in passages)
+
+    def known_segments(self, sample) -> dict:
+        """Condition -> the sample's token spans, for every condition whose surrogate text is known without a
+        model: all but a generated one the store lacks (``read_stored`` first). Tokenized by ``checks_engine``,
+        as the loaded engine tokenizes them."""
+        out = {}
+        for name, spec in self.specs.items():
+            if not self._known_without_model(spec, sample):
+                continue
+            text = self._resolve(sample, name)
+            own = per_document.texts(self, spec, sample)
+            out[name] = self.checks_engine.segments(spec, document=sample.passage, query=sample.query,
+                                                    answer=sample.answer, surrogate=own or text,
+                                                    documents=sample.documents)
+        return out
 
     def resolved(self, samples: Sequence | None = None) -> dict:
         """sample_id -> {condition: surrogate text} for the samples (default this shard's)."""

@@ -235,11 +235,28 @@ def random_query(sample, pool: Sequence[str], seed: int, exclude: Collection[str
         return sample.random_query
     others = sorted({q for q in pool if q != sample.query and q not in exclude})
     if not others:
+        where = ("the questions of other passages (a passage's own questions are never its control)" if exclude
+                 else "the other samples' queries")
         raise ConfigError(
-            "surrogate source random_query needs at least one other sample with a different query; "
-            f"the run has only sample {sample.sample_id!r}. Use more samples or another surrogate source."
+            f"surrogate source random_query draws sample {sample.sample_id!r}'s random control from {where}, "
+            "and the selection has none. Use more samples or another surrogate source."
         )
     return others[int(_rng(seed, sample.sample_id, "random_query").integers(len(others)))]
+
+
+def random_query_unserved(selection: Sequence, *, by_passage: bool) -> list:
+    """The selected samples ``random_query`` has no control for: no fixed control query of their own, and no
+    query in the selection but their own (``by_passage``: but their passage's questions, which are excluded).
+    Linear in the selection: what a sample excludes is part of the pool, so the pool has more iff it is larger."""
+    from ...data.passages import passage_id
+
+    pool = {s.query for s in selection}
+    if by_passage:
+        own: dict[str, set] = {}
+        for s in selection:
+            own.setdefault(passage_id(s), set()).add(s.query)
+        return [s for s in selection if not s.random_query and len(own[passage_id(s)]) >= len(pool)]
+    return [s for s in selection if not s.random_query and len(pool) < 2]
 
 
 def random_tokens(sample, tokenizer, n_tokens: int, seed: int) -> str:
