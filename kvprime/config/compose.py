@@ -1,13 +1,40 @@
-"""Compose kvprime's Hydra config from command-line overrides, outside a Hydra app.
+"""Compose kvprime's Hydra config from command-line overrides, outside a Hydra app, and say which keys a composed
+config may hold.
 
 ``kvprime run`` is a Hydra app; ``inspect``, ``walkthrough``, ``bench``, ``surrogates generate``, the tests and
 notebooks compose the same ``conf/`` here. A command's own choices (the walkthrough's experiment, the bench's
 sample count) are defaults that the user's overrides replace. No torch is imported: composing is cheap.
+
+Hydra lets any key in with ``+key=value`` (and a YAML file may hold any), but kvprime reads only the keys it
+declares; another one, a misspelling most often, would be ignored without a word. So every key of a composed
+config is checked (``unknown_in``, called by ``kvprime.config.settings.check``): the run-level settings are declared
+in ``kvprime.config.settings``, the keys of the groups ``conf/`` composes here, a dataset loader's options where it
+registers (``kvprime.data.registry``), a builder's where it registers (checked with the conditions).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+
+from ..errors import ConfigError
+
+# The keys of a run config besides the run-level settings: the groups that conf/ composes.
+GROUPS = ("model", "dataset", "experiment", "condition", "conditions")
+# Every model key kvprime reads (kvprime.cache.models, shape_random, tiny; hub_id: model.id's older name). A key a
+# source does not use is harmless (hf_local's compute_dtype without quantization), so the set is not per source.
+MODEL_KEYS = ("name", "source", "asset", "path", "id", "hub_id", "revision", "dtype", "compute_dtype", "device",
+              "quantization", "device_map", "attn_implementation", "sink", "max_context", "arch", "seed", "overrides",
+              "tokenizer", "config")
+# Every experiment key kvprime reads (kvprime.pipeline.plan, kvprime.reporting, kvprime.analysis, the commands).
+EXPERIMENT_KEYS = ("name", "title", "description", "baseline", "comparisons", "diagnosis", "inspect", "analyses",
+                   "similarity", "similarity_condition", "derived", "cache_variant")
+# The dataset keys every loader shares (kvprime.data.load_samples); a loader adds its own options.
+DATASET_KEYS = ("name", "n_samples", "selection", "seed", "filters", "group_by_passage")
+# How a key becomes one kvprime knows: said in every refusal of an unknown key, since `+key=value` cannot do it.
+ADD_A_KEY = ("A key is known only when the code that reads it declares it: your own code's settings come with a "
+             "plugin (plugins=[...]; README: Extending), as fields of its builder's params dataclass (keys of a "
+             "condition) or its loader's register_loader(name, options=(...)) (keys of dataset).")
 
 
 def override_key(arg: str) -> str:
@@ -47,3 +74,100 @@ def pop_arg(args: list[str], key: str) -> str | None:
             args.remove(a)
             return a.split("=", 1)[1]
     return None
+
+
+def unknown_key(key: str, shown: str, accepted: Sequence[str], place: str | None = None) -> str:
+    """The paragraph for ``key`` (dotted), which kvprime does not read, given the value ``shown``; ``accepted``: the
+    keys its section takes (the closest to ``key`` are named first); ``place``: the section in words."""
+    section, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, list(accepted), n=3, cutoff=0.6)
+    ordered = close + [k for k in accepted if k not in close]
+    place = place or section or "the top level of the config"
+    guess = f" Did you mean {section + '.' if section else ''}{close[0]}?" if close else ""
+    return (f"{key}={shown} is not accepted: kvprime reads no key {name!r} in {place}, so the value would be ignored "
+            f"without a word (a + on the command line adds a key to the config, not to what kvprime reads).{guess} "
+            f"Accepted in {place}: {', '.join(ordered) or 'none'}. {ADD_A_KEY}")
+
+
+def unknown_keys(section: str | None, holder: Mapping, accepted: Sequence[str], show: Callable[[object], str] = repr,
+                 place: str | None = None) -> list[str]:
+    """An ``unknown_key`` paragraph for each key of ``holder`` (the section ``section``; None: the top level) that
+    is not in ``accepted``; ``show`` writes a value as the config spells it."""
+    prefix = f"{section}." if section else ""
+    return [unknown_key(prefix + str(k), show(v), accepted, place) for k, v in holder.items() if k not in accepted]
+
+
+def refuse(problems: Sequence[str], origin: str | None = None) -> None:
+    """Raise one ``ConfigError`` holding every paragraph of ``problems`` (nothing when there is none); ``origin``
+    (e.g. a config.json path) is named."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0] + (f" It was read from {origin}." if origin else ""))
+    if problems:
+        where = f" (in {origin})" if origin else ""
+        raise ConfigError(f"{len(problems)} settings are not accepted{where}:\n" + "\n".join(problems))
+
+
+def dataset_keys(dataset: Mapping) -> tuple[tuple[str, ...], str] | None:
+    """(accepted keys, the section in words) of a dataset config whose loader is registered: the common keys, then
+    the loader's declared options. None for another loader (a plugin's registers when the run's plugins are
+    imported, after the settings check: kvprime.data.load_samples checks its keys then)."""
+    name = dataset.get("name")
+    if not isinstance(name, str):
+        return None
+    from ..data import registry  # lazy: importing kvprime.data registers kvprime's own loaders
+
+    if name not in registry.LOADERS:
+        return None
+    options = tuple(k for k in registry.OPTIONS[name] if k not in DATASET_KEYS)
+    return DATASET_KEYS + options, f"dataset (loader {name!r})"
+
+
+def _unselected_condition(cfg: Mapping, show: Callable[[object], str]) -> list[str]:
+    key, value = next(iter(cfg["condition"].items()))
+    return [f"condition.{key}={show(value)} is not accepted: no condition is selected for this command, so condition.* "
+            "would be ignored without a word. To run one condition (with the baseline), select it: `kvprime run "
+            "condition=<name>` (a file of conf/condition), then condition.<key>=... changes it; to change a condition "
+            f"of the experiment, set conditions.<name>.<key>=... (its conditions: "
+            f"{', '.join(cfg.get('conditions') or {}) or 'none'})."]
+
+
+def unknown_in(cfg: Mapping, declared: Mapping[str | None, Sequence[str]], show: Callable[[object], str], *,
+               wanted: set | None = None, condition_selected: bool | None = None) -> list[str]:
+    """A paragraph for every key of the run config ``cfg`` that kvprime does not read. ``declared``: the keys of the
+    top level (None) and of the sections the settings declare whole; ``wanted``: the top-level names to judge
+    (None: all, the top level included); ``condition_selected`` False: condition.* keys are refused too."""
+    sections = {sec: (keys, None) for sec, keys in declared.items() if sec is not None}
+    sections.update(model=(MODEL_KEYS, None), experiment=(EXPERIMENT_KEYS, None))
+    if isinstance(cfg.get("dataset"), Mapping) and dataset_keys(cfg["dataset"]) is not None:
+        sections["dataset"] = dataset_keys(cfg["dataset"])
+    problems = [] if wanted is not None else unknown_keys(None, cfg, declared[None], show)
+    for sec, (accepted, place) in sections.items():
+        if (wanted is None or sec in wanted) and isinstance(cfg.get(sec), Mapping):
+            problems += unknown_keys(sec, cfg[sec], accepted, show, place)
+    if condition_selected is False and isinstance(cfg.get("condition"), Mapping) and cfg["condition"]:
+        problems += _unselected_condition(cfg, show)
+    return problems
+
+
+def not_in_config(key: str, value: str, declared: Mapping[str | None, Sequence[str]]) -> str | None:
+    """The paragraph for ``key=value`` (as typed) that Hydra refused because the composed config has no ``key``,
+    before kvprime saw the config, where Hydra's own hint (``+key=value``) would only meet ``unknown_in``'s refusal:
+    a top-level key, or one of a section whose keys kvprime declares (settings, model, experiment, dataset). None
+    where ``+`` is the way to add a key kvprime reads (a builder's param in a condition, model.overrides.*, ...).
+    For dataset, every registered loader's options count (which loader is selected is not known here)."""
+    section, _, name = key.rpartition(".")
+    options = ()
+    if section == "dataset":
+        from ..data import registry  # lazy: importing kvprime.data registers kvprime's own loaders
+
+        options = tuple(k for loader in sorted(registry.OPTIONS) for k in registry.OPTIONS[loader])
+    accepted = {**declared, "model": MODEL_KEYS, "experiment": EXPERIMENT_KEYS, "dataset": DATASET_KEYS + options}
+    if (section or None) not in accepted:
+        return None
+    close = difflib.get_close_matches(name, list(dict.fromkeys(accepted[section or None])), n=1, cutoff=0.6)
+    guess = f" Did you mean {section + '.' if section else ''}{close[0]}?" if close and close[0] != name else ""
+    plus = ("is refused too, unless the selected loader declares the option" if section == "dataset"
+            else "is refused too")
+    return (f"{key}={value} is not accepted: this config has no key {key}, and kvprime refuses every key it does not "
+            f"read (so +{key}={value} {plus}).{guess} `kvprime run --cfg job` with your other overrides shows the "
+            f"config's keys. {ADD_A_KEY}")

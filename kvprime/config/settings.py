@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError
+from . import compose
 from .devices import DEVICE_BATCH_DEFAULTS, device_ok, this_machine
 
 # The accepted words of the settings that take one. generation.CLEAN_MODES and models.DTYPES must be equal to
@@ -258,7 +259,7 @@ class Settings:
 
 
 # Sections whose every key is declared here: another key in them is a misspelling (Hydra only lets one in
-# with +key=...). model and dataset carry many more keys (their YAML files), checked elsewhere.
+# with +key=...). model, dataset and experiment carry more keys than they declare rules for (kvprime.config.compose).
 CLOSED_SECTIONS = ("stats", "generation", "floor", "batch", "run", "multidoc", "answer")
 
 
@@ -342,12 +343,21 @@ def _plain(cfg) -> dict:
     return copy.deepcopy(dict(cfg))
 
 
-def check(cfg: Mapping, *, only: Iterable[str] | None = None, origin: str | None = None) -> dict:
+def declared() -> dict[str | None, tuple[str, ...]]:
+    """The keys of the top level (None) and of every section whose keys are all declared here."""
+    top = tuple(dict.fromkeys(k.split(".", 1)[0] for k in SPECS)) + tuple(g for g in compose.GROUPS if g not in SPECS)
+    return {None: top, **{s: tuple(k.split(".")[1] for k in SPECS if k.startswith(s + ".")) for s in CLOSED_SECTIONS}}
+
+
+def check(cfg: Mapping, *, only: Iterable[str] | None = None, origin: str | None = None,
+          condition_selected: bool | None = None) -> dict:
     """Validate the run config ``cfg`` and return a copy with every missing setting filled with its default.
 
     ``only``: top-level names to check and fill (``("seed", "stats")`` for ``kvprime report``, which must not
     judge the model's device on another machine); default all. ``origin`` (e.g. a config.json path) is named
-    in the error. Every bad value gets its own paragraph, in one ``ConfigError``."""
+    in the error. ``condition_selected``: whether the run selected one condition (``condition=<name>``); False
+    refuses ``condition.*`` keys, which only a selected condition reads (None: not judged). Every bad value and
+    every key kvprime does not read gets its own paragraph, in one ``ConfigError``."""
     out = _plain(cfg)
     wanted = None if only is None else set(only)
     problems: list[str] = []
@@ -383,13 +393,7 @@ def check(cfg: Mapping, *, only: Iterable[str] | None = None, origin: str | None
             if spec.section is None:
                 bad_top.add(spec.key)
 
-    for sec in CLOSED_SECTIONS:
-        if (wanted is None or sec in wanted) and isinstance(out.get(sec), Mapping):
-            known = [k.split(".", 1)[1] for k in SPECS if k.startswith(sec + ".")]
-            for key in out[sec]:
-                if key not in known:
-                    problems.append(f"{sec}.{key} is not a setting (value {show(out[sec][key])}). The {sec} settings "
-                                    f"are: {', '.join(known)}.")
+    problems += compose.unknown_in(out, declared(), show, wanted=wanted, condition_selected=condition_selected)
 
     shards = out.get("run")
     if (wanted is None or "run" in wanted) and isinstance(shards, Mapping):
@@ -398,11 +402,7 @@ def check(cfg: Mapping, *, only: Iterable[str] | None = None, origin: str | None
             problems.append(f"run.shard={show(i)} is not a shard of run.num_shards={show(n)}: run.shard is this "
                             f"job's shard. Accepted: an integer from 0 to {n - 1} (default: 0).")
 
-    if len(problems) == 1:
-        raise ConfigError(problems[0] + (f" It was read from {origin}." if origin else ""))
-    if problems:
-        where = f" (in {origin})" if origin else ""
-        raise ConfigError(f"{len(problems)} settings are not accepted{where}:\n" + "\n".join(problems))
+    compose.refuse(problems, origin)
     return out
 
 

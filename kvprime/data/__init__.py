@@ -1,40 +1,34 @@
 """Datasets for kvprime: a registry of loaders and `load_samples`, which checks and selects.
 
-A loader is a function `cfg -> iterable of Sample | Rejection` registered by name. It only
-translates its source; the checks (empty fields, word-count filters), the id-uniqueness rule
-and the selection live here so that every source is treated the same way.
+A loader is a function `cfg -> iterable of Sample | Rejection` registered by name, with the `dataset` options it
+reads (``kvprime.data.registry``). It only translates its source, naming each record's place in it
+(``Sample.origin``); the checks (unknown keys, empty fields, word-count filters), the id-uniqueness rule and the
+selection live here so that every source is treated the same way. File loaders read through
+``kvprime.data.reading``: UTF-8 with or without a byte-order mark, every problem named by file, line and field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
+from kvprime.data.registry import LOADERS, OPTIONS, Loader, register_loader
 from kvprime.data.types import LoadResult, Rejection, Sample
 
-from ..config import settings
-from ..errors import ConfigError
+from ..config import compose, settings
+from ..errors import ConfigError, DataError
 
-__all__ = ["LOADERS", "LoadResult", "Rejection", "Sample", "load_samples", "register_loader"]
-
-Loader = Callable[[Mapping], Iterable["Sample | Rejection"]]
-LOADERS: dict[str, Loader] = {}
+__all__ = ["LOADERS", "OPTIONS", "Loader", "LoadResult", "Rejection", "Sample", "load_samples", "register_loader"]
 
 FILTER_KEYS = ("min_passage_words", "max_passage_words", "min_answer_words", "max_answer_words")
 SELECTIONS = ("first", "random")
 
 
-def register_loader(name: str) -> Callable[[Loader], Loader]:
-    """Decorator: make `fn` available as `dataset.name=<name>`."""
-
-    def deco(fn: Loader) -> Loader:
-        if name in LOADERS and LOADERS[name] is not fn:
-            raise ValueError(f"A dataset loader named {name!r} is already registered.")
-        LOADERS[name] = fn
-        return fn
-
-    return deco
+def check_keys(cfg: Mapping) -> None:
+    """Refuse every `dataset` key that neither kvprime nor the selected (registered) loader reads."""
+    accepted, place = compose.dataset_keys(cfg)
+    compose.refuse(compose.unknown_keys("dataset", cfg, accepted, settings.show, place))
 
 
 def _limits(filters) -> dict:
@@ -74,13 +68,20 @@ def _select(candidates: list[Sample], n, selection: str, seed) -> list[Sample]:
     return [candidates[i] for i in idx]
 
 
+def _duplicate(sample_id: str, name: str, first: str, again: str) -> DataError:
+    return DataError(f"Duplicate sample_id {sample_id!r} in dataset {name!r}: {first} and {again} both give it. "
+                     "Sample ids must be unique (scores, resumes and merges are keyed on them): give one of the two "
+                     "records another id, or remove the repeated record.")
+
+
 def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
     """Load, check and select samples as `cfg` (a plain mapping, e.g. the `dataset` config) says.
 
     Common keys: `name` (loader), `n_samples` (int or null = all), `selection` ("first" or
     "random"), `seed` (int, used by "random"), `filters` (word-count limits, null = no limit).
-    Every other key is an option for the loader. ``multidoc`` (the run's checked ``multidoc`` settings) gives
-    each selected sample k passages: the gold among distractors (``kvprime.data.distractors``), drawn from `seed`.
+    Every other key must be an option the loader declares (``register_loader(name, options=...)``). ``multidoc``
+    (the run's checked ``multidoc`` settings) gives each selected sample k passages: the gold among distractors
+    (``kvprime.data.distractors``), drawn from `seed`.
     """
     cfg = dict(cfg)
     name = cfg.get("name")
@@ -88,6 +89,7 @@ def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
         raise ConfigError(
             f"Unknown dataset loader {name!r}. Set dataset.name to one of: {', '.join(sorted(LOADERS))}."
         )
+    check_keys(cfg)  # here too: a plugin's loader is registered only once the run's plugins are imported
     # The same rule and paragraph as a run's settings check (kvprime.config.settings), for callers that bypass it.
     n = settings.check_value("dataset.n_samples", cfg.get("n_samples"))
     selection = cfg.get("selection") or "first"
@@ -100,8 +102,9 @@ def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
 
     candidates: list[Sample] = []
     rejected: list[dict] = []
-    seen: set[str] = set()
-    for record in LOADERS[name](cfg):
+    seen: dict[str, str] = {}  # sample_id -> where its record is
+    n_records = 0
+    for n_records, record in enumerate(LOADERS[name](cfg), start=1):
         if isinstance(record, Rejection):
             rejected.append(record.to_dict())
             continue
@@ -110,12 +113,15 @@ def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
             rejected.append(Rejection(record.sample_id, reason).to_dict())
             continue
         # Checked before selection so that whether a duplicate is caught does not depend on the seed.
+        origin = record.origin or f"record {n_records} of loader {name!r}"
         if record.sample_id in seen:
-            raise ConfigError(
-                f"Duplicate sample_id {record.sample_id!r} in dataset {name!r}: sample ids must be unique."
-            )
-        seen.add(record.sample_id)
+            raise _duplicate(record.sample_id, name, seen[record.sample_id], origin)
+        seen[record.sample_id] = origin
         candidates.append(record)
+    if n_records == 0:
+        path = f" (dataset.path={cfg['path']})" if cfg.get("path") is not None else ""
+        raise DataError(f"dataset {name!r}{path} gave no record at all: the source is empty. Point dataset.path at "
+                        f"a file that holds samples, or choose another dataset.name ({', '.join(sorted(LOADERS))}).")
     grouped = settings.check_value("dataset.group_by_passage", cfg.get("group_by_passage", False))
     pool = None
     if multidoc is not None and multidoc["k"] > 1:

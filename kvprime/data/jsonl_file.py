@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -10,11 +9,42 @@ from kvprime.data import register_loader
 from kvprime.data.types import Sample, dedupe
 
 from ..errors import DataError, MissingFileError
+from . import reading
 
 REQUIRED = ("passage", "query", "answer")
+RECORD = ('one JSON object with "passage", "query" and "answer" (strings; optional "id", "answers", "passages", '
+          '"article")')
 
 
-@register_loader("jsonl")
+def _sample(obj: Mapping, path: Path, lineno: int) -> Sample:
+    where = f"{path}, line {lineno}"
+    reading.an_object(obj, where, RECORD)
+    for key in REQUIRED:
+        reading.field(obj, key, where, "a string", reading.is_text, needs=f"each line needs {', '.join(REQUIRED)}")
+    extra = reading.field(obj, "answers", where, "a list of strings (further reference answers)",
+                          lambda v: v is None or reading.is_texts(v), required=False) or []
+    passages = reading.field(obj, "passages", where, "a list of non-empty strings (the context's passages in order, "
+                             "the gold one among them)",
+                             lambda v: v is None or (reading.is_texts(v) and all(v)), required=False) or []
+    article = reading.field(obj, "article", where, "a string (the passage's group)", reading.is_text,
+                            required=False)
+    sid = reading.field(obj, "id", where, "a string or an integer (or absent: the id is <file stem>:<line>)",
+                        lambda v: v is None or reading.is_id(v), required=False)
+    return Sample(
+        # The line number fallback is stable as long as the file is not edited.
+        sample_id=str(sid) if sid is not None else f"{path.stem}:{lineno}",
+        passage=obj["passage"],
+        query=obj["query"],
+        answer=obj["answer"],
+        answers=dedupe([obj["answer"], *extra]),
+        source=path.stem,
+        passages=tuple(passages),
+        article=article or "",
+        origin=where,
+    )
+
+
+@register_loader("jsonl", options=("path",))
 def load_jsonl(cfg: Mapping) -> Iterator[Sample]:
     """Yield one Sample per non-blank line.
 
@@ -28,40 +58,9 @@ def load_jsonl(cfg: Mapping) -> Iterator[Sample]:
     path = Path(cfg["path"]).expanduser()
     if not path.is_file():
         raise MissingFileError(f"JSONL dataset file not found: {path} (from dataset.path).")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue  # a trailing newline or a blank separator is not a record
-            where = f"{path}, line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg}).") from err
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
-            for key in REQUIRED:
-                if key not in obj:
-                    raise DataError(f"{where}: missing field {key!r} (each line needs {', '.join(REQUIRED)}).")
-                if not isinstance(obj[key], str):
-                    raise DataError(f"{where}: field {key!r} must be a string.")
-            extra = obj.get("answers") or []
-            if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
-                raise DataError(f"{where}: field 'answers' must be a list of strings.")
-            passages = obj.get("passages") or []
-            if not isinstance(passages, list) or not all(isinstance(x, str) and x for x in passages):
-                raise DataError(f"{where}: field 'passages' must be a list of non-empty strings (the context's "
-                                "passages in order, the gold one among them).")
-            if not isinstance(obj.get("article", ""), str):
-                raise DataError(f"{where}: field 'article' must be a string (the passage's group).")
-            sid = obj.get("id")
-            yield Sample(
-                # The line number fallback is stable as long as the file is not edited.
-                sample_id=str(sid) if sid is not None else f"{path.stem}:{lineno}",
-                passage=obj["passage"],
-                query=obj["query"],
-                answer=obj["answer"],
-                answers=dedupe([obj["answer"], *extra]),
-                source=path.stem,
-                passages=tuple(passages),
-                article=obj.get("article", ""),
-            )
+    n = 0
+    for lineno, obj in reading.json_lines(path, RECORD):
+        n += 1
+        yield _sample(obj, path, lineno)
+    if n == 0:
+        raise reading.no_records(path, f"{RECORD} per line")

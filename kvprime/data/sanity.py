@@ -23,7 +23,7 @@ SANITY_SAMPLE = Sample(
 )
 
 
-@register_loader("exp21_sanity")
+@register_loader("exp21_sanity", options=())
 def load_sanity(cfg: Mapping) -> Iterator[Sample]:
     """Yield the single synthetic sample; `cfg` has no options for this loader."""
     yield SANITY_SAMPLE

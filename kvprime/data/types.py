@@ -25,6 +25,9 @@ class Sample:
     candidates: tuple[str, ...] = ()
     # Multi-document samples: the gold passage's index in ``passages`` (kvprime.data.distractors).
     gold_slot: int | None = None
+    # Where the record is in its source ("<file>, line 3", "<file>, data[3].paragraphs[1].qas[0]"), for the
+    # messages about it. Not part of the sample: no equality, no record (inputs.jsonl is compared on resume).
+    origin: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Callers (JSON, datasets rows) hand over lists; a tuple keeps the frozen sample hashable.
@@ -48,6 +51,7 @@ class Sample:
             for key in ("passages", "article", "gold_slot"):
                 del d[key]
         del d["candidates"]  # the source's distractor pool, not what was evaluated (``passages`` is)
+        del d["origin"]
         return d
 
     @property
