@@ -175,3 +175,23 @@ def test_the_cli_refuses_a_key_added_with_plus_in_one_paragraph(tmp_path):
     assert "Did you mean dataset.n_samples?" in message and "plugin" in message
     runs = tmp_path / "outputs" / "exp21"
     assert not runs.exists() or not [p for p in runs.iterdir() if p.name != "latest"]  # no run was started
+
+
+@pytest.mark.parametrize("override, expected", [
+    # Without "+": Hydra refuses it with a hint to add the key with "+", which kvprime would refuse in turn.
+    ("dataset.n_sample=3", "dataset.n_sample=3 is not accepted: this config has no key dataset.n_sample"),
+    # A condition.* key with no condition selected: nothing would read it.
+    ("+condition.rope_fix=shift", "condition.rope_fix"),
+])
+def test_the_cli_names_the_key_instead_of_hydras_hint(tmp_path, override, expected):
+    env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, "-m", "kvprime", "run", *BASE, override],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    message = " ".join(out.stderr.split())
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert expected in message, message
+    assert "To append to your config use" not in message
+    runs = tmp_path / "outputs" / "exp21"
+    assert not runs.exists() or not [p for p in runs.iterdir() if p.name != "latest"]

@@ -90,7 +90,8 @@ def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool)
                             if s.schema == "file" and s.provider != "main")
     try:
         with stop_on_signals():
-            results = run_experiment(cfg, run_dir, only=only, on_claimed=on_claimed, on_failure=on_failure)
+            results = run_experiment(cfg, run_dir, only=only, on_claimed=on_claimed, on_failure=on_failure,
+                                     condition_selected=only is not None)
     except BaseException as err:  # noqa: BLE001 -- every way a job ends is reported below
         outcome = claimed["outcome"] or _settle(run_dir, err, ours=False, multirun=multirun, claimed=claimed)
         code, paragraph, undone = outcome

@@ -4,7 +4,11 @@ internal error with the traceback saved to a file (exit 1). ``KVPRIME_DEBUG=1`` 
 
 from __future__ import annotations
 
+import re
 import sys
+
+# Hydra's refusal of an override whose key the composed config lacks, with its hint to add it with "+".
+_NO_SUCH_KEY = re.compile(r"Could not override '([^']+)'\.\s*To append to your config use \+[^=\s]+=(.*)")
 
 
 def _say(text: str) -> None:
@@ -64,6 +68,14 @@ def _hydra_user_error(err: BaseException) -> str | None:
 
     if isinstance(err, (HydraException, OmegaConfBaseException)):
         text = str(err).strip().split("\nConfig search path:")[0].strip()
+        missing = _NO_SUCH_KEY.match(text)
+        if missing:  # Hydra's hint (+key=...) would only meet kvprime's refusal of keys it does not read
+            from ..config import compose, settings
+
+            value = (missing.group(2).splitlines() or [""])[0].strip()
+            mine = compose.not_in_config(missing.group(1), value, settings.declared())
+            if mine is not None:
+                return mine
         cause = err.__cause__
         if isinstance(cause, OmegaConfBaseException) and str(cause).strip() not in text:
             text += "\n" + str(cause).strip()

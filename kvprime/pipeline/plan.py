@@ -129,16 +129,17 @@ def chunk_size(cfg: Mapping) -> int:
     return int(cfg["batch"]["samples"])
 
 
-def prepare(cfg, only: str | None = None) -> dict:
+def prepare(cfg, only: str | None = None, *, condition_selected: bool | None = None) -> dict:
     """Every check that needs no model and writes nothing: settings, conditions, routing, comparisons, RoPE
     support, and the data (loaded and selected here, so a data problem is reported before any write).
-    Returns the resolved config (batch sizes as numbers), the condition specs and this job's samples."""
+    ``condition_selected``: whether the command line selected one condition (``condition=<name>``; False refuses
+    ``condition.*`` keys, which nothing would read; None: not judged). Returns the resolved config (batch sizes as numbers), the condition specs and this job's samples."""
     from ..builders import BUILDERS
     from ..cache import hf_internals as hf
     from ..cache import models
     from ..data import load_samples
 
-    cfg = batching.resolve(settings.check(plain(cfg)))
+    cfg = batching.resolve(settings.check(plain(cfg), condition_selected=condition_selected))
     plugins.load(cfg["plugins"])  # before the conditions: they may name a plugin's builder
     exp = cfg["experiment"]
     from ..analysis.registry import validate_analyses

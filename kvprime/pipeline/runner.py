@@ -169,7 +169,7 @@ def claim(run_dir: Path, cfg: Mapping, command: str = "run"):
 
 
 def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | None = None,
-                   on_claimed=None, on_failure=None) -> dict:
+                   on_claimed=None, on_failure=None, condition_selected: bool | None = None) -> dict:
     """Run ``cfg`` (a Hydra/OmegaConf config or plain dict) into ``run_dir``; returns ``results.json``'s dict.
 
     Nothing is written before every model-free check has passed and the directory is locked for this run;
@@ -179,7 +179,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     from .session import Session
 
     t0 = time.perf_counter()
-    session = Session(prepare(cfg, only))
+    session = Session(prepare(cfg, only, condition_selected=condition_selected))
     check_lengths(session)
     run_dir = Path(run_dir)
     with claim(run_dir, session.cfg, "resume" if session.cfg.get("resume") else "run"):
