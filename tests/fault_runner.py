@@ -3,16 +3,20 @@
     python tests/fault_runner.py <kill_at> <mode> <event_log> <kvprime arguments...>
 
 Write points: every call of ``kvprime.pipeline.results_io.write_atomic`` (``write_json``/``write_jsonl``, the CSVs,
-the report and the figures all go through it) and every ``ScoreLog.append`` (one line of ``scores.jsonl``).
-Each one is numbered from 1 and recorded as a JSON line in ``event_log`` (a file outside the run directory),
-with its kind, its file and, for an append, its (sample_id, condition). ``kill_at=0`` kills nothing: the run
+the report and the figures all go through it), every ``ScoreLog.append`` (one line of ``scores.jsonl``), and a
+merge's folder operations (``kvprime.scaleout.merge.rename_dir``: a work folder renamed into place or an old
+output renamed aside; ``remove_path``: a leftover or replaced folder removed). Each one is numbered from 1 and
+recorded as a JSON line in ``event_log`` (a file outside the run directory), with its kind (atomic, append,
+rename, remove), its file and, for an append, its (sample_id, condition). ``kill_at=0`` kills nothing: the run
 is only counted. At write point ``kill_at`` the process SIGKILLs itself (no handler, no cleanup can run):
 
 - ``before``: before the write starts;
-- ``after``: after the write is complete (renamed into place, or the line fsync'ed);
+- ``after``: after the write is complete (renamed into place, the line fsync'ed, the folder moved or removed);
 - ``torn``: in the middle of the write: for an append, half of the JSON line is appended to ``scores.jsonl``
   (through a handle of its own), flushed and fsync'ed (a torn last line); for a whole-file write, half of the
-  data goes to the same kind of temporary file ``write_atomic`` uses, which is never renamed.
+  data goes to the same kind of temporary file ``write_atomic`` uses, which is never renamed; a rename has no
+  middle (the kernel does it whole), so it is killed before; a removal is killed after half of the folder's
+  files are gone.
 
 ``python tests/fault_runner.py --serve`` is a fork server for the same: it imports kvprime and its heavy
 dependencies once, then reads one JSON request a line on stdin (``{"argv": [...], "kill_at": N, "mode": ...,
@@ -21,7 +25,7 @@ dependencies once, then reads one JSON request a line on stdin (``{"argv": [...]
 ``{"returncode": ...}`` (minus the signal number for a killed child, as ``subprocess`` does). Every child is a
 process of its own, killed for real; only the import time (most of a tiny run's time) is shared.
 
-Used by tests/test_fault_injection.py.
+Used by tests/test_fault_injection.py and tests/test_merge_atomic.py.
 """
 
 from __future__ import annotations
@@ -106,10 +110,46 @@ def _install(kill_at: int, mode: str, event_log: Path) -> None:
 
     rio.write_atomic = write_atomic
     rio.ScoreLog.append = append
+    _install_merge(record, die, kill_at, mode)
     for name, module in list(sys.modules.items()):
         if (name == "kvprime" or name.startswith("kvprime.")) and getattr(module, "write_atomic", None) \
                 is real_write_atomic:
             module.write_atomic = write_atomic
+
+
+def _install_merge(record, die, kill_at: int, mode: str) -> None:
+    """Number (and kill at) a merge's folder renames and removals, as ``_install`` does its file writes."""
+    try:
+        from kvprime.scaleout import merge
+    except ImportError:
+        return
+    real_rename, real_remove = getattr(merge, "rename_dir", None), getattr(merge, "remove_path", None)
+    if real_rename is None or real_remove is None:  # a kvprime whose merge has no folder operations
+        return
+
+    def rename_dir(src, dst):
+        n = record({"kind": "rename", "file": str(dst), "from": str(src)})
+        if n == kill_at and mode in ("before", "torn"):
+            die(n, mode)
+        real_rename(src, dst)
+        if n == kill_at:
+            die(n, mode)
+
+    def remove_path(path):
+        path = Path(path)
+        n = record({"kind": "remove", "file": str(path)})
+        if n == kill_at and mode == "before":
+            die(n, mode)
+        if n == kill_at and mode == "torn":
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+            for f in files[:len(files) // 2]:
+                f.unlink()
+            die(n, mode)
+        real_remove(path)
+        if n == kill_at:
+            die(n, mode)
+
+    merge.rename_dir, merge.remove_path = rename_dir, remove_path
 
 
 def _cli(args: list[str]) -> int:

@@ -60,16 +60,26 @@ def resume(run_dir: Path = typer.Argument(..., help="A run directory made by `kv
 
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     if not overrides_file.is_file():
-        why = ("it does not exist" if not run_dir.exists() else
-               "it holds no run record (.hydra/overrides.yaml): not a kvprime run directory, or a run stopped "
-               "before it wrote anything, which has nothing to continue")
-        typer.echo(f"kvprime: error: cannot resume {run_dir}: {why}.", err=True)
+        typer.echo(f"kvprime: error: cannot resume {run_dir}: {_why_not_resumable(run_dir)}.", err=True)
         raise typer.Exit(2)
     overrides = [o for o in yaml.safe_load(overrides_file.read_text()) or []
                  if not o.startswith(("resume=", "hydra.run.dir="))]
     from .app import run_hydra_app
 
     raise typer.Exit(run_hydra_app([*overrides, f"hydra.run.dir={run_dir}", "resume=true"]))
+
+
+def _why_not_resumable(run_dir: Path) -> str:
+    """Why a directory without the record of a `kvprime run` command cannot be resumed, and what does help."""
+    if not run_dir.exists():
+        return "it does not exist"
+    if (run_dir / "config.json").is_file():
+        return ("it holds a run's files but no record of a `kvprime run` command (.hydra/overrides.yaml), as a "
+                "`kvprime merge` output (or a run started from Python) does. `kvprime report` rebuilds a finished "
+                "one's report; an unfinished merge (no results.json, left by an older kvprime's killed merge) is "
+                "redone by the same `kvprime merge` command with --overwrite")
+    return ("it holds no run record (.hydra/overrides.yaml): not a kvprime run directory, or a run stopped before it "
+            "wrote anything, which has nothing to continue")
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -205,18 +215,22 @@ def _missing(path: Path) -> None:
 @app.command()
 def merge(run_dirs: List[Path] = typer.Argument(..., help="The shards' run directories, or the sweep directory "
                                                           "of a `kvprime run -m run.shard=0,1,...` multirun."),
-          out: Path = typer.Option(..., "--out", "-o", help="The merged run directory (a new one).")) -> None:
+          out: Path = typer.Option(..., "--out", "-o", help="The merged run directory (a new or empty one)."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already holds a run "
+                                                                     "directory; it stays as it is until the new "
+                                                                     "merged run is complete.")) -> None:
     """Join the run directories of one sharded run (run.num_shards=N, run.shard=0..N-1) into one and report it.
+
+    The merge is written into a work folder beside --out and renamed into place when complete: a killed merge
+    leaves no --out or a complete one, and the same command run again finishes the job.
 
     \b
     kvprime run -m run.num_shards=3 run.shard=0,1,2 [overrides]
     kvprime merge outputs/multirun/exp21/<timestamp> --out outputs/exp21/merged
     """
-    from ..pipeline.rundir import locked_write
     from ..scaleout.merge import expand_run_dirs, merge_runs
 
-    results = _guarded(locked_write, out, "merge", "--out",
-                       lambda: merge_runs(expand_run_dirs(run_dirs), out))
+    results = _guarded(lambda: merge_runs(expand_run_dirs(run_dirs), out, overwrite=overwrite))
     m = results["merge"]
     typer.echo(f"kvprime: merged {m['num_shards']} shards ({m['n_samples']} samples, {m['score_lines']} scores) "
                f"into {out.resolve()}/report.md")

@@ -3,6 +3,10 @@ the experiment's analyses, figures, ``results.json`` and ``report.md``.
 
 ``kvprime report <run_dir>`` calls this on a finished run (a killed one: resume it first); given the same
 files it writes the same tables byte for byte.
+
+``results.json`` is the directory's completion record: finalize writes it last, so a directory that holds it has
+every table and report of its scores (a sweep report counts such a job as complete). Once it is written, an
+``error.json`` of an earlier failure no longer describes the directory and is removed.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pandas as pd
 from ..analysis import cost, routing, stats
 from ..analysis.registry import AnalysisInput, run_analyses, validate_analyses
 from ..config import plugins, settings
-from ..errors import ConfigError, KvprimeError, MissingFileError
+from ..errors import ConfigError, DataError, KvprimeError, MissingFileError
 from ..pipeline.plan import comparisons_for
 from ..pipeline.results_io import read_jsonl, write_atomic, write_json
 from ..surrogates import quality
@@ -27,11 +31,18 @@ FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_toke
                       "exact_match", "f1", "contains", "generated_answer_tokens", "answer_stop")
 
 
+COMPLETION_RECORD = "results.json"
+
+
 def _load(run_dir: Path, name: str):
     path = run_dir / name
     if not path.exists():
-        raise MissingFileError(f"{run_dir} is not a finished kvprime run directory: {name} is missing "
-                                "(a run writes it when scoring ends; `kvprime resume <run_dir>` finishes it).")
+        if (run_dir / ".hydra" / "overrides.yaml").is_file():
+            fix = f"a run writes it when scoring ends; `kvprime resume {run_dir}` finishes it"
+        else:  # no record of a `kvprime run` command: nothing for `kvprime resume` to repeat
+            fix = ("the directory has no record of a `kvprime run` command, so `kvprime resume` cannot finish it; "
+                   "if it is a merge's output, the same `kvprime merge` command with --overwrite redoes it")
+        raise MissingFileError(f"{run_dir} is not a finished kvprime run directory: {name} is missing ({fix}).")
     return json.loads(path.read_text())
 
 
@@ -47,10 +58,7 @@ def finalize(run_dir) -> dict:
     analysis_names = validate_analyses(exp.get("analyses"))
     names = list(plan["conditions"])
     inputs = read_jsonl(run_dir / "inputs.jsonl")
-    order = {r["sample_id"]: i for i, r in enumerate(inputs)}
-    rows = read_jsonl(run_dir / "scores.jsonl")
-    rows.sort(key=lambda r: (order.get(r["sample_id"], 1 << 30), names.index(r["condition"])))
-    scores = pd.DataFrame(rows)
+    scores, n_lines = _scores_frame(run_dir, inputs, names)
     scores["nll"] = scores["nll"].astype(float)  # nulls (non-finite) become NaN, flagged by stats
     if "similarity" not in scores:
         scores["similarity"] = float("nan")
@@ -146,7 +154,7 @@ def finalize(run_dir) -> dict:
         "counts": {"selected_samples": len(inputs), "scored_samples": int(scores["sample_id"].nunique()),
                    "skipped_samples": len(meta.get("skipped", [])),
                    "rejected_records": len(meta["dataset"].get("rejected", [])),
-                   "candidates": meta["dataset"].get("candidates"), "score_lines": len(rows),
+                   "candidates": meta["dataset"].get("candidates"), "score_lines": n_lines,
                    "nonfinite_scores": int(scores["nll"].isna().sum()),
                    "log_lines_repaired_on_resume": meta.get("log_lines_repaired_on_resume", 0)},
         "summary": summary.to_dict(orient="records"),
@@ -164,10 +172,26 @@ def finalize(run_dir) -> dict:
         "rejected": meta["dataset"].get("rejected", []),
         "metadata": meta,
     }
-    write_json(run_dir / "results.json", results)
     write_atomic(run_dir / "report.md", report.render(results, summary, comp, analyses=analyses, titles=titles,
                                                              inspect=inspect))
+    write_json(run_dir / COMPLETION_RECORD, results)  # last: its presence means every file above is written
+    (run_dir / "error.json").unlink(missing_ok=True)  # an earlier failure's record; this finalize got past it
     return results
+
+
+def _scores_frame(run_dir: Path, inputs: list[dict], names: list[str]) -> tuple[pd.DataFrame, int]:
+    """scores.jsonl as a frame in run order (the inputs' order, then the plan's conditions), and its line count.
+    The parsed lines are dropped once the frame holds them, so the scores are held once, not twice."""
+    order = {r["sample_id"]: i for i, r in enumerate(inputs)}
+    rank = {name: i for i, name in enumerate(names)}
+    rows = read_jsonl(run_dir / "scores.jsonl")
+    unplanned = sorted({r["condition"] for r in rows} - rank.keys())
+    if unplanned:
+        raise DataError(f"{run_dir / 'scores.jsonl'} holds scores of condition(s) {', '.join(map(repr, unplanned))}, "
+                        f"which plan.json does not plan (it plans {', '.join(names)}): the files are not of one run.")
+    rows.sort(key=lambda r: (order.get(r["sample_id"], 1 << 30), rank[r["condition"]]))
+    scores = pd.DataFrame(rows)
+    return scores, len(rows)
 
 
 def _generated_quality(inputs, conditions: dict) -> tuple[pd.DataFrame, list[str]]:

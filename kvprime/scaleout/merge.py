@@ -4,27 +4,40 @@ A run split with ``run.num_shards=N run.shard=i`` scores chunks i, i+N, i+2N, ..
 being ``batch.samples`` consecutive samples (``kvprime.pipeline.plan.shard``). Merging checks that the shards
 belong together (one config apart from ``run.shard``/``resume``/``progress``, one plan, one model: name and
 weights digest), that they are exactly shards 0..N-1, each once and each finished, and that together they hold
-the unsharded selection: every sample once, every (sample, condition) score once. It then writes an ordinary
-run directory (config.json with ``run.num_shards=1``, plan.json, inputs.jsonl and scores.jsonl in the
-unsharded order, metadata.json) and finalizes it. Each shard batches exactly the samples the one-job run
-batches together, so the merged tables equal those of the same run done in one job, bit for bit.
+the unsharded selection: every sample once, every (sample, condition) score once (``scaleout.shards``). It then
+writes an ordinary run directory (config.json with ``run.num_shards=1``, plan.json, inputs.jsonl and
+scores.jsonl in the unsharded order, metadata.json) and finalizes it. Each shard batches exactly the samples
+the one-job run batches together, so the merged tables equal those of the same run done in one job, bit for bit.
+
+A merge is as atomic as a run: it writes into a work folder beside its target,
+``.<name>.kvprime-merge-in-progress`` (locked while it writes), and renames it to ``<name>`` only once finalize has
+written every file. A killed merge leaves either no output folder or a complete one; the same command run again
+takes the leftover work folder over, empties it and does the job. An output folder that is this very merge,
+complete (a merge killed just after putting it in place leaves one), is redone without ``overwrite``: its bytes
+do not change. ``overwrite`` replaces an earlier run directory the same way: the old one is renamed aside
+(``.<name>.kvprime-merge-replaced``) only when the new one is complete, the new one is renamed into place, and the
+old one is removed; a merge killed between the two renames is rolled back by the next merge into that target,
+which puts the old one back first.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import os
 import shutil
+import socket
+from collections import Counter
 from pathlib import Path
 
 from ..errors import KvprimeError
-from ..pipeline.results_io import read_jsonl, write_json, write_jsonl
+from ..pipeline.results_io import dumps, write_atomic
+from ..pipeline.rundir import HOLDER_NAME, LOCK_NAME
+from ..reporting.finalize import COMPLETION_RECORD
+from .shards import MergeError, Merged, gather, show
 
-# Config keys that may differ between the shards of one run.
-SHARD_FREE = ("resume", "progress")
-
-
-class MergeError(KvprimeError, ValueError):
-    """The given directories are not the complete, consistent shards of one run."""
+STAGING_SUFFIX = ".kvprime-merge-in-progress"
+REPLACED_SUFFIX = ".kvprime-merge-replaced"
+LOCK_FILES = (LOCK_NAME, HOLDER_NAME)
 
 
 def expand_run_dirs(paths) -> list[Path]:
@@ -41,59 +54,52 @@ def expand_run_dirs(paths) -> list[Path]:
     return out
 
 
-def _read(run_dir: Path, name: str):
-    path = run_dir / name
-    if not path.exists():
-        why = ("the shard has not finished (metadata.json is written after its last score); resume it with "
-               "`kvprime resume` first" if name == "metadata.json" else "it is not a kvprime run directory")
-        raise MergeError(f"{run_dir}: {name} is missing; {why}.")
-    return json.loads(path.read_text())
+def staging_dir(out_dir) -> Path:
+    """The work folder a merge into ``out_dir`` writes, beside it, before renaming it to ``out_dir``."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}{STAGING_SUFFIX}"
 
 
-def _diff(a, b, prefix="") -> list[str]:
-    """Dotted keys where two configs differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
+def replaced_dir(out_dir) -> Path:
+    """Where ``overwrite`` keeps the earlier ``out_dir`` between the two renames that swap it for the new one."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}{REPLACED_SUFFIX}"
 
 
-def _without_shard(cfg: dict) -> dict:
-    cfg = {k: v for k, v in cfg.items() if k not in SHARD_FREE}
-    cfg["run"] = {k: v for k, v in (cfg.get("run") or {}).items() if k != "shard"}
-    return cfg
+# The merge's write points besides results_io.write_atomic: tests/fault_runner.py kills a merge at each of them,
+# so they are looked up here at call time.
+def rename_dir(src: Path, dst: Path) -> None:
+    """Rename the folder ``src`` to ``dst`` (which does not exist) and make the rename durable."""
+    from ..pipeline.results_io import raise_write_error
 
-
-def _model_key(meta: dict) -> dict:
-    m = meta.get("model") or {}
-    return {"name": m.get("name"), "weights_sha256": m.get("weights_sha256") or m.get("path")}
-
-
-def _show(ids, limit=5) -> str:
-    ids = list(ids)
-    return ", ".join(map(repr, ids[:limit])) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
-
-
-def _check_selection(cfg: dict, merged_ids: list[str]) -> str:
-    """Compare the merged sample order with the selection the dataset gives now (no model needed)."""
     try:
-        from ..data import load_samples
+        os.replace(src, dst)
+    except OSError as err:
+        raise_write_error(err, dst, f"Nothing was moved; make {Path(dst).parent} writable and run the same "
+                                    "command again.")
+    _fsync_dir(Path(dst).parent)
 
-        expected = [s.sample_id for s in load_samples({**cfg["dataset"]}).samples]
-    except Exception as err:  # noqa: BLE001 -- data not reachable here (hub, moved file): shard checks only
-        return f"not re-checked against the dataset ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
-    if expected != merged_ids:
-        missing = [i for i in expected if i not in set(merged_ids)]
-        extra = [i for i in merged_ids if i not in set(expected)]
-        detail = (f"missing {_show(missing)}; " if missing else "") + (f"not in the selection {_show(extra)}; "
-                                                                      if extra else "")
-        raise MergeError(f"the shards' samples do not equal the unsharded selection of dataset "
-                         f"{cfg['dataset'].get('name')!r} ({len(expected)} samples, {len(merged_ids)} in the shards): "
-                         f"{detail or 'same samples in another order; '}the data or loader changed since the shards "
-                         "ran.")
-    return "equal to the dataset's selection"
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree; what is gone already (another merge cleaning up too) is no error."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync a folder: the rename is atomic all the same
+        pass
+    finally:
+        os.close(fd)
 
 
 def merge_runs(run_dirs, out_dir, *, check_dataset: bool = True, overwrite: bool = False) -> dict:
@@ -102,194 +108,221 @@ def merge_runs(run_dirs, out_dir, *, check_dataset: bool = True, overwrite: bool
     Returns ``finalize``'s results dict with a ``merge`` entry (shards, sample count, selection check).
     Raises ``MergeError`` (a ValueError) naming what differs, which shard is missing or repeated, or which
     samples/scores are missing or duplicated. ``check_dataset``: also reload the selection (data only, no
-    model) and compare; where the data cannot be loaded here the merge goes on and says so.
+    model) and compare; where the data cannot be loaded here the merge goes on and says so. ``overwrite``:
+    replace ``out_dir`` if it already holds a run directory (else a non-empty ``out_dir`` is refused, unless it
+    holds this very merge, finished: the same command run again redoes it). Either way ``out_dir`` appears, or
+    changes, only once the merged run is complete (see the module's docstring).
     """
     run_dirs = [Path(d) for d in run_dirs]
     out_dir = Path(out_dir)
+    _check_arguments(run_dirs, out_dir)
+    merged = gather(run_dirs, out_dir, check_dataset)
+    return _write_and_publish(merged, out_dir, overwrite)
+
+
+def _check_arguments(run_dirs: list[Path], out_dir: Path) -> None:
+    from ..pipeline.rundir import unwritable
+
     if not run_dirs:
         raise MergeError("no run directories to merge.")
-    if len({d.resolve() for d in run_dirs}) != len(run_dirs):
-        dup = sorted({str(d) for d in run_dirs if sum(x.resolve() == d.resolve() for x in run_dirs) > 1})
+    given = Counter(d.resolve() for d in run_dirs)
+    if len(given) != len(run_dirs):
+        dup = sorted({str(d) for d in run_dirs if given[d.resolve()] > 1})
         raise MergeError(f"the same directory is given more than once: {', '.join(dup)}.")
-    if out_dir.resolve() in {d.resolve() for d in run_dirs}:
+    if out_dir.resolve() in given:
         raise MergeError(f"the output directory {out_dir} is one of the shards; choose a new directory.")
-    if (out_dir / "scores.jsonl").exists() and not overwrite:
-        raise MergeError(f"{out_dir} already holds scores; choose a new directory (or overwrite=True).")
+    err = unwritable(out_dir, "--out")
+    if err is not None:
+        raise err
+    parent = out_dir.absolute().parent
+    if out_dir.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise MergeError(f"--out {out_dir}: a merge writes beside it, in {parent}, and renames its work folder into "
+                         f"place, but {parent} is not writable (permission denied). Choose an --out whose parent "
+                         "folder you can write.")
 
-    cfgs = [_read(d, "config.json") for d in run_dirs]
-    plans = [_read(d, "plan.json") for d in run_dirs]
 
-    # 1. One run: config (but the shard index), plan.
-    ref, ref_dir = _without_shard(cfgs[0]), run_dirs[0]
-    for d, cfg, plan in zip(run_dirs[1:], cfgs[1:], plans[1:]):
-        diff = _diff(ref, _without_shard(cfg))
-        if diff:
-            raise MergeError(f"{d} and {ref_dir} are not shards of one run: their configs differ in "
-                             f"{', '.join(diff)} (only run.shard, resume and progress may differ).")
-        if plan != plans[0]:
-            raise MergeError(f"{d} and {ref_dir} are not shards of one run: their plan.json (conditions) differ in "
-                             f"{', '.join(_diff(plans[0], plan))}.")
+def _contents(folder: Path) -> list[str]:
+    """What a folder holds besides the lock files kvprime leaves in every directory it wrote."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in LOCK_FILES)
 
-    # 2. Exactly shards 0..N-1, each once.
-    n = int((cfgs[0].get("run") or {}).get("num_shards", 1))
-    by_shard: dict[int, list[Path]] = {}
-    for d, cfg in zip(run_dirs, cfgs):
-        by_shard.setdefault(int((cfg.get("run") or {}).get("shard", 0)), []).append(d)
-    repeated = {i: ds for i, ds in by_shard.items() if len(ds) > 1}
-    if repeated:
-        raise MergeError("duplicate shards: " + "; ".join(
-            f"shard {i} of {n} given {len(ds)} times ({', '.join(map(str, ds))})" for i, ds in sorted(repeated.items())
-        ))
-    out_of_range = sorted(i for i in by_shard if not 0 <= i < n)
-    if out_of_range:
-        raise MergeError(f"shard index {out_of_range} outside 0..{n - 1} (run.num_shards={n}).")
-    missing = [i for i in range(n) if i not in by_shard]
-    if missing:
-        raise MergeError(f"missing shards: {', '.join(map(str, missing))} of run.num_shards={n} "
-                         f"(given: {', '.join(map(str, sorted(by_shard)))}). Run them (run.shard=<i>) and merge all "
-                         f"{n}.")
-    shard_dirs = [by_shard[i][0] for i in range(n)]
-    metas = [_read(d, "metadata.json") for d in shard_dirs]
 
-    # 3. One model.
-    for d, meta in zip(shard_dirs[1:], metas[1:]):
-        if _model_key(meta) != _model_key(metas[0]):
-            raise MergeError(f"{d} and {shard_dirs[0]} scored with different models: "
-                             f"{_model_key(meta)} vs {_model_key(metas[0])}.")
+def _check_target(out_dir: Path, overwrite: bool, same) -> None:
+    """An existing ``out_dir`` must be empty, this very merge, finished (``same(out_dir)``: the same command run
+    again), or a run directory that ``overwrite`` may replace."""
+    if not out_dir.is_dir():
+        return
+    held = _contents(out_dir)
+    if not held or (not overwrite and same(out_dir)):
+        return
+    if not overwrite:
+        if (out_dir / COMPLETION_RECORD).is_file():
+            what = f"a finished run directory ({COMPLETION_RECORD})"
+        elif (out_dir / "config.json").is_file():
+            what = (f"an unfinished run directory (config.json without {COMPLETION_RECORD}: a run, or an older "
+                    "kvprime's merge, killed before it finished)")
+        else:
+            what = f"other files ({show(held, 3)})"
+        raise MergeError(f"--out {out_dir} already holds {what}. Choose a new --out, or add --overwrite to replace "
+                         "it (it stays as it is until the new merged run is complete).")
+    if not (out_dir / "config.json").is_file():
+        raise MergeError(f"--out {out_dir} is not empty ({show(held, 3)}) and is not a kvprime run directory (no "
+                         "config.json); --overwrite replaces only a run directory. Choose a new --out.")
 
-    # 4. Samples: disjoint, round-robin positions of one selection.
-    inputs = [read_jsonl(d / "inputs.jsonl") if (d / "inputs.jsonl").exists() else None for d in shard_dirs]
-    for d, rows in zip(shard_dirs, inputs):
-        if rows is None:
-            raise MergeError(f"{d}: inputs.jsonl is missing; the shard has not finished.")
-    owner: dict[str, list[int]] = {}
-    for i, rows in enumerate(inputs):
-        for r in rows:
-            owner.setdefault(r["sample_id"], []).append(i)
-    dup = {sid: sh for sid, sh in owner.items() if len(sh) > 1}
-    if dup:
-        raise MergeError(f"{len(dup)} sample(s) appear in more than one shard (or twice in one): "
-                         + "; ".join(f"{sid!r} in shards {sh}" for sid, sh in list(dup.items())[:5]))
-    total = sum(map(len, inputs))
-    # Which selection positions each shard holds: the runner's own split applied to 0..total-1.
-    from ..pipeline.plan import chunk_size, grouped
-    from ..pipeline.plan import shard as split
 
-    run_cfg = dict(cfgs[0].get("run") or {})
-    if grouped(cfgs[0]):
-        positions = _passage_positions(inputs, n)
-    else:
-        positions = [split(list(range(total)), {**run_cfg, "num_shards": n, "shard": i}, chunk_size(cfgs[0]))
-                     for i in range(n)]
-    for i, rows in enumerate(inputs):
-        if len(rows) != len(positions[i]):
-            raise MergeError(f"shard {i} ({shard_dirs[i]}) holds {len(rows)} samples, but a {total}-sample selection "
-                             f"split {n} ways gives shard {i} {len(positions[i])}: samples are missing or the shards "
-                             "come from different selections.")
-    merged_inputs: list = [None] * total
-    for i, rows in enumerate(inputs):
-        for pos, row in zip(positions[i], rows):
-            merged_inputs[pos] = row
-    merged_ids = [r["sample_id"] for r in merged_inputs]
-    selection = _check_selection(cfgs[0], merged_ids) if check_dataset else "not re-checked (check_dataset=False)"
+def _holds(out_dir: Path, merged: Merged) -> bool:
+    """Whether ``out_dir`` is a finished merge whose files are, byte for byte, the ones this merge writes before
+    finalizing: the same command, run again after it finished or after it was killed once its output was in
+    place. (Whether finalize's files are the same too is known once they are written: ``_same_tree``.)"""
+    if not (out_dir / COMPLETION_RECORD).is_file():
+        return False
+    return all(_file_digest(out_dir / name) == _digest(chunks) for name, chunks in _file_chunks(merged).items())
 
-    # 5. Scores: each (sample, condition) once, in its own shard, and none missing.
-    names = list(plans[0]["conditions"])
-    skipped = {s["sample_id"]: s for meta in metas for s in meta.get("skipped", [])}
-    seen: dict[tuple[str, str], int] = {}
-    rows_by_key: dict[tuple[str, str], dict] = {}
-    problems: list[str] = []
-    for i, d in enumerate(shard_dirs):
-        for r in read_jsonl(d / "scores.jsonl"):
-            key = (r["sample_id"], r["condition"])
-            if key in seen:
-                problems.append(f"score {key} duplicated (shards {seen[key]} and {i})")
-                continue
-            seen[key] = i
-            if owner.get(key[0]) != [i]:
-                problems.append(f"score {key} in shard {i}, whose inputs.jsonl does not hold that sample")
-            if key[1] not in names:
-                problems.append(f"score {key} names a condition not in the plan")
-            rows_by_key[key] = r
-    absent = [(sid, c) for sid in merged_ids if sid not in skipped for c in names if (sid, c) not in rows_by_key]
-    if absent:
-        problems.append(f"{len(absent)} score(s) missing, e.g. {_show(absent, 3)} (resume that shard first)")
-    if problems:
-        raise MergeError(f"the shards' scores do not add up: {'; '.join(problems[:5])}"
-                         + (f"; and {len(problems) - 5} more problems" if len(problems) > 5 else "") + ".")
 
-    # 6. Write the merged run directory and finalize it.
-    from ..pipeline import metadata as md
+def _same_tree(a: Path, b: Path) -> bool:
+    """Whether two folders hold the same files with the same bytes (lock files and temporaries aside)."""
+    return _tree(a) == _tree(b)
+
+
+def _tree(folder: Path) -> dict[str, str | None]:
+    return {str(p.relative_to(folder)): _file_digest(p) for p in folder.rglob("*")
+            if p.is_file() and p.name not in LOCK_FILES and not (p.name.startswith(".") and p.name.endswith(".tmp"))}
+
+
+def _file_chunks(merged: Merged) -> dict[str, object]:
+    """Each file ``_write`` writes, as the pieces of its text in order (large files are not joined here)."""
+    files = {"config.json": [dumps(merged.cfg, indent=2) + "\n"], "plan.json": [dumps(merged.plan, indent=2) + "\n"],
+             "inputs.jsonl": (dumps(r) + "\n" for r in merged.inputs), "scores.jsonl": merged.score_lines}
+    if merged.inspect is not None:
+        files["inspect.json"] = [merged.inspect.read_bytes()]
+    files["metadata.json"] = [dumps(merged.meta, indent=2) + "\n"]
+    return files
+
+
+def _digest(chunks) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk.encode() if isinstance(chunk, str) else chunk)
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return _digest(iter(lambda: fh.read(1 << 20), b""))
+    except OSError:
+        return None
+
+
+def _write_and_publish(merged: Merged, out_dir: Path, overwrite: bool) -> dict:
+    """Write and finalize the merged run in the work folder, then rename it into place (under its lock)."""
+    from ..pipeline import rundir
     from ..reporting.finalize import finalize
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for stale in ("scores.jsonl", "inspect.json"):
-            (out_dir / stale).unlink(missing_ok=True)
-    cfg = json.loads(json.dumps(cfgs[0]))
-    cfg["run"] = {**(cfg.get("run") or {}), "num_shards": 1, "shard": 0}
-    write_json(out_dir / "config.json", cfg)
-    write_json(out_dir / "plan.json", plans[0])
-    write_jsonl(out_dir / "inputs.jsonl", merged_inputs)
-    write_jsonl(out_dir / "scores.jsonl", [rows_by_key[(sid, c)] for sid in merged_ids for c in names
-                                           if (sid, c) in rows_by_key])
-    # The unsharded run inspects its first scored sample: take the inspect.json of the shard that holds it.
-    first = next((sid for sid in merged_ids if sid not in skipped), None)
-    for d in shard_dirs:
-        src = d / "inspect.json"
-        if first is not None and src.exists() and json.loads(src.read_text()).get("sample_id") == first:
-            shutil.copyfile(src, out_dir / "inspect.json")
-            break
-
-    exact = True  # shards deal whole batching chunks, so each batches exactly as the unsharded run does
-    timings: dict[str, float] = {}
-    for meta in metas:
-        for k, v in (meta.get("timings_s") or {}).items():
-            timings[k] = round(timings.get(k, 0.0) + float(v), 3)
-    meta = json.loads(json.dumps(metas[0]))
-    meta["dataset"]["sample_ids_sha256"] = md.sample_ids_sha256(merged_ids)
-    # Shards may have run on different machines: the merged run's floor is the worst one measured.
-    floors = [m["numerical_floor"] for m in metas if (m.get("numerical_floor") or {}).get("measured")]
-    if floors:
-        meta["numerical_floor"] = max(floors, key=lambda f: f.get("max_nll_abs_diff") or 0.0)
-    meta.update(
-        skipped=[skipped[sid] for sid in merged_ids if sid in skipped],
-        log_lines_repaired_on_resume=sum(m.get("log_lines_repaired_on_resume", 0) for m in metas),
-        model_encodes=sum(m.get("model_encodes", 0) for m in metas),
-        encoded_tokens=sum(m.get("encoded_tokens", 0) for m in metas),
-        timings_s=timings,  # summed over shards (compute time, not wall time: shards may run in parallel)
-        run_dir=str(out_dir.resolve()),
-        merged_from={"num_shards": n, "selection_check": selection, "exact_vs_unsharded": exact,
-                     "shards": [
-            {"shard": i, "run_dir": str(d.resolve()), "n_samples": len(inputs[i]),
-             "model_encodes": m.get("model_encodes"), "encoded_tokens": m.get("encoded_tokens"),
-             "timings_s": m.get("timings_s"), "git": m.get("git"), "device": (m.get("environment") or {}).get("device"),
-             "platform": (m.get("environment") or {}).get("platform")}
-            for i, (d, m) in enumerate(zip(shard_dirs, metas))]},
-    )
-    write_json(out_dir / "metadata.json", meta)
-    results = finalize(out_dir)
-    results["merge"] = {"num_shards": n, "shards": [str(d) for d in shard_dirs], "n_samples": total,
-                        "score_lines": len(rows_by_key), "selection_check": selection, "exact_vs_unsharded": exact}
+    rundir.make_dirs(out_dir.absolute().parent, "--out")
+    staging = staging_dir(out_dir)
+    lock = _lock_work_folder(staging, out_dir)
+    out_lock = None
+    try:
+        _recover(out_dir)
+        _check_target(out_dir, overwrite, lambda d: _holds(d, merged))  # refused before the work if it must be
+        if out_dir.exists():  # `kvprime report` on it, or another merge's swap, must not run meanwhile
+            out_lock = rundir.RunLock(out_dir, "merge").acquire()
+        for name in _contents(staging):  # a killed merge's leftovers: this merge writes every file anew
+            remove_path(staging / name)
+        _write(staging, merged)
+        results = finalize(staging)
+        _check_target(out_dir, overwrite, lambda d: _same_tree(d, staging))  # nothing added or edited since
+        _publish(staging, out_dir, lock, out_lock)
+    except BaseException:
+        if out_lock is not None:
+            out_lock.release()
+        if staging.exists():
+            _abandon(staging, lock)
+        try:
+            _recover(out_dir)
+        except (OSError, KvprimeError):  # the next merge into out_dir rolls it back; the first error is the one
+            pass
+        rundir.remove_created(out_dir.absolute().parent)
+        raise
+    results["merge"] = merged.summary
     return results
 
 
-def _passage_positions(inputs: list[list[dict]], n: int) -> list[list[int]]:
-    """Selection positions of each shard's rows when chunks are whole passages (``dataset.group_by_passage``):
-    chunk g of the selection went to shard g % n as its (g // n)-th passage, so the shards' passages, taken
-    round-robin, rebuild the selection's order."""
-    from ..data.passages import chunks, passage_key
+def _lock_work_folder(staging: Path, out_dir: Path):
+    """Create (or take over) the work folder and lock it: one merge into ``out_dir`` at a time."""
+    from ..errors import RunDirError
+    from ..pipeline import rundir
+    from ..pipeline.results_io import raise_write_error
 
-    per_shard = [chunks(rows, key=lambda r: passage_key(r["passage"])) for rows in inputs]
-    positions: list[list[int]] = [[] for _ in range(n)]
-    at = 0
-    for g in range(sum(map(len, per_shard))):
-        shard, k = g % n, g // n
-        if k >= len(per_shard[shard]):
-            raise MergeError(f"shard {shard} holds {len(per_shard[shard])} passages, too few for a selection dealt "
-                             f"{n} ways one passage at a time: passages are missing or the shards come from "
-                             "different selections.")
-        size = len(per_shard[shard][k])
-        positions[shard].extend(range(at, at + size))
-        at += size
-    return positions
+    if staging.exists() and not staging.is_dir():
+        raise MergeError(f"{staging}, the work folder of a merge into {out_dir}, is a file; remove it and run the "
+                         "same command again.")
+    try:
+        staging.mkdir(exist_ok=True)
+    except OSError as err:
+        raise_write_error(err, staging)
+    holder = rundir.live_holder(staging)
+    if holder is None:
+        try:
+            return rundir.RunLock(staging, "merge").acquire()
+        except RunDirError:
+            holder = rundir.live_holder(staging)  # taken between the look and the lock
+            if holder is None:
+                raise
+    who = (f"`kvprime {holder.get('command', '?')}` (pid {holder.get('pid')} on host {holder.get('host')}, since "
+           f"{holder.get('started')})")
+    if holder.get("host") == socket.gethostname():
+        fix = "Wait for it to finish (or stop it), then run this command again if you still need to."
+    else:
+        fix = (f"If that process is no longer running (check on {holder.get('host')}), delete {staging} and run this "
+               "command again.")
+    raise MergeError(f"another merge into {out_dir} is running: {who} holds its work folder {staging}. {fix}")
+
+
+def _write(staging: Path, merged: Merged) -> None:
+    """The merged run's files (``_file_chunks`` says what each holds), metadata.json last, as a run writes it."""
+    for name, chunks in _file_chunks(merged).items():
+        parts = list(chunks)
+        write_atomic(staging / name, b"".join(parts) if parts and isinstance(parts[0], bytes) else "".join(parts))
+
+
+def _publish(staging: Path, out_dir: Path, lock, out_lock) -> None:
+    """Swap the finished work folder in: the earlier ``out_dir`` (if any) aside, the new one in, the old removed."""
+    old = replaced_dir(out_dir)
+    if out_dir.exists():
+        rename_dir(out_dir, old)
+        if out_lock is not None:
+            out_lock.run_dir = old  # its holder record moved with the folder
+    rename_dir(staging, out_dir)
+    lock.run_dir = out_dir  # likewise: the work folder's lock is now out_dir's
+    lock.release()
+    if out_lock is not None:
+        out_lock.release()
+    remove_path(old)
+
+
+def _recover(out_dir: Path) -> None:
+    """Finish or undo the swap of a merge killed inside ``_publish``: with ``out_dir`` in place only the old copy's
+    removal is left; without it, the old one goes back (the new one was never published)."""
+    old = replaced_dir(out_dir)
+    if not old.exists():
+        return
+    if out_dir.exists():
+        remove_path(old)
+    else:
+        rename_dir(old, out_dir)
+
+
+def _abandon(staging: Path, lock) -> None:
+    """A merge that failed leaves no work folder behind: its files, then its released lock, then the folder."""
+    for name in _contents(staging):
+        remove_path(staging / name)
+    lock.release()
+    for name in LOCK_FILES:
+        (staging / name).unlink(missing_ok=True)
+    try:
+        staging.rmdir()
+    except OSError:  # another merge has taken it since
+        pass
+
+

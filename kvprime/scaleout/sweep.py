@@ -7,11 +7,20 @@ columns), its ``summary.csv`` and, for a failed job, its ``error.json``. It writ
 
 - ``sweep_summary.csv``: a row per job and condition (job, swept keys, condition, n, mean NLL, delta vs
   the baseline with its CI, p_holm, d_z, verdict);
-- ``jobs.csv``: a row per job (status complete | partial | failed | missing-results | not-started, the
-  error's type and message for failed jobs);
+- ``jobs.csv``: a row per job (status, the error's type and message for failed jobs);
 - ``sweep_effect.png``: each non-baseline condition's mean delta (95% CI bars) against the swept value when
   one numeric key is swept, else grouped bars per job;
 - ``sweep_report.md``: both tables, the figure, the failed jobs and why, and the command that resumes it.
+
+A job's status comes from its own completion record first: ``results.json``, which finalize writes after every
+other file (``kvprime.reporting.finalize``).
+
+- ``complete``: ``results.json`` is there. An ``error.json`` beside it is from an earlier failure that a later
+  ``resume`` or ``report`` got past: it does not make the job failed.
+- ``failed``: no ``results.json``, and the job's ``error.json`` says why.
+- ``partial``: neither, with score lines: killed, or still running (``resume`` continues it).
+- ``missing-results``: neither, and no score line: killed or still running before its first score.
+- ``not-started``: a job the sweep declares whose directory does not exist.
 
 Given the same files it writes the same bytes.
 """
@@ -25,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import MissingFileError
-from ..pipeline.results_io import read_jsonl, write_atomic, write_json
+from ..pipeline.results_io import write_atomic, write_json
 from ..reporting.tables import markdown_table
 
 # Overrides that do not define a job (they may differ between the first run and a resumed one).
@@ -110,26 +119,36 @@ def _expected_jobs(sweep_dir: Path) -> tuple[list[list[str]] | None, list[str], 
 
 
 def _job_status(job_dir: Path) -> dict:
-    row: dict = {"status": "missing-results", "score_lines": 0, "error_type": "", "error_message": ""}
-    scores = job_dir / "scores.jsonl"
-    if scores.is_file():
-        try:
-            row["score_lines"] = len(read_jsonl(scores))
-        except (json.JSONDecodeError, OSError):  # a torn last line of a killed job; resume repairs it
-            row["score_lines"] = sum(1 for line in scores.read_text().splitlines() if line.strip())
+    """The job's status (see the module's docstring), its score line count and, if failed, its error."""
+    from ..reporting.finalize import COMPLETION_RECORD
+
+    row: dict = {"status": "missing-results", "score_lines": _score_line_count(job_dir / "scores.jsonl"),
+                 "error_type": "", "error_message": ""}
     err = job_dir / "error.json"
-    if err.is_file():
+    if (job_dir / COMPLETION_RECORD).is_file():
+        row["status"] = "complete"
+    elif err.is_file():
         try:
             info = json.loads(err.read_text())
         except json.JSONDecodeError:
             info = {"type": "unreadable error.json", "message": ""}
         row.update(status="failed", error_type=str(info.get("type", "")),
                    error_message=" ".join(str(info.get("message", "")).split()))
-    elif (job_dir / "metadata.json").is_file() and (job_dir / "summary.csv").is_file():
-        row["status"] = "complete"
     elif row["score_lines"]:
         row["status"] = "partial"
     return row
+
+
+def _score_line_count(path: Path) -> int:
+    """Non-empty lines of a job's score log, read a line at a time (a killed job's torn last line counts: resume
+    repairs it)."""
+    if not path.is_file():
+        return 0
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError:
+        return 0
 
 
 def _label(value) -> str:
