@@ -90,3 +90,16 @@ def test_a_jobs_status_is_its_completion_record_then_its_error_record(tmp_path, 
     (job,) = sweep_report(sweep)["jobs"]
     assert job["status"] == status
     assert (job["error_type"] == "RuntimeError") == (status == "failed")
+
+
+@pytest.mark.parametrize("command, fix", [("run", "kvprime resume"), ("merge", "same merge command again"),
+                                          ("report", "try again")])
+def test_a_busy_directory_suggests_what_fits_the_command_holding_it(tmp_path, command, fix):
+    import socket
+
+    from kvprime.pipeline import rundir
+
+    err = rundir.busy_error(tmp_path, {"command": command, "pid": 1, "host": socket.gethostname(), "started": "x"})
+    assert fix in str(err)
+    if command != "run":
+        assert "kvprime resume" not in str(err)

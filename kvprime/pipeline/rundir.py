@@ -226,7 +226,10 @@ def busy_error(run_dir: Path, h: dict) -> RunDirError:
     if h.get("host") != socket.gethostname():
         fix = (f"If that process is no longer running (check on {h.get('host')}), delete {path} and try again.")
     else:
-        fix = "Wait for it to finish or stop it (a stopped run continues with `kvprime resume <dir>`)."
+        fix = {"run": "Wait for it to finish or stop it (a stopped run continues with `kvprime resume <dir>`).",
+               "resume": "Wait for it to finish or stop it (a stopped run continues with `kvprime resume <dir>`).",
+               "merge": "Wait for it to finish, then run the same merge command again if its output is not there.",
+               }.get(h.get("command"), "Wait for it to finish, then try again.")
     return RunDirError(f"{run_dir} is in use by {_describe(h)}. kvprime lets one command write a run directory "
                        f"at a time. {fix}")
 
