@@ -156,6 +156,41 @@ def bench(ctx: typer.Context,
     _guarded(run_bench, list(ctx.args), out_dir=out, one_by_one=one_by_one)
 
 
+@app.command("bench-scale")
+def bench_scale(n: str = typer.Option("1000,10000", "--n", help="The sample counts to measure, comma-separated."),
+                shards: int = typer.Option(10, help="Shard jobs merged per n (0: no merge measurement)."),
+                args: Optional[List[str]] = typer.Argument(None, help="More overrides for every run.")) -> None:
+    """Whether memory stays flat and report/merge grow linearly with n: exp21 on the tiny random model over
+    synthetic samples, each n run unsharded, reported, and run again as shards that are merged (each command in
+    its own process, its own peak memory measured). Writes scale.json and scale.md to outputs/bench-scale/<timestamp>/.
+
+    \b
+    kvprime bench-scale                           # n = 1,000 and 10,000, 10 shards each
+    kvprime bench-scale --n 100,1000 --shards 2   # a quick look
+    """
+    from ..config.confdir import outputs_root
+    from ..pipeline.rundir import new_run_dir
+    from .bench_scale import scale
+
+    try:
+        ns = [int(x) for x in n.split(",")]
+        assert ns and all(x >= 1 for x in ns)
+    except (ValueError, AssertionError):
+        _guarded(_refuse, f"--n {n!r} is not accepted: give positive sample counts separated by commas (e.g. 1000,10000).")
+    if shards < 0:
+        _guarded(_refuse, f"--shards {shards} is not accepted: give 0 (no merge) or a positive number of shards.")
+    out = Path(_guarded(new_run_dir, str(Path(outputs_root()) / "bench-scale")))
+    record = _guarded(scale, out, ns, shards, list(args or []))
+    typer.echo((out / "scale.md").read_text())
+    typer.echo(f"kvprime: wrote {out}/scale.json ({len(record['rows'])} sizes)")
+
+
+def _refuse(message: str):
+    from ..errors import ConfigError
+
+    raise ConfigError(message)
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory (`kvprime run`) or a sweep directory "
                                                      "(`kvprime run -m`).")) -> None:
