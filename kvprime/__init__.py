@@ -3,11 +3,13 @@
 The package import is light (no torch); ``Engine`` and friends load on first use.
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Engine": ("kvprime.cache.engine", "Engine"),
-    "ConditionSpec": ("kvprime.pipeline.conditions", "ConditionSpec"),
+    "Engine": ("kvprime.builders.engine", "Engine"),
+    "ConditionSpec": ("kvprime.builders.conditions", "ConditionSpec"),
     "PrimedCache": ("kvprime.builders", "PrimedCache"),
     "BUILDERS": ("kvprime.builders", "BUILDERS"),
     "register_builder": ("kvprime.builders", "register_builder"),
@@ -21,8 +23,6 @@ __all__ = ["__version__", *_LAZY]
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'kvprime' has no attribute {name!r}")

@@ -43,6 +43,14 @@ class RunDirError(KvprimeError):
     """A run directory cannot be used: held by another writer, holding another run, or not writable."""
 
 
+class RunError(ConfigError):
+    """A configuration or run-directory problem, reported before any work is lost."""
+
+
+class ModelUnavailable(UnavailableError):
+    """The model cannot be used on this machine, with the reason and what to do instead."""
+
+
 class Interrupted(KvprimeError):
     """SIGINT/SIGTERM stopped a run at a record boundary; the run directory is resumable."""
 

@@ -16,7 +16,7 @@ def tiny_tok():
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_tok):
-    from kvprime.cache.engine import Engine
+    from kvprime.builders.engine import Engine
     from kvprime.cache.tiny import tiny_model
 
     return Engine(tiny_model("llama", vocab_size=len(tiny_tok)), tiny_tok)

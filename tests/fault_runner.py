@@ -2,7 +2,7 @@
 
     python tests/fault_runner.py <kill_at> <mode> <event_log> <kvprime arguments...>
 
-Write points: every call of ``kvprime.pipeline.results_io.write_atomic`` (``write_json``/``write_jsonl``, the CSVs,
+Write points: every call of ``kvprime.files.results_io.write_atomic`` (``write_json``/``write_jsonl``, the CSVs,
 the report and the figures all go through it), every ``ScoreLog.append`` (one line of ``scores.jsonl``), and a
 merge's folder operations (``kvprime.scaleout.merge.rename_dir``: a work folder renamed into place or an old
 output renamed aside; ``remove_path``: a leftover or replaced folder removed). Each one is numbered from 1 and
@@ -43,7 +43,7 @@ MODES = ("before", "after", "torn")
 def _install(kill_at: int, mode: str, event_log: Path) -> None:
     import importlib
 
-    from kvprime.pipeline import results_io as rio
+    from kvprime.files import results_io as rio
 
     # Modules that did `from .results_io import write_atomic` hold their own reference: import every module of
     # the run path now (lazily imported ones included) and patch the name wherever it is bound.

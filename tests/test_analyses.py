@@ -5,9 +5,9 @@ from scipy import stats as st
 
 from kvprime.analysis.exp01 import COLUMNS, QUARTILE_LABELS, exp01_analyses, wide
 from kvprime.analysis.exp01_conditions import EXP01_CONDITIONS
-from kvprime.analysis.exp01_figure import exp01_figure
+from kvprime.analysis.exp01_figure import draw_exp01_figure
 from kvprime.analysis.stats import summarize
-from kvprime.reporting.figures import conditions_figure
+from kvprime.reporting.figures import conditions_figure, save_figure
 
 NB = 200  # bootstrap resamples: the CIs are not what these tests check
 N = 40
@@ -258,6 +258,11 @@ def test_bad_input_is_refused(data):
 
 
 # ---------------------------------------------------------------- figures
+def exp01_figure(scores, similarity, path):
+    """The exp01 figure as a run's report gets it: drawn by the analysis, saved by the report's writer."""
+    return save_figure(draw_exp01_figure(scores, similarity), path)
+
+
 def png_size(path):
     head = path.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,8 +8,8 @@ import pytest
 
 from kvprime.analysis import answer_quality as aq
 from kvprime.config.compose import compose
+from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import runner
-from kvprime.pipeline.results_io import read_jsonl
 
 EXP21 = ["bare", "full_oracle", "full_oracle_repeat", "truncated_oracle", "truncated_random"]
 ANSWER = ["metrics=[nll,answer]", "answer.max_new_tokens=5"]

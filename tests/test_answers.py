@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from kvprime.builders import PrimedCache
+from kvprime.builders.engine import Engine
 from kvprime.cache import answers
 from kvprime.cache import hf_internals as hf
-from kvprime.cache.engine import Engine
 from kvprime.cache.segments import tokenize
 from kvprime.cache.tiny import position_sensitive, tiny_model
 

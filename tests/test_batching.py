@@ -3,8 +3,8 @@
 import pytest
 from test_cache_identities import engine_for, max_diff, segs
 
+from kvprime.builders.conditions import ConditionSpec
 from kvprime.cache import hf_internals as hf
-from kvprime.pipeline.conditions import ConditionSpec
 
 SPECS = [ConditionSpec("full", builder="full"),
          ConditionSpec("rerotate", builder="truncate_prefix", rope_fix="rerotate"),

@@ -7,12 +7,12 @@ segment boundary breaks it by orders of magnitude more than the tolerance.
 import pytest
 import torch
 
+from kvprime.builders.conditions import ConditionSpec
+from kvprime.builders.engine import Engine
 from kvprime.cache import hf_internals as hf
-from kvprime.cache.engine import Engine
 from kvprime.cache.scoring import score_without_cache
 from kvprime.cache.segments import Segments
 from kvprime.cache.tiny import tiny_model
-from kvprime.pipeline.conditions import ConditionSpec
 
 VOCAB = 512
 ROPE_VARIANTS = {

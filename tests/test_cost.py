@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from kvprime.analysis import cost
-from kvprime.pipeline.results_io import read_jsonl
+from kvprime.files.results_io import read_jsonl
 
 SHAPE = {"hidden_size": 4, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
          "head_dim": 2, "intermediate_size": 8, "vocab_size": 10}

@@ -141,14 +141,15 @@ def test_squad_word_filters(squad_file):
 
 
 def test_squad_null_path_uses_packaged_asset(squad_file, monkeypatch):
-    # A stand-in for kvprime.assets, so the test neither needs that module nor the network.
-    import sys
+    # A stand-in for kvprime.assets, so the test needs no packaged file and no network.
     import types
+
+    from kvprime.data import squad
 
     calls = []
     fake = types.ModuleType("kvprime.assets")
     fake.fetch = lambda name: calls.append(name) or squad_file
-    monkeypatch.setitem(sys.modules, "kvprime.assets", fake)
+    monkeypatch.setattr(squad, "assets", fake)
     res = load_samples({"name": "squad_v11", "path": None, "n_samples": 1})
     assert calls == ["squad_v11"]
     assert [s.sample_id for s in res.samples] == ["q1"]

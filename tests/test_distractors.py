@@ -102,7 +102,7 @@ def test_candidates_are_the_querys_own_passages():
 
 
 def test_nearest_ranks_by_similarity_and_skips_the_gold(monkeypatch):
-    from kvprime.surrogates.similarity import Embedder
+    from kvprime.models.embedder import Embedder
 
     vectors = {"q": [1.0, 0.0], "gold": [0.9, 0.1], "near": [0.8, 0.2], "mid": [0.5, 0.5], "far": [0.0, 1.0]}
     monkeypatch.setattr(Embedder, "embed",

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from kvprime.cache import models
 from kvprime.config.compose import compose
+from kvprime.models import loading
 from kvprime.pipeline import runner
 from kvprime.pipeline.session import Session
 from kvprime.surrogates import sources
@@ -18,9 +18,9 @@ from kvprime.surrogates import sources
 TINY = ["model=tiny_random_llama", "stats.n_boot=1000", "progress=false"]
 # Runs the CLI with the weight-loading function replaced by one that exits 99: a run that loads weights cannot
 # exit 2.
-NO_WEIGHTS = ("import sys\nfrom kvprime.cache import models\n"
+NO_WEIGHTS = ("import sys\nfrom kvprime.models import loading\n"
               "def no_weights(*a, **k):\n    print('WEIGHTS LOADED', file=sys.stderr); sys.exit(99)\n"
-              "models.load = no_weights\n"
+              "loading.load = no_weights\n"
               "from kvprime.commands.cli import main; sys.argv = ['kvprime', *sys.argv[1:]]; main()")
 
 
@@ -48,14 +48,14 @@ def _grouped_rows(sizes):
 
 @pytest.fixture()
 def no_weights(monkeypatch):
-    """models.load raises: a test passes only if nothing asked for the weights."""
+    """loading.load raises: a test passes only if nothing asked for the weights."""
     calls = []
 
     def refuse(*args, **kwargs):
         calls.append(args)
         raise AssertionError("model weights were loaded")
 
-    monkeypatch.setattr(models, "load", refuse)
+    monkeypatch.setattr(loading, "load", refuse)
     return calls
 
 
@@ -95,7 +95,7 @@ def test_the_context_limit_comes_from_the_models_config_without_weights(tmp_path
 
 
 def test_sliding_windows_come_from_the_config_and_match_the_loaded_engine(tiny_tok):
-    from kvprime.cache.engine import Engine
+    from kvprime.builders.engine import Engine
     from kvprime.cache.tiny import tiny_config, tiny_model
 
     config = tiny_config("gemma3_text", vocab_size=len(tiny_tok))
@@ -175,7 +175,7 @@ def test_a_generated_surrogate_in_the_store_is_length_checked_before_any_weights
     data = _write(tmp_path / "samples.jsonl", _rows(n=3))
     cfg = _generated_cfg(tmp_path, folder, data, "model.max_context=150", "on_too_long=error")
     no_weights = []
-    monkeypatch.setattr(models, "load", lambda *a, **k: no_weights.append(a) or pytest.fail("weights loaded"))
+    monkeypatch.setattr(loading, "load", lambda *a, **k: no_weights.append(a) or pytest.fail("weights loaded"))
     # Not in the store: the generated condition is checked late (its text needs the generator); the others fit.
     session = Session.open(cfg, only="exp01/C2_trunc_generated_corrected")
     runner.check_lengths(session)

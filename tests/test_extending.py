@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from kvprime.builders import BUILDERS
-from kvprime.cache.engine import Engine
+from kvprime.builders.conditions import ConditionSpec, validate
+from kvprime.builders.engine import Engine
 from kvprime.cache.tiny import tiny_model, tiny_tokenizer
 from kvprime.config import plugins
 from kvprime.config.compose import compose
 from kvprime.errors import ConfigError
 from kvprime.pipeline import runner
-from kvprime.pipeline.conditions import ConditionSpec, validate
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -91,12 +91,12 @@ def test_masked_prefix_equals_cutting_it_with_shift(masked, arch):
 
 
 def test_builder_settings_are_checked_before_the_model_loads(masked, monkeypatch, tmp_path):
-    from kvprime.cache import models
+    from kvprime.models import loading
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(models, "load", no_load)
+    monkeypatch.setattr(loading, "load", no_load)
     cfg = compose(["model=tiny_random_llama", "dataset=exp21_sanity", "condition=truncated_oracle",
                    "condition.builder=masked_prefix", "condition.rope_fix=null", "+condition.mask_sink=maybe",
                    "stats.n_boot=1000"])

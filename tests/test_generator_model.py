@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from kvprime.cache import models
 from kvprime.errors import ConfigError
+from kvprime.models import loading
 from kvprime.pipeline.session import Session
 from kvprime.surrogates import generation
 from kvprime.surrogates.generator import generator_model_cfg
@@ -40,7 +40,7 @@ def test_another_generator_gets_its_own_keys_and_leaves_the_scored_model_alone(o
     real = generation.generate
 
     def spy(model, tokenizer, documents, *a, **k):
-        seen.append(models._state_dict_sha256(model))
+        seen.append(loading._state_dict_sha256(model))
         return real(model, tokenizer, documents, *a, **k)
 
     monkeypatch.setattr(generation, "generate", spy)
@@ -84,8 +84,8 @@ def test_another_generator_gets_its_own_keys_and_leaves_the_scored_model_alone(o
 def test_stored_surrogates_load_no_generator(overrides, monkeypatch):
     first = Session.from_overrides([*overrides, "generation.model=tiny_random_llama"]).generate()
     loads = []
-    real = models.load
-    monkeypatch.setattr(models, "load", lambda cfg: loads.append(cfg["seed"]) or real(cfg))
+    real = loading.load
+    monkeypatch.setattr(loading, "load", lambda cfg: loads.append(cfg["seed"]) or real(cfg))
     monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("generated although stored"))
     again = Session.from_overrides([*overrides, "generation.model=tiny_random_llama"])
     assert again.generate() == first

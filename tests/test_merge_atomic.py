@@ -26,7 +26,7 @@ import pytest
 from test_fault_injection import Launcher, _env, _events, _tail
 from test_sweeps import data_file, sharded  # noqa: F401  (the merge tests' shards: fixtures, used by name)
 
-from kvprime.pipeline.rundir import HOLDER_NAME, LOCK_NAME
+from kvprime.files.rundir import HOLDER_NAME, LOCK_NAME
 from kvprime.scaleout.merge import MergeError, merge_runs, replaced_dir, staging_dir
 
 MODES = ("before", "after", "torn")

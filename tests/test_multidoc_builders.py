@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from kvprime.builders import BUILDERS
+from kvprime.builders.conditions import ConditionSpec, validate
+from kvprime.builders.engine import Engine
 from kvprime.cache import hf_internals as hf
-from kvprime.cache.engine import Engine
 from kvprime.cache.scoring import score_without_cache
 from kvprime.cache.segments import Segments, Span
 from kvprime.cache.tiny import tiny_model
 from kvprime.errors import ConfigError
-from kvprime.pipeline.conditions import ConditionSpec, validate
 
 VOCAB = 512
 VARIANTS = {

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from kvprime.config.compose import compose
+from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import runner
-from kvprime.pipeline.results_io import read_jsonl
 from kvprime.pipeline.session import Session
 
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from kvprime.cache import floor
+from kvprime.builders import floor
+from kvprime.builders.conditions import ConditionSpec
 from kvprime.cache import hf_internals as hf
 from kvprime.cache.tiny import (
     ROPE_VARIANTS,
@@ -21,7 +22,6 @@ from kvprime.cache.tiny import (
 from kvprime.config.compose import compose
 from kvprime.errors import ConfigError
 from kvprime.pipeline import runner
-from kvprime.pipeline.conditions import ConditionSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SPECS = {"bare": ConditionSpec("bare"),

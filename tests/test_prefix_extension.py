@@ -8,8 +8,8 @@ from test_cache_identities import engine_for, max_diff
 from kvprime.builders import EncodeRequest
 from kvprime.cache.prefixes import MIN_SHARED_TOKENS, plan_steps
 from kvprime.config.compose import compose
+from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import runner
-from kvprime.pipeline.results_io import read_jsonl
 
 
 def req(ids, start=0, keep=False) -> EncodeRequest:

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
+from kvprime.builders.conditions import ConditionSpec
 from kvprime.cache import hf_internals as hf
 from kvprime.cache.scoring import score_without_cache
-from kvprime.pipeline.conditions import ConditionSpec
 
 pytestmark = pytest.mark.slow
 

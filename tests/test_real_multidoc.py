@@ -6,9 +6,9 @@ absolute 1e-5 would be below fp32's resolution there), as in tests/test_real_smo
 
 import pytest
 
+from kvprime.builders.conditions import ConditionSpec
 from kvprime.cache import hf_internals as hf
 from kvprime.cache.scoring import score_without_cache
-from kvprime.pipeline.conditions import ConditionSpec
 
 pytestmark = pytest.mark.slow
 

@@ -6,11 +6,11 @@ Marked slow: it needs the asset that `make setup` fetches (about 30 s the first 
 import pandas as pd
 import pytest
 
+from kvprime.builders.conditions import ConditionSpec
 from kvprime.cache import hf_internals as hf
 from kvprime.cache.scoring import score_without_cache
 from kvprime.config.compose import compose
 from kvprime.pipeline import runner
-from kvprime.pipeline.conditions import ConditionSpec
 
 pytestmark = pytest.mark.slow
 

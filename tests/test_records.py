@@ -97,7 +97,7 @@ def test_a_jobs_status_is_its_completion_record_then_its_error_record(tmp_path, 
 def test_a_busy_directory_suggests_what_fits_the_command_holding_it(tmp_path, command, fix):
     import socket
 
-    from kvprime.pipeline import rundir
+    from kvprime.files import rundir
 
     err = rundir.busy_error(tmp_path, {"command": command, "pid": 1, "host": socket.gethostname(), "started": "x"})
     assert fix in str(err)

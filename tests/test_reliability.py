@@ -17,12 +17,13 @@ import pytest
 
 from kvprime.config.compose import compose
 from kvprime.errors import RunDirError
-from kvprime.pipeline import rundir, runner
-from kvprime.pipeline.results_io import read_jsonl
+from kvprime.files import rundir
+from kvprime.files.results_io import read_jsonl
+from kvprime.pipeline import runner
 
 TINY = ["model=tiny_random_llama", "stats.n_boot=1000", "progress=false"]
 # Runs a CLI command with every chunk of scoring slowed down, so a test can act while the run holds its directory.
-SLOW = ("import sys, time; from kvprime.cache.engine import Engine; real = Engine.run_chunk\n"
+SLOW = ("import sys, time; from kvprime.builders.engine import Engine; real = Engine.run_chunk\n"
         "def slow(self, *a, **k):\n    time.sleep(float(__import__('os').environ.get('SLOW_S', '1'))); "
         "return real(self, *a, **k)\n"
         "Engine.run_chunk = slow\nfrom kvprime.commands.cli import main; sys.argv = ['kvprime', *sys.argv[1:]]; main()")
@@ -127,7 +128,7 @@ def test_a_held_directory_refuses_run_resume_and_report_and_is_left_unchanged(tm
 def test_stale_lock_of_a_killed_process_is_taken_over_and_another_hosts_is_not(tmp_path, data_file):
     run_dir = tmp_path / "r"
     cfg = compose([*TINY, "dataset=jsonl", f"dataset.path={data_file}", "dataset.n_samples=2"])
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kvprime.pipeline.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kvprime.files.rundir import RunLock; "
                                f"lock = RunLock({str(run_dir)!r}, 'run').acquire(); print('held', flush=True); "
                                "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     run_dir.mkdir()
@@ -235,7 +236,7 @@ def test_full_disk_while_logging_scores_leaves_whole_records_and_resumes_exactly
 
 
 def test_internal_error_is_reported_as_internal_with_the_traceback_saved(tmp_path, data_file, monkeypatch, capsys):
-    from kvprime.cache.engine import Engine
+    from kvprime.builders.engine import Engine
     from kvprime.commands.app import run_hydra_app
 
     def broken(self, *a, **k):
@@ -303,7 +304,7 @@ def test_output_root_on_a_file_gets_one_paragraph(tmp_path):
 
 
 def test_library_warnings_go_to_the_run_log_not_the_terminal(tmp_path, data_file):
-    noisy = ("import sys, warnings; from kvprime.cache.engine import Engine; real = Engine.score_many\n"
+    noisy = ("import sys, warnings; from kvprime.builders.engine import Engine; real = Engine.score_many\n"
              "def noisy(self, *a, **k):\n    warnings.warn('a library deprecation notice', FutureWarning)\n"
              "    return real(self, *a, **k)\n"
              "Engine.score_many = noisy\nfrom kvprime.commands.cli import main\n"
@@ -323,7 +324,7 @@ def test_library_warnings_go_to_the_run_log_not_the_terminal(tmp_path, data_file
 
 # Runs a CLI command whose run is refused once it holds its directory and has written its first files (the
 # version record, config.json, plan.json), before any score.
-REFUSED_AFTER_START = ("import sys\nfrom kvprime.cache import floor\nfrom kvprime.pipeline.plan import RunError\n"
+REFUSED_AFTER_START = ("import sys\nfrom kvprime.builders import floor\nfrom kvprime.errors import RunError\n"
                        "def refuse(*a, **k):\n    raise RunError('refused once the run had started')\n"
                        "floor.for_run = refuse\n"
                        "from kvprime.commands.cli import main; sys.argv = ['kvprime', *sys.argv[1:]]; main()")

@@ -20,7 +20,7 @@ from kvprime.analysis.registry import (
     validate_analyses,
 )
 from kvprime.errors import ConfigError
-from kvprime.pipeline import results_io
+from kvprime.files import results_io
 from kvprime.reporting.finalize import finalize
 from kvprime.reporting.tables import cell, markdown_table
 

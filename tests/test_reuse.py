@@ -15,9 +15,9 @@ from kvprime.config.compose import compose
 from kvprime.data import load_samples
 from kvprime.data.passages import passage_id
 from kvprime.errors import ConfigError
+from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import runner
-from kvprime.pipeline.plan import shard
-from kvprime.pipeline.results_io import read_jsonl
+from kvprime.pipeline.sharding import shard
 from kvprime.surrogates import sources
 from kvprime.surrogates.sources.sibling_query import siblings
 
@@ -277,7 +277,7 @@ def test_grouped_shards_merge_into_the_unsharded_run_byte_for_byte(tmp_path):
 
 
 def test_a_grouped_run_killed_after_its_first_passage_resumes_to_the_uninterrupted_tables(tmp_path, monkeypatch):
-    from kvprime.cache.engine import Engine
+    from kvprime.builders.engine import Engine
 
     data = _write(tmp_path, _rows())
     only, extra = "reuse/truncated_sibling", "condition=reuse/truncated_sibling"

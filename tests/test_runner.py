@@ -7,12 +7,11 @@ import sys
 import pandas as pd
 import pytest
 
-from kvprime.cache import models
 from kvprime.config import confdir
 from kvprime.config.compose import compose
 from kvprime.errors import ConfigError
+from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import plan, runner
-from kvprime.pipeline.results_io import read_jsonl
 
 EXP21 = ["bare", "full_oracle", "full_oracle_repeat", "truncated_oracle", "truncated_random"]
 FILES = ["inputs.jsonl", "scores.jsonl", "scores.csv", "summary.csv", "comparisons.csv", "results.json", "report.md",
@@ -88,7 +87,7 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path, samples_file, monk
     runner.run_experiment(tiny_cfg(samples_file), full)
 
     crashed = tmp_path / "crashed"
-    from kvprime.cache.engine import Engine
+    from kvprime.builders.engine import Engine
 
     real_score, calls = Engine.score_many, {"n": 0}
 
@@ -136,11 +135,12 @@ def test_resume_with_other_settings_is_refused(tmp_path, samples_file):
 
 def test_auto_batch_settings_are_recorded_as_the_devices_numbers(tmp_path, samples_file):
     from kvprime.cache import batching
+    from kvprime.config import devices
 
     out = tmp_path / "run"
     runner.run_experiment(tiny_cfg(samples_file), out)
     stored = json.loads((out / "config.json").read_text())
-    kind = batching.device_kind(models.resolve_device(stored["model"]))
+    kind = batching.device_kind(devices.resolve_device(stored["model"]))
     want = batching.DEFAULTS[kind]
     assert stored["batch"] == {"samples": want["samples"], "encode_tokens": want["encode_tokens"],
                                "score_tokens": want["score_tokens"], "extend_prefixes": False}
@@ -178,7 +178,7 @@ def test_too_long_samples_are_skipped_and_counted(tmp_path, samples_file):
 
 
 def test_nonfinite_scores_are_flagged_not_averaged(tmp_path, samples_file, monkeypatch):
-    from kvprime.cache.engine import Engine
+    from kvprime.builders.engine import Engine
 
     real = Engine.score_many
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from kvprime.config.compose import compose, with_defaults
+from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import runner
-from kvprime.pipeline.results_io import read_jsonl
 from kvprime.surrogates import sources as surrogates
 
 N_FILE, N_SELECTED = 6, 4  # a selection smaller than the file: the pool must be the selection's queries

@@ -12,6 +12,7 @@ import pytest
 from kvprime.cache import batching
 from kvprime.config import settings
 from kvprime.config.compose import compose
+from kvprime.data import OPTIONS
 from kvprime.errors import ConfigError
 from kvprime.pipeline.plan import plain
 
@@ -262,15 +263,15 @@ def test_every_shipped_model_and_dataset_passes(base):
     for dataset in confdir.names("dataset"):
         reads_path = "path" in confdir.load("dataset", dataset)  # jsonl's path is ??? (must be set)
         cfg = plain(compose([f"dataset={dataset}", *(["dataset.path=x"] if reads_path else [])]))
-        assert settings.check(cfg)["dataset"]["seed"] == 42
+        assert settings.check(cfg, loader_options=OPTIONS)["dataset"]["seed"] == 42
 
 
 def test_words_agree_with_the_modules_that_use_them():
-    from kvprime.cache import models
+    from kvprime.models import loading
     from kvprime.surrogates import generation
 
     assert settings.CLEAN_MODES == generation.CLEAN_MODES
-    assert settings.DTYPES == models.DTYPES
+    assert settings.DTYPES == loading.DTYPES
 
 
 def test_describe_lists_every_setting_with_default_and_accepted_values():
@@ -323,13 +324,13 @@ def test_batching_and_data_use_the_declared_rule_and_paragraph():
     ("model.device=tpu", "model.device='tpu'"),
 ])
 def test_run_experiment_refuses_bad_settings_before_any_model_loads(override, key, tmp_path, monkeypatch):
-    from kvprime.cache import models
+    from kvprime.models import loading
     from kvprime.pipeline import runner
 
     def no_load(*args, **kwargs):
         raise AssertionError("model loaded")
 
-    monkeypatch.setattr(models, "load", no_load)
+    monkeypatch.setattr(loading, "load", no_load)
     cfg = plain(compose(["model=tiny_random_llama", "dataset=exp21_sanity", "progress=false", override]))
     with pytest.raises(ConfigError) as info:
         runner.run_experiment(cfg, tmp_path / "r")

@@ -7,9 +7,9 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from kvprime.cache import models
 from kvprime.config import confdir
 from kvprime.errors import ConfigError
+from kvprime.models import loading
 
 # A copy of the 7B config shrunk to a few million parameters: every code path of the real one, built in a second.
 SHRUNK = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -25,7 +25,7 @@ def _cfg(**changes):
 def test_the_yaml_is_mistral_7b_instruct_v02():
     """config.json of mistralai/Mistral-7B-Instruct-v0.2, read through transformers (rope_theta included),
     vocabulary aside (the borrowed tokenizer's, see the YAML)."""
-    c = models.model_config(_cfg())
+    c = loading.model_config(_cfg())
     assert type(c).__name__ == "MistralConfig"
     assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
             c.head_dim, c.max_position_embeddings, c.sliding_window) == (4096, 14336, 32, 32, 8, 128, 32768, None)
@@ -58,10 +58,10 @@ def test_a_shrunk_copy_runs_an_experiment_on_the_borrowed_tokenizer(tmp_path):
 
 def test_bad_shape_random_settings_are_one_paragraph():
     with pytest.raises(ConfigError, match="model.tokenizer='nope' is not a model config"):
-        models.model_config(_cfg(tokenizer="nope"))
+        loading.model_config(_cfg(tokenizer="nope"))
     with pytest.raises(ConfigError, match="no model.config mapping"):
-        models.model_config(_cfg(config={}))
+        loading.model_config(_cfg(config={}))
     with pytest.raises(ConfigError, match="model.arch='nonsense' is not a transformers model type"):
-        models.model_config(_cfg(arch="nonsense"))
+        loading.model_config(_cfg(arch="nonsense"))
     with pytest.raises(ConfigError, match="vocab_size=32000 is smaller than the vocabulary"):
-        models.load(_cfg(device="cpu", config={**_cfg()["config"], **SHRUNK, "vocab_size": 32000}))
+        loading.load(_cfg(device="cpu", config={**_cfg()["config"], **SHRUNK, "vocab_size": 32000}))

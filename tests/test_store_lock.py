@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kvprime.surrogates import generation, store as store_module
+from kvprime.surrogates import generation
+from kvprime.surrogates import store as store_module
 from kvprime.surrogates.generation import GENERATION_TEMPLATES, GenerationSettings
 from kvprime.surrogates.store import SurrogateStore, ensure
 

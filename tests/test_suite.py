@@ -8,8 +8,8 @@ import pytest
 
 from kvprime.analysis import routing
 from kvprime.config.compose import compose
+from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import plan, runner
-from kvprime.pipeline.results_io import read_jsonl
 from kvprime.reporting.finalize import finalize
 
 
@@ -53,7 +53,7 @@ def test_routing_picks_argmax_similarity_and_oracle_is_never_worse():
 
 
 def test_similarity_routing_with_hand_made_embeddings(monkeypatch):
-    from kvprime.surrogates.similarity import Embedder
+    from kvprime.models.embedder import Embedder
 
     vectors = {"q": [1.0, 0.0], "close": [0.8, 0.6], "far": [0.0, 1.0]}
     monkeypatch.setattr(Embedder, "embed", lambda self, texts: np.array([vectors[t] for t in texts]))

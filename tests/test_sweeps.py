@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from kvprime.config.compose import compose
+from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import plan, runner
-from kvprime.pipeline.results_io import read_jsonl
 from kvprime.scaleout.merge import MergeError, expand_run_dirs, merge_runs
 from kvprime.scaleout.sweep import is_sweep_dir, job_dirs, sweep_report
 

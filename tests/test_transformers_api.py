@@ -18,15 +18,15 @@ import warnings
 import pytest
 import torch
 
+from kvprime.builders.conditions import ConditionSpec
+from kvprime.builders.engine import Engine
 from kvprime.cache import hf_internals as hf
-from kvprime.cache import models
-from kvprime.cache.engine import Engine
 from kvprime.cache.scoring import score_without_cache
 from kvprime.cache.tiny import tiny_model, tiny_tokenizer
 from kvprime.commands.bench import NaiveEngine, naive_score
 from kvprime.config import confdir
 from kvprime.errors import ConfigError
-from kvprime.pipeline.conditions import ConditionSpec
+from kvprime.models import loading
 from kvprime.surrogates.generation import GenerationSettings, generate
 
 DOCS = ["The capital of France is Paris. It is known for the Eiffel Tower.",
@@ -153,7 +153,7 @@ def test_hf_local_loads_a_saved_folder_with_the_same_logits(tmp_path, tok):
     cfg.device = "cpu"
     assert cfg.name == str(folder)  # named after its folder when no name is given
     with no_transformers_deprecations():
-        model, loaded_tok, info = models.load(cfg)
+        model, loaded_tok, info = loading.load(cfg)
     assert info["source"] == "local" and info["name"] == str(folder) and info["weights_sha256"]
     ids = torch.tensor([loaded_tok("The capital of France is Paris.", add_special_tokens=False)["input_ids"]])
     assert ids.tolist() == [tok("The capital of France is Paris.", add_special_tokens=False)["input_ids"]]
@@ -164,14 +164,14 @@ def test_hf_local_loads_a_saved_folder_with_the_same_logits(tmp_path, tok):
         primed, _ = eng.prime(DOCS[0], surrogate=QUERIES[0])
         assert eng.nll(primed, query=QUERIES[0], answer=ANSWERS[0]).finite
     cfg.name = "my-model"  # an explicit name wins
-    assert cfg.name == "my-model" and models.model_name(cfg) == "my-model"
+    assert cfg.name == "my-model" and loading.model_name(cfg) == "my-model"
 
 
 @pytest.mark.parametrize("path", [None, "", "  "])
 def test_hf_local_without_path_is_a_config_error_before_loading(path):
     cfg = confdir.load("model", "hf_local")
     cfg.path = path
-    for step in (models.model_config, models.load):
+    for step in (loading.model_config, loading.load):
         with pytest.raises(ConfigError, match=r"model\.path") as err:
             step(cfg)
         assert "model=hf_local model.path=" in str(err.value) and "\n" not in str(err.value)
@@ -181,15 +181,15 @@ def test_hf_local_with_a_folder_that_is_no_model_names_the_setting(tmp_path):
     cfg = confdir.load("model", "hf_local")
     for path in (tmp_path / "missing", tmp_path):
         cfg.path = str(path)
-        with pytest.raises(models.ModelUnavailable, match=r"model\.path"):
-            models.model_config(cfg)
+        with pytest.raises(loading.ModelUnavailable, match=r"model\.path"):
+            loading.model_config(cfg)
 
 
 @pytest.mark.parametrize("hub_id", [None, ""])
 def test_hf_hub_without_id_is_a_config_error_before_loading(hub_id):
     cfg = confdir.load("model", "hf_hub")
     cfg.id = hub_id
-    for step in (models.model_config, models.load):
+    for step in (loading.model_config, loading.load):
         with pytest.raises(ConfigError, match=r"model\.id") as err:
             step(cfg)
         assert "model=hf_hub model.id=" in str(err.value)
@@ -198,11 +198,11 @@ def test_hf_hub_without_id_is_a_config_error_before_loading(hub_id):
 def test_hf_hub_names_the_model_after_its_id_and_keeps_hub_id_working():
     cfg = confdir.load("model", "hf_hub")
     cfg.id = "someorg/some-model"
-    assert cfg.name == "someorg/some-model" and models.model_name(cfg) == "someorg/some-model"
-    assert models.hub_id({"source": "hub", "hub_id": "mistralai/Mistral-7B-Instruct-v0.2"}) == \
+    assert cfg.name == "someorg/some-model" and loading.model_name(cfg) == "someorg/some-model"
+    assert loading.hub_id({"source": "hub", "hub_id": "mistralai/Mistral-7B-Instruct-v0.2"}) == \
         "mistralai/Mistral-7B-Instruct-v0.2"
     mistral = confdir.load("model", "mistral_7b_instruct_v02")
-    assert models.hub_id(mistral) == "mistralai/Mistral-7B-Instruct-v0.2"
+    assert loading.hub_id(mistral) == "mistralai/Mistral-7B-Instruct-v0.2"
 
 
 def test_cache_keyword_follows_the_forward_signature(tok):

@@ -25,7 +25,7 @@ BASE = ["model=tiny_random_llama", "dataset=exp21_sanity", "progress=false"]
 
 def _refusal(overrides, **kw) -> str:
     with pytest.raises(ConfigError) as info:
-        settings.check(plain(compose([*BASE, *overrides])), **kw)
+        settings.check(plain(compose([*BASE, *overrides])), loader_options=OPTIONS, **kw)
     return str(info.value)
 
 
@@ -59,7 +59,7 @@ def test_a_dataset_key_is_known_only_to_the_loader_that_declares_it():
     message = _refusal(["dataset=squad_v11", "+dataset.mode=walkthrough"])
     assert "dataset.mode='walkthrough' is not accepted" in message and "(loader 'squad_v11')" in message
     cfg = plain(compose([*BASE, "dataset=msmarco_v11", "dataset.mode=walkthrough"]))
-    assert settings.check(cfg)["dataset"]["mode"] == "walkthrough"
+    assert settings.check(cfg, loader_options=OPTIONS)["dataset"]["mode"] == "walkthrough"
     with pytest.raises(ConfigError, match=r"dataset\.n_sample=3 is not accepted.*Did you mean dataset\.n_samples"):
         load_samples({"name": "exp21_sanity", "n_sample": 3})  # callers that bypass settings.check
 
@@ -71,7 +71,7 @@ def test_a_plugin_loader_declares_its_options():
 
     try:
         cfg = plain(compose([*BASE, "dataset.name=rooted_test", "+dataset.root=here"]))
-        assert settings.check(cfg)["dataset"]["root"] == "here"
+        assert settings.check(cfg, loader_options=OPTIONS)["dataset"]["root"] == "here"
         assert [s.sample_id for s in load_samples(cfg["dataset"]).samples] == ["here-1"]
         with pytest.raises(ConfigError, match=r"dataset\.rot='here'.*Did you mean dataset\.root\?.*: root, name"):
             load_samples({**cfg["dataset"], "rot": "here"})
@@ -84,7 +84,7 @@ def test_a_loader_registered_later_is_checked_when_the_data_loads():
     # A plugin's loader is imported after the settings check: its keys are judged by load_samples, not refused
     # by the check as unknown.
     cfg = plain(compose([*BASE, "dataset.name=later_test", "+dataset.root=here"]))
-    assert settings.check(cfg)["dataset"]["root"] == "here"
+    assert settings.check(cfg, loader_options=OPTIONS)["dataset"]["root"] == "here"
 
 
 def test_condition_keys_without_a_selected_condition_are_refused():
@@ -113,7 +113,7 @@ def test_every_shipped_config_passes():
         settings.check(cfg, condition_selected=False)
     for dataset in confdir.names("dataset"):
         extra = ["dataset.path=x"] if "path" in confdir.load("dataset", dataset) else []
-        settings.check(plain(compose([*BASE, f"dataset={dataset}", *extra])))
+        settings.check(plain(compose([*BASE, f"dataset={dataset}", *extra])), loader_options=OPTIONS)
     base = plain(compose(BASE))
     for condition in confdir.names("condition"):  # as condition=<name> composes it, without composing 49 times
         chosen = OmegaConf.to_container(confdir.load("condition", condition), resolve=True)
@@ -140,7 +140,7 @@ def _keys_read(*modules: str) -> set[str]:
 
 def test_the_declared_keys_are_those_the_yaml_files_give_and_the_code_reads():
     assert _yaml_keys("model") <= set(composition.MODEL_KEYS)
-    assert _keys_read("cache/models.py", "cache/shape_random.py") <= set(composition.MODEL_KEYS)
+    assert _keys_read("models/loading.py", "models/shape_random.py") <= set(composition.MODEL_KEYS)
     assert _yaml_keys("experiment", "experiment") <= set(composition.EXPERIMENT_KEYS)
     for name, options in OPTIONS.items():
         assert set(options).isdisjoint(composition.DATASET_KEYS), name
@@ -149,7 +149,7 @@ def test_the_declared_keys_are_those_the_yaml_files_give_and_the_code_reads():
 
 def test_hydras_refusal_gets_a_paragraph_that_does_not_steer_to_plus():
     def paragraph(key, value):
-        return composition.not_in_config(key, value, settings.declared())
+        return composition.not_in_config(key, value, settings.declared(), OPTIONS)
 
     message = paragraph("dataset.n_sample", "3")
     assert message.startswith("dataset.n_sample=3 is not accepted") and "Did you mean dataset.n_samples?" in message

@@ -31,6 +31,7 @@ from collections import Counter
 
 import numpy as np
 import pandas as pd
+from statsmodels.stats.contingency_tables import mcnemar
 
 from . import stats
 
@@ -115,8 +116,6 @@ def frame(scores: pd.DataFrame, derived: pd.DataFrame | None = None) -> pd.DataF
 
 def mcnemar_exact(reference, treatment) -> dict:
     """McNemar's exact test of paired 0/1 outcomes: discordant counts and the two-sided p (NaN with none)."""
-    from statsmodels.stats.contingency_tables import mcnemar
-
     ref, trt = np.asarray(reference, dtype=bool), np.asarray(treatment, dtype=bool)
     gained, lost = int(np.sum(trt & ~ref)), int(np.sum(ref & ~trt))
     table = [[int(np.sum(ref & trt)), lost], [gained, int(np.sum(~ref & ~trt))]]

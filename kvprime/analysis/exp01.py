@@ -23,6 +23,7 @@ import pandas as pd
 from scipy import stats as st
 
 from .exp01_conditions import A3, B1, B2, B3, B4, C1, C2, C4, C5, D1, E1
+from .exp01_figure import draw_exp01_figure
 from .registry import AnalysisInput, AnalysisResult, FigureSpec, register_analysis
 from .stats import (
     _DEFAULT,
@@ -286,8 +287,6 @@ def exp01_analysis(run: AnalysisInput) -> AnalysisResult:
                             equivalence_margin=run.equivalence_margin, alpha=run.alpha, power=run.power)
 
     def draw():
-        from .exp01_figure import draw_exp01_figure
-
         return draw_exp01_figure(scores, run.similarity, baseline=run.baseline)
 
     return AnalysisResult(tables, dict(TITLES), {"exp01": FigureSpec("exp01_figure.png", draw)})

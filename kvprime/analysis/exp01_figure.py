@@ -1,16 +1,16 @@
-"""The exp01 analysis's figure: the notebook's 4-panel figure from the run's scores.
+"""The exp01 analysis's figure: the notebook's 4-panel figure from the run's scores, drawn and returned (the
+report saves it: ``kvprime.reporting.figures.save_figure``).
 
 matplotlib is imported when the figure is drawn, not when this module is imported: the analysis registry
 imports every module of the package, also where only the tables are wanted.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from scipy import stats as st
 
+from .drawing import message
 from .exp01_conditions import B1, C1, C2, EXP01_CONDITIONS
 from .stats import check_scores, describe
 
@@ -28,10 +28,9 @@ def _group(cond: str) -> str | None:
 def draw_exp01_figure(scores: pd.DataFrame, similarity: pd.Series | None, *, baseline: str = "A1_baseline"):
     """The notebook's 2x2 figure (16x12 in): all conditions, the critical test, the C2 delta histogram, and
     similarity vs C2 delta.  Delta = baseline - C2 (positive: C2 better)."""
+    # lazy: matplotlib; the analysis registry imports this module where only tables are wanted
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
-
-    from ..reporting.figures import message
 
     check_scores(scores)
     by = {c: g.set_index("sample_id")["nll"].astype(float) for c, g in scores.groupby("condition", sort=False)}
@@ -137,11 +136,3 @@ def draw_exp01_figure(scores: pd.DataFrame, similarity: pd.Series | None, *, bas
                 ax4.set_title(f"Similarity vs C2 benefit (constant delta: r undefined, n = {x.size})")
             ax4.legend(fontsize=10)
     return fig
-
-
-def exp01_figure(scores: pd.DataFrame, similarity: pd.Series | None, path: Path, *,
-                 baseline: str = "A1_baseline") -> Path:
-    """Draw the figure and save it to ``path`` (``kvprime.reporting.figures.save_figure``: PNG, the reports' dpi)."""
-    from ..reporting.figures import save_figure
-
-    return save_figure(draw_exp01_figure(scores, similarity, baseline=baseline), path)

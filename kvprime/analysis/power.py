@@ -19,13 +19,12 @@ import math
 import warnings
 
 import numpy as np
+from statsmodels.stats.power import TTestPower
 
 _NAN = float("nan")
 
 
 def _solve(**kw) -> float:
-    from statsmodels.stats.power import TTestPower
-
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")  # convergence chatter; a failed solve is returned as NaN
         try:

@@ -43,6 +43,7 @@ import zlib
 import numpy as np
 import pandas as pd
 from scipy import stats as st
+from statsmodels.stats.weightstats import ttost_paired
 
 from ..config.settings import Stats
 from .power import mde
@@ -128,8 +129,6 @@ def _bootstrap_ci(delta, n_boot, seed, confidence):
 def _tost(ref, trt, delta, sd, margin) -> float:
     if sd == 0:  # constant deltas: statsmodels divides by zero; the mean is exactly known
         return 0.0 if abs(float(delta.mean())) < margin else 1.0
-    from statsmodels.stats.weightstats import ttost_paired
-
     p = float(ttost_paired(ref, trt, -margin, margin)[0])
     return p if math.isfinite(p) else _NAN
 

@@ -24,9 +24,7 @@ from .wheels import sha256_of
 
 def _rope_bases(config: Any) -> tuple[list[float], dict[str, float]]:
     """(every rope_theta the config declares, {layer type: rope_theta} when they differ per layer type)."""
-    from ..cache import (
-        hf_internals,  # imports torch: only once a config is being checked
-    )
+    from ..cache import hf_internals  # lazy: torch; `import kvprime.assets` stays light
 
     bases = hf_internals.rope_thetas_of_config(config)
     return list(bases.values()), {k: v for k, v in bases.items() if k is not None}
@@ -72,6 +70,7 @@ def check_config(name: str, cfg: Any, expect: Mapping[str, Any]) -> dict[str, An
 def check_rotary(name: str, model: Any, cfg: Any) -> float:
     """The loaded model's own RoPE frequencies (per layer, as kvprime reads them) must be the default
     ``theta ** (-2i / dim)`` of each layer's configured base; returns the largest relative error."""
+    # lazy: torch; `import kvprime.assets` stays light
     import torch
 
     from ..cache import hf_internals
@@ -129,7 +128,7 @@ def convert_gguf(src: Path, out: Path, asset: Asset, progress: bool) -> dict[str
 
     # Everything is local; offline mode makes sure nothing tries the hub (restored afterwards).
     with _env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"):
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # lazy: torch; `import kvprime.assets` stays light
 
         if progress:
             return _convert_gguf_loaded(gguf_path, out, asset, expect, dtype_name)
@@ -151,6 +150,7 @@ def convert_gguf(src: Path, out: Path, asset: Asset, progress: bool) -> dict[str
 def _convert_gguf_loaded(
     gguf_path: Path, out: Path, asset: Asset, expect: Mapping[str, Any], dtype_name: str
 ) -> dict[str, Any]:
+    # lazy: torch; `import kvprime.assets` stays light
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -1,4 +1,6 @@
-"""The cache-builder registry: a builder is one module that registers itself; nothing else needs an edit.
+"""The condition -> cache layer: the cache-builder registry (here), kvprime's builders (``library/``), the
+condition spec (``conditions``), the engine that runs builders (``engine``) and the numerical floor probe that
+builds re-rotated caches (``floor``). A builder is one module that registers itself; nothing else needs an edit.
 
 A builder declares, with ``@register_builder(name, params=..., roles=..., notes=...)``:
 
@@ -17,8 +19,9 @@ A builder declares, with ``@register_builder(name, params=..., roles=..., notes=
 - the build function ``fn(engine, segments, spec) -> PrimedCache``, and optionally a planner
   (``@register_planner(name)``: the encodes it will ask for, so a chunk's encodes run as padded batches).
 
-kvprime's own builders are the modules of this package, found by ``pkgutil``; a researcher's builders are
-modules named in the run's ``plugins:`` list (``kvprime.config.plugins``), or ``kvprime.plugins`` entry points.
+kvprime's own builders are the modules of ``kvprime.builders.library``, found by ``pkgutil`` (the other modules of
+this package are not builders); a researcher's builders are modules named in the run's ``plugins:`` list
+(``kvprime.config.plugins``), or ``kvprime.plugins`` entry points.
 """
 
 from __future__ import annotations
@@ -139,9 +142,10 @@ class PrimedCache:
 
 
 def _discover() -> None:
-    """Import every module of this package: each registers its builder."""
-    for mod in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{mod.name}")
+    """Import every module of ``library/``: each registers its builder."""
+    library = importlib.import_module(f"{__name__}.library")
+    for mod in pkgutil.iter_modules(library.__path__):
+        importlib.import_module(f"{library.__name__}.{mod.name}")
 
 
 _discover()

@@ -1,1 +1,2 @@
-"""The KV cache: transformers internals, segments, the engine that builds and scores primed caches, models."""
+"""The KV cache on tensors: transformers internals, segments, scoring, stacked caches, shared prefixes, answer
+decoding, batch settings, and tiny random models for the tests."""

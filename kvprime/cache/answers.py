@@ -22,8 +22,8 @@ from functools import lru_cache
 import torch
 
 from ..errors import DataError
-from ..surrogates.generation import stop_ids
 from . import hf_internals as hf
+from .decoding import stop_ids
 from .scoring import stack_rows
 
 STOPS = ("newline", "eos", "max_new_tokens", "window")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..config import settings
+from ..config.devices import resolve_device
 from ..errors import ConfigError
 
 DEFAULTS = settings.DEVICE_BATCH_DEFAULTS  # declared with the device checks (kvprime.config.devices)
@@ -36,8 +37,6 @@ def resolve(cfg: Mapping, device: str | None = None) -> dict:
     What each setting accepts is declared in ``kvprime.config.settings`` (checked here too, for callers that bypass
     ``settings.check``)."""
     if device is None:
-        from .models import resolve_device
-
         device = resolve_device(cfg.get("model") or {})
     defaults = DEFAULTS[device_kind(device)]
     out = dict(cfg)

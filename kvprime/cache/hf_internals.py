@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -405,8 +406,6 @@ def rope_thetas_of_config(config) -> dict[str | None, float]:
     or 4.x ``rope_theta``), ``{layer type: theta}`` for per-layer-type RoPE (Gemma3), ``{}`` for none.
 
     Reads attributes only, so the asset conversion can check a config before (or without) a model."""
-    from collections.abc import Mapping
-
     params = getattr(config, "rope_parameters", None)
     if isinstance(params, Mapping):
         if "rope_theta" in params:

@@ -6,7 +6,13 @@ like the real ones do), trained deterministically on a small built-in text, so t
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from ..errors import ConfigError
 
@@ -25,9 +31,6 @@ What problem does this solve? What is this and what does it mean? 0 1 2 3 4 5 6 
 
 @lru_cache(maxsize=4)
 def tiny_tokenizer(vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -43,8 +46,6 @@ def tiny_tokenizer(vocab_size: int = 512):
 
 def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     """A 2-layer config of a RoPE architecture; ``overrides`` set any config field (rope_parameters too)."""
-    import transformers
-
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
     classes = {
@@ -91,8 +92,6 @@ def position_sensitive(model, attention: float = 16.0, mixing: float = 8.0, logi
     by S positions changes a tiny model's NLL by 1e-4 nats or less: too little to tell a wrong re-rotation
     from round-off. Sharper attention (query/key weights, or Gemma3's q/k norms), stronger attention outputs
     and larger logits make a misplaced key cost tenths of a nat, while the model stays well-conditioned."""
-    import torch
-
     config = model.config.get_text_config(decoder=True)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     v_rows = config.num_key_value_heads * head_dim
@@ -115,11 +114,6 @@ def position_sensitive(model, attention: float = 16.0, mixing: float = 8.0, logi
 def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 512, device: str | None = None, **overrides):
     """Weights drawn on the CPU (the same on every machine), then moved to ``device``: by default
     ``$KVPRIME_TEST_DEVICE`` or cpu, so the test suite's mechanics can be rerun on a GPU unchanged."""
-    import os
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **overrides), dtype=torch.float32)
     return model.to(device or os.environ.get("KVPRIME_TEST_DEVICE") or "cpu").eval()

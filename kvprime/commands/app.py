@@ -10,7 +10,12 @@ kvprime (1, the traceback saved to the run's ``error.json``, or to a file named 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ..config.confdir import CONF_DIR, register_resolvers
+from ..config import plugins
+from ..config.confdir import CONF_DIR, outputs_root, register_resolvers
 from ..errors import (
     Interrupted,
     KvprimeError,
@@ -29,6 +35,12 @@ from ..errors import (
     save_traceback,
     traceback_text,
 )
+from ..files import rundir
+from ..files.results_io import read_jsonl, write_atomic, write_json
+from ..pipeline import logs
+from ..pipeline.interrupts import StopSignal, stop_on_signals
+from ..pipeline.runner import RUN_FILES, run_experiment
+from ..reporting.report import rejection_counts
 from .failures import report_failure
 
 register_resolvers()  # before Hydra resolves hydra.run.dir
@@ -66,10 +78,6 @@ def main(cfg: DictConfig) -> None:
 
 def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool) -> tuple[int, str]:
     """One run into ``run_dir``: (exit status, the paragraph printed when it did not succeed)."""
-    from ..pipeline import logs, rundir
-    from ..pipeline.interrupts import stop_on_signals
-    from ..pipeline.runner import run_experiment
-
     log.info(f"kvprime: run directory {run_dir.resolve()}")
     claimed: dict = {"files": None, "latest": None, "outcome": None}
 
@@ -82,8 +90,6 @@ def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool)
 
     def on_failure(err: BaseException) -> None:  # called while the run still holds the directory's lock
         claimed["outcome"] = _settle(run_dir, err, ours=True, multirun=multirun, claimed=claimed)
-
-    from ..config import plugins
 
     # A researcher's plugin modules may sit beside their configs (--config-dir, hydra.searchpath).
     plugins.add_search_dirs(s.path for s in HydraConfig.get().runtime.config_sources
@@ -109,10 +115,6 @@ def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool)
 def _settle(run_dir: Path, err: BaseException, *, ours: bool, multirun: bool, claimed: dict) -> tuple[int, str, bool]:
     """What a failed job says and leaves behind: (exit status, paragraph, whether its files were undone).
     ``ours``: the job holds the directory (it claimed it and has not released it)."""
-    from ..pipeline import rundir
-    from ..pipeline.interrupts import StopSignal
-    from ..pipeline.runner import RUN_FILES
-
     if isinstance(err, StopSignal):
         err = _interrupted(run_dir, err.signum, ours=ours)
     if isinstance(err, (KeyboardInterrupt, SystemExit)):
@@ -143,10 +145,6 @@ def _settle(run_dir: Path, err: BaseException, *, ours: bool, multirun: bool, cl
 def _interrupted(run_dir: Path, signum: int, *, ours: bool) -> Interrupted:
     """How far the run got, from its own files, and how to continue (``ours``: it had claimed ``run_dir``;
     before that, the directory's files are not this run's)."""
-    import json
-
-    from ..pipeline.results_io import read_jsonl
-
     done = total = None
     try:
         log_path = run_dir / "scores.jsonl"
@@ -156,8 +154,6 @@ def _interrupted(run_dir: Path, signum: int, *, ours: bool) -> Interrupted:
         total = len(read_jsonl(run_dir / "inputs.jsonl")) * n_conditions
     except (OSError, ValueError, KeyError):
         pass
-    import signal
-
     name = signal.Signals(signum).name
     if not ours or not (run_dir / "config.json").exists():
         return Interrupted(f"interrupted ({name}) before the run wrote any score; nothing to continue. Start it "
@@ -170,8 +166,6 @@ def _interrupted(run_dir: Path, signum: int, *, ours: bool) -> Interrupted:
 def _write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
     """Hydra's own record of the run (the job's config, Hydra's config, the overrides), written once, when
     the run starts: a resumed run keeps the record of the command that started it."""
-    from ..pipeline.results_io import write_atomic
-
     record = run_dir / ".hydra"
     if (record / "overrides.yaml").exists():
         return
@@ -184,11 +178,7 @@ def _write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
 def _undo(run_dir: Path, before: set[str], run_files) -> None:
     """Remove what this run wrote into ``run_dir`` (it held no run before: ``before`` has no run files). The
     directory itself goes once the lock is released (``rundir.remove_created``), if this process made it."""
-    import shutil
-
-    from ..pipeline.logs import RUN_LOG
-
-    for name in (*run_files, ".hydra", RUN_LOG, "error.json", "inspect.json"):
+    for name in (*run_files, ".hydra", logs.RUN_LOG, "error.json", "inspect.json"):
         if name in before:
             continue
         path = run_dir / name
@@ -202,10 +192,6 @@ def _record_failure(run_dir: Path, err: BaseException, paragraph: str, *, intern
     """error.json beside the job's partial results: what the terminal said, and the traceback. A sweep job
     refused before it claimed its directory writes one too (a sweep report lists it), unless the directory
     holds another run or another writer."""
-    from ..pipeline import rundir
-    from ..pipeline.results_io import write_json
-    from ..pipeline.runner import RUN_FILES
-
     record = {"type": type(err).__name__, "message": str(err), "internal": internal, "paragraph": paragraph,
               "traceback": traceback_text(err)}
     try:
@@ -240,10 +226,6 @@ def _print_summary(results: dict) -> None:
 def _left_out(results: dict) -> list[str]:
     """The samples the summary's numbers leave out, counted by reason as report.md counts them: skipped as too
     long (report.md lists each) and records rejected at load (results.json lists each)."""
-    import re
-
-    from ..reporting.report import rejection_counts
-
     lines = []
     skipped, rejected = results.get("skipped") or [], results.get("rejected") or []
     if skipped:
@@ -272,11 +254,6 @@ def _override_paths(args) -> dict[str, str]:
 def run_hydra_app(args: list[str]) -> int:
     """``kvprime run ARGS``: Hydra composes and launches; every outcome becomes an exit status and, unless it
     is success, one paragraph."""
-    import os
-
-    from ..config.confdir import outputs_root
-    from ..pipeline import logs, rundir
-
     multirun = any(a in ("-m", "--multirun") for a in args)
     paths = _override_paths(args)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -290,6 +267,7 @@ def run_hydra_app(args: list[str]) -> int:
     # Hydra re-raises instead of printing its own traceback; report_failure turns it into a paragraph.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     logs.quiet_libraries()
+    # lazy: run as `python -m kvprime.commands.app`, this module is __main__; Hydra's app and its state are these
     from .app import LAST_EXIT, JobFailed, main
 
     sys.argv = ["kvprime run", *args]

@@ -27,12 +27,15 @@ from pathlib import Path
 import torch
 
 from ..analysis.cost import forward_flops, generation_flops
+from ..builders.engine import Engine
 from ..cache import batch_caches, prefixes
 from ..cache import hf_internals as hf
-from ..cache.engine import Engine
+from ..files.results_io import write_atomic, write_json
+from ..models import loading
 from ..pipeline import metadata
-from ..pipeline.plan import chunk_size
-from ..pipeline.results_io import write_atomic, write_json
+from ..pipeline.session import Session
+from ..pipeline.sharding import chunk_size
+from ..reporting.tables import markdown_table
 from ..surrogates.generation import GENERATION_TEMPLATES, generate
 
 # Defaults, not fixed choices: the user's own experiment=, dataset.n_samples= or progress= replaces each.
@@ -132,11 +135,8 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True,
     ``bench.json`` holds and, with ``out_dir``, writes it and ``bench.md`` there. ``one_by_one``: also time
     kvprime's path with every cache assembled as it is built and stacked row by row (None: on a GPU only,
     where that per-cache host work is what bounds a small model)."""
-    from ..cache import models
-    from ..pipeline.session import Session
-
     session = Session.from_overrides(args, defaults=DEFAULTS)
-    with models.loading_bars(bool(session.cfg["progress"])):
+    with loading.loading_bars(bool(session.cfg["progress"])):
         return _measure(session, out_dir, progress, one_by_one)
 
 
@@ -300,8 +300,6 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
 
 
 def render(r: dict) -> str:
-    from ..reporting.tables import markdown_table
-
     es, g, e2e = r["encode_score"], r["generation"], r["end_to_end"]
     measured = r.get("matmul_gflops_measured") or [r["matmul_gflops"]]
     throughput = (f"{r['matmul_gflops']:.1f} GFLOP/s" if len(measured) == 1 else

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..pipeline.results_io import write_atomic, write_json
+from ..files.results_io import write_atomic, write_json
 
 # One command in a process of its own; prints its peak RSS (kB on Linux) as the wrapper's last stdout line.
 _WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "

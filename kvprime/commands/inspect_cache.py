@@ -1,4 +1,5 @@
-"""``kvprime inspect``: what exactly is in two conditions' caches for one sample.
+"""``kvprime inspect``: what exactly is in two conditions' caches for one sample (computed by
+``kvprime.pipeline.inspect``, as a run records it for ``experiment.inspect``), printed.
 
 Prints each segment's token ids and the RoPE position ids of the kept entries (the notebook's cache-shape
 check: the document must have the same ids and length in every condition), and per layer the cosine
@@ -8,63 +9,11 @@ value-vector analysis; keys of a correctly re-rotated cache should be compared a
 
 from __future__ import annotations
 
-import torch
-
+from ..builders import BUILDERS
 from ..config.compose import pop_arg
 from ..errors import ConfigError
-
-
-def document_span(primed, seg) -> tuple[int, int]:
-    start = 0
-    for name in primed.kept_segments:
-        if name == "document":
-            return start, start + len(seg.document)
-        start += len(getattr(seg, name))
-    raise ValueError("this cache keeps no document entries")
-
-
-def compare_caches(a, seg_a, b, seg_b) -> list[dict]:
-    """Per layer: cosine similarity and max |diff| of the document's keys and values in two caches."""
-    (a0, a1), (b0, b1) = document_span(a, seg_a), document_span(b, seg_b)
-    rows = []
-    for i, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers)):
-        row = {"layer": i}
-        for kind in ("keys", "values"):
-            x = getattr(la, kind)[..., a0:a1, :].float().flatten()
-            y = getattr(lb, kind)[..., b0:b1, :].float().flatten()
-            row[f"{kind}_cos"] = float(torch.nn.functional.cosine_similarity(x, y, dim=0))
-            row[f"{kind}_max_abs_diff"] = float((x - y).abs().max())
-        rows.append(row)
-    return rows
-
-
-def inspect_pair(session, sample, names) -> dict:
-    """Build and score ``sample``'s caches under the named conditions (two or more; the first two are
-    compared layer by layer) with the session's surrogates, segments and engine."""
-    names = list(names)
-    engine = session.engine
-    texts, segs = session.surrogates(sample, names), session.segments(sample, names)
-    out = {"sample_id": sample.sample_id, "conditions": {}}
-    built = {}
-    for name in names:
-        spec, seg = session.specs[name], segs[name]
-        primed = engine.build(spec, seg)
-        built[name] = (primed, seg)
-        out["conditions"][name] = {
-            "surrogate": texts[name],
-            "segments": {k: list(getattr(seg, k)) for k in ("sink", "prefix", "document", "suffix", "prompt",
-                                                             "answer")},
-            "kept_segments": list(primed.kept_segments),
-            "cache_len": len(primed),
-            "cache_position_ids": primed.position_ids,
-            "next_position": primed.next_position,
-            "nll": engine.score(primed, seg).nll,
-        }
-    (na, (pa, sa)), (nb, (pb, sb)) = list(built.items())[:2]
-    out["same_document_ids"] = sa.document == sb.document
-    # Entries of different documents (another document template) have nothing to line up against.
-    out["layers"] = compare_caches(pa, sa, pb, sb) if out["same_document_ids"] else []
-    return out
+from ..pipeline.inspect import inspect_pair
+from ..pipeline.session import Session
 
 
 def _ids(ids, limit=12) -> str:
@@ -73,8 +22,6 @@ def _ids(ids, limit=12) -> str:
 
 
 def inspect_main(args: list[str]) -> dict:
-    from ..pipeline.session import Session
-
     args = list(args)
     sample_id, conds = pop_arg(args, "sample"), pop_arg(args, "conditions")
     session = Session.from_overrides(args)
@@ -86,8 +33,6 @@ def inspect_main(args: list[str]) -> dict:
             raise ConfigError(f"conditions={conds!r}: give exactly two of this experiment's conditions "
                              f"({', '.join(specs)}), e.g. conditions=[{list(specs)[0]},{list(specs)[-1]}].")
     else:
-        from ..builders import BUILDERS
-
         # The baseline against the first condition whose builder cuts the prefix out (the notebook's check).
         baseline = session.cfg["experiment"]["baseline"]
         names = [baseline, next((n for n, s in specs.items() if BUILDERS[s.builder].roles.get("prefix") == "cut"),

@@ -16,14 +16,13 @@ import pandas as pd
 
 from ..analysis import routing
 from ..config.compose import pop_arg
+from ..pipeline.session import Session
 
 # A default, not a fixed choice: the user's own experiment= replaces it.
 DEFAULTS = ("experiment=routing",)
 
 
 def walkthrough(args: list[str]) -> dict:
-    from ..pipeline.session import Session
-
     args = list(args)
     sample_id = pop_arg(args, "sample")
     session = Session.from_overrides(args, defaults=DEFAULTS)

@@ -9,7 +9,8 @@ Hydra lets any key in with ``+key=value`` (and a YAML file may hold any), but kv
 declares; another one, a misspelling most often, would be ignored without a word. So every key of a composed
 config is checked (``unknown_in``, called by ``kvprime.config.settings.check``): the run-level settings are declared
 in ``kvprime.config.settings``, the keys of the groups ``conf/`` composes here, a dataset loader's options where it
-registers (``kvprime.data.registry``), a builder's where it registers (checked with the conditions).
+registers (``kvprime.data.registry``; the data layer sits above this one, so its callers pass the registered
+loaders' options in as ``loader_options``), a builder's where it registers (checked with the conditions).
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
+
 from ..errors import ConfigError
+from .confdir import CONF_DIR
 
 # The keys of a run config besides the run-level settings: the groups that conf/ composes.
 GROUPS = ("model", "dataset", "experiment", "condition", "conditions")
-# Every model key kvprime reads (kvprime.cache.models, shape_random, tiny; hub_id: model.id's older name). A key a
-# source does not use is harmless (hf_local's compute_dtype without quantization), so the set is not per source.
+# Every model key kvprime reads (kvprime.models.loading, kvprime.models.shape_random, kvprime.cache.tiny; hub_id:
+# model.id's older name). A key a source does not use is harmless (hf_local's compute_dtype without quantization),
+# so the set is not per source.
 MODEL_KEYS = ("name", "source", "asset", "path", "id", "hub_id", "revision", "dtype", "compute_dtype", "device",
               "quantization", "device_map", "attn_implementation", "sink", "max_context", "arch", "seed", "overrides",
               "tokenizer", "config")
@@ -55,12 +62,6 @@ def with_defaults(defaults: Sequence[str], overrides: Sequence[str]) -> list[str
 def compose(overrides: Sequence[str], defaults: Sequence[str] = ()) -> dict:
     """The resolved config (a plain dict) for ``overrides`` on top of ``defaults``, as ``kvprime run``
     composes it (run-directory settings aside)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from .confdir import CONF_DIR
-
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("config", overrides=with_defaults(defaults, overrides))
     return OmegaConf.to_container(cfg, resolve=True)
@@ -107,18 +108,15 @@ def refuse(problems: Sequence[str], origin: str | None = None) -> None:
         raise ConfigError(f"{len(problems)} settings are not accepted{where}:\n" + "\n".join(problems))
 
 
-def dataset_keys(dataset: Mapping) -> tuple[tuple[str, ...], str] | None:
-    """(accepted keys, the section in words) of a dataset config whose loader is registered: the common keys, then
-    the loader's declared options. None for another loader (a plugin's registers when the run's plugins are
-    imported, after the settings check: kvprime.data.load_samples checks its keys then)."""
+def dataset_keys(dataset: Mapping, loader_options: Mapping[str, Sequence[str]]) -> tuple[tuple[str, ...], str] | None:
+    """(accepted keys, the section in words) of a dataset config whose loader is registered (``loader_options``: each
+    registered loader's declared options, ``kvprime.data.OPTIONS``): the common keys, then the loader's declared
+    options. None for another loader (a plugin's registers when the run's plugins are imported, after the settings
+    check: kvprime.data.load_samples checks its keys then)."""
     name = dataset.get("name")
-    if not isinstance(name, str):
+    if not isinstance(name, str) or name not in loader_options:
         return None
-    from ..data import registry  # lazy: importing kvprime.data registers kvprime's own loaders
-
-    if name not in registry.LOADERS:
-        return None
-    options = tuple(k for k in registry.OPTIONS[name] if k not in DATASET_KEYS)
+    options = tuple(k for k in loader_options[name] if k not in DATASET_KEYS)
     return DATASET_KEYS + options, f"dataset (loader {name!r})"
 
 
@@ -132,14 +130,17 @@ def _unselected_condition(cfg: Mapping, show: Callable[[object], str]) -> list[s
 
 
 def unknown_in(cfg: Mapping, declared: Mapping[str | None, Sequence[str]], show: Callable[[object], str], *,
-               wanted: set | None = None, condition_selected: bool | None = None) -> list[str]:
+               wanted: set | None = None, condition_selected: bool | None = None,
+               loader_options: Mapping[str, Sequence[str]] | None = None) -> list[str]:
     """A paragraph for every key of the run config ``cfg`` that kvprime does not read. ``declared``: the keys of the
     top level (None) and of the sections the settings declare whole; ``wanted``: the top-level names to judge
-    (None: all, the top level included); ``condition_selected`` False: condition.* keys are refused too."""
+    (None: all, the top level included); ``condition_selected`` False: condition.* keys are refused too;
+    ``loader_options``: the registered dataset loaders' options (None: dataset keys are left to load_samples)."""
     sections = {sec: (keys, None) for sec, keys in declared.items() if sec is not None}
     sections.update(model=(MODEL_KEYS, None), experiment=(EXPERIMENT_KEYS, None))
-    if isinstance(cfg.get("dataset"), Mapping) and dataset_keys(cfg["dataset"]) is not None:
-        sections["dataset"] = dataset_keys(cfg["dataset"])
+    dataset = cfg.get("dataset")
+    if loader_options is not None and isinstance(dataset, Mapping) and dataset_keys(dataset, loader_options):
+        sections["dataset"] = dataset_keys(dataset, loader_options)
     problems = [] if wanted is not None else unknown_keys(None, cfg, declared[None], show)
     for sec, (accepted, place) in sections.items():
         if (wanted is None or sec in wanted) and isinstance(cfg.get(sec), Mapping):
@@ -149,18 +150,18 @@ def unknown_in(cfg: Mapping, declared: Mapping[str | None, Sequence[str]], show:
     return problems
 
 
-def not_in_config(key: str, value: str, declared: Mapping[str | None, Sequence[str]]) -> str | None:
+def not_in_config(key: str, value: str, declared: Mapping[str | None, Sequence[str]],
+                  loader_options: Mapping[str, Sequence[str]]) -> str | None:
     """The paragraph for ``key=value`` (as typed) that Hydra refused because the composed config has no ``key``,
     before kvprime saw the config, where Hydra's own hint (``+key=value``) would only meet ``unknown_in``'s refusal:
     a top-level key, or one of a section whose keys kvprime declares (settings, model, experiment, dataset). None
     where ``+`` is the way to add a key kvprime reads (a builder's param in a condition, model.overrides.*, ...).
-    For dataset, every registered loader's options count (which loader is selected is not known here)."""
+    For dataset, every registered loader's options count (``loader_options``, ``kvprime.data.OPTIONS``; which loader
+    is selected is not known here)."""
     section, _, name = key.rpartition(".")
     options = ()
     if section == "dataset":
-        from ..data import registry  # lazy: importing kvprime.data registers kvprime's own loaders
-
-        options = tuple(k for loader in sorted(registry.OPTIONS) for k in registry.OPTIONS[loader])
+        options = tuple(k for loader in sorted(loader_options) for k in loader_options[loader])
     accepted = {**declared, "model": MODEL_KEYS, "experiment": EXPERIMENT_KEYS, "dataset": DATASET_KEYS + options}
     if (section or None) not in accepted:
         return None

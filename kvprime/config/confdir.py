@@ -1,4 +1,4 @@
-"""Where the YAML configs live and what each config group offers (no Hydra, no torch: cheap).
+"""Where the YAML configs live and what each config group offers (OmegaConf, no Hydra, no torch: cheap).
 
 Two ways kvprime is installed, two places for conf/ and outputs/:
 
@@ -16,7 +16,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from ..errors import ConfigError
+from ..files.rundir import new_run_dir
 
 _PACKAGED_CONF = Path(__file__).resolve().parents[1] / "conf"  # a wheel install: kvprime/conf/
 _CHECKOUT = Path(__file__).resolve().parents[2]  # an editable install: the repository
@@ -35,10 +38,6 @@ def outputs_root() -> str:
 
 
 def register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    from ..pipeline.rundir import new_run_dir
-
     OmegaConf.register_new_resolver("kvprime_outputs", outputs_root, replace=True)
     # Cached per config (and copied into every job of a sweep), so one run resolves one directory.
     OmegaConf.register_new_resolver("kvprime_new_dir", new_run_dir, replace=True, use_cache=True)
@@ -52,8 +51,6 @@ def names(group: str) -> list[str]:
 
 def load(group: str, name: str):
     """One config of a group as an OmegaConf object; an unknown name lists the valid ones."""
-    from omegaconf import OmegaConf
-
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown {group} {name!r}. Valid {group} names: {', '.join(names(group))}.")

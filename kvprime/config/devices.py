@@ -1,8 +1,12 @@
-"""The devices ``model.device`` may name, checked against this machine (imports torch only when asked)."""
+"""The devices ``model.device`` may name, checked against this machine, and the one a model config resolves to
+(imports torch only when asked: the settings check runs without it)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+
+from ..errors import ModelUnavailable
 
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)\Z")
 
@@ -30,7 +34,7 @@ DEVICE_BATCH_DEFAULTS: dict[str, dict[str, int]] = {
 def machine_devices() -> list[str]:
     """The devices this machine offers: cpu, then cuda:0..N-1 when CUDA is available (imports torch)."""
     try:
-        import torch
+        import torch  # lazy: torch; the settings check (`kvprime report`, `merge`) runs without it
 
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:  # no torch, or a broken CUDA set-up: cpu is all that can be promised
@@ -49,3 +53,16 @@ def device_ok(v) -> bool:
 
 def this_machine() -> str:
     return "this machine has: " + ", ".join(machine_devices())
+
+
+def resolve_device(cfg: Mapping) -> str:
+    """The device a ``model`` config runs on: ``model.device``, or with ``auto`` cuda if present, else cpu."""
+    import torch  # lazy: torch; the settings check imports this module and runs without it
+
+    device = cfg.get("device") or "auto"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelUnavailable(f"model.device={device!r}, but this machine has no CUDA device. Use model.device=cpu "
+                               "or auto.")
+    return device

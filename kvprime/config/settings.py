@@ -21,12 +21,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from ..errors import ConfigError
 from . import compose
 from .devices import DEVICE_BATCH_DEFAULTS, device_ok, this_machine
 
-# The accepted words of the settings that take one. generation.CLEAN_MODES and models.DTYPES must be equal to
-# these (tested); they are repeated here because kvprime.surrogates.generation imports torch at module level.
+# The accepted words of the settings that take one. generation.CLEAN_MODES and loading.DTYPES must be equal to
+# these (tested); they are repeated here because kvprime.surrogates.generation and kvprime.models.loading import
+# torch at module level.
 CLEAN_MODES = ("first_content_line", "notebook")
 DTYPES = ("float32", "bfloat16", "float16")
 SINKS = ("bos", "none")
@@ -150,7 +153,7 @@ class Generation:
                                 "where generated surrogates are stored")
 
 
-# floor.max_nll_diff=auto (kvprime.cache.floor.DEFAULT_MAX_NLL_DIFF): measured on SmolLM2-135M, the NLL
+# floor.max_nll_diff=auto (kvprime.builders.floor.DEFAULT_MAX_NLL_DIFF): measured on SmolLM2-135M, the NLL
 # difference between re-rotated and exact caches is 1.6e-6 in float32, 1.9e-2..2.8e-2 in bfloat16 and 5.1e-3 in
 # float16; a re-rotation off by one position moves it 3e-2..5e-2, a skipped one (exp01's C1) ~1.2. So float32
 # 1e-3 (500x its floor, 30x under an off-by-one), bfloat16 1e-1 (3.5-5x its floor, 12x under C1), float16 5e-2.
@@ -337,8 +340,6 @@ def check_value(key: str, value, *, error: type[ConfigError] = ConfigError):
 
 def _plain(cfg) -> dict:
     if type(cfg).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
         return OmegaConf.to_container(cfg, resolve=True)
     return copy.deepcopy(dict(cfg))
 
@@ -350,14 +351,16 @@ def declared() -> dict[str | None, tuple[str, ...]]:
 
 
 def check(cfg: Mapping, *, only: Iterable[str] | None = None, origin: str | None = None,
-          condition_selected: bool | None = None) -> dict:
+          condition_selected: bool | None = None, loader_options: Mapping[str, tuple] | None = None) -> dict:
     """Validate the run config ``cfg`` and return a copy with every missing setting filled with its default.
 
     ``only``: top-level names to check and fill (``("seed", "stats")`` for ``kvprime report``, which must not
     judge the model's device on another machine); default all. ``origin`` (e.g. a config.json path) is named
     in the error. ``condition_selected``: whether the run selected one condition (``condition=<name>``); False
-    refuses ``condition.*`` keys, which only a selected condition reads (None: not judged). Every bad value and
-    every key kvprime does not read gets its own paragraph, in one ``ConfigError``."""
+    refuses ``condition.*`` keys, which only a selected condition reads (None: not judged). ``loader_options``: the
+    registered dataset loaders' declared options (``kvprime.data.OPTIONS``), against which the dataset's keys are
+    judged (None: not here; ``kvprime.data.load_samples`` judges them). Every bad value and every key kvprime does
+    not read gets its own paragraph, in one ``ConfigError``."""
     out = _plain(cfg)
     wanted = None if only is None else set(only)
     problems: list[str] = []
@@ -393,7 +396,8 @@ def check(cfg: Mapping, *, only: Iterable[str] | None = None, origin: str | None
             if spec.section is None:
                 bad_top.add(spec.key)
 
-    problems += compose.unknown_in(out, declared(), show, wanted=wanted, condition_selected=condition_selected)
+    problems += compose.unknown_in(out, declared(), show, wanted=wanted, condition_selected=condition_selected,
+                                   loader_options=loader_options)
 
     shards = out.get("run")
     if (wanted is None or "run" in wanted) and isinstance(shards, Mapping):

@@ -18,6 +18,8 @@ from kvprime.data.types import LoadResult, Rejection, Sample
 
 from ..config import compose, settings
 from ..errors import ConfigError, DataError
+from . import distractors
+from .passages import select_grouped
 
 __all__ = ["LOADERS", "OPTIONS", "Loader", "LoadResult", "Rejection", "Sample", "load_samples", "register_loader"]
 
@@ -27,7 +29,7 @@ SELECTIONS = ("first", "random")
 
 def check_keys(cfg: Mapping) -> None:
     """Refuse every `dataset` key that neither kvprime nor the selected (registered) loader reads."""
-    accepted, place = compose.dataset_keys(cfg)
+    accepted, place = compose.dataset_keys(cfg, OPTIONS)
     compose.refuse(compose.unknown_keys("dataset", cfg, accepted, settings.show, place))
 
 
@@ -125,8 +127,6 @@ def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
     grouped = settings.check_value("dataset.group_by_passage", cfg.get("group_by_passage", False))
     pool = None
     if multidoc is not None and multidoc["k"] > 1:
-        from . import distractors
-
         if grouped:
             raise ConfigError(f"dataset.group_by_passage=true serves one passage's cache to all of its questions, "
                               f"but multidoc.k={multidoc['k']} gives each question its own distractors, so no cache "
@@ -138,8 +138,6 @@ def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
         candidates, unfit, pool = distractors.eligible(candidates, multidoc)
         rejected += unfit
     if grouped:
-        from kvprime.data.passages import select_grouped
-
         selected, single = select_grouped(candidates, n, selection, seed)
         rejected = rejected + single
     else:

@@ -28,6 +28,7 @@ import numpy as np
 from ..config.settings import DISTRACTOR_SOURCES as SOURCES
 from ..config.settings import GOLD_SLOTS as SLOTS  # noqa: F401 - the accepted words, declared with the settings
 from ..errors import ConfigError
+from ..models.embedder import Embedder
 from .types import Rejection, Sample
 
 
@@ -105,10 +106,9 @@ def eligible(candidates: list[Sample], settings: Mapping) -> tuple[list[Sample],
 
 def _nearest(samples: Sequence[Sample], pool: Pool, n: int) -> dict[str, list[str]]:
     """sample_id -> the ``n`` pool passages most similar to its query (gold excluded), most similar first."""
+    # lazy: sentence_transformers (and torch): only multidoc's nearest distractors need them
     import torch
     from sentence_transformers import util
-
-    from ..surrogates.similarity import Embedder
 
     embedder = Embedder()
     corpus = torch.as_tensor(embedder.embed(pool.passages), dtype=torch.float32)

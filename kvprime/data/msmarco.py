@@ -27,8 +27,7 @@ RECORD = ('one MS MARCO v1.1 record: a JSON object with "query_id", "query", "an
 
 
 def _from_hub(split: str, cache_dir) -> Iterator[tuple[str, Mapping]]:
-    # Imported here: `datasets` is slow to import and only this loader needs it.
-    import datasets
+    import datasets  # lazy: datasets is heavy, and only this loader's hub source needs it
 
     try:
         rows = datasets.load_dataset(HUB_ID, "v1.1", split=split, cache_dir=cache_dir)
@@ -46,6 +45,7 @@ def _from_hub(split: str, cache_dir) -> Iterator[tuple[str, Mapping]]:
 def _from_parquet(p: Path) -> Iterator[tuple[str, Mapping]]:
     # pyarrow is the parquet engine `datasets` itself reads with (one of its requirements); read directly, a local
     # table needs no datasets cache, its rows keep their indices, and an empty table is no error of the reader's.
+    # lazy: pyarrow comes with datasets (heavy); only a .parquet dataset.path needs it
     import pyarrow as pa
     import pyarrow.parquet as pq
 

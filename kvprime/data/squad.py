@@ -8,6 +8,7 @@ from pathlib import Path
 from kvprime.data import register_loader
 from kvprime.data.types import Sample, dedupe
 
+from .. import assets
 from ..errors import MissingFileError
 from . import reading
 
@@ -18,10 +19,7 @@ EXPECTED = ('a SQuAD v1.1 JSON object: {"data": [{"title", "paragraphs": [{"cont
 
 def _resolve_path(path) -> Path:
     if path is None:
-        # Lazy: the asset layer may download or locate files and is not needed for local paths.
-        from kvprime.assets import fetch
-
-        return Path(fetch("squad_v11"))
+        return Path(assets.fetch("squad_v11"))
     p = Path(path).expanduser()
     if not p.is_file():
         raise MissingFileError(

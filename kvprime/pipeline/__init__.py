@@ -1,1 +1,1 @@
-"""A run, end to end: conditions, the plan, the session, the runner and its run directory and records."""
+"""A run, end to end: the plan, the session, the runner, its records, interrupts and logs."""

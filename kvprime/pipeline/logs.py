@@ -37,7 +37,7 @@ def quiet_libraries() -> None:
 
 
 def _transformers_off_terminal() -> None:
-    from transformers.utils import logging as tlog
+    from transformers.utils import logging as tlog  # lazy: torch; called once something else imported it
 
     tlog.disable_default_handler()  # its own stderr handler; records still reach the handlers added here
 

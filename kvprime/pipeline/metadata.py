@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+from ..config.confdir import INSTALLED_FROM_WHEEL
+
 PACKAGES = ("kvprime", "torch", "transformers", "tokenizers", "accelerate", "hydra-core", "omegaconf", "numpy",
             "scipy", "pandas", "datasets", "sentence-transformers", "bitsandbytes")
 
@@ -29,8 +31,6 @@ def versions() -> dict:
 def git_state() -> dict:
     """The checkout's commit; none for a wheel install (its folder is site-packages, whose enclosing git
     repository, if any, is not kvprime's)."""
-    from ..config.confdir import INSTALLED_FROM_WHEEL
-
     if INSTALLED_FROM_WHEEL:
         return {"commit": None, "dirty": None, "installed_from": "wheel"}
     repo = Path(__file__).resolve().parents[2]  # kvprime/pipeline/ -> the checkout
@@ -101,7 +101,7 @@ def sample_ids_sha256(ids) -> str:
 
 
 def environment(device) -> dict:
-    import torch
+    import torch  # lazy: torch; `kvprime merge` reads and joins run records through this module
 
     env = {"platform": platform.platform(), "device": str(device), "argv": sys.argv,
            "torch_threads": torch.get_num_threads()}

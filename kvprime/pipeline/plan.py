@@ -1,8 +1,8 @@
 """What a run is, before any model loads: its checked settings, its conditions (the experiment's, or one and
 the baseline), its named comparisons, this job's samples, and every check that needs no weights.
 
-Imports nothing heavy at module level: ``kvprime report`` and ``kvprime merge`` use ``comparisons_for`` and
-``shard`` without torch.
+The commands that must not import torch use what this module builds on, not this module: the named comparisons
+(``kvprime.config.comparisons``) and the chunks and shards of the selection (``kvprime.pipeline.sharding``).
 """
 
 from __future__ import annotations
@@ -12,19 +12,28 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
+from ..analysis.registry import validate_analyses
+from ..analysis.routing import validate as validate_routing
+from ..builders import BUILDERS
+from ..builders.conditions import ConditionSpec, validate
 from ..cache import batching
-from ..config import plugins, settings
-from ..errors import ConfigError
-from .conditions import ConditionSpec, validate
-
-
-class RunError(ConfigError):
-    """A configuration or run-directory problem, reported before any work is lost."""
+from ..cache import hf_internals as hf
+from ..config import confdir, plugins, settings
+from ..config.comparisons import comparisons_for
+from ..data import OPTIONS, load_samples
+from ..data.passages import groups
+from ..errors import RunError
+from ..files import rundir
+from ..models import loading
+from ..surrogates import sources
+from ..surrogates.generator import generator_model_cfg
+from ..surrogates.store import SurrogateStore
+from .sharding import chunk_size, grouped, shard
 
 
 def plain(cfg) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     return json.loads(json.dumps(cfg))
@@ -35,10 +44,6 @@ def plan_conditions(cfg: Mapping, only: str | None = None) -> dict[str, Conditio
 
     ``experiment.cache_variant: truncated`` turns every full cache with a prefix surrogate into its
     truncated-and-corrected twin (the routing experiment's setting)."""
-    from ..builders import (
-        BUILDERS,  # the builders' modules import torch: only when conditions are planned
-    )
-
     exp = cfg["experiment"]
     defined = dict(cfg.get("conditions") or {})
     baseline = exp["baseline"]
@@ -47,10 +52,6 @@ def plan_conditions(cfg: Mapping, only: str | None = None) -> dict[str, Conditio
         chosen = dict(cfg.get("condition") or {})
         # Two sources can define it: the selected file (overridable as condition.*) and the experiment
         # (overridable as conditions.<name>.*). Whichever the user changed from the file wins; both: an error.
-        from omegaconf import OmegaConf
-
-        from ..config import confdir
-
         try:
             original = OmegaConf.to_container(confdir.load("condition", raw), resolve=True)
         except ValueError:
@@ -78,55 +79,14 @@ def plan_conditions(cfg: Mapping, only: str | None = None) -> dict[str, Conditio
                 and fields.get("surrogate", "none") != "none":
             fields.update(builder="truncate_prefix", rope_fix="rerotate")
         spec = ConditionSpec.from_config(name, fields)
-        validate(spec, BUILDERS)
+        validate(spec, BUILDERS, check_source=_check_source)
         specs[name] = spec
     return specs
 
 
-def comparisons_for(exp: Mapping, defined: Mapping, names) -> list[dict]:
-    """Named comparisons whose two conditions are in this run (``condition=<name>`` runs fewer)."""
-    out = []
-    for comp in exp.get("comparisons") or []:
-        for key in ("treatment", "reference"):
-            if comp[key] not in defined and comp[key] not in names:
-                raise RunError(f"experiment {exp['name']!r}: comparison {comp['name']!r} names {key} "
-                               f"{comp[key]!r}, which is not one of its conditions ({', '.join(defined)}).")
-        if comp["treatment"] in names and comp["reference"] in names:
-            out.append({k: comp[k] for k in ("name", "treatment", "reference")})
-    return out
-
-
-def shard(samples: list, run_cfg: Mapping, chunk: int = 1, *, grouped: bool = False) -> list:
-    """This job's deterministic slice of the selection: whole chunks of ``chunk`` consecutive samples, dealt
-    round-robin. Dealing the scoring chunks (``batch.samples``) whole means a shard batches exactly the samples
-    the unsharded run batches together, so merged shards equal the unsharded run bit for bit. ``grouped``
-    (``dataset.group_by_passage``): the chunks are whole passages (``chunks``)."""
-    n, i = int(run_cfg.get("num_shards", 1)), int(run_cfg.get("shard", 0))
-    if n < 1 or not 0 <= i < n:
-        raise RunError(f"run.shard={i} with run.num_shards={n}: the shard must be in 0..num_shards-1 and "
-                       "num_shards >= 1.")
-    return [s for group in chunks(samples, chunk, grouped=grouped)[i::n] for s in group]
-
-
-def chunks(samples: list, chunk: int = 1, *, grouped: bool = False) -> list[list]:
-    """The scoring chunks: ``chunk`` consecutive samples, or with ``grouped`` one passage each (its questions
-    share the chunk's memoised encodes: kvprime.data.passages)."""
-    if grouped:
-        from ..data.passages import chunks as by_passage
-
-        return by_passage(samples)
-    chunk = max(1, int(chunk))
-    return [samples[k:k + chunk] for k in range(0, len(samples), chunk)]
-
-
-def grouped(cfg: Mapping) -> bool:
-    """``dataset.group_by_passage`` of a run config (False when absent: runs before the setting existed)."""
-    return bool((cfg.get("dataset") or {}).get("group_by_passage", False))
-
-
-def chunk_size(cfg: Mapping) -> int:
-    """``batch.samples`` of a resolved config (``batching.resolve``; a run's config.json holds numbers)."""
-    return int(cfg["batch"]["samples"])
+def _check_source(surrogate: str) -> None:
+    """A condition's surrogate source must be registered and its argument known (``validate``'s source check)."""
+    sources.validate_source(surrogate, sources.STATIC_SURROGATES)
 
 
 def prepare(cfg, only: str | None = None, *, condition_selected: bool | None = None) -> dict:
@@ -134,24 +94,16 @@ def prepare(cfg, only: str | None = None, *, condition_selected: bool | None = N
     support, and the data (loaded and selected here, so a data problem is reported before any write).
     ``condition_selected``: whether the command line selected one condition (``condition=<name>``; False refuses
     ``condition.*`` keys, which nothing would read; None: not judged). Returns the resolved config (batch sizes as numbers), the condition specs and this job's samples."""
-    from ..builders import BUILDERS
-    from ..cache import hf_internals as hf
-    from ..cache import models
-    from ..data import load_samples
-
-    cfg = batching.resolve(settings.check(plain(cfg), condition_selected=condition_selected))
+    checked = settings.check(plain(cfg), condition_selected=condition_selected, loader_options=OPTIONS)
+    cfg = batching.resolve(checked)
     plugins.load(cfg["plugins"])  # before the conditions: they may name a plugin's builder
     exp = cfg["experiment"]
-    from ..analysis.registry import validate_analyses
-
     if "per_passage" in validate_analyses(exp.get("analyses")) and not grouped(cfg):
         raise RunError("experiment.analyses names per_passage, which needs the passage of every question, but "
                        "dataset.group_by_passage=false. Accepted: dataset.group_by_passage=true, or drop per_passage.")
     specs = plan_conditions(cfg, only)
     derived = [dict(r) for r in exp.get("derived") or []]
     if only is None:
-        from ..analysis.routing import validate as validate_routing
-
         validate_routing(derived, list(specs))
         if any(r["pick"] == "max_similarity" for r in derived) and not exp.get("similarity"):
             raise RunError(f"experiment {exp['name']!r} routes by similarity (pick: max_similarity) but computes none; "
@@ -159,10 +111,8 @@ def prepare(cfg, only: str | None = None, *, condition_selected: bool | None = N
     names = list(specs) + [r["name"] for r in derived]
     comparisons_for(exp, {**(cfg.get("conditions") or {}), **{r["name"]: r for r in derived}}, names)
     _check_store(cfg, specs)
-    from ..surrogates.generator import generator_model_cfg
-
     generator_model_cfg(cfg)  # generation.model names a usable conf/model config (nothing loaded or fetched)
-    mconf = models.model_config(cfg["model"])
+    mconf = loading.model_config(cfg["model"])
     for spec in specs.values():  # each builder declares the RoPE correction its settings need
         info = BUILDERS[spec.builder]
         needed = info.rope_fix(info.make_params(spec.builder_params, f"condition {spec.name!r}"))
@@ -174,8 +124,6 @@ def prepare(cfg, only: str | None = None, *, condition_selected: bool | None = N
     if not samples:
         raise RunError(f"dataset {cfg['dataset']['name']!r} gave no usable samples "
                        f"({len(loaded.rejected)} rejected; e.g. {loaded.rejected[:3]}).")
-    from ..surrogates import sources
-
     for source in dict.fromkeys(s.surrogate for s in specs.values()):
         sources.prepare(source, loaded.samples, cfg["seed"])  # a donor, a sibling: said before the model loads
     _check_random_pool(cfg, specs, loaded.samples)
@@ -188,8 +136,6 @@ def prepare(cfg, only: str | None = None, *, condition_selected: bool | None = N
 def _check_random_pool(cfg: Mapping, specs: Mapping, selection: list) -> None:
     """``random_query`` draws each sample's control from the whole selection's other queries (grouped by passage:
     other passages' questions). A selection that leaves a sample none is refused here, not when it is scored."""
-    from ..surrogates import sources
-
     names = [n for n, s in specs.items() if s.surrogate == "random_query"]
     unserved = sources.random_query_unserved(selection, by_passage=grouped(cfg)) if names else []
     if not unserved:
@@ -202,8 +148,6 @@ def _check_random_pool(cfg: Mapping, specs: Mapping, selection: list) -> None:
                        f"other selected samples' queries, but the {len(selection)} selected sample(s) (e.g. "
                        f"{unserved[0].sample_id!r}) have no other query (dataset.n_samples={n}). Raise "
                        f"dataset.n_samples, {drop}.")
-    from ..data.passages import groups
-
     passages = groups(selection)
     if len(passages) > 1:  # several passages, whose questions are all worded alike: no larger n is sure to help
         raise RunError(f"surrogate source random_query ({conditions}) draws each question's random control from the "
@@ -226,9 +170,6 @@ def _n_selecting_a_second_passage(cfg: Mapping, first_size: int) -> int | None:
     """The smallest ``dataset.n_samples`` whose grouped selection holds two passages: whole passages are taken in
     selection order until they hold n questions, so one question more than the first passage has, if the data
     has a second passage (loaded again to be sure: filters may leave it none). None: no n does."""
-    from ..data import load_samples
-    from ..data.passages import groups
-
     if cfg["dataset"].get("n_samples") is None:
         return None  # everything is selected already
     n = first_size + 1
@@ -238,32 +179,10 @@ def _n_selecting_a_second_passage(cfg: Mapping, first_size: int) -> int | None:
 
 def _check_store(cfg: Mapping, specs: Mapping) -> None:
     """The generated-surrogate store must be writable before an hour of generation is spent."""
-    from ..surrogates.sources import generated_template
-
-    if not any(generated_template(s.surrogate) for s in specs.values()):
+    if not any(sources.generated_template(s.surrogate) for s in specs.values()):
         return
-    from ..surrogates.store import SurrogateStore
-    from . import rundir
-
     store = cfg["generation"].get("store")
     setting = "generation.store" if store else "KVPRIME_HOME (generation.store=null stores surrogates there)"
     err = rundir.unwritable(SurrogateStore(Path(store).expanduser() if store else None).root, setting)
     if err is not None:
         raise err
-
-
-def builder_notes(specs: Mapping) -> list[str]:
-    """Each builder's sentence for the report on the conditions it builds (stored in plan.json, so the report
-    needs no builder code), once per distinct sentence, in condition order."""
-    from ..builders import BUILDERS
-
-    notes = []
-    for spec in specs.values():
-        info = BUILDERS[spec.builder]
-        if info.notes is not None:
-            text = info.notes(info.make_params(spec.builder_params, f"condition {spec.name!r}"))
-            if text and text not in notes:
-                notes.append(text)
-    return notes
-
-

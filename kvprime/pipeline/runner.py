@@ -16,16 +16,26 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..analysis import cost
-from ..cache import floor as numerical_floor
-from ..cache import models
+from ..builders import floor as numerical_floor
+from ..builders.conditions import builder_notes
 from ..config import plugins, settings
+from ..data import OPTIONS
 from ..data.passages import passage_id
-from ..errors import RunDirError
+from ..errors import RunDirError, RunError
+from ..files import rundir
+from ..files.results_io import ScoreLog, dumps, read_jsonl, remove_stale_temps, write_json, write_jsonl
+from ..models import loading
+from ..reporting import finalize
 from ..surrogates import per_document
 from . import interrupts, metadata
-from .plan import RunError, builder_notes, chunk_size, chunks, grouped, prepare
-from .results_io import ScoreLog, dumps, read_jsonl, write_json, write_jsonl
+from .answering import answer_fields
+from .inspect import inspect_pair
+from .plan import prepare
+from .session import Session
+from .sharding import chunk_size, chunks, grouped
 
 # Keys that may differ between a run and its resumption.
 _RESUME_FREE = ("resume", "progress", "batch")  # batching changes no number beyond float rounding (tested <= 1e-4)
@@ -39,7 +49,7 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
     # A run started before the answer metric, multidoc or group_by_passage existed: its missing keys take their
     # defaults (NLL only, one passage a sample, ungrouped), which is what it ran with.
     stored = json.loads(dumps(settings.check(stored, only=("metrics", "answer", "multidoc", "dataset"),
-                                             origin=str(stored_path))))
+                                             origin=str(stored_path), loader_options=OPTIONS)))
 
     def relevant(c: Mapping) -> dict:
         out = {k: v for k, v in c.items() if k not in _RESUME_FREE}
@@ -135,8 +145,6 @@ RUN_FILES = (metadata.VERSION_FILE, "config.json", "plan.json", "inputs.jsonl", 
 def check_run_dir(run_dir: Path, cfg: Mapping) -> None:
     """Refuse, without writing anything, a directory another writer holds, or one that holds another run
     (unless resuming it with the configuration it was started with)."""
-    from . import rundir
-
     h = rundir.live_holder(run_dir)
     if h is not None:
         raise RunDirConflict(str(rundir.busy_error(run_dir, h)))
@@ -153,15 +161,11 @@ def check_run_dir(run_dir: Path, cfg: Mapping) -> None:
 @contextmanager
 def claim(run_dir: Path, cfg: Mapping, command: str = "run"):
     """Make (if needed), check and lock ``run_dir`` for this run; the lock is held until the block ends."""
-    from . import rundir
-
     rundir.make_dirs(run_dir, "hydra.run.dir (the run directory)")
     check_run_dir(run_dir, cfg)  # before the lock file is made: a run refused here leaves the directory as it was
     lock = rundir.RunLock(run_dir, command).acquire()
     try:
         check_run_dir(run_dir, cfg)  # again, now that no other writer can start
-        from .results_io import remove_stale_temps
-
         remove_stale_temps(run_dir)  # a killed writer's half-written temporaries
         yield lock
     finally:
@@ -176,8 +180,6 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
     ``on_claimed(run_dir)`` is called once it is (the CLI writes Hydra's record of the run there), and
     ``on_failure(err)`` when the run then fails, still under the lock, so what a failed run leaves behind is
     settled before another command can take the directory."""
-    from .session import Session
-
     t0 = time.perf_counter()
     session = Session(prepare(cfg, only, condition_selected=condition_selected))
     check_lengths(session)
@@ -187,7 +189,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
             if on_claimed is not None:
                 on_claimed(run_dir)
             shown = session.cfg["progress"] if progress is None else progress
-            with models.loading_bars(shown):
+            with loading.loading_bars(shown):
                 results = _execute(session, run_dir, progress, t0)
         except BaseException as err:
             if on_failure is not None:
@@ -248,9 +250,7 @@ def _execute(session, run_dir: Path, progress: bool | None, t0: float) -> dict:
     loaded, samples = session.loaded, session.samples
     timings["load_data"] = session.load_data_s
     if cfg.get("resume") and _complete(run_dir, samples, list(specs)):
-        from ..reporting.finalize import finalize
-
-        return finalize(run_dir)  # a finished job in a rerun sweep: nothing to load, nothing to score
+        return finalize.finalize(run_dir)  # a finished job in a rerun sweep: nothing to load, nothing to score
 
     t = time.perf_counter()
     tokenizer, model_info, engine = session.tokenizer, session.model_info, session.engine
@@ -297,8 +297,6 @@ def _execute(session, run_dir: Path, progress: bool | None, t0: float) -> dict:
     wanted = exp.get("inspect")
     scored = [s for s in samples if s.sample_id not in {k["sample_id"] for k in skipped}]
     if wanted and scored and all(c in specs for c in wanted):
-        from ..commands.inspect_cache import inspect_pair
-
         engine.forget()
         inspect_result = inspect_pair(session, scored[0], wanted)
         write_json(run_dir / "inspect.json", inspect_result)
@@ -330,9 +328,7 @@ def _execute(session, run_dir: Path, progress: bool | None, t0: float) -> dict:
         "peak_rss_mb": metadata.peak_rss_mb(), "peak_rss_mb_after": peaks,
         "run_dir": str(run_dir.resolve()),
     })
-    from ..reporting.finalize import finalize
-
-    return finalize(run_dir)
+    return finalize.finalize(run_dir)
 
 
 def _chunk_costs(session, work, done, seconds, shape) -> list[dict]:
@@ -360,10 +356,6 @@ def _chunk_costs(session, work, done, seconds, shape) -> list[dict]:
 def _score_all(session, similarity, run_dir, progress):
     """Score in chunks of samples: the chunk's distinct encodes run as padded batches, then every
     (sample, condition) of the chunk is scored in batches, and its lines are appended before the next chunk."""
-    from tqdm.auto import tqdm
-
-    from .answering import answer_fields
-
     cfg, engine, specs, samples = session.cfg, session.engine, session.specs, session.samples
     resolved = session.resolved()
     skipped, on_too_long = [], cfg["on_too_long"]

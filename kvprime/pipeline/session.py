@@ -15,10 +15,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
+from ..builders.engine import Engine
+from ..config.compose import compose
+from ..data import load_samples
 from ..data.passages import groups, passage_id
 from ..errors import ConfigError
+from ..models import loading
+from ..models.embedder import Embedder
 from ..surrogates import per_document, sources
-from ..surrogates.generator import model_id
+from ..surrogates.generation import GENERATION_TEMPLATES, GenerationSettings
+from ..surrogates.generator import Generator, model_id
+from ..surrogates.store import SurrogateStore, cost, ensure
+from .plan import prepare
 
 
 class Session:
@@ -50,16 +58,12 @@ class Session:
     @classmethod
     def open(cls, cfg, only: str | None = None) -> Session:
         """``cfg`` (composed, OmegaConf or plain) checked as a run checks it, before anything loads."""
-        from .plan import prepare
-
         return cls(prepare(cfg, only))
 
     @classmethod
     def from_overrides(cls, overrides: Sequence[str], defaults: Sequence[str] = (),
                        only: str | None = None) -> Session:
         """Compose ``conf/`` with ``overrides`` (after a command's ``defaults``, which they replace)."""
-        from ..config.compose import compose
-
         return cls.open(compose(overrides, defaults), only)
 
     # ------------------------------------------------------------ samples
@@ -73,8 +77,6 @@ class Session:
             if s.sample_id == sample_id:
                 return s
         if self._everything is None:
-            from ..data import load_samples
-
             self._everything = load_samples({**self.cfg["dataset"], "n_samples": None},
                                             multidoc=self.cfg["multidoc"]).samples
         for s in self._everything:
@@ -87,15 +89,11 @@ class Session:
 
     @cached_property
     def _tokenizer_and_config(self) -> tuple:
-        from ..cache import models
-
-        return models.tokenizer_and_config(self.cfg["model"])
+        return loading.tokenizer_and_config(self.cfg["model"])
 
     @cached_property
     def _model(self) -> tuple:
-        from ..cache import models
-
-        return models.load(self.cfg["model"], tokenizer=self.tokenizer)
+        return loading.load(self.cfg["model"], tokenizer=self.tokenizer)
 
     @property
     def model(self):
@@ -117,8 +115,6 @@ class Session:
 
     def new_engine(self, cls=None):
         """A fresh engine (``cls``, default ``Engine``; the bench's naive one) over the session's model."""
-        from ..cache.engine import Engine
-
         return (cls or Engine)(self.model, self.tokenizer, sink=self.cfg["model"]["sink"],
                                max_context=self.cfg["model"].get("max_context"),
                                extend_prefixes=(self.cfg.get("batch") or {}).get("extend_prefixes", False))
@@ -131,8 +127,6 @@ class Session:
     def checks_engine(self):
         """An engine without weights (``segments`` and ``fits`` only): the context and sliding windows come from
         the model's config, so the length checks run before the model loads and agree with the loaded engine's."""
-        from ..cache.engine import Engine
-
         return Engine(None, self.tokenizer, sink=self.cfg["model"]["sink"],
                       max_context=self.cfg["model"].get("max_context"), config=self._tokenizer_and_config[1])
 
@@ -146,8 +140,6 @@ class Session:
 
     @cached_property
     def generation_settings(self):
-        from ..surrogates.generation import GenerationSettings
-
         g = self.cfg["generation"]
         return GenerationSettings(**{k: g[k] for k in ("temperature", "max_new_tokens", "seed", "batch_size", "clean",
                                                           "shared_prefix")
@@ -157,8 +149,6 @@ class Session:
     def generator(self):
         """The model that writes generated surrogates (``kvprime.surrogates.generator.Generator``); its weights
         load only when something is not in the store."""
-        from ..surrogates.generator import Generator
-
         return Generator(self.cfg, shared=lambda: self._model)
 
     @property
@@ -177,8 +167,6 @@ class Session:
 
     @cached_property
     def store(self):
-        from ..surrogates.store import SurrogateStore
-
         root = self.cfg["generation"].get("store")
         return SurrogateStore(Path(root).expanduser()) if root else SurrogateStore()
 
@@ -222,8 +210,6 @@ class Session:
         (default this shard's; ``generated_other`` needs the donors' too): read from the store, generated and
         stored where it has none. A document's surrogate does not depend on the documents generated with it,
         so generating one sample gives what the whole run gives."""
-        from ..surrogates.store import ensure
-
         samples = self.samples if samples is None else list(samples)
         needed = self._needed(samples, names)
         gen = self.generator
@@ -245,9 +231,6 @@ class Session:
         ``generated_tokens``, ``seconds`` (None when unknown: an entry written before costs were recorded, or a
         text not in the store) and ``generator`` (model id). ``template`` is a template name (this document's
         surrogate) or a condition's source: ``generated:<t>`` the same, ``generated_other:<t>`` the donor's."""
-        from ..surrogates.generation import GENERATION_TEMPLATES
-        from ..surrogates.store import cost
-
         kind, _, name = template.rpartition(":")
         sample = self.sample(sample_id)
         if kind == "generated_other":
@@ -287,16 +270,12 @@ class Session:
     def _generator_id_without_weights(self) -> str | None:
         """The generator's store identity when its files give it (a packaged, local or hub model); None for an
         in-process random model, whose identity is a digest of weights that exist only once it is built."""
-        from ..cache import models
-
-        info = models.weights_identity(self.generator.cfg)
+        info = loading.weights_identity(self.generator.cfg)
         return None if info is None else model_id(self.generator.cfg, info)
 
     def read_stored(self, samples: Sequence) -> None:
         """Fill ``generated`` (and ``passage_generated``) with what the store already holds for ``samples``,
         never generating: the texts ``generate`` would read from it, so nothing it later generates differs."""
-        from ..surrogates.generation import GENERATION_TEMPLATES
-
         gen_id = self._generator_id_without_weights() if self.templates() else None
         if gen_id is None:
             return
@@ -349,8 +328,6 @@ class Session:
 
     def similarities(self, samples: Sequence | None = None) -> dict:
         """sample_id -> {condition: cos(surrogate, query)} for every condition that has a surrogate."""
-        from ..surrogates.similarity import Embedder
-
         pairs, keys = [], []
         for s in self.samples if samples is None else samples:
             for name, text in self.surrogates(s).items():

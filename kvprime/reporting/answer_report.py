@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis import answer_quality as aq
+from ..analysis.drawing import message
 from ..errors import DataError
 from .tables import markdown_table
 
@@ -75,10 +76,11 @@ def section(part: dict) -> list[str]:
 def figure(summary: pd.DataFrame, path: Path, *, title: str) -> Path:
     """NLL delta (x) against F1 delta (y) vs the baseline, one point per condition with both 95% CIs; colour =
     the NLL verdict. Points up and to the right are better on both."""
+    # lazy: matplotlib (figures are optional output; finalize skips them without it)
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from .figures import VERDICT_COLORS, message, save_figure
+    from .figures import VERDICT_COLORS, save_figure
 
     s = summary[~summary["is_baseline"].astype(bool)].reset_index(drop=True)
     fig = Figure(figsize=(8, 6.5), layout="constrained")

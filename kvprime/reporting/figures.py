@@ -15,7 +15,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ..pipeline import results_io
+from ..analysis.drawing import message
+from ..files import results_io
 
 # The four verdicts of kvprime.analysis.stats (and the pre-TOST "no significant difference" of older runs).
 VERDICT_COLORS = {"better": "#4CAF50", "worse": "#F44336", "equivalent": "#FFB300", "inconclusive": "#9E9E9E",
@@ -38,14 +39,6 @@ def save_figure(fig: Figure, path) -> Path:
     # Looked up at call time, so whatever wraps results_io.write_atomic (the fault-injection tests) sees it.
     results_io.write_atomic(Path(path), buf.getvalue())
     return Path(path)
-
-
-def message(ax, text):
-    """A panel that says why it is empty."""
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="#555555",
-            wrap=True)
-    ax.set_xticks([])
-    ax.set_yticks([])
 
 
 SUMMARY_COLUMNS = ("condition", "mean", "sem", "is_baseline", "mean_delta", "ci_low", "ci_high", "verdict")

@@ -19,12 +19,13 @@ import pandas as pd
 
 from ..analysis import cost, routing, stats
 from ..analysis.registry import AnalysisInput, run_analyses, validate_analyses
+from ..builders.conditions import ConditionSpec, builder_notes
 from ..config import plugins, settings
+from ..config.comparisons import comparisons_for
 from ..errors import ConfigError, DataError, KvprimeError, MissingFileError
-from ..pipeline.plan import comparisons_for
-from ..pipeline.results_io import read_jsonl, write_atomic, write_json
+from ..files.results_io import read_jsonl, write_atomic, write_json
 from ..surrogates import quality
-from . import report
+from . import answer_report, report
 
 FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_tokens", "cache_len", "next_position",
                       "encoded_tokens", "surrogate", "similarity", "nonfinite", "passage_id", "generated_answer",
@@ -93,8 +94,6 @@ def finalize(run_dir) -> dict:
 
     answer_part = None
     if "answer" in cfg["metrics"]:  # EM and F1 beside NLL (kvprime.reporting.answer_report)
-        from . import answer_report
-
         summary, comp, answer_part = answer_report.add(scores, derived, summary, comp, baseline=exp["baseline"],
                                                        conditions=all_names, named=comparisons, cfg=cfg,
                                                        run_dir=run_dir)
@@ -116,7 +115,7 @@ def finalize(run_dir) -> dict:
 
     figures = {}
     try:
-        from .figures import conditions_figure, save_figure
+        from .figures import conditions_figure, save_figure  # lazy: matplotlib, optional (no figures without it)
 
         figures["conditions"] = conditions_figure(summary, run_dir / "conditions.png",
                                                   title=f"{exp['name']}: mean NLL and delta vs {exp['baseline']}",
@@ -226,9 +225,6 @@ def _builder_notes(plan: dict) -> list[str]:
     registry now (kvprime's builders import no torch until they build)."""
     if "builder_notes" in plan:
         return plan["builder_notes"]
-    from ..pipeline.conditions import ConditionSpec
-    from ..pipeline.plan import builder_notes
-
     try:
         return builder_notes({n: ConditionSpec.from_config(n, c) for n, c in plan["conditions"].items()})
     except KvprimeError:  # a builder this process does not have: the report goes on without its note

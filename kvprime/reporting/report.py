@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from .answer_report import section
 from .tables import cell, markdown_table
 
 DEFINITIONS = """\
@@ -177,8 +178,6 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *
         parts += ["## Named comparisons", "delta = reference NLL - treatment NLL (positive: treatment better).",
                   markdown_table(comparisons, COMPARISON_COLUMNS)]
     if results.get("answer_quality"):
-        from .answer_report import section
-
         parts += section(results["answer_quality"])
     if results.get("costs"):
         costs = pd.DataFrame(results["costs"])

@@ -1,7 +1,7 @@
 """``kvprime merge``: join the run directories of one sharded run into one run directory.
 
 A run split with ``run.num_shards=N run.shard=i`` scores chunks i, i+N, i+2N, ... of the selection, a chunk
-being ``batch.samples`` consecutive samples (``kvprime.pipeline.plan.shard``). Merging checks that the shards
+being ``batch.samples`` consecutive samples (``kvprime.pipeline.sharding.shard``). Merging checks that the shards
 belong together (one config apart from ``run.shard``/``resume``/``progress``, one plan, one model: name and
 weights digest), that they are exactly shards 0..N-1, each once and each finished, and that together they hold
 the unsharded selection: every sample once, every (sample, condition) score once (``scaleout.shards``). It then
@@ -29,11 +29,13 @@ import socket
 from collections import Counter
 from pathlib import Path
 
-from ..errors import KvprimeError
-from ..pipeline.results_io import dumps, write_atomic
-from ..pipeline.rundir import HOLDER_NAME, LOCK_NAME
-from ..reporting.finalize import COMPLETION_RECORD
-from .shards import MergeError, Merged, gather, show
+from ..errors import KvprimeError, RunDirError
+from ..files import rundir
+from ..files.results_io import dumps, raise_write_error, write_atomic
+from ..files.rundir import HOLDER_NAME, LOCK_NAME
+from ..reporting import finalize
+from .shards import Merged, MergeError, gather, show
+from .sweep import is_sweep_dir, job_dirs
 
 STAGING_SUFFIX = ".kvprime-merge-in-progress"
 REPLACED_SUFFIX = ".kvprime-merge-replaced"
@@ -43,8 +45,6 @@ LOCK_FILES = (LOCK_NAME, HOLDER_NAME)
 def expand_run_dirs(paths) -> list[Path]:
     """Run directories from the command line: a Hydra sweep directory (e.g. ``-m run.shard=0,1,2``) stands for
     its numbered job directories."""
-    from .sweep import is_sweep_dir, job_dirs
-
     out: list[Path] = []
     for p in map(Path, paths):
         if not (p / "config.json").exists() and is_sweep_dir(p):
@@ -70,8 +70,6 @@ def replaced_dir(out_dir) -> Path:
 # so they are looked up here at call time.
 def rename_dir(src: Path, dst: Path) -> None:
     """Rename the folder ``src`` to ``dst`` (which does not exist) and make the rename durable."""
-    from ..pipeline.results_io import raise_write_error
-
     try:
         os.replace(src, dst)
     except OSError as err:
@@ -121,8 +119,6 @@ def merge_runs(run_dirs, out_dir, *, check_dataset: bool = True, overwrite: bool
 
 
 def _check_arguments(run_dirs: list[Path], out_dir: Path) -> None:
-    from ..pipeline.rundir import unwritable
-
     if not run_dirs:
         raise MergeError("no run directories to merge.")
     given = Counter(d.resolve() for d in run_dirs)
@@ -131,7 +127,7 @@ def _check_arguments(run_dirs: list[Path], out_dir: Path) -> None:
         raise MergeError(f"the same directory is given more than once: {', '.join(dup)}.")
     if out_dir.resolve() in given:
         raise MergeError(f"the output directory {out_dir} is one of the shards; choose a new directory.")
-    err = unwritable(out_dir, "--out")
+    err = rundir.unwritable(out_dir, "--out")
     if err is not None:
         raise err
     parent = out_dir.absolute().parent
@@ -155,11 +151,11 @@ def _check_target(out_dir: Path, overwrite: bool, same) -> None:
     if not held or (not overwrite and same(out_dir)):
         return
     if not overwrite:
-        if (out_dir / COMPLETION_RECORD).is_file():
-            what = f"a finished run directory ({COMPLETION_RECORD})"
+        if (out_dir / finalize.COMPLETION_RECORD).is_file():
+            what = f"a finished run directory ({finalize.COMPLETION_RECORD})"
         elif (out_dir / "config.json").is_file():
-            what = (f"an unfinished run directory (config.json without {COMPLETION_RECORD}: a run, or an older "
-                    "kvprime's merge, killed before it finished)")
+            what = (f"an unfinished run directory (config.json without {finalize.COMPLETION_RECORD}: a run, or an "
+                    "older kvprime's merge, killed before it finished)")
         else:
             what = f"other files ({show(held, 3)})"
         raise MergeError(f"--out {out_dir} already holds {what}. Choose a new --out, or add --overwrite to replace "
@@ -173,7 +169,7 @@ def _holds(out_dir: Path, merged: Merged) -> bool:
     """Whether ``out_dir`` is a finished merge whose files are, byte for byte, the ones this merge writes before
     finalizing: the same command, run again after it finished or after it was killed once its output was in
     place. (Whether finalize's files are the same too is known once they are written: ``_same_tree``.)"""
-    if not (out_dir / COMPLETION_RECORD).is_file():
+    if not (out_dir / finalize.COMPLETION_RECORD).is_file():
         return False
     return all(_file_digest(out_dir / name) == _digest(chunks) for name, chunks in _file_chunks(merged).items())
 
@@ -215,9 +211,6 @@ def _file_digest(path: Path) -> str | None:
 
 def _write_and_publish(merged: Merged, out_dir: Path, overwrite: bool) -> dict:
     """Write and finalize the merged run in the work folder, then rename it into place (under its lock)."""
-    from ..pipeline import rundir
-    from ..reporting.finalize import finalize
-
     rundir.make_dirs(out_dir.absolute().parent, "--out")
     staging = staging_dir(out_dir)
     lock = _lock_work_folder(staging, out_dir)
@@ -230,7 +223,7 @@ def _write_and_publish(merged: Merged, out_dir: Path, overwrite: bool) -> dict:
         for name in _contents(staging):  # a killed merge's leftovers: this merge writes every file anew
             remove_path(staging / name)
         _write(staging, merged)
-        results = finalize(staging)
+        results = finalize.finalize(staging)
         _check_target(out_dir, overwrite, lambda d: _same_tree(d, staging))  # nothing added or edited since
         _publish(staging, out_dir, lock, out_lock)
     except BaseException:
@@ -250,10 +243,6 @@ def _write_and_publish(merged: Merged, out_dir: Path, overwrite: bool) -> dict:
 
 def _lock_work_folder(staging: Path, out_dir: Path):
     """Create (or take over) the work folder and lock it: one merge into ``out_dir`` at a time."""
-    from ..errors import RunDirError
-    from ..pipeline import rundir
-    from ..pipeline.results_io import raise_write_error
-
     if staging.exists() and not staging.is_dir():
         raise MergeError(f"{staging}, the work folder of a merge into {out_dir}, is a file; remove it and run the "
                          "same command again.")

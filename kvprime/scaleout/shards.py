@@ -12,8 +12,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import load_samples
+from ..data.passages import chunks, passage_key
 from ..errors import KvprimeError
-from ..pipeline.results_io import read_jsonl
+from ..files.results_io import read_jsonl
+from ..pipeline import metadata as md
+from ..pipeline.sharding import chunk_size, grouped
+from ..pipeline.sharding import shard as split
 
 # Config keys that may differ between the shards of one run.
 SHARD_FREE = ("resume", "progress")
@@ -61,8 +66,6 @@ def show(ids, limit=5) -> str:
 def _check_selection(cfg: dict, merged_ids: list[str]) -> str:
     """Compare the merged sample order with the selection the dataset gives now (no model needed)."""
     try:
-        from ..data import load_samples
-
         expected = [s.sample_id for s in load_samples({**cfg["dataset"]}).samples]
     except Exception as err:  # noqa: BLE001 -- data not reachable here (hub, moved file): shard checks only
         return f"not re-checked against the dataset ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
@@ -150,9 +153,6 @@ def gather(run_dirs: list[Path], out_dir: Path, check_dataset: bool) -> Merged:
                          + "; ".join(f"{sid!r} in shards {sh}" for sid, sh in list(dup.items())[:5]))
     total = sum(map(len, inputs))
     # Which selection positions each shard holds: the runner's own split applied to 0..total-1.
-    from ..pipeline.plan import chunk_size, grouped
-    from ..pipeline.plan import shard as split
-
     run_cfg = dict(cfgs[0].get("run") or {})
     if grouped(cfgs[0]):
         positions = _passage_positions(inputs, n)
@@ -240,8 +240,6 @@ def _first_inspect(shard_dirs: list[Path], first: str | None) -> Path | None:
 
 def _merged_metadata(metas, shard_dirs, inputs, merged_ids, skipped, out_dir: Path, selection: str,
                      exact: bool) -> dict:
-    from ..pipeline import metadata as md
-
     n = len(shard_dirs)
     timings: dict[str, float] = {}
     for meta in metas:
@@ -275,8 +273,6 @@ def _passage_positions(inputs: list[list[dict]], n: int) -> list[list[int]]:
     """Selection positions of each shard's rows when chunks are whole passages (``dataset.group_by_passage``):
     chunk g of the selection went to shard g % n as its (g // n)-th passage, so the shards' passages, taken
     round-robin, rebuild the selection's order."""
-    from ..data.passages import chunks, passage_key
-
     per_shard = [chunks(rows, key=lambda r: passage_key(r["passage"])) for rows in inputs]
     positions: list[list[int]] = [[] for _ in range(n)]
     at = 0

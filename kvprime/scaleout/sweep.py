@@ -29,13 +29,26 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from ..errors import MissingFileError
-from ..pipeline.results_io import write_atomic, write_json
+from ..files.results_io import write_atomic, write_json
+from ..reporting.finalize import COMPLETION_RECORD
 from ..reporting.tables import markdown_table
+
+# Hydra's private sweeper splits a multirun's jobs as it launched them. Should the module move, a sweep report
+# judges by the job directories alone (``_expected_jobs``).
+try:
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+except ImportError:
+    BasicSweeper = None
 
 # Overrides that do not define a job (they may differ between the first run and a resumed one).
 NOT_SWEPT = ("resume", "progress")
@@ -60,8 +73,6 @@ def is_sweep_dir(path) -> bool:
 
 
 def _parser():
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     return OverridesParser.create()
 
 
@@ -77,8 +88,6 @@ def _parse(overrides: list[str]) -> dict[str, object]:
 
 
 def _plain(value):
-    from omegaconf import OmegaConf
-
     if OmegaConf.is_config(value):
         return OmegaConf.to_container(value)
     if isinstance(value, (list, dict, str, int, float, bool)) or value is None:
@@ -92,8 +101,6 @@ def _expected_jobs(sweep_dir: Path) -> tuple[list[list[str]] | None, list[str], 
     path = sweep_dir / "multirun.yaml"
     if not path.is_file():
         return None, [], None
-    from omegaconf import OmegaConf
-
     try:
         conf = OmegaConf.load(path)
         hydra = conf.get("hydra") or {}
@@ -110,9 +117,7 @@ def _expected_jobs(sweep_dir: Path) -> tuple[list[list[str]] | None, list[str], 
                 declared.append(o.key_or_group)
         if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return None, declared, launch + task
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-        batches = BasicSweeper.split_arguments(parsed, None)
+        batches = BasicSweeper.split_arguments(parsed, None)  # no BasicSweeper (None): judged by the job dirs
         return [list(j) for j in batches[0]], declared, launch + task
     except Exception:  # noqa: BLE001 -- unreadable/foreign multirun.yaml: judge by the job dirs alone
         return None, [], None
@@ -120,8 +125,6 @@ def _expected_jobs(sweep_dir: Path) -> tuple[list[list[str]] | None, list[str], 
 
 def _job_status(job_dir: Path) -> dict:
     """The job's status (see the module's docstring), its score line count and, if failed, its error."""
-    from ..reporting.finalize import COMPLETION_RECORD
-
     row: dict = {"status": "missing-results", "score_lines": _score_line_count(job_dir / "scores.jsonl"),
                  "error_type": "", "error_message": ""}
     err = job_dir / "error.json"
@@ -183,8 +186,6 @@ def sweep_report(sweep_dir) -> dict:
         d = on_disk.get(num)
         overrides = None
         if d is not None and (d / ".hydra" / "overrides.yaml").is_file():
-            import yaml
-
             overrides = [str(x) for x in yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) or []]
         elif expected is not None and num < len(expected):
             overrides = expected[num]
@@ -237,8 +238,6 @@ def sweep_report(sweep_dir) -> dict:
     counts = {s: sum(j["status"] == s for j in jobs) for s in STATUSES}
     resume_cmd = None
     if task is not None and (failed or any(j["status"] != "complete" for j in jobs)):
-        import shlex
-
         kept = [t for t in task if t.split("=", 1)[0] != "resume"]
         resume_cmd = " ".join(["kvprime run -m", *map(shlex.quote, kept), shlex.quote(f"hydra.sweep.dir={sweep_dir}"),
                                "resume=true"])
@@ -294,8 +293,10 @@ def untouched_conditions(jobs) -> list[dict]:
 
 
 def _figure(jobs, rows, treated, swept, numeric_key, baseline, path: Path) -> str | None:
-    import numpy as np
+    # lazy: matplotlib; only a sweep's report draws, not the commands that import this module (report, merge)
     from matplotlib.figure import Figure
+
+    from ..reporting.figures import save_figure
 
     fig = Figure(figsize=(8, 4.8))
     ax = fig.add_subplot(1, 1, 1)
@@ -342,8 +343,6 @@ def _figure(jobs, rows, treated, swept, numeric_key, baseline, path: Path) -> st
     ax.set_title("Sweep: mean delta with 95% CI per job")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from ..reporting.figures import save_figure
-
     return save_figure(fig, path).name
 
 

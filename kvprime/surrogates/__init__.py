@@ -1,1 +1,2 @@
-"""Surrogate queries: static sources, generated ones, their on-disk store, and query-passage similarity."""
+"""Surrogate queries: their sources, generated ones and the generator, the on-disk store, per-document
+surrogates, and surrogate quality."""

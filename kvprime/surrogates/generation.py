@@ -25,10 +25,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
 from ..cache import batch_caches
 from ..cache import hf_internals as hf
+from ..cache.decoding import stop_ids
 from ..errors import ConfigError
 
 _WALKTHROUGH_TARGET_QUESTION = (
@@ -76,10 +78,6 @@ GENERATION_TEMPLATES: dict[str, str] = {
     # stand-in (both ask for the question the document answers), so exp01 uses that text.
     "exp01": _WALKTHROUGH_TARGET_QUESTION,
 }
-
-# End-of-turn markers of common chat templates; a row stops at whichever of these the vocabulary has.
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -162,19 +160,6 @@ class GumbelSampler(LogitsProcessor):
         u = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators])
         gumbel = -torch.log(-torch.log(u.clamp_min(tiny)))
         return scores / self.temperature + gumbel.to(device=scores.device, dtype=scores.dtype)
-
-
-def stop_ids(model, tokenizer) -> set[int]:
-    """Token ids that end a generation: the tokenizer's and the model's EOS and any end-of-turn marker it has."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        ids.update(int(i) for i in ([gen_eos] if isinstance(gen_eos, int) else gen_eos))
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab)
-    return ids
 
 
 def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -336,8 +321,6 @@ def generate(model, tokenizer, documents: list[str], template_text: str, setting
     order = sorted(range(len(documents)), key=lambda i: len(encoded[i]))
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc="generating surrogates", unit="batch")
 
     results: list[str | None] = [None] * len(documents)

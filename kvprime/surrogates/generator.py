@@ -18,7 +18,11 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 
+from omegaconf import OmegaConf
+
+from ..config import confdir
 from ..errors import ConfigError
+from ..models import loading
 
 # Model configs whose location is given on the command line (model.path / model.id): generation.model names
 # a config and cannot carry that location, so these cannot be generators as they are.
@@ -45,8 +49,6 @@ def generator_model_cfg(run_cfg: Mapping) -> dict:
     """The generator's model config: the run's own model config for ``generation.model: null``, else
     ``conf/model/<name>.yaml`` with the run's device and dtype. An unknown or unusable name is one
     ConfigError paragraph; nothing is loaded or fetched here (``kvprime.pipeline.plan.prepare`` calls it)."""
-    from ..config import confdir
-
     name = generator_name(run_cfg)
     if name is None:
         return dict(run_cfg["model"])
@@ -55,8 +57,6 @@ def generator_model_cfg(run_cfg: Mapping) -> dict:
         raise ConfigError(f"generation.model={name!r} is not a model config. generation.model names the model that "
                           f"writes generated surrogates: null (the scored model) or one of the configs in conf/model: "
                           f"{', '.join(known)}. No model was loaded.")
-    from omegaconf import OmegaConf
-
     cfg = OmegaConf.to_container(confdir.load("model", name), resolve=True)
     where = _LOCATED_ON_COMMAND_LINE.get(cfg.get("source"))
     if where is not None and not cfg.get(where):
@@ -93,9 +93,7 @@ class Generator:
         if self.is_scored_model:
             return self._shared()
         if self._loaded is None:
-            from ..cache import models
-
-            self._loaded = models.load(self.cfg)
+            self._loaded = loading.load(self.cfg)
         return self._loaded
 
     @property
@@ -109,9 +107,7 @@ class Generator:
     @property
     def model_id(self) -> str:
         if self._id is None:
-            from ..cache import models
-
-            info = None if self.is_scored_model else models.weights_identity(self.cfg)
+            info = None if self.is_scored_model else loading.weights_identity(self.cfg)
             self._id = model_id(self.cfg, info if info is not None else self.load()[2])
         return self._id
 
@@ -122,9 +118,7 @@ class Generator:
             if self._loaded is not None:
                 self._config = self._loaded[0].config
             else:
-                from ..cache import models
-
-                self._config = models.model_config(self.cfg)  # config.json (a tiny model's: built, no weights)
+                self._config = loading.model_config(self.cfg)  # config.json (a tiny model's: built, no weights)
         return self._config
 
     def describe(self) -> dict:

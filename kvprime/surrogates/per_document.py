@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from ..builders import BUILDERS
+from .generation import GENERATION_TEMPLATES
 from .sources import generated_template
+from .store import cost, ensure
 
 
 def applies(spec, sample) -> bool:
     """Whether ``spec`` primes each of ``sample``'s passages with its own generated surrogate."""
-    from ..builders import BUILDERS
-
     info = BUILDERS.get(spec.builder)
     return bool(sample.passages) and info is not None and info.surrogate_per_document \
         and spec.surrogate.startswith("generated:")
@@ -26,8 +27,6 @@ def applies(spec, sample) -> bool:
 def generate(session, samples: Sequence, names: Iterable[str], *, progress: bool = False) -> None:
     """Fill ``session.passage_generated`` ((template, passage) -> text) for every passage these conditions
     prime, from the store or generated and stored where it has none."""
-    from .store import ensure
-
     wanted: dict[str, dict[str, None]] = {}
     for name in names:
         spec = session.specs[name]
@@ -60,9 +59,6 @@ def generation_cost(session, spec, sample) -> dict:
     source = spec.surrogate
     if not applies(spec, sample):
         return session.generation_cost(source.split(":", 1)[1], sample.sample_id)
-    from .generation import GENERATION_TEMPLATES
-    from .store import cost
-
     template = generated_template(source)
     total: dict = {"prompt_tokens": 0, "shared_prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}
     for passage in dict.fromkeys(sample.passages):

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .. import assets
 from ..errors import ConfigError
-from ..pipeline.results_io import raise_write_error, write_atomic
+from ..files.results_io import raise_write_error, write_atomic
 from . import generation
 from .generation import GENERATION_TEMPLATES, GenerationSettings, doc_hash
 
@@ -47,10 +48,7 @@ def _sha256(text: str) -> str:
 class SurrogateStore:
     def __init__(self, root: Path | str | None = None):
         if root is None:
-            # Lazy: importing assets just to build a store elsewhere (tests, notebooks) is not needed.
-            from ..assets import home
-
-            root = home() / "surrogates"
+            root = assets.home() / "surrogates"
         self.root = Path(root)
 
     def key(self, *, model_id: str, template_name: str, template_text: str, settings: GenerationSettings,

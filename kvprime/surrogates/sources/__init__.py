@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...data.passages import passage_id
 from ...errors import ConfigError
 
 # The walkthrough notebook's five intent queries (same for every document).
@@ -199,8 +200,7 @@ def _static(sample, ctx, arg) -> str:
 
 
 def _templates(static_set):
-    # generation imports torch: only when a generated source is checked
-    from ..generation import GENERATION_TEMPLATES
+    from ..generation import GENERATION_TEMPLATES  # lazy: torch; `kvprime conditions` lists sources without it
 
     return GENERATION_TEMPLATES
 
@@ -248,8 +248,6 @@ def random_query_unserved(selection: Sequence, *, by_passage: bool) -> list:
     """The selected samples ``random_query`` has no control for: no fixed control query of their own, and no
     query in the selection but their own (``by_passage``: but their passage's questions, which are excluded).
     Linear in the selection: what a sample excludes is part of the pool, so the pool has more iff it is larger."""
-    from ...data.passages import passage_id
-
     pool = {s.query for s in selection}
     if by_passage:
         own: dict[str, set] = {}

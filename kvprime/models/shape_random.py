@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..config import confdir
 from ..errors import ConfigError
 
 
 def config_of(cfg: Mapping):
     """The transformers config the YAML describes (no weights, no files)."""
-    from transformers import AutoConfig
-
     arch, values = cfg.get("arch"), cfg.get("config")
     if not isinstance(values, Mapping) or not values:
         raise ConfigError(f"model {cfg.get('name')!r} has source shape_random but no model.config mapping: it must "
@@ -32,10 +35,6 @@ def config_of(cfg: Mapping):
 
 def tokenizer_model_cfg(cfg: Mapping) -> dict:
     """The conf/model entry whose tokenizer this model uses."""
-    from omegaconf import OmegaConf
-
-    from ..config import confdir
-
     name, known = cfg.get("tokenizer"), confdir.names("model")
     if name not in known:
         raise ConfigError(f"model.tokenizer={name!r} is not a model config. A shape_random model borrows a packaged "
@@ -49,10 +48,7 @@ def tokenizer_model_cfg(cfg: Mapping) -> dict:
 
 def load(cfg: Mapping, dtype, device: str, tokenizer_folder: str, name: str | None):
     """(model, tokenizer, info); ``tokenizer_folder``: where ``tokenizer_model_cfg``'s files are (the caller,
-    ``kvprime.cache.models``, resolves it). The tokenizer's ids must fit the architecture's vocabulary."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    ``kvprime.models.loading``, resolves it). The tokenizer's ids must fit the architecture's vocabulary."""
     config = config_of(cfg)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     if len(tokenizer) > config.vocab_size:

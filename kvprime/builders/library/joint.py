@@ -3,8 +3,8 @@ multi-document context (each document attends to the ones before it), what ``ind
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from . import EncodeRequest, PrimedCache, register_builder, register_planner
+from ...errors import ConfigError
+from .. import EncodeRequest, PrimedCache, register_builder, register_planner
 
 WHY = "builder joint encodes [sink, documents] only (builder full keeps a prefix or suffix)."
 

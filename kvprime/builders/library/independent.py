@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from . import EncodeRequest, PrimedCache, register_builder, register_planner
+from ...errors import ConfigError
+from .. import EncodeRequest, PrimedCache, register_builder, register_planner
 
 NO_PREFIX = ("it encodes each document bare; to prime each document with a surrogate use builder "
              "independent_primed.")
@@ -112,7 +112,7 @@ def plan(seg, spec, *, primed: bool) -> list[EncodeRequest]:
 
 def build(engine, seg, spec, *, primed: bool) -> PrimedCache:
     """Encode [sink, prefix_i, document_i] for each document, keep each document's entries at its slot."""
-    from ..cache import hf_internals as hf  # here, not at the top: see truncate_prefix
+    from ...cache import hf_internals as hf  # lazy: torch; `kvprime conditions`/`report` read builders without it
 
     hf.check_config_supports(engine.model.config, spec.rope_fix)
     pieces, n_sink = layout(seg, spec, primed=primed), len(seg.sink)

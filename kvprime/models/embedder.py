@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .. import assets
+
 
 class Embedder:
     def __init__(self, folder: str | None = None, device: str = "cpu"):
@@ -20,9 +22,8 @@ class Embedder:
     def model(self):
         if self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            # lazy: sentence_transformers is heavy, and reads HF_HUB_OFFLINE when first imported
             from sentence_transformers import SentenceTransformer
-
-            from .. import assets
 
             self._model = SentenceTransformer(self.folder or str(assets.fetch("all_minilm_l6_v2")), device=self.device)
         return self._model

@@ -21,13 +21,15 @@ from types import SimpleNamespace
 
 import torch
 
-from ..builders import BUILDERS, PLANNERS, EncodeRequest, PrimedCache
+from ..cache import batch_caches, prefixes
+from ..cache import hf_internals as hf
+from ..cache.scoring import Score, score_answer, score_batch
+from ..cache.segments import Segments, build_segments, sink_ids
+from ..config import confdir
 from ..errors import DataError
-from ..pipeline.conditions import ConditionSpec, validate
-from . import batch_caches, prefixes
-from . import hf_internals as hf
-from .scoring import Score, score_answer, score_batch
-from .segments import Segments, build_segments, sink_ids
+from ..models import loading
+from . import BUILDERS, PLANNERS, EncodeRequest, PrimedCache
+from .conditions import ConditionSpec, validate
 
 
 class Engine:
@@ -59,12 +61,9 @@ class Engine:
     @classmethod
     def load(cls, model: str = "smollm2_135m_instruct", **overrides) -> "Engine":
         """Load ``conf/model/<model>.yaml`` (fields can be overridden, e.g. ``dtype="bfloat16"``)."""
-        from ..config import confdir
-        from . import models
-
         cfg = confdir.load("model", model)
         cfg.update(overrides)
-        m, tok, _ = models.load(cfg)
+        m, tok, _ = loading.load(cfg)
         return cls(m, tok, sink=cfg.get("sink", "bos"), max_context=cfg.get("max_context"))
 
     @property

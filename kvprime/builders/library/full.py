@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import EncodeRequest, PrimedCache, register_builder, register_planner
+from .. import EncodeRequest, PrimedCache, register_builder, register_planner
 
 
 def _encode(seg, spec) -> EncodeRequest:

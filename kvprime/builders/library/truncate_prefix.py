@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from . import EncodeRequest, PrimedCache, register_builder, register_planner
+from ...errors import ConfigError
+from .. import EncodeRequest, PrimedCache, register_builder, register_planner
 
 ROPE_FIXES = ("none", "rerotate", "shift")
 
@@ -58,8 +58,7 @@ def plan_truncate_prefix(seg, spec) -> list[EncodeRequest]:
 @register_builder("truncate_prefix", params=TruncatePrefixParams, roles={"prefix": "cut"}, notes=_notes)
 def build_truncate_prefix(engine, seg, spec) -> PrimedCache:
     """Encode sink+prefix+document, keep sink+document; rope_fix none | rerotate | shift."""
-    # Imported here: the builder registry is also read by `kvprime report`, which loads no model (nor torch).
-    from ..cache import hf_internals as hf
+    from ...cache import hf_internals as hf  # lazy: torch; `kvprime conditions`/`report` read builders without it
 
     if spec.rope_fix != "none":
         hf.check_config_supports(engine.model.config, spec.rope_fix)

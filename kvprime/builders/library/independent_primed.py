@@ -11,7 +11,7 @@ generated source gives each passage its own (``surrogate_per_document``: one pre
 
 from __future__ import annotations
 
-from . import EncodeRequest, PrimedCache, register_builder, register_planner
+from .. import EncodeRequest, PrimedCache, register_builder, register_planner
 from .independent import NO_SUFFIX, IndependentParams, build, plan
 
 

@@ -15,13 +15,17 @@ ever removed.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import os
 import secrets
 import socket
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from ..errors import RunDirError
+from .results_io import PLACE_ERRORS, write_json
 
 LOCK_NAME = ".kvprime.lock"
 HOLDER_NAME = ".kvprime.lock.json"
@@ -49,8 +53,6 @@ def unwritable(path: Path, setting: str) -> RunDirError | None:
 
 
 def _io_error(err: OSError, path: Path, setting: str) -> RunDirError:
-    from .results_io import PLACE_ERRORS
-
     why = PLACE_ERRORS.get(err.errno, err.strerror)
     return RunDirError(f"{setting} points at {path}, which cannot be created or written ({why}: "
                        f"{err.filename or path}). Choose another directory or free the space.")
@@ -204,8 +206,6 @@ def live_holder(run_dir: Path) -> dict | None:
 
 def _os_lock_held(run_dir: Path) -> bool:
     """Whether some process holds the OS lock of ``run_dir`` (probed without creating the lock file)."""
-    import fcntl
-
     try:
         fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
     except OSError:
@@ -243,8 +243,6 @@ class RunLock:
         self._lock = None
 
     def acquire(self) -> RunLock:
-        from filelock import FileLock, Timeout
-
         h = live_holder(self.run_dir)
         if h is not None:
             raise busy_error(self.run_dir, h)
@@ -262,8 +260,6 @@ class RunLock:
             old = holder(self.run_dir)
             if old is not None and old.get("host") != socket.gethostname():
                 raise busy_error(self.run_dir, old)
-            from .results_io import write_json
-
             write_json(self.run_dir / HOLDER_NAME, {
                 "pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})

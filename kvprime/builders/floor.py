@@ -17,7 +17,13 @@ from __future__ import annotations
 import logging
 import time
 
+from ..cache.hf_internals import cache_layers, check_config_supports
+from ..cache.scoring import score_batch
+from ..cache.segments import Segments, tokenize
 from ..errors import ConfigError
+from . import BUILDERS
+from .conditions import ConditionSpec
+from .engine import Engine
 
 log = logging.getLogger("kvprime")
 
@@ -88,13 +94,6 @@ def measure_floor(model, tokenizer, *, sink_ids, surrogate_lengths=SURROGATE_LEN
     difference; also the uncorrected cache's (``rope_fix=none``) NLL difference, the size of a wrong
     re-rotation on this model. A JSON-able dict; ``measured`` is false (with ``reason``) when the model
     cannot re-rotate or the probe fits none of its windows."""
-    from ..builders import BUILDERS
-    from ..pipeline.conditions import ConditionSpec
-    from .engine import Engine
-    from .hf_internals import cache_layers, check_config_supports
-    from .scoring import score_batch
-    from .segments import Segments, tokenize
-
     t0 = time.perf_counter()
     dtype, device = dtype_name(model), str(next(model.parameters()).device)
     limit, source = tolerance(max_nll_diff, dtype)

@@ -2,17 +2,18 @@
 
 Conditions are plain YAML files in ``conf/condition/``; an experiment composes several under
 ``conditions.<name>``. ``ConditionSpec`` is the validated, typed view of one. Validation needs no model,
-so every config mistake is reported before weights load.
+so every config mistake is reported before weights load. Whether a condition's surrogate source exists is
+the surrogates' to say (``kvprime.surrogates.sources``): the caller that plans a run passes that check in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 from ..cache.segments import TEMPLATE_FIELDS, template_fields
 from ..errors import ConfigError
-from ..surrogates.sources import STATIC_SURROGATES, validate_source
+from . import BUILDERS
 
 
 @dataclass(frozen=True, init=False)
@@ -50,8 +51,6 @@ class ConditionSpec:
 
     @classmethod
     def from_config(cls, name: str, cfg: Mapping) -> "ConditionSpec":
-        from ..builders import BUILDERS
-
         data = dict(cfg)
         data.setdefault("name", name)
         common = {k: v for k, v in data.items() if k in cls.common_keys()}
@@ -74,8 +73,6 @@ class ConditionSpec:
     @property
     def settings(self):
         """The builder's own settings as its checked params dataclass (defaults filled in)."""
-        from ..builders import BUILDERS
-
         if self.builder not in BUILDERS:
             raise ConfigError(f"condition {self.name!r}: builder {self.builder!r} is not registered. Registered "
                               f"builders: {', '.join(sorted(BUILDERS))}.")
@@ -101,16 +98,18 @@ class ConditionSpec:
         return self.surrogate != "none"
 
 
-def validate(spec: ConditionSpec, builders: Mapping, static_set: Mapping[str, str] = STATIC_SURROGATES) -> None:
-    """Raise one readable ValueError for the first thing wrong with a condition."""
+def validate(spec: ConditionSpec, builders: Mapping, check_source: Callable[[str], None] | None = None) -> None:
+    """Raise one readable ValueError for the first thing wrong with a condition. ``check_source(surrogate)``
+    raises a ValueError for a surrogate source that does not exist (``kvprime.surrogates.sources``)."""
     where = f"condition {spec.name!r}"
     if spec.builder not in builders:
         raise ConfigError(f"{where}: builder {spec.builder!r} is not registered. Registered builders: "
                          f"{', '.join(sorted(builders))}.")
-    try:
-        validate_source(spec.surrogate, static_set)
-    except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
+    if check_source is not None:
+        try:
+            check_source(spec.surrogate)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
     info = builders[spec.builder]
     info.make_params(spec.builder_params, where)
     if not isinstance(spec.position_offset, int) or spec.position_offset < 0:
@@ -147,3 +146,16 @@ def validate(spec: ConditionSpec, builders: Mapping, static_set: Mapping[str, st
     if not spec.prompt_template:
         raise ConfigError(f"{where}: prompt_template is empty; the first answer token is predicted by the "
                          "prompt's last position, so the prompt needs at least one token.")
+
+
+def builder_notes(specs: Mapping) -> list[str]:
+    """Each builder's sentence for the report on the conditions it builds (stored in plan.json, so the report
+    needs no builder code), once per distinct sentence, in condition order."""
+    notes = []
+    for spec in specs.values():
+        info = BUILDERS[spec.builder]
+        if info.notes is not None:
+            text = info.notes(info.make_params(spec.builder_params, f"condition {spec.name!r}"))
+            if text and text not in notes:
+                notes.append(text)
+    return notes

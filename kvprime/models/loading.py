@@ -3,7 +3,7 @@
 Sources: ``asset`` (a packaged model fetched by ``make setup`` into KVPRIME_HOME), ``local`` (an HF folder:
 ``model=hf_local model.path=<dir>``), ``hub`` (a hub id: ``model=hf_hub model.id=<org/name>``; needs network
 and usually a GPU), ``tiny_random`` (built in-process), ``shape_random`` (a real architecture from its config
-values, random weights, for cost measurements: ``kvprime.cache.shape_random``). Every check that can fail without weights (the
+values, random weights, for cost measurements: ``kvprime.models.shape_random``). Every check that can fail without weights (the
 folder or id set, CUDA for 4-bit, hub reachable, RoPE support for the run's conditions) runs first, in
 ``model_config``, so a bad setting costs seconds, not a model load.
 """
@@ -16,34 +16,24 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ConfigError, UnavailableError
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
+
+from .. import assets
+from ..cache.tiny import tiny_config, tiny_model, tiny_tokenizer
+from ..config.devices import resolve_device
+from ..errors import ConfigError, ModelUnavailable
+from . import shape_random
 
 SOURCES = ("asset", "local", "hub", "tiny_random", "shape_random")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ModelUnavailable(UnavailableError):
-    """The model cannot be used on this machine, with the reason and what to do instead."""
-
-
 def _dtype(name: str):
-    import torch
-
     if name not in DTYPES:
         raise ConfigError(f"model.dtype={name!r} is not supported. Accepted: {', '.join(DTYPES)}.")
     return getattr(torch, name)
-
-
-def resolve_device(cfg: Mapping) -> str:
-    import torch
-
-    device = cfg.get("device") or "auto"
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelUnavailable(f"model.device={device!r}, but this machine has no CUDA device. Use model.device=cpu "
-                               "or auto.")
-    return device
 
 
 def _setting(cfg: Mapping, *keys: str) -> str | None:
@@ -119,8 +109,6 @@ def _check_location(cfg: Mapping) -> None:
 def _folder(cfg: Mapping) -> str:
     source = cfg.get("source")
     if source == "asset":
-        from .. import assets
-
         return str(assets.fetch(cfg["asset"]))
     if source == "local":
         return str(local_path(cfg))
@@ -134,18 +122,12 @@ def model_config(cfg: Mapping):
     source = cfg.get("source")
     _check_location(cfg)
     if source == "tiny_random":
-        from .tiny import tiny_config
-
         return tiny_config(cfg.get("arch", "llama"), **dict(cfg.get("overrides") or {}))
     _dtype(cfg.get("dtype") or "float32")
     if source == "shape_random":
-        from .shape_random import config_of, tokenizer_model_cfg
-
-        tokenizer_model_cfg(cfg)
-        return config_of(cfg)
+        shape_random.tokenizer_model_cfg(cfg)
+        return shape_random.config_of(cfg)
     if cfg.get("quantization"):
-        import torch
-
         if cfg["quantization"] != "nf4":
             raise ConfigError(f"model.quantization={cfg['quantization']!r} is not supported. Accepted: nf4, null.")
         if not torch.cuda.is_available():
@@ -154,8 +136,6 @@ def model_config(cfg: Mapping):
                 "which needs a CUDA GPU, and this machine has none. On a GPU machine install the extra "
                 "(pip install -e '.[gpu]'); here use model=smollm2_135m_instruct or model=tiny_random_llama."
             )
-    from transformers import AutoConfig
-
     folder = _folder(cfg)
     try:
         return AutoConfig.from_pretrained(folder, **_revision(cfg))
@@ -177,15 +157,9 @@ def tokenizer_and_config(cfg: Mapping) -> tuple:
     config = model_config(cfg)
     source = cfg.get("source")
     if source == "tiny_random":
-        from .tiny import tiny_tokenizer
-
         return tiny_tokenizer(), config
-    from transformers import AutoTokenizer
-
     if source == "shape_random":
-        from .shape_random import tokenizer_model_cfg
-
-        return AutoTokenizer.from_pretrained(_folder(tokenizer_model_cfg(cfg))), config
+        return AutoTokenizer.from_pretrained(_folder(shape_random.tokenizer_model_cfg(cfg))), config
     return AutoTokenizer.from_pretrained(_folder(cfg), **_revision(cfg)), config
 
 
@@ -197,8 +171,6 @@ def load(cfg: Mapping, tokenizer=None):
     _check_location(cfg)
     dtype = _dtype(cfg.get("dtype") or "float32")
     if source == "tiny_random":
-        from .tiny import tiny_model, tiny_tokenizer
-
         tokenizer = tokenizer or tiny_tokenizer()
         model = tiny_model(cfg.get("arch", "llama"), seed=int(cfg.get("seed", 0)), vocab_size=len(tokenizer),
                            device="cpu", **dict(cfg.get("overrides") or {})).to(dtype)
@@ -206,14 +178,10 @@ def load(cfg: Mapping, tokenizer=None):
                 "seed": int(cfg.get("seed", 0)), "weights_sha256": _state_dict_sha256(model)}
         return model.to(resolve_device(cfg)), tokenizer, info
     if source == "shape_random":
-        from . import shape_random
-
         model_config(cfg)
         model, own, info = shape_random.load(cfg, dtype, resolve_device(cfg),
                                              _folder(shape_random.tokenizer_model_cfg(cfg)), model_name(cfg))
         return model, tokenizer or own, info
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_config(cfg)  # the cheap checks first
     folder = _folder(cfg)
@@ -221,8 +189,6 @@ def load(cfg: Mapping, tokenizer=None):
     if cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = cfg["attn_implementation"]
     if cfg.get("quantization"):
-        from transformers import BitsAndBytesConfig
-
         if cfg["quantization"] != "nf4":
             raise ConfigError(f"model.quantization={cfg['quantization']!r} is not supported. Accepted: nf4, null.")
         compute = _dtype(cfg.get("compute_dtype") or "bfloat16")
@@ -243,8 +209,6 @@ def load(cfg: Mapping, tokenizer=None):
 def loading_bars(shown: bool):
     """transformers' weight-loading bars on or off while the block runs (a run with ``progress=false`` prints no
     bar), then as they were: the switch is process-wide, and a notebook keeps its own choice."""
-    from transformers.utils import logging as hf_logging
-
     was_on = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
     try:

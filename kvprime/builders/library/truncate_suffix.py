@@ -6,7 +6,7 @@ float rounding: the condition is a control, not an effect (exp01's D1).
 
 from __future__ import annotations
 
-from . import EncodeRequest, PrimedCache, register_builder, register_planner
+from .. import EncodeRequest, PrimedCache, register_builder, register_planner
 
 
 def _encode(seg, spec) -> EncodeRequest:
@@ -28,7 +28,7 @@ def _notes(params) -> str:
 @register_builder("truncate_suffix", roles={"suffix": "cut"}, notes=_notes)
 def build_truncate_suffix(engine, seg, spec) -> PrimedCache:
     """Encode sink+document+suffix, keep sink+document (positions are already right)."""
-    from ..cache import hf_internals as hf  # here, not at the top: see truncate_prefix
+    from ...cache import hf_internals as hf  # lazy: torch; `kvprime conditions`/`report` read builders without it
 
     req = _encode(seg, spec)
     ids, start, positions = req.ids, spec.position_offset, list(req.positions)
