@@ -113,10 +113,10 @@ def describe(nll) -> dict:
 def _bootstrap_ci(delta, n_boot, seed, confidence):
     for method in ("BCa", "percentile"):
         try:
-            # batch bounds memory (resamples and BCa's leave-one-out rows, ~4M values at a time); the draws and
+            # batch bounds memory (resamples and BCa's leave-one-out rows, ~1M values at a time); the draws and
             # so the interval do not depend on it.
             res = st.bootstrap((delta,), np.mean, n_resamples=n_boot, confidence_level=confidence,
-                               method=method, vectorized=True, batch=max(1, (1 << 22) // max(1, len(delta))),
+                               method=method, vectorized=True, batch=max(1, (1 << 20) // max(1, len(delta))),
                                **{_RNG_KW: np.random.default_rng(seed)})
             lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
         except Exception:  # degenerate data make BCa raise in some scipy versions

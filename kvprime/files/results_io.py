@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import RunDirError
@@ -36,7 +37,9 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
+def write_atomic(path: Path, data: str | bytes | Iterable[str]) -> None:
+    """Write ``data`` (text, bytes, or text in pieces, streamed) to a temporary file beside ``path``, then rename
+    it into place: ``path`` is the old file or the whole new one, never a part."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,10 +47,12 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     except OSError as err:
         raise_write_error(err, path)
     mode = "wb" if isinstance(data, bytes) else "w"
+    pieces = [data] if isinstance(data, (str, bytes)) else data
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
     try:
         with os.fdopen(fd, mode) as fh:
-            fh.write(data)
+            for piece in pieces:
+                fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -89,7 +94,15 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_jsonl(path: Path, rows) -> None:
-    write_atomic(path, "".join(dumps(r) + "\n" for r in rows))
+    write_atomic(path, (dumps(r) + "\n" for r in rows))
+
+
+def iter_jsonl(path: Path) -> Iterator[dict]:
+    """Each line's object, one at a time (a log of any length in constant memory)."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
 
 
 def read_jsonl(path: Path, *, skip_torn: bool = False) -> list[dict]:
@@ -109,11 +122,12 @@ def read_jsonl(path: Path, *, skip_torn: bool = False) -> list[dict]:
 
 
 class ScoreLog:
-    """Append-only JSONL keyed by (sample_id, condition)."""
+    """Append-only JSONL keyed by (sample_id, condition). It holds the keys written, never the rows: a run's
+    memory must not grow with its score lines."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.rows: list[dict] = []
+        self.n_rows = 0
         self.done: set[tuple[str, str]] = set()
         self.repaired = 0
         self._fd = None
@@ -124,28 +138,34 @@ class ScoreLog:
         except OSError as err:
             raise_write_error(err, self.path)
 
+    def _lines(self):
+        """(line, whether to keep it) for every line of the log: a torn, unparsable or repeated line is not kept."""
+        seen: set[tuple[str, str]] = set()
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                if not line.endswith("\n"):  # the last line of a writer killed mid-line
+                    yield line, None
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # only a crash mid-write makes one; it is redone
+                    yield line, None
+                    continue
+                key = (row["sample_id"], row["condition"])
+                yield line, (None if key in seen else key)
+                seen.add(key)
+
     def _recover(self) -> None:
-        raw = self.path.read_text()
-        lines = raw.split("\n")
-        torn = lines.pop() if not raw.endswith("\n") else ""
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                self.repaired += 1  # only a crash mid-write makes one; it is redone
-                continue
-            key = (row["sample_id"], row["condition"])
-            if key in self.done:
+        for _, key in self._lines():
+            if key is None:
                 self.repaired += 1
-                continue
-            self.done.add(key)
-            self.rows.append(row)
-        if torn.strip():
-            self.repaired += 1
-        if self.repaired:
-            write_jsonl(self.path, self.rows)
+            else:
+                self.done.add(key)
+                self.n_rows += 1
+        if self.repaired:  # keep the whole records only, streamed into the file that replaces the log
+            write_atomic(self.path, (line for line, key in self._lines() if key is not None))
 
     def append(self, row: dict) -> None:
         key = (row["sample_id"], row["condition"])
@@ -164,10 +184,10 @@ class ScoreLog:
                 os.ftruncate(self._fd, start)
             except OSError:
                 pass
-            raise_write_error(err, self.path, f"The {len(self.rows)} scores written before it are kept; make room, "
+            raise_write_error(err, self.path, f"The {self.n_rows} scores written before it are kept; make room, "
                                               f"then continue with `kvprime resume {self.path.parent}`.")
         self.done.add(key)
-        self.rows.append(row)
+        self.n_rows += 1
 
     def close(self) -> None:
         if self._fd is not None:

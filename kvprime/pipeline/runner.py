@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
+from itertools import zip_longest
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -26,7 +27,7 @@ from ..data import OPTIONS
 from ..data.passages import passage_id
 from ..errors import RunDirError, RunError
 from ..files import rundir
-from ..files.results_io import ScoreLog, dumps, read_jsonl, remove_stale_temps, write_json, write_jsonl
+from ..files.results_io import ScoreLog, dumps, iter_jsonl, remove_stale_temps, write_json, write_jsonl
 from ..models import loading
 from ..reporting import finalize
 from ..surrogates import per_document
@@ -111,7 +112,7 @@ def _complete(run_dir: Path, samples, names) -> bool:
         return False
     meta = json.loads((run_dir / "metadata.json").read_text())
     skipped = {s["sample_id"] for s in meta.get("skipped", [])}
-    done = {(r["sample_id"], r["condition"]) for r in read_jsonl(run_dir / "scores.jsonl")}
+    done = {(r["sample_id"], r["condition"]) for r in iter_jsonl(run_dir / "scores.jsonl")}
     return all((s.sample_id, n) in done for s in samples if s.sample_id not in skipped for n in names)
 
 
@@ -273,19 +274,22 @@ def _execute(session, run_dir: Path, progress: bool | None, t0: float) -> dict:
     timings["similarity"] = time.perf_counter() - t
     peaks["similarity"] = metadata.peak_rss_mb()
 
-    inputs = [{**s.to_dict(), "surrogates": resolved[s.sample_id],
-               "similarity": similarity.get(s.sample_id, {})} for s in samples]
+    def inputs():  # one line at a time: a run's memory must not grow with its samples
+        for s in samples:
+            yield {**s.to_dict(), "surrogates": resolved[s.sample_id], "similarity": similarity.get(s.sample_id, {})}
+
     inputs_path = run_dir / "inputs.jsonl"
     if inputs_path.exists() and cfg.get("resume"):
         # Samples and surrogate texts must match; similarities are floats that may differ in the last bits
         # on another machine, and are recomputed anyway.
-        def same(rows):
-            return [{k: v for k, v in r.items() if k != "similarity"} for r in rows]
+        def same(row):
+            return {k: v for k, v in row.items() if k != "similarity"}
 
-        if same(read_jsonl(inputs_path)) != same(json.loads(dumps(r)) for r in inputs):
+        stored, now = iter_jsonl(inputs_path), (json.loads(dumps(r)) for r in inputs())
+        if any(a is None or b is None or same(a) != same(b) for a, b in zip_longest(stored, now)):
             raise RunError(f"resume=true, but the samples now selected differ from {inputs_path}. The data or the "
                            "loader changed; start a new run.")
-    write_jsonl(inputs_path, inputs)
+    write_jsonl(inputs_path, inputs())
 
     t = time.perf_counter()
     skipped, repaired = _score_all(session, similarity, run_dir, progress)
@@ -400,7 +404,7 @@ def _score_all(session, similarity, run_dir, progress):
             engine.forget()
             bar.update(len(group))
         bar.close()
-        n_rows, repaired = len(log.rows), log.repaired
+        n_rows, repaired = log.n_rows, log.repaired
     if not n_rows:
         raise RunError(f"no sample was scored: all {len(samples)} selected samples were skipped "
                        f"(first reason: {skipped[0]['reason'] if skipped else 'none'}). Use shorter passages "

@@ -15,6 +15,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..analysis import cost, routing, stats
@@ -23,7 +24,7 @@ from ..builders.conditions import ConditionSpec, builder_notes
 from ..config import plugins, settings
 from ..config.comparisons import comparisons_for
 from ..errors import ConfigError, DataError, KvprimeError, MissingFileError
-from ..files.results_io import read_jsonl, write_atomic, write_json
+from ..files.results_io import iter_jsonl, read_jsonl, write_atomic, write_json
 from ..surrogates import quality
 from . import answer_report, report
 
@@ -180,17 +181,35 @@ def finalize(run_dir) -> dict:
 
 def _scores_frame(run_dir: Path, inputs: list[dict], names: list[str]) -> tuple[pd.DataFrame, int]:
     """scores.jsonl as a frame in run order (the inputs' order, then the plan's conditions), and its line count.
-    The parsed lines are dropped once the frame holds them, so the scores are held once, not twice."""
+    The lines are read one at a time into columns (a missing key is NaN, as pandas makes it from records), so
+    the scores are held once, as the frame's columns, never as a list of parsed lines."""
     order = {r["sample_id"]: i for i, r in enumerate(inputs)}
     rank = {name: i for i, name in enumerate(names)}
-    rows = read_jsonl(run_dir / "scores.jsonl")
-    unplanned = sorted({r["condition"] for r in rows} - rank.keys())
+    columns: dict[str, list] = {}
+    keys: list[tuple[int, int]] = []
+    unplanned: set[str] = set()
+    for n, row in enumerate(iter_jsonl(run_dir / "scores.jsonl")):
+        if row["condition"] not in rank:
+            unplanned.add(row["condition"])
+            continue
+        for key, value in row.items():
+            if key not in columns:
+                columns[key] = [np.nan] * n
+            columns[key].append(value)
+        for values in columns.values():
+            if len(values) == n:
+                values.append(np.nan)
+        keys.append((order.get(row["sample_id"], 1 << 30), rank[row["condition"]]))
     if unplanned:
-        raise DataError(f"{run_dir / 'scores.jsonl'} holds scores of condition(s) {', '.join(map(repr, unplanned))}, "
+        raise DataError(f"{run_dir / 'scores.jsonl'} holds scores of condition(s) {', '.join(map(repr, sorted(unplanned)))}, "
                         f"which plan.json does not plan (it plans {', '.join(names)}): the files are not of one run.")
-    rows.sort(key=lambda r: (order.get(r["sample_id"], 1 << 30), rank[r["condition"]]))
-    scores = pd.DataFrame(rows)
-    return scores, len(rows)
+    # Stable, as the sort of the parsed lines was: lines of one (sample, condition) keep their file order.
+    scores = pd.DataFrame(columns)
+    del columns
+    perm = sorted(range(len(keys)), key=keys.__getitem__)
+    if perm != list(range(len(keys))):
+        scores = scores.take(perm).reset_index(drop=True)
+    return scores, len(keys)
 
 
 def _generated_quality(inputs, conditions: dict) -> tuple[pd.DataFrame, list[str]]:
