@@ -6,10 +6,28 @@ import pytest
 from test_cache_identities import engine_for, max_diff
 
 from kvprime.builders import EncodeRequest
+from kvprime.builders.engine import Engine
 from kvprime.cache.prefixes import MIN_SHARED_TOKENS, plan_steps
 from kvprime.config.compose import compose
 from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import runner
+
+
+class CountingEngine(Engine):
+    """Records (new tokens, past entries) of every encode the engine runs, through its one encode method."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.work: list[tuple[int, int]] = []
+
+    def _encode_batch(self, rows):
+        self.work += [(len(r.ids), r.past_length) for r in rows]
+        return super()._encode_batch(rows)
+
+
+def counting(variant: str) -> CountingEngine:
+    plain = engine_for(variant)
+    return CountingEngine(plain.model, plain.tokenizer)
 
 
 def req(ids, start=0, keep=False) -> EncodeRequest:
@@ -73,10 +91,10 @@ def test_extended_caches_equal_fresh_encodes(variant, offset):
     p1, p2, p3 = (1,) + ids(11), (1,) + ids(29), (1,) + ids(18)
     reqs = [req(p1, offset), req(p2, offset), req(p1 + ids(7), offset), req(p2 + ids(15), offset),
             req(p1 + ids(23), offset), req(p3 + ids(4), offset), req(p3 + ids(31), offset)]
-    eng, ref = engine_for(variant), engine_for(variant)
+    eng, ref = counting(variant), engine_for(variant)
     eng.extend_prefixes = True  # opt-in (batch.extend_prefixes); ref encodes every request from scratch
     eng.prefill(reqs, batch_tokens=10_000)
-    continued = [w for w in eng.encode_work if w[1] > 0]
+    continued = [w for w in eng.work if w[1] > 0]
     assert len(continued) == 5  # the three rows after p1/p2, and p3's two after their shared opening
     assert eng.n_encoded_tokens < sum(len(r.ids) for r in reqs)
     for r in reqs:
@@ -93,14 +111,65 @@ def test_extension_off_and_rows_past_a_sliding_window_encode_from_scratch():
 
     ids = _rows(torch.Generator().manual_seed(6))
     base = (1,) + ids(15)
-    off = engine_for("llama")
+    off = counting("llama")
     off.extend_prefixes = False
     off.prefill([req(base), req(base + ids(6))])
-    assert all(ctx == 0 for _, ctx in off.encode_work) and off.n_encoded_tokens == 2 * 16 + 6
-    gemma = engine_for("gemma3")  # window 64: a sliding layer keeps 63 entries
+    assert all(ctx == 0 for _, ctx in off.work) and off.n_encoded_tokens == 2 * 16 + 6
+    gemma = counting("gemma3")  # window 64: a sliding layer keeps 63 entries
     gemma.extend_prefixes = True
     gemma.prefill([req(base), req(base + ids(6)), req(base + ids(60))])
-    assert sorted(gemma.encode_work) == [(6, 16), (16, 0), (76, 0)]
+    assert sorted(gemma.work) == [(6, 16), (16, 0), (76, 0)]
+
+
+def test_every_encode_runs_through_the_one_encode_method():
+    """Memoised single encodes, fresh batches and continuations all reach ``_encode_batch`` (what a subclass
+    overrides to count encodes), each once, with their past's length."""
+    import torch
+
+    ids = _rows(torch.Generator().manual_seed(7))
+    base = (1,) + ids(15)
+    eng = counting("llama")
+    eng.extend_prefixes = True
+    eng.prefill([req(base), req(base + ids(6)), req(ids(9))])
+    eng.encode(ids(5), tuple(range(5)))  # a miss outside any plan
+    eng.encode(base, tuple(range(16)))  # a memo hit: no encode
+    assert sorted(eng.work) == [(5, 0), (6, 16), (9, 0), (16, 0)]
+    assert len(eng.work) == eng.n_encodes and sum(n for n, _ in eng.work) == eng.n_encoded_tokens
+
+
+def test_the_stacking_switch_is_an_engine_argument(monkeypatch):
+    """``stack_from_spans=False`` reaches every stack the engine makes (continuations and scoring), and the caches
+    it continues equal the default engine's."""
+    import torch
+
+    from kvprime.builders import engine as engine_module
+    from kvprime.cache import batch_caches
+
+    seen = {"extend": [], "score": []}
+    real_extend, real_score = batch_caches.extend_batch, engine_module.score_batch
+    monkeypatch.setattr(batch_caches, "extend_batch",
+                        lambda *a, **k: seen["extend"].append(k.get("from_spans", True)) or real_extend(*a, **k))
+    monkeypatch.setattr(engine_module, "score_batch",
+                        lambda *a, **k: seen["score"].append(k.pop("from_spans", True)) or real_score(*a, **k))
+    ids = _rows(torch.Generator().manual_seed(8))
+    base = (1,) + ids(15)
+    reqs = [req(base), req(base + ids(6)), req(base + ids(11))]
+    plain = engine_for("llama")
+    per_cache = Engine(plain.model, plain.tokenizer, extend_prefixes=True, stack_from_spans=False)
+    spans = Engine(plain.model, plain.tokenizer, extend_prefixes=True)
+    for eng in (per_cache, spans):
+        eng.prefill(reqs, batch_tokens=10_000)
+    assert seen["extend"] == [False, True]
+    for r in reqs:
+        assert max_diff(per_cache.encode(r.ids, r.positions), spans.encode(r.ids, r.positions)) == 0
+    from test_cache_identities import segs
+
+    from kvprime.builders.conditions import ConditionSpec
+
+    s, full = segs(), ConditionSpec("full", builder="full")
+    for eng in (per_cache, spans):
+        eng.score_many([(eng.build(full, s), s), (eng.build(full, segs(seed=1)), segs(seed=1))])
+    assert seen["score"] == [False, True]
 
 
 def _run(experiment, samples_file, tmp_path, name, extend):

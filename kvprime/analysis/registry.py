@@ -16,14 +16,13 @@ writes the tables to ``analyses/<table>.csv``, the figures beside ``report.md``,
         table = pd.DataFrame({"gap": [(w[run.baseline] - w["primed"]).mean()]})
         return AnalysisResult({"my_gap": table}, titles={"my_gap": "Primed vs baseline"})
 
-kvprime's own analyses are the modules of ``kvprime.analysis``, found by ``pkgutil``; a researcher's analyses are
-modules named in the run's ``plugins:`` list (``kvprime.config.plugins``), which register theirs when imported.
+kvprime's own analyses are the modules of ``kvprime.analysis``, found by ``pkgutil`` when the registry is first read
+(``kvprime.registry``); a researcher's analyses are modules named in the run's ``plugins:`` list
+(``kvprime.config.plugins``) or ``kvprime.plugins`` entry points, which register theirs when imported.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..errors import ConfigError
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,9 @@ class AnalysisInfo:
     doc: str = ""
 
 
-ANALYSES: dict[str, AnalysisInfo] = {}
+ANALYSES: Registry[AnalysisInfo] = Registry(
+    "analysis", packages=(__package__,), plural="analyses",
+    hint="A plugin module registers its own with @register_analysis; name it in plugins: [...].")
 
 
 def register_analysis(name: str):
@@ -86,24 +88,19 @@ def register_analysis(name: str):
         raise ConfigError(f"an analysis needs a non-empty name, got {name!r}.")
 
     def wrap(fn):
-        old = ANALYSES.get(name)
-        # The same function imported again (a plugin loaded by path, then by name) is not a second analysis.
-        if old is not None and (old.fn.__module__, old.fn.__qualname__) != (fn.__module__, fn.__qualname__):
-            raise ConfigError(f"analysis {name!r} is registered twice ({old.fn.__module__}.{old.fn.__qualname__} "
-                              f"and {fn.__module__}.{fn.__qualname__}).")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if (fn.__doc__ or "").strip() else ""
-        ANALYSES[name] = AnalysisInfo(name, fn, doc)
+        ANALYSES.register(name, AnalysisInfo(name, fn, doc), origin=fn)
         return fn
     return wrap
 
 
 def unregister_analysis(name: str) -> None:
     """Remove an analysis (tests that register throwaway ones clean up with it)."""
-    ANALYSES.pop(name, None)
+    ANALYSES.unregister(name)
 
 
 def registered() -> list[str]:
-    return sorted(ANALYSES)
+    return ANALYSES.names()
 
 
 def names_of(value) -> list[str]:
@@ -139,7 +136,7 @@ def run_analyses(names, run: AnalysisInput) -> AnalysisResult:
     merged = AnalysisResult({})
     owner: dict[str, str] = {}
     for name in validate_analyses(names):
-        out = ANALYSES[name].fn(run)
+        out = ANALYSES.get(name).fn(run)
         if not isinstance(out, AnalysisResult):
             out = AnalysisResult(dict(out))
         for table, frame in out.tables.items():
@@ -162,14 +159,3 @@ def run_analyses(names, run: AnalysisInput) -> AnalysisResult:
                 raise ConfigError(f"experiment.analyses: two analyses draw the figure {key!r}; run one of them.")
             merged.figures[key] = fig
     return merged
-
-
-def _discover() -> None:
-    """Import every module of ``kvprime.analysis`` (this module's package): each analysis module registers its
-    analyses (no list to keep by hand); the others (stats, routing, this registry) register nothing."""
-    package = importlib.import_module(__package__)
-    for mod in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{__package__}.{mod.name}")
-
-
-_discover()

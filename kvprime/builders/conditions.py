@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 
 from ..cache.segments import TEMPLATE_FIELDS, template_fields
 from ..errors import ConfigError
-from . import BUILDERS
+from ..registry import Registry
+from . import BUILDERS, Builder
 
 
 @dataclass(frozen=True, init=False)
@@ -50,13 +51,14 @@ class ConditionSpec:
         return tuple(f for f in cls.__dataclass_fields__ if f != "params")
 
     @classmethod
-    def from_config(cls, name: str, cfg: Mapping) -> "ConditionSpec":
+    def from_config(cls, name: str, cfg: Mapping) -> ConditionSpec:
         data = dict(cfg)
         data.setdefault("name", name)
         common = {k: v for k, v in data.items() if k in cls.common_keys()}
         rest = {k: v for k, v in data.items() if k not in cls.common_keys()}
-        info = BUILDERS.get(common.get("builder", "full"))
-        if info is not None:
+        builder = common.get("builder", "full")
+        if builder in BUILDERS:  # an unknown builder is validate()'s to report, naming the registered ones
+            info = BUILDERS[builder]
             # A key set to null that the builder does not know says "not set" (e.g. rope_fix: null on a full cache).
             rest = {k: v for k, v in rest.items() if v is not None or k in info.param_names()}
             unknown = sorted(set(rest) - set(info.param_names()))
@@ -73,10 +75,7 @@ class ConditionSpec:
     @property
     def settings(self):
         """The builder's own settings as its checked params dataclass (defaults filled in)."""
-        if self.builder not in BUILDERS:
-            raise ConfigError(f"condition {self.name!r}: builder {self.builder!r} is not registered. Registered "
-                              f"builders: {', '.join(sorted(BUILDERS))}.")
-        return BUILDERS[self.builder].make_params(self.builder_params, f"condition {self.name!r}")
+        return builder_of(self).make_params(self.builder_params, f"condition {self.name!r}")
 
     @property
     def rope_fix(self) -> str | None:
@@ -98,19 +97,25 @@ class ConditionSpec:
         return self.surrogate != "none"
 
 
-def validate(spec: ConditionSpec, builders: Mapping, check_source: Callable[[str], None] | None = None) -> None:
+def builder_of(spec: ConditionSpec, builders: Registry[Builder] = BUILDERS) -> Builder:
+    """The condition's builder; an unknown one is refused naming the condition and the registered builders."""
+    try:
+        return builders.get(spec.builder)
+    except ConfigError as err:
+        raise ConfigError(f"condition {spec.name!r}: {err}") from None
+
+
+def validate(spec: ConditionSpec, builders: Registry[Builder] = BUILDERS,
+             check_source: Callable[[str], None] | None = None) -> None:
     """Raise one readable ValueError for the first thing wrong with a condition. ``check_source(surrogate)``
     raises a ValueError for a surrogate source that does not exist (``kvprime.surrogates.sources``)."""
     where = f"condition {spec.name!r}"
-    if spec.builder not in builders:
-        raise ConfigError(f"{where}: builder {spec.builder!r} is not registered. Registered builders: "
-                         f"{', '.join(sorted(builders))}.")
+    info = builder_of(spec, builders)
     if check_source is not None:
         try:
             check_source(spec.surrogate)
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
-    info = builders[spec.builder]
     info.make_params(spec.builder_params, where)
     if not isinstance(spec.position_offset, int) or spec.position_offset < 0:
         raise ConfigError(f"{where}: position_offset must be a non-negative integer, got {spec.position_offset!r}.")
@@ -154,8 +159,7 @@ def builder_notes(specs: Mapping) -> list[str]:
     notes = []
     for spec in specs.values():
         info = BUILDERS[spec.builder]
-        if info.notes is not None:
-            text = info.notes(info.make_params(spec.builder_params, f"condition {spec.name!r}"))
-            if text and text not in notes:
-                notes.append(text)
+        text = info.notes(info.make_params(spec.builder_params, f"condition {spec.name!r}"))
+        if text and text not in notes:
+            notes.append(text)
     return notes

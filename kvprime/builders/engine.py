@@ -16,7 +16,7 @@ From a notebook::
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -28,15 +28,28 @@ from ..cache.segments import Segments, build_segments, sink_ids
 from ..config import confdir
 from ..errors import DataError
 from ..models import loading
-from . import BUILDERS, PLANNERS, EncodeRequest, PrimedCache
-from .conditions import ConditionSpec, validate
+from . import EncodeRequest, PrimedCache
+from .conditions import ConditionSpec, builder_of, validate
+
+
+@dataclass(frozen=True)
+class EncodeRow:
+    """One row of a model forward that builds a cache: its new token ids and their positions, continuing
+    ``past`` (a cache of ``past_length`` entries) or, with ``past`` None, encoded from scratch."""
+
+    ids: tuple[int, ...]
+    positions: tuple[int, ...]
+    past: object = None
+    past_length: int = 0
 
 
 class Engine:
     def __init__(self, model, tokenizer, *, sink: str = "bos", max_context: int | None = None,
-                 extend_prefixes: bool = False, config=None):
+                 extend_prefixes: bool = False, config=None, stack_from_spans: bool = True):
         """``model=None`` with the model's ``config``: an engine for the checks before the weights load, whose
-        ``segments`` and ``fits`` are the loaded engine's (building or scoring needs the model)."""
+        ``segments`` and ``fits`` are the loaded engine's (building or scoring needs the model).
+        ``stack_from_spans=False``: batches of caches are stacked by assembling each cache alone (the same
+        tensors, more host work), the way ``kvprime bench`` times beside the default."""
         self.model = model
         self.tokenizer = tokenizer
         self.sink_policy = sink
@@ -53,13 +66,11 @@ class Engine:
         self.n_openings = 0  # of which scratch encodes of an opening several encodes share (prefill)
         self.n_encoded_tokens = 0
         self.encode_lengths: list[int] = []  # tokens run through the model by each encode
-        # (new tokens, past entries they attend to) of each encode: a continuation after a past of p entries costs
-        # more than a fresh encode of its new tokens (the benchmark's FLOP count)
-        self.encode_work: list[tuple[int, int]] = []
         self.extend_prefixes = extend_prefixes  # continue encodes from the caches of their prefixes (prefill)
+        self.stack_from_spans = stack_from_spans
 
     @classmethod
-    def load(cls, model: str = "smollm2_135m_instruct", **overrides) -> "Engine":
+    def load(cls, model: str = "smollm2_135m_instruct", **overrides) -> Engine:
         """Load ``conf/model/<model>.yaml`` (fields can be overridden, e.g. ``dtype="bfloat16"``)."""
         cfg = confdir.load("model", model)
         cfg.update(overrides)
@@ -96,17 +107,15 @@ class Engine:
             "answer": spec.answer_template.format(answer=answer),
         }
         rendered = [spec.document_template.format(document=d) for d in documents] if documents else None
-        info = BUILDERS.get(spec.builder)
         prefixes = [spec.prefix_template.format(surrogate=t) for t in own] if own is not None else None
         return build_segments(self.tokenizer, sink=self.sink, texts=texts, documents=rendered,
-                              roles=info.roles if info else None, prefixes=prefixes)
+                              roles=dict(builder_of(spec).roles), prefixes=prefixes)
 
     @staticmethod
     def context_needed(seg: Segments, spec: ConditionSpec) -> int:
         """Tokens a condition's encode + score spans: the sample's spans, plus any entries its builder adds
-        (``extra_context(seg)`` on the builder's params: independent's kept sinks)."""
-        extra = getattr(spec.settings, "extra_context", None)
-        return len(seg) + (extra(seg) if extra else 0)
+        (the builder's ``extra_context``: independent's kept sinks)."""
+        return len(seg) + builder_of(spec).extra_context(seg, spec.settings)
 
     def fits(self, seg: Segments, spec: ConditionSpec) -> bool:
         """Whether encode + score stays inside the model's context (offset included) and, for sliding-window
@@ -125,7 +134,7 @@ class Engine:
                 "scored cache would then not match its reference. Use shorter passages "
                 "(dataset.filters.max_passage_words) or a model without sliding-window layers."
             )
-        return BUILDERS[spec.builder].build(self, seg, spec)
+        return builder_of(spec).build(self, seg, spec)
 
     def score(self, primed: PrimedCache, seg: Segments, *, per_token: bool = False) -> Score:
         return score_answer(self.model, primed, seg.prompt, seg.answer, per_token=per_token)
@@ -137,20 +146,31 @@ class Engine:
         key = (tuple(ids), int(positions[0]), len(positions))
         cache = self._kept.get(key) or self._memo.get(key)
         if cache is None:
-            input_ids = torch.tensor([list(ids)], device=self.device)
-            pos = torch.tensor([list(positions)], device=self.device)
-            cache = hf.encode(self.model, input_ids, pos)
+            (cache,) = self._encode_batch([EncodeRow(tuple(ids), tuple(positions))])
             (self._kept if keep else self._memo)[key] = cache
-            self.n_encodes += 1
-            self.n_encoded_tokens += len(ids)
-            self.encode_lengths.append(len(ids))
-            self.encode_work.append((len(ids), 0))
         return cache
 
+    def _encode_batch(self, rows: list[EncodeRow]) -> list:
+        """One cache per row, from one model forward over the rows right-padded: all fresh, or all continuing
+        their pasts. Every encode the engine runs goes through here (a subclass may override it to observe
+        them: the bench counts each row's new tokens and past entries)."""
+        ids, pos = self._padded([(r.ids, r.positions) for r in rows])
+        lengths = [len(r.ids) for r in rows]
+        if rows[0].past is not None:
+            caches = batch_caches.extend_batch(self.model, [r.past for r in rows], ids, pos, lengths,
+                                               from_spans=self.stack_from_spans)
+        elif len(rows) == 1:
+            caches = [hf.encode(self.model, ids, pos)]
+        else:
+            caches = hf.encode_batch(self.model, ids, pos, lengths)
+        self.n_encodes += len(rows)
+        self.n_encoded_tokens += sum(lengths)
+        self.encode_lengths += lengths
+        return caches
+
     def plan(self, spec: ConditionSpec, seg: Segments) -> list[EncodeRequest]:
-        """The encodes a condition's builder will ask for ([] if its builder has no planner)."""
-        planner = PLANNERS.get(spec.builder)
-        return planner(seg, spec) if planner else []
+        """The encodes a condition's builder will ask for (its ``plan``)."""
+        return builder_of(spec).plan(seg, spec)
 
     def prefill(self, requests, *, batch_tokens: int = 4096) -> None:
         """Run every distinct, not yet memoised encode of ``requests`` as right-padded batches of similar
@@ -225,35 +245,25 @@ class Engine:
         return ids, pos
 
     def _run_fresh(self, batch, made) -> None:
-        if len(batch) == 1:
-            ids, pos = self._padded([(batch[0].ids, batch[0].positions)])
-            caches = [hf.encode(self.model, ids, pos)]
-        else:
-            ids, pos = self._padded([(r.ids, r.positions) for r in batch])
-            caches = hf.encode_batch(self.model, ids, pos, [len(r.ids) for r in batch])
+        caches = self._encode_batch([EncodeRow(tuple(r.ids), tuple(r.positions)) for r in batch])
         for item, cache in zip(batch, caches):
-            self._record(item, cache, len(item.ids), 0, made)
+            self._record(item, cache, made)
 
     def _run_continuations(self, batch, made) -> None:
-        ids, pos = self._padded([(s.ids[s.past:], s.positions[s.past:]) for s in batch])
-        caches = batch_caches.extend_batch(self.model, [made[id(s.parent)] for s in batch], ids, pos,
-                                 [len(s.ids) - s.past for s in batch])
+        caches = self._encode_batch([EncodeRow(tuple(s.ids[s.past:]), tuple(s.positions[s.past:]),
+                                               made[id(s.parent)], s.past) for s in batch])
         for step, cache in zip(batch, caches):
-            self._record(step, cache, len(step.ids) - step.past, step.past, made)
+            self._record(step, cache, made)
 
-    def _record(self, item, cache, new: int, context: int, made) -> None:
-        """Memoise a planned encode's cache (an EncodeRequest, or a plan step serving one) and count the work:
-        ``new`` tokens run through the model after a past of ``context`` entries."""
+    def _record(self, item, cache, made) -> None:
+        """Memoise a planned encode's cache (an EncodeRequest, or a plan step serving one); a step that serves
+        no request is a scratch opening several encodes continue from."""
         made[id(item)] = cache
         req = getattr(item, "request", item)
         if req is not None:
             (self._kept if req.keep else self._memo)[req.key] = cache
         else:
             self.n_openings += 1
-        self.n_encodes += 1
-        self.n_encoded_tokens += new
-        self.encode_lengths.append(new)
-        self.encode_work.append((new, context))
 
     def score_many(self, items, *, per_token: bool = False, batch_tokens: int = 4096) -> list[Score]:
         """Scores of several (primed cache, segments) pairs, batched by cache length within ``batch_tokens``."""
@@ -270,7 +280,8 @@ class Engine:
             too_wide = window is not None and width + max(longest_input, row) >= window
             if group and (i is None or (len(group) + 1) * width > batch_tokens or too_wide):
                 scores = score_batch(self.model, [(items[j][0], items[j][1].prompt, items[j][1].answer)
-                                                  for j in group], per_token=per_token)
+                                                  for j in group], per_token=per_token,
+                                     from_spans=self.stack_from_spans)
                 for j, sc in zip(group, scores):
                     out[j] = sc
                 group, longest_input = [], 0
@@ -312,7 +323,7 @@ class Engine:
         if surrogate and builder == "truncate_suffix":
             fields.setdefault("suffix_template", "\n{surrogate}")
         spec = ConditionSpec.from_config("notebook", fields)
-        validate(spec, BUILDERS)
+        validate(spec)
         seg = self.segments(spec, document=document, query="", answer="-", surrogate=surrogate)
         return self.build(spec, seg), seg
 

@@ -6,44 +6,29 @@ parts, any other cache itself. Per layer that is one concatenation of every span
 keys (``rotate_keys`` with one delta per column) and one indexed copy into the batch, however many caches: assembling
 each cache and then copying it into its row costs several tensor operations per cache and layer, the per-cache host
 work (kernel launches) that bounds a small model on a GPU. Both ways give the same tensors bit for bit
-(``tests/test_stacked_spans.py``); ``per_cache_assembly()`` switches to the per-cache way so that ``kvprime bench``
-can time both side by side. Caches are read only through ``hf_internals``.
+(``tests/test_stacked_spans.py``); ``from_spans=False`` takes the per-cache way, so that ``kvprime bench`` can time
+both side by side. Caches are read only through ``hf_internals``.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
 from . import hf_internals as hf
 
-_FROM_SPANS = True  # False only inside per_cache_assembly()
 
-
-@contextlib.contextmanager
-def per_cache_assembly():
-    """Inside it, a stack assembles each cache alone and copies it into its row: the way before stacking from
-    spans, kept so that ``kvprime bench`` can time both ways side by side on one device."""
-    global _FROM_SPANS
-    before, _FROM_SPANS = _FROM_SPANS, False
-    try:
-        yield
-    finally:
-        _FROM_SPANS = before
-
-
-def stack_caches(model, caches: list, side: str = "right") -> tuple[object, torch.Tensor]:
+def stack_caches(model, caches: list, side: str = "right", *, from_spans: bool = True) -> tuple[object, torch.Tensor]:
     """One batch cache from caches of different lengths, padded with zeros on ``side``, and its 0/1 mask.
 
     Right padding serves scoring (rows read from position 0); left padding serves decoding, where every row's
     next token must land in the same column. Right-padded stacks on models without sliding-window layers are
-    built from the caches' spans (``_stack_spans``)."""
+    built from the caches' spans (``_stack_spans``) unless ``from_spans`` is False: then each cache is assembled
+    alone and copied into its row, the way ``kvprime bench`` times beside it (same tensors)."""
     if side not in ("right", "left"):
         raise ValueError(f"side={side!r}; accepted: right, left")
     lengths = [hf.cache_length(c) for c in caches]
     width = max(lengths)
-    if side == "right" and _FROM_SPANS and not any(hf.sliding_windows(model)):
+    if side == "right" and from_spans and not any(hf.sliding_windows(model)):
         layers = _stack_spans(caches, width)
     else:
         per_cache = [hf.cache_layers(c) for c in caches]  # assembles an unassembled cache
@@ -103,16 +88,16 @@ def _stack_spans(caches: list, width: int) -> list[tuple[torch.Tensor, torch.Ten
 
 @torch.inference_mode()
 def extend_batch(model, pasts: list, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 lengths: list[int]) -> list:
+                 lengths: list[int], *, from_spans: bool = True) -> list:
     """Continue each row's past cache with its right-padded new ids: one cache per row holding exactly its
     past's entries then its ``lengths[r]`` new ones (new tensors: the pasts stay as they were).
 
     The pasts are stacked right-padded (``stack_caches``) and their pads masked, so a new token attends to its
     own row's past and to the real new tokens before it, as an unpadded continuation does (up to float
     rounding). Only for models without sliding-window layers: there the padded width could push a row's own
-    entries out of its window."""
+    entries out of its window. ``from_spans``: as in ``stack_caches``."""
     past = [hf.cache_length(c) for c in pasts]
-    cache, past_mask = stack_caches(model, pasts)
+    cache, past_mask = stack_caches(model, pasts, from_spans=from_spans)
     width = past_mask.shape[1]
     new_mask = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
                 < torch.tensor(lengths, device=input_ids.device)[:, None]).long()

@@ -60,19 +60,20 @@ def score_answer(model, primed, prompt_ids, answer_ids, *, per_token: bool = Fal
     )
 
 
-def score_batch(model, items, *, per_token: bool = False) -> list[Score]:
+def score_batch(model, items, *, per_token: bool = False, from_spans: bool = True) -> list[Score]:
     """Score several (primed cache, prompt ids, answer ids) in one forward pass.
 
     The caches are stacked into one right-padded batch cache (pads, and entries a cache marks as not to be
     attended, masked out) and the prompt+answer rows are
     left-padded, so every row's answer ends at the last position and only the last max(answer)+1 positions
     reach the LM head. Each row keeps its own position ids, so every number equals the one-at-a-time path up
-    to float rounding. The primed caches themselves are not touched."""
+    to float rounding. The primed caches themselves are not touched. ``from_spans``: how the caches are stacked
+    (``batch_caches.stack_caches``; the same numbers either way)."""
     for primed, prompt, answer in items:
         if not answer or not prompt:
             return [score_answer(model, p, pr, an, per_token=per_token) for p, pr, an in items]
     cache, cache_mask, input_ids, input_mask, position_ids = stack_rows(
-        model, [(p, list(pr) + list(an)) for p, pr, an in items])
+        model, [(p, list(pr) + list(an)) for p, pr, an in items], from_spans=from_spans)
     keep = max(len(an) for _, _, an in items) + 1
     logits = hf.logits_batch(model, cache, cache_mask, input_ids, input_mask, position_ids, keep_last=keep)
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -87,13 +88,13 @@ def score_batch(model, items, *, per_token: bool = False) -> list[Score]:
     return out
 
 
-def stack_rows(model, items):
+def stack_rows(model, items, *, from_spans: bool = True):
     """The batch inputs of (primed cache, token ids) rows read against their caches: a right-padded copy of the
     caches stacked, its 0/1 mask (pads and entries a cache marks as not to be attended are 0), the ids left-padded
     so that every row ends in the last column, their mask, and each row's own position ids continuing from its
     ``next_position``. Shared by scoring and answer decoding (``kvprime.cache.answers``), so both read a cache
     the same way."""
-    cache, cache_mask = batch_caches.stack_caches(model, [p.cache for p, _ in items])
+    cache, cache_mask = batch_caches.stack_caches(model, [p.cache for p, _ in items], from_spans=from_spans)
     device = cache_mask.device
     for r, (p, _) in enumerate(items):  # right-padded: row r's entries are its first len(p) columns
         if p.attend is not None:

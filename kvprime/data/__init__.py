@@ -1,9 +1,10 @@
 """Datasets for kvprime: a registry of loaders and `load_samples`, which checks and selects.
 
 A loader is a function `cfg -> iterable of Sample | Rejection` registered by name, with the `dataset` options it
-reads (``kvprime.data.registry``). It only translates its source, naming each record's place in it
-(``Sample.origin``); the checks (unknown keys, empty fields, word-count filters), the id-uniqueness rule and the
-selection live here so that every source is treated the same way. File loaders read through
+reads (``kvprime.data.registry``); every module of this package is imported when the registry is first read, so
+a loader module registers itself with no list kept by hand. A loader only translates its source, naming each
+record's place in it (``Sample.origin``); the checks (unknown keys, empty fields, word-count filters), the
+id-uniqueness rule and the selection live here so that every source is treated the same way. File loaders read through
 ``kvprime.data.reading``: UTF-8 with or without a byte-order mark, every problem named by file, line and field.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from kvprime.data.registry import LOADERS, OPTIONS, Loader, register_loader
+from kvprime.data.registry import LOADERS, OPTIONS, REGISTRY, Loader, register_loader
 from kvprime.data.types import LoadResult, Rejection, Sample
 
 from ..config import compose, settings
@@ -87,10 +88,7 @@ def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
     """
     cfg = dict(cfg)
     name = cfg.get("name")
-    if name not in LOADERS:
-        raise ConfigError(
-            f"Unknown dataset loader {name!r}. Set dataset.name to one of: {', '.join(sorted(LOADERS))}."
-        )
+    loader = REGISTRY.get(name)
     check_keys(cfg)  # here too: a plugin's loader is registered only once the run's plugins are imported
     # The same rule and paragraph as a run's settings check (kvprime.config.settings), for callers that bypass it.
     n = settings.check_value("dataset.n_samples", cfg.get("n_samples"))
@@ -106,7 +104,7 @@ def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
     rejected: list[dict] = []
     seen: dict[str, str] = {}  # sample_id -> where its record is
     n_records = 0
-    for n_records, record in enumerate(LOADERS[name](cfg), start=1):
+    for n_records, record in enumerate(loader.load(cfg), start=1):
         if isinstance(record, Rejection):
             rejected.append(record.to_dict())
             continue
@@ -123,7 +121,7 @@ def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
     if n_records == 0:
         path = f" (dataset.path={cfg['path']})" if cfg.get("path") is not None else ""
         raise DataError(f"dataset {name!r}{path} gave no record at all: the source is empty. Point dataset.path at "
-                        f"a file that holds samples, or choose another dataset.name ({', '.join(sorted(LOADERS))}).")
+                        f"a file that holds samples, or choose another dataset.name ({', '.join(REGISTRY.names())}).")
     grouped = settings.check_value("dataset.group_by_passage", cfg.get("group_by_passage", False))
     pool = None
     if multidoc is not None and multidoc["k"] > 1:
@@ -149,7 +147,3 @@ def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
         rejected=rejected,
         n_candidates=len(candidates),
     )
-
-
-# Imported last: each module registers itself through `register_loader` above.
-from kvprime.data import jsonl_file, msmarco, sanity, squad  # noqa: E402,F401

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import ConfigError
-from .. import EncodeRequest, PrimedCache, register_builder, register_planner
+from .. import Builder, EncodeRequest, PrimedCache, register_builder
 
 NO_PREFIX = ("it encodes each document bare; to prime each document with a surrogate use builder "
              "independent_primed.")
@@ -46,12 +46,6 @@ class IndependentParams:
         if self.other_sinks not in SINK_POLICIES:
             raise ConfigError(f"other_sinks={self.other_sinks!r} is not accepted: what happens to the other "
                               f"documents' sink entries. Accepted: {', '.join(SINK_POLICIES)} (default drop).")
-
-    def extra_context(self, seg) -> int:
-        """Cache entries beyond the sample's spans (the engine's context check adds them): with
-        other_sinks=keep, every document after the first keeps its own sink in front of it."""
-        documents = sum(1 for s in seg.spans if s.kind == "document")
-        return (documents - 1) * len(seg.sink) if self.other_sinks == "keep" and documents > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -142,20 +136,27 @@ def build(engine, seg, spec, *, primed: bool) -> PrimedCache:
                               "documents": len(pieces), "surrogate_tokens": sum(len(p.prefix) for p in pieces)})
 
 
-def _notes(params: IndependentParams) -> str:
-    sinks = ("the other documents' sinks dropped, so the cache holds the joint cache's ids and positions"
-             if params.other_sinks == "drop" else "each document keeping its own sink in front of it")
-    return (f"Independent caches: each document encoded without the others, moved to its slot with "
-            f"rope_fix={params.rope_fix}, {sinks}.")
-
-
-@register_planner("independent")
-def plan_independent(seg, spec) -> list[EncodeRequest]:
-    return plan(seg, spec, primed=False)
-
-
-@register_builder("independent", params=IndependentParams, notes=_notes,
-                  refuses={"prefix_template": NO_PREFIX, "suffix_template": NO_SUFFIX})
-def build_independent(engine, seg, spec) -> PrimedCache:
+@register_builder("independent")
+class Independent(Builder):
     """Encode each document alone after the sink; concatenate the caches at the documents' slots."""
-    return build(engine, seg, spec, primed=False)
+
+    params = IndependentParams
+    refuses = {"prefix_template": NO_PREFIX, "suffix_template": NO_SUFFIX}
+    primed = False  # whether a prefix span primes the documents after it (``independent_primed``)
+
+    def notes(self, params: IndependentParams) -> str:
+        sinks = ("the other documents' sinks dropped, so the cache holds the joint cache's ids and positions"
+                 if params.other_sinks == "drop" else "each document keeping its own sink in front of it")
+        return (f"Independent caches: each document encoded without the others, moved to its slot with "
+                f"rope_fix={params.rope_fix}, {sinks}.")
+
+    def extra_context(self, seg, params: IndependentParams) -> int:
+        """With other_sinks=keep, every document after the first keeps its own sink in front of it."""
+        documents = sum(1 for s in seg.spans if s.kind == "document")
+        return (documents - 1) * len(seg.sink) if params.other_sinks == "keep" and documents > 1 else 0
+
+    def plan(self, seg, spec) -> list[EncodeRequest]:
+        return plan(seg, spec, primed=self.primed)
+
+    def build(self, engine, seg, spec) -> PrimedCache:
+        return build(engine, seg, spec, primed=self.primed)

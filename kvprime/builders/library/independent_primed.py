@@ -11,22 +11,19 @@ generated source gives each passage its own (``surrogate_per_document``: one pre
 
 from __future__ import annotations
 
-from .. import EncodeRequest, PrimedCache, register_builder, register_planner
-from .independent import NO_SUFFIX, IndependentParams, build, plan
+from .. import register_builder
+from .independent import NO_SUFFIX, Independent, IndependentParams
 
 
-def _notes(params: IndependentParams) -> str:
-    return (f"Independent primed caches: each document encoded after its own surrogate, the surrogate cut and the "
-            f"document moved to its slot with rope_fix={params.rope_fix} (other_sinks={params.other_sinks}).")
-
-
-@register_planner("independent_primed")
-def plan_independent_primed(seg, spec) -> list[EncodeRequest]:
-    return plan(seg, spec, primed=True)
-
-
-@register_builder("independent_primed", params=IndependentParams, roles={"prefix": "cut"}, notes=_notes,
-                  surrogate_per_document=True, refuses={"suffix_template": NO_SUFFIX})
-def build_independent_primed(engine, seg, spec) -> PrimedCache:
+@register_builder("independent_primed")
+class IndependentPrimed(Independent):
     """Encode [sink, surrogate, document_i] per document, cut the surrogate, concatenate at the slots."""
-    return build(engine, seg, spec, primed=True)
+
+    roles = {"prefix": "cut"}
+    refuses = {"suffix_template": NO_SUFFIX}
+    surrogate_per_document = True
+    primed = True
+
+    def notes(self, params: IndependentParams) -> str:
+        return (f"Independent primed caches: each document encoded after its own surrogate, the surrogate cut and "
+                f"the document moved to its slot with rope_fix={params.rope_fix} (other_sinks={params.other_sinks}).")

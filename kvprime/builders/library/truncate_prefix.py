@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import ConfigError
-from .. import EncodeRequest, PrimedCache, register_builder, register_planner
+from .. import Builder, EncodeRequest, PrimedCache, register_builder
 
 ROPE_FIXES = ("none", "rerotate", "shift")
 
@@ -33,53 +33,55 @@ class TruncatePrefixParams:
                               f"got {self.rope_fix!r}.")
 
 
-def _notes(params: TruncatePrefixParams) -> str | None:
-    if params.rope_fix == "none":
-        return ("rope_fix=none reproduces the notebooks' uncorrected truncation: the document keys stay rotated "
-                "for positions S tokens too far along while scoring continues at the cache's end, so the query "
-                "sees the document S positions closer than it is.")
-    if params.rope_fix == "shift":
-        return ("rope_fix=shift builds the truncated cache with no re-rotation (position ids lowered by S at "
-                "encode time); its difference from the rerotate twin is the re-rotation round-off floor.")
-    return None
-
-
-@register_planner("truncate_prefix")
-def plan_truncate_prefix(seg, spec) -> list[EncodeRequest]:
-    ids, start = seg.sink + seg.prefix + seg.document, spec.position_offset
-    if spec.rope_fix == "shift":
-        out = [EncodeRequest(ids, tuple(range(start - len(seg.prefix), start - len(seg.prefix) + len(ids))))]
-        if seg.sink:
-            out.append(EncodeRequest(seg.sink, tuple(range(start, start + len(seg.sink))), keep=True))
-        return out
-    return [EncodeRequest(ids, tuple(range(start, start + len(ids))))]
-
-
-@register_builder("truncate_prefix", params=TruncatePrefixParams, roles={"prefix": "cut"}, notes=_notes)
-def build_truncate_prefix(engine, seg, spec) -> PrimedCache:
+@register_builder("truncate_prefix")
+class TruncatePrefix(Builder):
     """Encode sink+prefix+document, keep sink+document; rope_fix none | rerotate | shift."""
-    from ...cache import hf_internals as hf  # lazy: torch; `kvprime conditions`/`report` read builders without it
 
-    if spec.rope_fix != "none":
-        hf.check_config_supports(engine.model.config, spec.rope_fix)
-    n_sink, n_prefix, n_doc = len(seg.sink), len(seg.prefix), len(seg.document)
-    start, doc_from = spec.position_offset, n_sink + n_prefix
-    kept_ids, kept_pos = list(seg.sink + seg.document), list(range(start, start + n_sink + n_doc))
-    requests = plan_truncate_prefix(seg, spec)
-    joint_req = requests[0]
-    joint = engine.encode(joint_req.ids, joint_req.positions)
+    params = TruncatePrefixParams
+    roles = {"prefix": "cut"}
 
-    if spec.rope_fix == "shift":
-        parts = [(joint, doc_from, doc_from + n_doc, 0)]
-        if n_sink:
-            sink = engine.encode(requests[1].ids, requests[1].positions, keep=True)
-            parts.insert(0, (sink, 0, n_sink, 0))
-        rope = None
-    elif spec.rope_fix == "rerotate":
-        parts, rope = [(joint, 0, n_sink, 0), (joint, doc_from, doc_from + n_doc, -n_prefix)], engine.rope
-    else:  # none: keys stay where they were encoded
-        parts, rope = [(joint, 0, n_sink, 0), (joint, doc_from, doc_from + n_doc, 0)], None
-        kept_pos = list(joint_req.positions[:n_sink] + joint_req.positions[doc_from:])
-    cache = hf.assemble(engine.model, parts, rope)
-    return PrimedCache(cache, kept_ids, kept_pos, start + n_sink + n_doc, ("sink", "document"), len(joint_req.ids),
-                       notes={"rope_fix": spec.rope_fix, "surrogate_tokens": n_prefix})
+    def notes(self, params: TruncatePrefixParams) -> str | None:
+        if params.rope_fix == "none":
+            return ("rope_fix=none reproduces the notebooks' uncorrected truncation: the document keys stay rotated "
+                    "for positions S tokens too far along while scoring continues at the cache's end, so the query "
+                    "sees the document S positions closer than it is.")
+        if params.rope_fix == "shift":
+            return ("rope_fix=shift builds the truncated cache with no re-rotation (position ids lowered by S at "
+                    "encode time); its difference from the rerotate twin is the re-rotation round-off floor.")
+        return None
+
+    def plan(self, seg, spec) -> list[EncodeRequest]:
+        ids, start = seg.sink + seg.prefix + seg.document, spec.position_offset
+        if spec.rope_fix == "shift":
+            out = [EncodeRequest(ids, tuple(range(start - len(seg.prefix), start - len(seg.prefix) + len(ids))))]
+            if seg.sink:
+                out.append(EncodeRequest(seg.sink, tuple(range(start, start + len(seg.sink))), keep=True))
+            return out
+        return [EncodeRequest(ids, tuple(range(start, start + len(ids))))]
+
+    def build(self, engine, seg, spec) -> PrimedCache:
+        from ...cache import hf_internals as hf  # lazy: torch; `kvprime conditions`/`report` read builders without it
+
+        if spec.rope_fix != "none":
+            hf.check_config_supports(engine.model.config, spec.rope_fix)
+        n_sink, n_prefix, n_doc = len(seg.sink), len(seg.prefix), len(seg.document)
+        start, doc_from = spec.position_offset, n_sink + n_prefix
+        kept_ids, kept_pos = list(seg.sink + seg.document), list(range(start, start + n_sink + n_doc))
+        requests = self.plan(seg, spec)
+        joint_req = requests[0]
+        joint = engine.encode(joint_req.ids, joint_req.positions)
+
+        if spec.rope_fix == "shift":
+            parts = [(joint, doc_from, doc_from + n_doc, 0)]
+            if n_sink:
+                sink = engine.encode(requests[1].ids, requests[1].positions, keep=True)
+                parts.insert(0, (sink, 0, n_sink, 0))
+            rope = None
+        elif spec.rope_fix == "rerotate":
+            parts, rope = [(joint, 0, n_sink, 0), (joint, doc_from, doc_from + n_doc, -n_prefix)], engine.rope
+        else:  # none: keys stay where they were encoded
+            parts, rope = [(joint, 0, n_sink, 0), (joint, doc_from, doc_from + n_doc, 0)], None
+            kept_pos = list(joint_req.positions[:n_sink] + joint_req.positions[doc_from:])
+        cache = hf.assemble(engine.model, parts, rope)
+        return PrimedCache(cache, kept_ids, kept_pos, start + n_sink + n_doc, ("sink", "document"),
+                           len(joint_req.ids), notes={"rope_fix": spec.rope_fix, "surrogate_tokens": n_prefix})
