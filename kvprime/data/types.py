@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 
@@ -25,6 +27,14 @@ class Sample:
     candidates: tuple[str, ...] = ()
     # Multi-document samples: the gold passage's index in ``passages`` (kvprime.data.distractors).
     gold_slot: int | None = None
+    # Samples with several gold passages (multi-hop data, kvprime.data.multihop and .synthetic): every gold
+    # passage's index in ``passages``, in the source's evidence order (hop order where it gives one); ``gold_slot``
+    # is then the first of them. Empty: the one ``gold_slot`` (or a single-passage sample).
+    gold_slots: tuple[int, ...] = ()
+    # What a task generator or a source records beside the text (fact positions, depths, hop order), for analyses
+    # by slot and depth: a JSON object, kept as its canonical JSON text so that the frozen sample stays hashable
+    # (``info`` reads it back). Empty: none.
+    task_info: str = ""
     # Where the record is in its source ("<file>, line 3", "<file>, data[3].paragraphs[1].qas[0]"), for the
     # messages about it. Not part of the sample: no equality, no record (inputs.jsonl is compared on resume).
     origin: str = field(default="", compare=False, repr=False)
@@ -39,6 +49,10 @@ class Sample:
             object.__setattr__(self, "candidates", tuple(self.candidates))
         if not isinstance(self.sample_id, str):
             object.__setattr__(self, "sample_id", str(self.sample_id))
+        if not isinstance(self.gold_slots, tuple):
+            object.__setattr__(self, "gold_slots", tuple(self.gold_slots))
+        if isinstance(self.task_info, Mapping):
+            object.__setattr__(self, "task_info", canonical_json(self.task_info) if self.task_info else "")
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (answers as a list)."""
@@ -52,7 +66,21 @@ class Sample:
                 del d[key]
         del d["candidates"]  # the source's distractor pool, not what was evaluated (``passages`` is)
         del d["origin"]
+        # Written only when set, so every sample without them keeps the record it always had (resume compares it).
+        if self.gold_slots:
+            d["gold_slots"] = list(self.gold_slots)
+        else:
+            del d["gold_slots"]
+        if self.task_info:
+            d["task_info"] = self.info
+        else:
+            del d["task_info"]
         return d
+
+    @property
+    def info(self) -> dict:
+        """``task_info`` as a mapping ({} when unset)."""
+        return json.loads(self.task_info) if self.task_info else {}
 
     @property
     def documents(self) -> list[str] | None:
@@ -84,6 +112,11 @@ class LoadResult:
     samples: list[Sample]  # the selected samples, in selection order
     rejected: list[dict] = field(default_factory=list)  # {"source_id", "reason"} per failed record
     n_candidates: int = 0  # records that passed every check (before taking n_samples)
+
+
+def canonical_json(value) -> str:
+    """One spelling per JSON value (sorted keys, no spaces): equal mappings give equal, hashable text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def dedupe(texts) -> tuple[str, ...]:
