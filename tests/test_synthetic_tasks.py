@@ -285,7 +285,7 @@ def twohop_run(tmp_path_factory):
 
 
 def test_a_multidoc_run_records_both_gold_documents_and_the_fact_positions(twohop_run):
-    from kvprime.pipeline.results_io import read_jsonl
+    from kvprime.files.results_io import read_jsonl
 
     inputs = read_jsonl(twohop_run / "run" / "inputs.jsonl")
     assert [Sample.from_dict(r) for r in inputs] == _load("synthetic_twohop", 3)
@@ -295,7 +295,7 @@ def test_a_multidoc_run_records_both_gold_documents_and_the_fact_positions(twoho
 
 
 def test_every_document_is_primed_by_query_static_and_random_sources_and_its_own_generated_one(twohop_run):
-    from kvprime.pipeline.results_io import read_jsonl
+    from kvprime.files.results_io import read_jsonl
 
     scores = {(r["sample_id"], r["condition"]): r for r in read_jsonl(twohop_run / "run" / "scores.jsonl")}
     for sample in _load("synthetic_twohop", 3):
@@ -316,7 +316,7 @@ def test_sibling_query_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     """No two questions of these data sets share a context, so there is no sibling question: refused with the
     reason, before any weights load (and group_by_passage, which sibling_query asks for, is refused by the
     loader with its own reason)."""
-    from kvprime.cache import models
+    from kvprime.models import loading as models
     from kvprime.config.compose import compose
     from kvprime.pipeline import runner
 
@@ -339,7 +339,7 @@ def test_smollm2_answers_the_value_within_16_tokens_after_a_question_prompt_not_
     from kvprime import Engine
     from kvprime.analysis.answer_quality import score_fields
     from kvprime.cache import answers
-    from kvprime.pipeline.conditions import ConditionSpec
+    from kvprime.builders.conditions import ConditionSpec
 
     engine = Engine.load("smollm2_135m_instruct")
     samples = _load("synthetic_niah", 8)

@@ -22,13 +22,14 @@ import copy
 import dataclasses
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from ..analysis.cost import forward_flops, generation_flops
 from ..builders.engine import Engine
-from ..cache import batch_caches, prefixes
+from ..cache import prefixes
 from ..cache import hf_internals as hf
 from ..files.results_io import write_atomic, write_json
 from ..models import loading
@@ -73,7 +74,20 @@ def matmul_gflops(device="cpu", dtype=torch.float32, n: int | None = None, secon
     return 2 * n ** 3 * done / (time.perf_counter() - t) / 1e9
 
 
-# ---------------------------------------------------------------- the naive path
+# ---------------------------------------------------------------- the engines
+
+
+class CountingEngine(Engine):
+    """kvprime's engine, noting each encode's work for the FLOP count: (new tokens, past entries they attend to),
+    since a continuation after a past of p entries costs more than a fresh encode of its new tokens."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.encode_work: list[tuple[int, int]] = []
+
+    def _encode_batch(self, rows):
+        self.encode_work += [(len(r.ids), r.past_length) for r in rows]
+        return super()._encode_batch(rows)
 
 
 class NaiveEngine(Engine):
@@ -188,7 +202,7 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
     session.generated.update({(t, s.sample_id): v["batched"][i] for t, v in texts.items()
                               for i, s in enumerate(samples)})
     session.generator.release()  # a separate generator's weights are not needed to score
-    engine = session.engine
+    engine = session.new_engine(CountingEngine)  # made as the run's engine is, counting its encodes
     work = [(s, name, spec) for s in samples for name, spec in specs.items()]
     by_sample = {s.sample_id: session.segments(s) for s in samples}
     segs = [by_sample[s.sample_id][name] for s, name, _ in work]
@@ -216,10 +230,9 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
     say(f"  kvprime encode+score: {fast_s:.1f} s ({engine.n_encodes} encodes)")
     per_cache_s = per_cache_diff = None
     if one_by_one or (one_by_one is None and device.type == "cuda"):
-        # Where per-cache host work bounds a small model: the same path with every cache assembled as it is
-        # built and stacked row by row (the way before stacking from spans), side by side.
-        with batch_caches.per_cache_assembly():
-            per_cache, per_cache_s = kvprime_path(session.new_engine())
+        # Where per-cache host work bounds a small model: the same path with each cache assembled alone and copied
+        # into its row when stacked (stack_from_spans=False), side by side.
+        per_cache, per_cache_s = kvprime_path(session.new_engine(partial(Engine, stack_from_spans=False)))
         per_cache_diff = max(abs(a.nll - b.nll) for (_, a), (_, b) in zip(fast, per_cache))
         say(f"  kvprime encode+score, caches assembled one by one: {per_cache_s:.1f} s")
 
