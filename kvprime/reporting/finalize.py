@@ -26,7 +26,7 @@ from ..config.comparisons import comparisons_for
 from ..errors import ConfigError, DataError, KvprimeError, MissingFileError
 from ..files.results_io import iter_jsonl, read_jsonl, write_atomic, write_json
 from ..surrogates import quality
-from . import answer_report, report
+from . import answer_report, html, report
 
 FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_tokens", "cache_len", "next_position",
                       "encoded_tokens", "surrogate", "similarity", "nonfinite", "passage_id", "generated_answer",
@@ -174,6 +174,9 @@ def finalize(run_dir) -> dict:
     }
     write_atomic(run_dir / "report.md", report.render(results, summary, comp, analyses=analyses, titles=titles,
                                                              inspect=inspect))
+    write_atomic(run_dir / html.PAGE, html.render(run_dir, results, summary, comp, inputs=inputs, scores=scores,
+                                                  derived=derived, analyses=analyses, titles=titles,
+                                                  inspect=inspect))
     write_json(run_dir / COMPLETION_RECORD, results)  # last: its presence means every file above is written
     (run_dir / "error.json").unlink(missing_ok=True)  # an earlier failure's record; this finalize got past it
     return results

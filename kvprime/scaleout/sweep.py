@@ -10,7 +10,8 @@ columns), its ``summary.csv`` and, for a failed job, its ``error.json``. It writ
 - ``jobs.csv``: a row per job (status, the error's type and message for failed jobs);
 - ``sweep_effect.png``: each non-baseline condition's mean delta (95% CI bars) against the swept value when
   one numeric key is swept, else grouped bars per job;
-- ``sweep_report.md``: both tables, the figure, the failed jobs and why, and the command that resumes it.
+- ``sweep_report.md``: both tables, the figure, the failed jobs and why, and the command that resumes it;
+- ``sweep_report.html``: the same as one self-contained page, each job's row linking to the job's ``report.html``.
 
 A job's status comes from its own completion record first: ``results.json``, which finalize writes after every
 other file (``kvprime.reporting.finalize``).
@@ -40,6 +41,7 @@ from omegaconf import OmegaConf
 
 from ..errors import MissingFileError
 from ..files.results_io import write_atomic, write_json
+from ..reporting import html
 from ..reporting.finalize import COMPLETION_RECORD
 from ..reporting.tables import markdown_table
 
@@ -251,11 +253,16 @@ def sweep_report(sweep_dir) -> dict:
                                 ["condition", "jobs", "samples compared", "max abs NLL difference"],
                                 formats={"max abs NLL difference": ".2e"}) + "\n")
     write_atomic(sweep_dir / "sweep_report.md", md)
+    write_atomic(sweep_dir / html.SWEEP_PAGE, html.render_sweep(
+        sweep_dir, jobs=[{**j, "values": {k: _label(j["values"].get(k)) for k in swept},
+                          "overrides": " ".join(f"{k}={_label(v)}" for k, v in j["values"].items())} for j in jobs],
+        swept=swept, summary=summary, baseline=baseline, counts=counts, failed=failed, figure=figure,
+        resume_cmd=resume_cmd, unchanged=unchanged))
     result = {"sweep_dir": str(sweep_dir), "swept_keys": swept, "baseline": baseline, "counts": counts,
               "jobs": [{k: (str(v) if isinstance(v, Path) else v) for k, v in j.items()} for j in jobs],
               "summary": summary.to_dict(orient="records"), "failed": failed, "untouched_conditions": unchanged,
               "files": {"summary": "sweep_summary.csv", "jobs": "jobs.csv", "figure": figure,
-                        "report": "sweep_report.md"}}
+                        "report": "sweep_report.md", "page": html.SWEEP_PAGE}}
     write_json(sweep_dir / "sweep_report.json", result)
     return result
 
