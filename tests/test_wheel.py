@@ -100,3 +100,4 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     run_dir = Path(found.group(1))
     assert run_dir.is_relative_to(elsewhere / "outputs" / "exp21"), run_dir
     assert (run_dir / "report.md").is_file()
+    assert (run_dir / "report.html").is_file()  # the templates shipped
