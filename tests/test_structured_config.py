@@ -137,6 +137,19 @@ def test_a_value_of_the_wrong_type_gets_the_settings_paragraph_while_composing(o
     assert str(info.value).startswith(f"{key}={settings.show(value)} is not accepted")
 
 
+def test_a_typed_field_takes_what_omegaconf_converts_and_a_name_is_never_made_from_another_value():
+    # bool, int and float fields hold what OmegaConf converts to their type without changing its meaning
+    cfg = compose([*TINY, "resume=1", "progress=yes", "seed='7'", "stats.alpha='0.1'"])
+    assert (cfg["resume"], cfg["progress"], cfg["seed"], cfg["dataset"]["seed"], cfg["stats"]["alpha"]) == \
+        (True, True, 7, 7, 0.1)
+    # a directory, a model config or a module is never made from a bool or a number: those fields are typed Any
+    for override, key, value in (("generation.store=true", "generation.store", True),
+                                 ("generation.model=3", "generation.model", 3), ("plugins=[3]", "plugins", [3])):
+        with pytest.raises(ConfigError) as info:
+            settings.check(compose([*TINY, override]))
+        assert str(info.value) == settings.paragraph(key, value)
+
+
 def test_a_value_for_a_whole_section_gets_the_same_paragraph_as_the_check():
     with pytest.raises(ConfigError) as composed:
         compose([*TINY, "stats=0.05"])

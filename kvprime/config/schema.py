@@ -172,14 +172,16 @@ class Generation:
     shared_prefix: bool = setting(True, BOOL, "encode the prompt's document-independent opening (chat template and "
                                   "instruction) once and continue every document's prefill from it; the "
                                   "surrogates do not depend on it")
-    store: str | None = setting(None, Rule("a directory, or null for $KVPRIME_HOME/surrogates",
-                                           lambda v: v is None or (isinstance(v, str) and v.strip() != "")),
-                                "where generated surrogates are stored")
-    model: str | None = setting(None, Rule("null (the scored model), or the name of a model config in conf/model "
-                                           "(e.g. qwen25_coder_05b_instruct)",
-                                           lambda v: v is None or (isinstance(v, str) and bool(re.fullmatch(
-                                               r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v)))),
-                                "the model that writes generated surrogates")
+    # store, model and plugins name a directory, a model config and modules: typed Any (a list of Any), since a string
+    # node would turn store=true or model=3 into the name 'True' or '3' (their rules refuse what is not a string).
+    store: Any = setting(None, Rule("a directory, or null for $KVPRIME_HOME/surrogates",
+                                    lambda v: v is None or (isinstance(v, str) and v.strip() != "")),
+                         "where generated surrogates are stored")
+    model: Any = setting(None, Rule("null (the scored model), or the name of a model config in conf/model "
+                                    "(e.g. qwen25_coder_05b_instruct)",
+                                    lambda v: v is None or (isinstance(v, str) and bool(re.fullmatch(
+                                        r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v)))),
+                         "the model that writes generated surrogates")
 
 
 @dataclass
@@ -273,7 +275,7 @@ class Settings:
                                                "includes nll (e.g. [nll] or [nll,answer])", _metrics_ok),
                                  "what is measured per sample and condition (answer: a greedily decoded answer, "
                                  "scored by exact match, contains and F1)")
-    plugins: list[str] = setting([], Rule("a list of module names or .py file paths", _plugins_ok),
+    plugins: list[Any] = setting([], Rule("a list of module names or .py file paths", _plugins_ok),
                                  "modules imported before the run, which register builders, surrogate sources or "
                                  "analyses (kvprime.plugins)")
     batch: Batch = section(Batch)
