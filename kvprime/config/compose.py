@@ -8,7 +8,7 @@ sample count) are defaults that the user's overrides replace. No torch is import
 Hydra lets any key in with ``+key=value`` (and a YAML file may hold any), but kvprime reads only the keys it
 declares; another one, a misspelling most often, would be ignored without a word. So every key of a composed
 config is checked (``unknown_in``, called by ``kvprime.config.settings.check``): the run-level settings are declared
-in ``kvprime.config.settings``, the keys of the groups ``conf/`` composes here, a dataset loader's options where it
+in ``kvprime.config.schema``, the keys of the groups ``conf/`` composes here, a dataset loader's options where it
 registers (``kvprime.data.registry``; the data layer sits above this one, so its callers pass the registered
 loaders' options in as ``loader_options``), a builder's where it registers (checked with the conditions).
 

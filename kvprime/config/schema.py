@@ -1,6 +1,6 @@
 """Every run setting declared once: its type, default, accepted values and the sentence kvprime says about it, as
 dataclasses that Hydra composes every run config on (the structured config ``kvprime_schema``, first in
-``conf/config.yaml``'s defaults list), so no YAML file repeats a default.
+``conf/config.yaml``'s defaults list), so conf/config.yaml repeats none of them.
 
 A field's type is OmegaConf's to enforce while Hydra composes (``stats.alpha=abc`` is refused before kvprime sees
 the config; ``kvprime.config.compose.user_error`` answers with the paragraph below). Two kinds of setting are typed
