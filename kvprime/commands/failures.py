@@ -64,6 +64,8 @@ def _kvprime_cause(err: BaseException):
 def _hydra_user_error(err: BaseException) -> str | None:
     """The message of a composition or override error (the user's command line), else None."""
     if isinstance(err, (HydraException, OmegaConfBaseException)):
+        if (mine := compose.user_error(err, OPTIONS)) is not None:  # a setting's own paragraph (kvprime.config.schema)
+            return mine
         text = str(err).strip().split("\nConfig search path:")[0].strip()
         missing = _NO_SUCH_KEY.match(text)
         if missing:  # Hydra's hint (+key=...) would only meet kvprime's refusal of keys it does not read

@@ -8,21 +8,29 @@ sample count) are defaults that the user's overrides replace. No torch is import
 Hydra lets any key in with ``+key=value`` (and a YAML file may hold any), but kvprime reads only the keys it
 declares; another one, a misspelling most often, would be ignored without a word. So every key of a composed
 config is checked (``unknown_in``, called by ``kvprime.config.settings.check``): the run-level settings are declared
-in ``kvprime.config.settings``, the keys of the groups ``conf/`` composes here, a dataset loader's options where it
+in ``kvprime.config.schema``, the keys of the groups ``conf/`` composes here, a dataset loader's options where it
 registers (``kvprime.data.registry``; the data layer sits above this one, so its callers pass the registered
 loaders' options in as ``loader_options``), a builder's where it registers (checked with the conditions).
+
+Hydra composes on kvprime's structured config (``kvprime.config.schema``), so OmegaConf refuses some values and keys
+itself while composing; ``user_error`` gives those refusals kvprime's own paragraphs, for ``compose`` here and for
+the command line's failure handler.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..errors import ConfigError
+from . import schema
 from .confdir import CONF_DIR
 
 # The keys of a run config besides the run-level settings: the groups that conf/ composes.
@@ -59,12 +67,29 @@ def with_defaults(defaults: Sequence[str], overrides: Sequence[str]) -> list[str
     return [d for d in defaults if override_key(d) not in given] + list(overrides)
 
 
-def compose(overrides: Sequence[str], defaults: Sequence[str] = ()) -> dict:
+def compose(overrides: Sequence[str], defaults: Sequence[str] = (), *,
+            loader_options: Mapping[str, Sequence[str]] | None = None) -> dict:
     """The resolved config (a plain dict) for ``overrides`` on top of ``defaults``, as ``kvprime run``
-    composes it (run-directory settings aside)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=with_defaults(defaults, overrides))
+    composes it (run-directory settings aside). A value or key Hydra refuses raises ``ConfigError`` with kvprime's
+    paragraph (``user_error``; ``loader_options`` as there)."""
+    schema.register()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=with_defaults(defaults, overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        mine = user_error(err, loader_options)
+        if mine is None:
+            raise
+        raise ConfigError(mine) from err
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def declared() -> dict[str | None, tuple[str, ...]]:
+    """The keys of the top level (None) and of every section whose keys the schema declares all of."""
+    top = tuple(dict.fromkeys(k.split(".", 1)[0] for k in schema.SPECS)) + tuple(g for g in GROUPS
+                                                                                if g not in schema.SPECS)
+    return {None: top, **{s: tuple(k.split(".")[1] for k in schema.SPECS if k.startswith(s + "."))
+                           for s in schema.CLOSED_SECTIONS}}
 
 
 def pop_arg(args: list[str], key: str) -> str | None:
@@ -77,15 +102,18 @@ def pop_arg(args: list[str], key: str) -> str | None:
     return None
 
 
-def unknown_key(key: str, shown: str, accepted: Sequence[str], place: str | None = None) -> str:
+def unknown_key(key: str, shown: str | None, accepted: Sequence[str], place: str | None = None,
+                source: str | None = None) -> str:
     """The paragraph for ``key`` (dotted), which kvprime does not read, given the value ``shown``; ``accepted``: the
-    keys its section takes (the closest to ``key`` are named first); ``place``: the section in words."""
+    keys its section takes (the closest to ``key`` are named first); ``place``: the section in words; ``source``:
+    the config that set it, named where the value is not known (``shown`` None)."""
     section, _, name = key.rpartition(".")
     close = difflib.get_close_matches(name, list(accepted), n=3, cutoff=0.6)
     ordered = close + [k for k in accepted if k not in close]
     place = place or section or "the top level of the config"
     guess = f" Did you mean {section + '.' if section else ''}{close[0]}?" if close else ""
-    return (f"{key}={shown} is not accepted: kvprime reads no key {name!r} in {place}, so the value would be ignored "
+    head = f"{key}={shown}" if shown is not None else f"{key} (set in {source or 'a config'})"
+    return (f"{head} is not accepted: kvprime reads no key {name!r} in {place}, so the value would be ignored "
             f"without a word (a + on the command line adds a key to the config, not to what kvprime reads).{guess} "
             f"Accepted in {place}: {', '.join(ordered) or 'none'}. {ADD_A_KEY}")
 
@@ -172,3 +200,53 @@ def not_in_config(key: str, value: str, declared: Mapping[str | None, Sequence[s
     return (f"{key}={value} is not accepted: this config has no key {key}, and kvprime refuses every key it does not "
             f"read (so +{key}={value} {plus}).{guess} `kvprime run --cfg job` with your other overrides shows the "
             f"config's keys. {ADD_A_KEY}")
+
+
+# Hydra's refusal of an override whose key the composed config lacks, with its hint to add it with "+".
+_NO_SUCH_KEY = re.compile(r"Could not override '([^']+)'\.\s*To append to your config use \+[^=\s]+=(.*)")
+# Hydra's opening when a config of the defaults list (not an override) could not be merged.
+_IN_CONFIG = re.compile(r"In '([^']+)': ")
+
+
+def _causes(err: BaseException | None) -> Iterator[BaseException]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _typed_value(key: str, value) -> str | None:
+    """kvprime's paragraph for ``value``, which the schema's type of ``key`` refused (None: not a setting)."""
+    if key in schema.SPECS:
+        return schema.paragraph(key, value)
+    if key in schema.sections():
+        return schema.group_paragraph(key, value)
+    return None
+
+
+def user_error(err: BaseException, loader_options: Mapping[str, Sequence[str]] | None = None) -> str | None:
+    """kvprime's paragraph for Hydra's or OmegaConf's refusal ``err`` of a value or key (an override, or a config of
+    conf/): a value of the wrong type for a setting (the setting's paragraph, as ``kvprime.config.settings.check``
+    gives it), a key the composed config lacks (``not_in_config``; ``loader_options`` as there, None: kvprime's own
+    dataset keys only), a key a declared section does not have (``unknown_key``). None for any other error, whose
+    own message stands."""
+    text = str(err).strip()
+    missing = _NO_SUCH_KEY.search(text)
+    if missing:
+        value = (missing.group(2).splitlines() or [""])[0].strip()
+        return not_in_config(missing.group(1), value, declared(), loader_options or {})
+    where = _IN_CONFIG.match(text)
+    origin = f" It was set in the config {where.group(1)!r}." if where else ""
+    for cause in _causes(err):
+        key = getattr(cause, "full_key", None)
+        if not key:
+            continue
+        if isinstance(cause, ValidationError):
+            mine = _typed_value(key, cause.value)
+            return mine + origin if mine else None
+        section, _, _ = key.rpartition(".")
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and section in schema.CLOSED_SECTIONS:
+            source = f"the config {where.group(1)!r}" if where else None
+            return unknown_key(key, None, declared()[section], source=source)
+    return None

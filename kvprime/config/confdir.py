@@ -1,4 +1,5 @@
-"""Where the YAML configs live and what each config group offers (OmegaConf, no Hydra, no torch: cheap).
+"""Where the YAML configs live, what each config group offers, and what composing them needs registered (no torch:
+cheap).
 
 Two ways kvprime is installed, two places for conf/ and outputs/:
 
@@ -20,6 +21,7 @@ from omegaconf import OmegaConf
 
 from ..errors import ConfigError
 from ..files.rundir import new_run_dir
+from . import schema
 
 _PACKAGED_CONF = Path(__file__).resolve().parents[1] / "conf"  # a wheel install: kvprime/conf/
 _CHECKOUT = Path(__file__).resolve().parents[2]  # an editable install: the repository
@@ -38,6 +40,9 @@ def outputs_root() -> str:
 
 
 def register_resolvers() -> None:
+    """Register what conf/config.yaml relies on, before Hydra composes it: its resolvers and the structured config
+    its defaults list names (kvprime.config.schema)."""
+    schema.register()
     OmegaConf.register_new_resolver("kvprime_outputs", outputs_root, replace=True)
     # Cached per config (and copied into every job of a sweep), so one run resolves one directory.
     OmegaConf.register_new_resolver("kvprime_new_dir", new_run_dir, replace=True, use_cache=True)

@@ -23,11 +23,11 @@ from transformers.utils import logging as hf_logging
 from .. import assets
 from ..cache.tiny import tiny_config, tiny_model, tiny_tokenizer
 from ..config.devices import resolve_device
+from ..config.schema import DTYPES
 from ..errors import ConfigError, ModelUnavailable
 from . import shape_random
 
 SOURCES = ("asset", "local", "hub", "tiny_random", "shape_random")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _dtype(name: str):

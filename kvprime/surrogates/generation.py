@@ -31,6 +31,7 @@ from transformers import LogitsProcessor
 from ..cache import batch_caches
 from ..cache import hf_internals as hf
 from ..cache.decoding import stop_ids
+from ..config.schema import CLEAN_MODES
 from ..errors import ConfigError
 
 _WALKTHROUGH_TARGET_QUESTION = (
@@ -101,9 +102,6 @@ def build_prompt(tokenizer, template_text: str, document: str) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # No chat template (base or tiny models): a plain completion prompt that ends where the query starts.
     return f"{template_text}\n\nText:\n{document}\n\nQuery:"
-
-
-CLEAN_MODES = ("first_content_line", "notebook")
 
 
 def clean(text: str, mode: str = "notebook") -> str:
