@@ -274,11 +274,11 @@ def test_internal_error_before_the_directory_is_claimed_saves_the_traceback_else
 
 def test_multirun_job_errors_are_paragraphs_in_the_terminal_and_error_json(tmp_path):
     sweep = tmp_path / "sweep"
-    out = _cli(["run", "-m", *TINY, "dataset=exp21_sanity", "seed=1,abc", f"hydra.sweep.dir={sweep}"], tmp_path)
+    out = _cli(["run", "-m", *TINY, "dataset=exp21_sanity", "seed=1,-1", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert out.returncode == 2, out.stderr
-    assert "Traceback" not in out.stderr and "kvprime: error: seed='abc'" in out.stderr
+    assert "Traceback" not in out.stderr and "kvprime: error: seed=-1" in out.stderr
     saved = json.loads((sweep / "1" / "error.json").read_text())
-    assert saved["internal"] is False and saved["paragraph"].startswith("kvprime: error: seed='abc'")
+    assert saved["internal"] is False and saved["paragraph"].startswith("kvprime: error: seed=-1")
     assert (sweep / "0" / "report.md").exists()
 
 
