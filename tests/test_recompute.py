@@ -132,7 +132,7 @@ def test_a_prefix_closed_set_gives_the_joint_entries(arch, fix):
     s = segs()
     sp = spec("independent", rope_fix=fix)
     assembled, joint = eng.build(sp, s), eng.build(spec("joint"), s)
-    (_, d0), (d1_start, d1_stop), _ = blocks(s, sp, primed=False)
+    _, (d1_start, d1_stop), _ = blocks(s, sp, primed=False)
     job = BlendJob(hf.cache_layers(assembled.cache), tuple(assembled.token_ids), tuple(assembled.position_ids),
                    tuple(range(d1_start, d1_stop)))
     out = hf.cache_from_layers(eng.model, recompute_batch(eng.model, [job])[0])

@@ -4,7 +4,6 @@ costs.csv's columns (the recompute added to the query side, never to indexing)."
 import numpy as np
 import pandas as pd
 import pytest
-
 from test_recompute import engine_for, segs, spec
 
 from kvprime.analysis import cost

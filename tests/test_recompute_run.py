@@ -61,6 +61,13 @@ def test_every_arm_is_scored_and_the_comparisons_are_written(run_dir):
     costs = pd.read_csv(run_dir / "costs.csv")
     assert {"extra_query_gflop", "extra_query_s", "recompute_gflop"} <= set(costs.columns)
     assert (run_dir / "report.md").is_file()
+    curve = pd.read_csv(run_dir / "analyses" / "recompute_curve.csv")
+    assert set(curve["condition"]) == {"independent", "bare_dev05", "bare_dev15", "bare_dev30", "primed_generated",
+                                       "gen_dev05", "gen_dev15", "gen_dev30"}
+    assert (curve["n"] == 4).all()
+    parity = pd.read_csv(run_dir / "analyses" / "recompute_parity.csv")
+    assert list(parity["input"]) == ["independent", "primed_generated"]
+    assert list(run_dir.rglob("recompute_parity.png"))
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
