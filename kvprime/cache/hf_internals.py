@@ -290,7 +290,7 @@ CACHE_KEYWORD = "cache"
 LEGACY_CACHE_KEYWORD = "past_key_values"
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)
 def _cache_keyword_of(cls) -> str:
     try:
         params = inspect.signature(cls.forward).parameters

@@ -135,9 +135,8 @@ class RecomputeStage:
     def build_many(self, engine, work) -> list[PrimedCache]:
         """Every (segments, spec) of ``work`` built: the assembled caches, then the selection passes and the
         recomputes, each one forward per batch of samples."""
-        from ...cache import (
-            hf_internals as hf,  # lazy: torch (model-free commands read builders)
-        )
+        # lazy: torch (model-free commands read builders)
+        from ...cache import hf_internals as hf
         from ...cache.recompute import BlendJob
 
         assembled = [super(RecomputeStage, self).build(engine, seg, spec) for seg, spec in work]
