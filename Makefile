@@ -15,7 +15,7 @@ DATASET ?= squad_v11
 N ?= 50
 
 .PHONY: help setup run test test-fast bench bench-gpu reproduce-exp21 reproduce-exp01 reproduce-walkthrough \
-	sweep-offsets sweep-prefixes sweep-models reproduce-multidoc sweep-multidoc
+	sweep-offsets sweep-prefixes sweep-models reproduce-multidoc sweep-multidoc reproduce-blend
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ reproduce-walkthrough: setup ## the walkthrough notebook: routing over 5 static 
 
 reproduce-multidoc: setup ## multi-document contexts: joint vs independent vs primed caches, k=3 (N samples)
 	$(BIN)/kvprime run experiment=multidoc model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(N) $(ARGS)
+
+reproduce-blend: setup ## selective recompute (CacheBlend, EPIC) of independent and primed caches vs joint, k=3 (N samples)
+	$(BIN)/kvprime run experiment=blend model=$(MODEL) dataset=$(DATASET) dataset.n_samples=$(N) $(ARGS)
 
 LAUNCHER ?= basic
 # A new directory per sweep (mktemp: exclusive, so sweeps started together never share one).

@@ -11,6 +11,11 @@ The cost model (the README's definitions section states it too):
   suffix: the builder's ``encoded_tokens``) through the scored model with no LM head, plus, for a generated
   surrogate, the generator's prompt prefill and one forward per generated token.
 * **Query-time cost**: the prompt and answer tokens scored against the cache (context = cache length).
+* **Selective recompute** (builders ``*_recompute``) is query-time work: it runs when the question arrives, on the
+  assembled cache. Its selection pass (token-layers of the full-attention encode up to the selection layer) and
+  the recomputed tokens' layers, each at the projection and MLP cost above, plus attention over the
+  (query, key) pairs they read (``recompute_key_pairs``, summed over layers), are added to the query cost; its
+  measured seconds (``recompute_s``) to the query seconds.
 * **Answer decoding** (runs with the ``answer`` metric): the prompt prefilled against the cache (one logit), then
   one forward per further generated token, as surrogate generation is counted; its seconds are the row's share
   of its chunk's decoding time.
@@ -56,6 +61,19 @@ def forward_flops(shape, tokens: float, context: float = 0, logits: float = 0) -
     return s["num_hidden_layers"] * (tokens * (proj + mlp) + attention) + 2 * h * s["vocab_size"] * logits
 
 
+def _token_layer_flops(s: Mapping) -> float:
+    """Projections and gated MLP of one token through one layer."""
+    h, heads, kv, d = s["hidden_size"], s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"]
+    return 2 * (h * heads * d + 2 * h * kv * d + heads * d * h) + 2 * 3 * h * s["intermediate_size"]
+
+
+def recompute_flops(shape, token_layers: float, key_pairs: float) -> float:
+    """Matmul FLOPs of a selective recompute (selection pass included): ``token_layers`` tokens x layers through
+    projections and MLP, and attention over ``key_pairs`` (query, key) pairs summed over layers. No LM head."""
+    s = model_shape(shape)
+    return token_layers * _token_layer_flops(s) + 2 * 2 * s["num_attention_heads"] * s["head_dim"] * key_pairs
+
+
 def generation_flops(shape, prompt_tokens: float, generated_tokens: float, shared_tokens: float = 0) -> float:
     """Prefill of the prompt (one logit) and one forward per further generated token. ``shared_tokens`` of the
     prompt came from the template's shared prefix, encoded once per run (not per document): the prefill runs
@@ -68,7 +86,8 @@ def generation_flops(shape, prompt_tokens: float, generated_tokens: float, share
 
 
 COST_COLUMNS = ("index_tokens", "generated_tokens", "index_gflop", "index_s", "query_tokens", "query_gflop",
-                "query_s", "answer_tokens", "answer_gflop", "answer_s")
+                "query_s", "answer_tokens", "answer_gflop", "answer_s", "recompute_tokens", "recompute_gflop",
+                "recompute_s")
 
 
 def per_score_costs(scores: pd.DataFrame, shape: Mapping | None, generator_shape: Mapping | None) -> pd.DataFrame:
@@ -94,11 +113,24 @@ def per_score_costs(scores: pd.DataFrame, shape: Mapping | None, generator_shape
                                for p, n, c in zip(prompt, decoded, cache)]
     else:
         out["index_gflop"] = out["query_gflop"] = out["answer_gflop"] = np.nan
+    out["recompute_tokens"], out["recompute_gflop"], out["recompute_s"] = _recompute_costs(scores, col, shape)
+    out["query_gflop"] += out["recompute_gflop"]
     out["index_s"] = col("encode_s") + col("generation_s").fillna(0.0)
     out["query_tokens"] = prompt + answer
-    out["query_s"] = col("score_s")
+    out["query_s"] = col("score_s") + out["recompute_s"]
     out["answer_tokens"], out["answer_s"] = decoded, col("answer_s")
     return out[["sample_id", "condition", *COST_COLUMNS]]
+
+
+def _recompute_costs(scores: pd.DataFrame, col, shape):
+    """(tokens recomputed, GFLOPs, seconds) of each row's selective recompute: 0 where it ran none (a condition
+    without recompute, or a run from before recompute existed)."""
+    tokens = col("recompute_tokens").fillna(0.0)
+    token_layers = col("recompute_token_layers").fillna(0.0) + col("selection_token_layers").fillna(0.0)
+    pairs = col("recompute_key_pairs").fillna(0.0)
+    gflop = (pd.Series([recompute_flops(shape, t, p) / 1e9 for t, p in zip(token_layers, pairs)], index=scores.index)
+             if shape else pd.Series(np.where(token_layers > 0, np.nan, 0.0), index=scores.index))
+    return tokens, gflop, col("recompute_s").fillna(0.0)
 
 
 def add_derived(costs: pd.DataFrame, derived_rules) -> pd.DataFrame:
@@ -112,7 +144,7 @@ def add_derived(costs: pd.DataFrame, derived_rules) -> pd.DataFrame:
         agg = part.groupby("sample_id", sort=False).agg(
             {**{c: "sum" for c in ("index_tokens", "generated_tokens", "index_gflop", "index_s")},
              **{c: "mean" for c in ("query_tokens", "query_gflop", "query_s", "answer_tokens", "answer_gflop",
-                                    "answer_s")}}).reset_index()
+                                    "answer_s", "recompute_tokens", "recompute_gflop", "recompute_s")}}).reset_index()
         agg["condition"] = rule["name"]
         rows.append(agg[costs.columns])
     return pd.concat(rows, ignore_index=True)
@@ -135,6 +167,8 @@ def cost_table(costs: pd.DataFrame, tests: pd.DataFrame) -> pd.DataFrame:
                      "extra_index_s": trt["index_s"] - ref["index_s"],
                      "query_tokens": trt["query_tokens"], "query_gflop": trt["query_gflop"],
                      "extra_query_gflop": trt["query_gflop"] - ref["query_gflop"],
+                     "query_s": trt["query_s"], "extra_query_s": trt["query_s"] - ref["query_s"],
+                     "recompute_tokens": trt["recompute_tokens"], "recompute_gflop": trt["recompute_gflop"],
                      "answer_tokens": trt["answer_tokens"], "answer_gflop": trt["answer_gflop"],
                      "answer_s": trt["answer_s"],
                      # nats of mean NLL gained per TFLOP of extra indexing work; undefined when it costs nothing more

@@ -417,3 +417,52 @@ def rope_thetas_of_config(config) -> dict[str | None, float]:
     if getattr(config, "rope_theta", None) is not None:
         return {None: float(config.rope_theta)}
     return {}
+
+
+# ---------------------------------------------------------------- selective recompute (kvprime.cache.recompute)
+
+
+class _StopForward(Exception):
+    """Raised by a pre-hook to end a forward after the layers it needed (caught in ``encode_layers``)."""
+
+
+@torch.inference_mode()
+def encode_layers(model, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int],
+                  upto: int) -> DynamicCache:
+    """Right-padded rows through decoder layers 0..``upto`` only: the returned cache holds those layers' entries.
+    The forward is stopped before layer ``upto + 1`` runs, so it costs ``upto + 1`` layers, not all of them."""
+    cache = new_cache(model)
+    mask = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            < torch.tensor(lengths, device=input_ids.device)[:, None]).long()
+    layers = model.base_model.layers
+    handle = None
+    if upto + 1 < len(layers):
+        def stop(*_):
+            raise _StopForward
+        handle = layers[upto + 1].register_forward_pre_hook(stop)
+    try:
+        call(model.base_model, cache, input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+             use_cache=True)
+    except _StopForward:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
+    return cache
+
+
+@torch.inference_mode()
+def masked_extend(model, cache: DynamicCache, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                  allowed: torch.Tensor) -> DynamicCache:
+    """Append ``input_ids`` at ``position_ids`` to ``cache`` (modified in place and returned), each new row
+    attending exactly where ``allowed`` ([batch, 1, new, cached + new], bool) is True.
+
+    transformers returns a 4-D mask unchanged for every layer type (``masking_utils._preprocess_mask_arguments``
+    exits early on it), so full and sliding layers both use it as given; it is passed additive (0 or the dtype's
+    lowest value), which eager and sdpa attention both read the same way."""
+    dtype = next(model.parameters()).dtype
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+    call(model.base_model, cache, input_ids=input_ids, position_ids=position_ids, attention_mask=additive,
+         use_cache=True)
+    return cache
