@@ -298,8 +298,9 @@ def test_an_unknown_builder_names_the_condition_and_the_closest_builders():
 
 MULTIDOC_SPECS = [ConditionSpec("joint", builder="joint")] + [
     ConditionSpec(f"{b}_{fix}_{sinks}", builder=b, rope_fix=fix, other_sinks=sinks,
-                  **({"surrogate": "query", "prefix_template": "{surrogate}"} if b.endswith("primed") else {}))
-    for b in ("independent", "independent_primed") for fix in ("rerotate", "shift") for sinks in ("drop", "keep")]
+                  **({"surrogate": "query", "prefix_template": "{surrogate}"} if "primed" in b else {}))
+    for b in ("independent", "independent_primed", "independent_recompute", "independent_primed_recompute")
+    for fix in ("rerotate", "shift") for sinks in ("drop", "keep")]
 SINGLE_SPECS = [ConditionSpec("full", builder="full"), ConditionSpec("full_offset", builder="full", position_offset=9),
                 ConditionSpec("suffix", builder="truncate_suffix")] + [
     ConditionSpec(f"prefix_{fix}_{offset}", builder="truncate_prefix", rope_fix=fix, position_offset=offset)
@@ -318,8 +319,8 @@ def test_every_kvprime_builder_plans_every_encode_it_asks_for(spec):
     from test_cache_identities import segs as single_segs
 
     eng = engine_for("llama")
-    if spec.builder in ("joint", "independent", "independent_primed"):
-        s = multidoc_segs(n_prefix=4 if spec.builder == "independent_primed" else 0)
+    if spec.builder.startswith(("joint", "independent")):
+        s = multidoc_segs(n_prefix=4 if "primed" in spec.builder else 0)
     else:
         s = single_segs(n_prefix=5, n_suffix=3 if spec.builder != "truncate_prefix" else 0)
     requests = eng.plan(spec, s)

@@ -126,6 +126,10 @@ class Engine:
         return self.max_context is None or spec.position_offset + need <= self.max_context
 
     def build(self, spec: ConditionSpec, seg: Segments) -> PrimedCache:
+        self._check_window(spec, seg)
+        return builder_of(spec).build(self, seg, spec)
+
+    def _check_window(self, spec: ConditionSpec, seg: Segments) -> None:
         need = self.context_needed(seg, spec)
         if self.windows and need >= min(self.windows):
             raise DataError(
@@ -134,7 +138,24 @@ class Engine:
                 "scored cache would then not match its reference. Use shorter passages "
                 "(dataset.filters.max_passage_words) or a model without sliding-window layers."
             )
-        return builder_of(spec).build(self, seg, spec)
+
+    def build_chunk(self, work) -> list[PrimedCache]:
+        """Each (spec, segments) of a chunk built. A builder with ``build_many(engine, [(seg, spec)])`` (the
+        recompute stage) gets all its samples of the chunk at once, so its own model passes run as batches."""
+        out: list[PrimedCache | None] = [None] * len(work)
+        together: dict[str, list[int]] = {}
+        for i, (spec, seg) in enumerate(work):
+            if hasattr(builder_of(spec), "build_many"):
+                together.setdefault(spec.builder, []).append(i)
+            else:
+                out[i] = self.build(spec, seg)
+        for name, members in together.items():
+            for i in members:
+                self._check_window(*work[i])
+            built = builder_of(work[members[0]][0]).build_many(self, [(work[i][1], work[i][0]) for i in members])
+            for i, pc in zip(members, built):
+                out[i] = pc
+        return out
 
     def score(self, primed: PrimedCache, seg: Segments, *, per_token: bool = False) -> Score:
         return score_answer(self.model, primed, seg.prompt, seg.answer, per_token=per_token)
@@ -296,7 +317,7 @@ class Engine:
         ``last_chunk_s`` holds the chunk's wall seconds for indexing (encode and build) and for scoring."""
         t0 = time.perf_counter()
         self.prefill([r for spec, seg in work for r in self.plan(spec, seg)], batch_tokens=encode_tokens)
-        primed = [self.build(spec, seg) for spec, seg in work]
+        primed = self.build_chunk(work)
         t1 = time.perf_counter()
         scores = self.score_many(list(zip(primed, (seg for _, seg in work))), per_token=per_token,
                                  batch_tokens=score_tokens)

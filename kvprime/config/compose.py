@@ -43,7 +43,7 @@ MODEL_KEYS = ("name", "source", "asset", "path", "id", "hub_id", "revision", "dt
               "tokenizer", "config")
 # Every experiment key kvprime reads (kvprime.pipeline.plan, kvprime.reporting, kvprime.analysis, the commands).
 EXPERIMENT_KEYS = ("name", "title", "description", "baseline", "comparisons", "diagnosis", "inspect", "analyses",
-                   "similarity", "similarity_condition", "derived", "cache_variant")
+                   "similarity", "similarity_condition", "derived", "cache_variant", "parity")
 # The dataset keys every loader shares (kvprime.data.load_samples); a loader adds its own options.
 DATASET_KEYS = ("name", "n_samples", "selection", "seed", "filters", "group_by_passage")
 # How a key becomes one kvprime knows: said in every refusal of an unknown key, since `+key=value` cannot do it.

@@ -121,7 +121,8 @@ def _row(sample, name, seg, primed, score, resolved, similarity, save_tokens, pe
            "n_answer_tokens": score.n_answer_tokens, "cache_len": len(primed), "next_position": primed.next_position,
            "encoded_tokens": primed.encoded_tokens, "prompt_tokens": len(seg.prompt),
            "surrogate": resolved[sample.sample_id][name],
-           "similarity": similarity.get(sample.sample_id, {}).get(name), **cost}
+           "similarity": similarity.get(sample.sample_id, {}).get(name), **cost,
+           **primed.notes.get("query_work", {})}  # a recompute's query-time work (kvprime.analysis.cost)
     if not score.finite:
         row["nonfinite"] = repr(score.nll)
     if save_tokens:
@@ -339,11 +340,15 @@ def _chunk_costs(session, work, done, seconds, shape) -> list[dict]:
     """Per (sample, condition) of a chunk: its share of the chunk's measured seconds (in proportion to its FLOPs,
     kvprime.analysis.cost) and its surrogate's generation cost."""
     index_f = [cost.forward_flops(shape, pc.encoded_tokens) for pc, _ in done]
+    # A recompute stage runs inside the build but is query-time work: its measured seconds (recorded per sample
+    # as recompute_s) are not indexing's to share.
+    index_s = max(seconds["index"] - sum(pc.notes.get("query_work", {}).get("recompute_s", 0.0) for pc, _ in done),
+                  0.0)
     query_f = [cost.forward_flops(shape, len(seg.prompt) + len(seg.answer), len(pc), len(seg.answer) + 1)
                for (_, _, seg), (pc, _) in zip(work, done)]
     out = []
     for (sample, name, _), fi, fq in zip(work, index_f, query_f):
-        row = {"encode_s": round(seconds["index"] * fi / (sum(index_f) or 1), 6),
+        row = {"encode_s": round(index_s * fi / (sum(index_f) or 1), 6),
                "score_s": round(seconds["score"] * fq / (sum(query_f) or 1), 6)}
         source = session.specs[name].surrogate
         if source.startswith(("generated:", "generated_other:")):

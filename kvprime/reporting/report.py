@@ -110,7 +110,7 @@ COMPARISON_COLUMNS = ("name", "treatment", "reference", "n", "mean_delta", "ci_l
 
 COST_COLUMNS = ("test", "mean_delta", "ci_low", "ci_high", "verdict", "index_tokens", "generated_tokens",
                 "index_gflop", "extra_index_gflop", "extra_index_s", "query_tokens", "query_gflop",
-                "delta_per_index_tflop")
+                "extra_query_gflop", "extra_query_s", "recompute_tokens", "delta_per_index_tflop")
 
 
 def inspect_text(inspect: Mapping) -> str:
@@ -194,6 +194,8 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *
                                  formats={"index_tokens": ".0f", "generated_tokens": ".0f", "query_tokens": ".0f",
                                           "index_gflop": ".3f", "extra_index_gflop": ".3f", "extra_index_s": ".3f",
                                           "query_gflop": ".3f", "delta_per_index_tflop": ".3g",
+                                          "extra_query_gflop": ".3f", "extra_query_s": ".3f",
+                                          "recompute_tokens": ".1f",
                                           "answer_tokens": ".1f", "answer_gflop": ".3f"})]
         if results.get("worth_it"):
             parts += ["Is document-specific generation worth its compute?\n\n"
