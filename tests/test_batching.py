@@ -73,11 +73,17 @@ def test_sliding_window_models_never_batch_past_the_window():
         assert eng.build(spec, s).cache is not None
 
 
-def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path):
+def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path, monkeypatch):
+    from kvprime.cache import batch_caches
     from kvprime.commands.bench import bench
 
+    stacked = []  # from_spans of every stack: the one-by-one timing must really stack the per-cache way
+    real_stack = batch_caches.stack_caches
+    monkeypatch.setattr(batch_caches, "stack_caches",
+                        lambda *a, **k: stacked.append(k.get("from_spans", True)) or real_stack(*a, **k))
     r = bench(["model=tiny_random_llama", "dataset.n_samples=2", "generation.max_new_tokens=4", "generation.model=null",
                f"generation.store={tmp_path / 'store'}"], out_dir=tmp_path, progress=False, one_by_one=True)
+    assert True in stacked and False in stacked
     assert r["encode_score"]["max_abs_nll_diff"] <= 1e-4
     assert r["generation"]["identical_outputs"]
     assert r["encode_score"]["kvprime_encodes"] < r["encode_score"]["naive_encodes"]

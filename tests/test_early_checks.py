@@ -161,12 +161,13 @@ def _store_long_surrogates(session, text):
     """Put ``text`` in the store as every selected sample's generated surrogate, keyed as the run will look."""
     from kvprime.surrogates.generation import GENERATION_TEMPLATES
 
-    gen_id = session._generator_id_without_weights()
-    (template,) = session.templates()
-    for s in session.loaded.samples:
-        key = session.store.key(model_id=gen_id, template_name=template, template_text=GENERATION_TEMPLATES[template],
-                                settings=session.generation_settings, document=s.passage)
-        session.store.put(key, text, {"model_id": gen_id})
+    service = session.surrogate_service
+    gen_id = service.generator_id_without_weights
+    (template,) = service.templates()
+    for s in session.plan.selection.samples:
+        key = service.store.key(model_id=gen_id, template_name=template, template_text=GENERATION_TEMPLATES[template],
+                                settings=service.generation_settings, document=s.passage)
+        service.store.put(key, text, {"model_id": gen_id})
 
 
 def test_a_generated_surrogate_in_the_store_is_length_checked_before_any_weights_load(tmp_path, tiny_tok,
@@ -204,7 +205,8 @@ def test_the_full_load_reuses_the_tokenizer_read_before_it(tmp_path, tiny_tok, m
     assert session.model is not None and session._model[1] is early and session.engine.tokenizer is early
     assert len(reads) == 1
     # The store identity the early check reads under is the one generation uses once the weights are loaded.
-    assert session._generator_id_without_weights() == session.generator.model_id
+    service = session.surrogate_service
+    assert service.generator_id_without_weights == service.generator.model_id
 
 
 def test_random_tokens_need_only_the_tokenizer(tmp_path, no_weights):

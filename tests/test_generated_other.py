@@ -82,16 +82,19 @@ def test_resolved_text_is_another_samples_generated_text_in_every_shard(override
     resolved = whole.resolved()
     assert len(resolved) == N
     by_id = {s.sample_id: s for s in whole.samples}
+    service = whole.surrogate_service
     for sid, texts in resolved.items():
-        donor = whole.donors[sid]
+        donor = service.donors[sid]
         assert donor != sid and by_id[donor].passage != by_id[sid].passage
         assert texts["gen_other_keyword_query"] == resolved[donor]["gen_keyword_query"]
-        assert whole.generation_cost("generated_other:keyword_query", sid) == whole.generation_cost("keyword_query",
-                                                                                                     donor)
+        # The control costs what the sample's own generated surrogate costs: what an index would pay for.
+        own_cost = service.generation_cost(whole.specs["gen_keyword_query"], by_id[sid])
+        assert service.generation_cost(whole.specs["gen_other_keyword_query"], by_id[sid]) == own_cost
+        assert own_cost["prompt_tokens"] > 0
     # Sharded: each shard sees a third of the samples, yet every sample gets the donor and text it gets whole.
     for shard in range(3):
         part = Session.from_overrides([*overrides, "run.num_shards=3", f"run.shard={shard}"])
-        assert len(part.samples) == 2 and part.donors == whole.donors
+        assert len(part.samples) == 2 and part.surrogate_service.donors == service.donors
         part.generate()  # generates (or reads) the donors' surrogates too
         for s in part.samples:
             assert part.surrogates(s)["gen_other_keyword_query"] == resolved[s.sample_id]["gen_other_keyword_query"]
@@ -104,11 +107,12 @@ def test_one_sample_with_generated_other_is_refused_before_loading(overrides):
 
 def test_outside_sample_gets_a_selected_donor_and_leaves_the_selections_alone(overrides):
     session = Session.from_overrides([*overrides, "dataset.n_samples=3"])
-    before = dict(session.donors)
+    service = session.surrogate_service
+    before = dict(service.donors)
     outsider = session.sample("s4")
-    donor = session.donor(outsider)
+    donor = service.donor(outsider)
     assert donor.sample_id in before and donor.passage != outsider.passage
     text = session.surrogates(outsider)["gen_other_keyword_query"]
-    assert text == session.generated[("keyword_query", donor.sample_id)]
-    assert session.donors == before
+    assert text == service.generated[("keyword_query", donor.passage)]
+    assert service.donors == before
     assert sorted(before.values()) == sorted(before)  # still a permutation of the selection

@@ -53,9 +53,10 @@ def test_another_generator_gets_its_own_keys_and_leaves_the_scored_model_alone(o
     # The scored model is the seed-1 model in both sessions; the second session generated with the seed-0 one.
     assert own.model_info["seed"] == other.model_info["seed"] == 1
     assert own.model_id == other.model_id
-    assert own.generator.model_id == own.model_id and other.generator.model_id != own.model_id
+    own_gen, other_gen = own.surrogate_service.generator, other.surrogate_service.generator
+    assert own_gen.model_id == own.model_id and other_gen.model_id != own.model_id
     assert seen[0] == own.model_info["weights_sha256"] != seen[1]
-    assert not other.generator.is_scored_model and not other.generator.loaded  # released after generating
+    assert not other_gen.is_scored_model and not other_gen.loaded  # released after generating
 
     store = tmp_path / "store"
     entries = _entries(store)
@@ -65,20 +66,22 @@ def test_another_generator_gets_its_own_keys_and_leaves_the_scored_model_alone(o
         by_generator.setdefault(e["meta"]["model_id"], []).append(e)
         assert e["meta"]["template_name"] == "keyword_query"
         assert e["meta"]["prompt_tokens"] > 0 and 1 <= e["meta"]["generated_tokens"] <= 6 and e["meta"]["seconds"] >= 0
-    assert set(by_generator) == {own.model_id, other.generator.model_id}
-    assert {e["meta"]["generator"] for e in by_generator[other.generator.model_id]} == {"tiny_random_llama"}
+    assert set(by_generator) == {own.model_id, other_gen.model_id}
+    assert {e["meta"]["generator"] for e in by_generator[other_gen.model_id]} == {"tiny_random_llama"}
 
-    cost = other.generation_cost("keyword_query", "s1")
+    service, s1 = other.surrogate_service, other.sample("s1")
+    cost = service.document_cost("keyword_query", s1.passage)
     assert set(cost) == {"prompt_tokens", "shared_prompt_tokens", "generated_tokens", "seconds", "generator"}
-    assert cost["generator"] == other.generator.model_id and cost["prompt_tokens"] > 0
+    assert cost["generator"] == other_gen.model_id and cost["prompt_tokens"] > 0
     # The template's opening was encoded once and continued (the tiny tokenizer has no chat template: the
     # instruction alone is the shared part).
     assert 8 <= cost["shared_prompt_tokens"] < cost["prompt_tokens"]
-    assert other.generation_cost("generated:keyword_query", "s1") == cost
-    info = other.generation_info()
-    assert info["model"] == "tiny_random_llama" and info["model_id"] == other.generator.model_id
+    (spec,) = [s for s in other.specs.values() if s.surrogate == "generated:keyword_query"]
+    assert service.generation_cost(spec, s1) == cost
+    info = service.generation_info()
+    assert info["model"] == "tiny_random_llama" and info["model_id"] == other_gen.model_id
     assert info["scored_model"] is False and info["templates"] == ["keyword_query"]
-    assert other.generator_config.num_hidden_layers == 2
+    assert service.generator_config.num_hidden_layers == 2
 
 
 def test_stored_surrogates_load_no_generator(overrides, monkeypatch):
@@ -104,7 +107,7 @@ def test_entries_without_costs_still_load(overrides, tmp_path):
     again = Session.from_overrides(overrides)
     assert again.generate() == texts
     # An entry written before the shared prefix existed had its prompt prefilled whole: 0 shared tokens.
-    assert again.generation_cost("keyword_query", "s0") == {"prompt_tokens": None, "shared_prompt_tokens": 0,
+    assert again.surrogate_service.document_cost("keyword_query", again.sample("s0").passage) == {"prompt_tokens": None, "shared_prompt_tokens": 0,
                                                             "generated_tokens": None, "seconds": None,
                                                             "generator": again.model_id}
 

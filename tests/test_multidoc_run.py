@@ -63,17 +63,15 @@ def test_every_passage_gets_its_own_generated_surrogate(run_dir):
                                            "document_2"]
     spec = session.specs["primed_generated"]
     for i, passage in enumerate(sample.passages):
-        text = session.passage_generated[("target_question", passage)]
+        text = session.surrogate_service.generated[("target_question", passage)]
         want = session.tokenizer(spec.prefix_template.format(surrogate=text), add_special_tokens=False)["input_ids"]
         assert list(seg.spans[1 + 2 * i].ids) == want
     # the gold passage's surrogate is the sample's own (what the records and the quality table show)
-    gold = session.passage_generated[("target_question", sample.passage)]
+    gold = session.surrogate_service.generated[("target_question", sample.passage)]
     assert session.surrogates(sample)["primed_generated"] == gold
     # the cost of priming every passage is the sum of their generations, as scores.jsonl records it
-    from kvprime.surrogates import per_document
-
-    total = per_document.generation_cost(session, spec, sample)["prompt_tokens"]
-    gold_only = session.generation_cost("target_question", sample.sample_id)["prompt_tokens"]
+    total = session.surrogate_service.generation_cost(spec, sample)["prompt_tokens"]
+    gold_only = session.surrogate_service.document_cost("target_question", sample.passage)["prompt_tokens"]
     row = next(r for r in read_jsonl(run_dir[0] / "scores.jsonl")
                if r["sample_id"] == sample.sample_id and r["condition"] == "primed_generated")
     assert total == row["generation_prompt_tokens"] and gold_only < total < 4 * gold_only

@@ -94,9 +94,7 @@ def test_a_package_plugin_runs_and_reports_from_elsewhere(tmp_path, where, entry
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    """An empty plugin registry and search path, and the test's packages forgotten afterwards."""
-    monkeypatch.setattr(plugins, "_search_dirs", [])
-    monkeypatch.setattr(plugins, "_loaded", {})
+    """The test's packages forgotten afterwards (a load's search directories are its argument: nothing else to reset)."""
     monkeypatch.chdir(tmp_path)
     before = set(sys.modules)
     yield
@@ -117,9 +115,8 @@ def test_dotted_names_and_relative_imports_in_a_search_dir(fresh, tmp_path):
     study = tmp_path / "study"
     _package(study, "kvp_pkg_a", __init__="from .core import VALUE\n", core="from .deep import X\nVALUE = X + 1\n",
              deep="X = 41\n", user="import kvp_pkg_a.core as c\nfrom . import core\nSAME = c is core\n")
-    plugins.add_search_dirs([study])
-    assert plugins.load_one("kvp_pkg_a").VALUE == 42
-    user = plugins.load_one("kvp_pkg_a.user")
+    assert plugins.load_one("kvp_pkg_a", [study]).VALUE == 42
+    user = plugins.load_one("kvp_pkg_a.user", [study])
     assert user.SAME and user.__name__ == "kvp_pkg_a.user"  # a real package: absolute and relative imports agree
     assert "study" not in " ".join(sys.path)  # the user's folder was not put on sys.path
 
@@ -142,16 +139,13 @@ def test_a_later_process_imports_a_package_from_its_recorded_origin(fresh, tmp_p
     study = tmp_path / "study"
     _package(study, "kvp_pkg_d", __init__="from . import mod\n", mod="from . import helper\nWHO = helper.WHO\n",
              helper="WHO = 'from the study'\n")
-    plugins.add_search_dirs([study])
-    plugins.load(["kvp_pkg_d.mod"])
-    recorded = json.loads(json.dumps(plugins.origins(["kvp_pkg_d.mod"])))  # as plan.json keeps it
+    loaded = plugins.load_modules(["kvp_pkg_d.mod"], dirs=[study])
+    recorded = json.loads(json.dumps(plugins.origins(loaded)))  # as plan.json keeps it
     assert recorded == {"kvp_pkg_d.mod": str(study.resolve() / "kvp_pkg_d" / "mod.py")}
 
     # A new process: nothing imported, no --config-dir, another current directory.
     for name in [n for n in sys.modules if n.startswith("kvp_pkg_")]:
         del sys.modules[name]
-    monkeypatch.setattr(plugins, "_search_dirs", [])
-    monkeypatch.setattr(plugins, "_loaded", {})
     monkeypatch.chdir(tmp_path / "study" / "kvp_pkg_d")
     with pytest.raises(ConfigError, match="no module named 'kvp_pkg_d.mod'"):
         plugins.load(["kvp_pkg_d.mod"])

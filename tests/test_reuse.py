@@ -160,7 +160,7 @@ def test_registry_lists_every_source_and_a_plugin_registers_its_own():
             sources.validate_source("shouted:3", sources.STATIC_SURROGATES)
         assert "shouted:<n>" in sources.spellings()
     finally:
-        sources.SOURCE_REGISTRY.pop("shouted")
+        sources.SOURCE_REGISTRY.unregister("shouted")
 
 
 # ------------------------------------------------------------ the cluster bootstrap

@@ -101,7 +101,7 @@ def test_session_holds_the_runs_selection_and_pool(overrides):
 
     session = Session.from_overrides(overrides)
     assert [s.sample_id for s in session.samples] == [f"s{i}" for i in range(N_SELECTED)]
-    assert session.pool == [f"Where does river {i} flow?" for i in range(N_SELECTED)]
+    assert session.pool == tuple(f"Where does river {i} flow?" for i in range(N_SELECTED))
     assert session.sample().sample_id == "s0"
     assert session.sample("s5").sample_id == "s5"  # outside the selection, still inspectable ...
     texts = session.surrogates(session.sample("s5"), ["truncated_random"])

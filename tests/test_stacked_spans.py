@@ -77,6 +77,38 @@ def test_stacking_from_spans_equals_assembling_each_cache(variant, dtype):
     assert not torch.equal(hf.cache_layers(unmoved)[0][0], hf.cache_layers(eager[0])[0][0])
 
 
+def test_from_spans_false_assembles_each_cache_and_stacks_the_same_tensors():
+    """``from_spans=False`` (the bench's one-by-one timing) takes the per-cache way: every cache is assembled alone,
+    and the stack is the same bit for bit."""
+    model = tiny_model("llama", seed=1, vocab_size=VOCAB)
+    spec = hf.rope_spec(model)
+    src = _sources(model, 4)
+    spans = [hf.assemble(model, parts, spec) for parts in _recipes(src)]
+    per_cache = [hf.assemble(model, parts, spec) for parts in _recipes(src)]
+    a, a_mask = batch_caches.stack_caches(model, spans)
+    b, b_mask = batch_caches.stack_caches(model, per_cache, from_spans=False)
+    assert all(c.unassembled for c in spans) and not any(c.unassembled for c in per_cache)
+    assert torch.equal(a_mask, b_mask)
+    for (k, v), (rk, rv) in zip(hf.cache_layers(a), hf.cache_layers(b)):
+        assert torch.equal(k, rk) and torch.equal(v, rv)
+
+
+def test_extend_batch_passes_from_spans_to_its_stack():
+    """Continuing pasts with ``from_spans=False`` assembles them (the per-cache way) and gives the same caches."""
+    model = tiny_model("llama", seed=1, vocab_size=VOCAB)
+    spec = hf.rope_spec(model)
+    src = _sources(model, 4)
+    ids, pos, lengths = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([[6, 7, 8], [18, 19, 20]]), [3, 2]
+    out = {}
+    for from_spans in (True, False):
+        pasts = [hf.assemble(model, parts, spec) for parts in _recipes(src)[:2]]
+        out[from_spans] = batch_caches.extend_batch(model, pasts, ids, pos, lengths, from_spans=from_spans)
+        assert all(c.unassembled for c in pasts) == from_spans
+    for x, y in zip(out[True], out[False]):
+        for (k, v), (rk, rv) in zip(hf.cache_layers(x), hf.cache_layers(y)):
+            assert torch.equal(k, rk) and torch.equal(v, rv)
+
+
 def test_rotation_by_columns_equals_rotate_keys():
     """Each moved span equals ``rotate_keys`` of that span (the re-rotation the identity tests prove exact)."""
     model = tiny_model("llama", seed=1, vocab_size=VOCAB)
@@ -130,9 +162,13 @@ def test_stacking_from_spans_takes_a_fixed_number_of_operations_per_layer():
             for c in caches:
                 c.layers  # noqa: B018
             _reference_stack(caches, max(hf.cache_length(c) for c in caches))
-        counts[n] = (batched.n, one_by_one.n)
+        caches = [hf.assemble(model, parts, spec) for parts in _recipes(src) * (n // 4)]
+        with _CountOps() as switched_off:  # the bench's one-by-one timing
+            batch_caches.stack_caches(model, caches, from_spans=False)
+        counts[n] = (batched.n, one_by_one.n, switched_off.n)
     layers = model.config.num_hidden_layers
-    (b4, o4), (b32, o32) = counts[4], counts[32]
+    (b4, o4, s4), (b32, o32, s32) = counts[4], counts[32]
     assert o32 > 7 * o4 * 0.9  # one cache at a time: the work grows with the caches
+    assert s32 > 7 * s4 * 0.9 and s32 > 10 * b32  # from_spans=False is that way
     assert b32 == b4 and b32 < o32 / 10  # from spans: the same operations for 4 caches as for 32
     assert b32 <= 40 * layers

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import signal
 import sys
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import plugins
 from ..config.confdir import CONF_DIR, outputs_root, register_resolvers
 from ..errors import (
     Interrupted,
@@ -41,14 +38,13 @@ from ..pipeline import logs
 from ..pipeline.interrupts import StopSignal, stop_on_signals
 from ..pipeline.runner import RUN_FILES, run_experiment
 from ..reporting.report import rejection_counts
+from . import hydra_bridge
 from .failures import report_failure
 
 register_resolvers()  # before Hydra resolves hydra.run.dir
 
 log = logging.getLogger("kvprime")
-
-# The last single run's exit status (a run's failure is reported by kvprime, not raised through Hydra).
-LAST_EXIT = {"code": 0}
+COMMAND = "kvprime run"
 
 
 class JobFailed(Exception):
@@ -62,22 +58,27 @@ class JobFailed(Exception):
         return self.args[1] or f"exit status {self.code}"
 
 
-# An absolute path: Hydra resolves a relative one against the launching module, which breaks under `-m`.
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def job(cfg: DictConfig, argv: list[str]) -> int:
+    """One job Hydra composed (a run, or one job of a multirun): its exit status. A failed multirun job raises
+    ``JobFailed`` so that Hydra stops the sweep, as it stops on any job's error."""
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
     only = hc.runtime.choices.get("condition")
     only = None if only in (None, "null") else only
     multirun = hc.mode == RunMode.MULTIRUN
-    code, paragraph = run_job(cfg, run_dir, only=only, multirun=multirun)
-    LAST_EXIT["code"] = code
+    # A researcher's plugin modules may sit beside their configs (--config-dir, hydra.searchpath).
+    config_dirs = [s.path for s in hc.runtime.config_sources if s.schema == "file" and s.provider != "main"]
+    code, paragraph = run_job(cfg, Path(hc.runtime.output_dir), only=only, multirun=multirun,
+                              plugin_dirs=config_dirs, argv=argv)
     if code and multirun:
         raise JobFailed(code, paragraph)
+    return code
 
 
-def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool) -> tuple[int, str]:
-    """One run into ``run_dir``: (exit status, the paragraph printed when it did not succeed)."""
+def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool, plugin_dirs=(),
+            argv: list[str] | None = None) -> tuple[int, str]:
+    """One run into ``run_dir``: (exit status, the paragraph printed when it did not succeed). ``plugin_dirs``:
+    where its plugins are looked for besides the current directory; ``argv``: the command line its metadata
+    records."""
     log.info(f"kvprime: run directory {run_dir.resolve()}")
     claimed: dict = {"files": None, "latest": None, "outcome": None}
 
@@ -91,13 +92,10 @@ def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool)
     def on_failure(err: BaseException) -> None:  # called while the run still holds the directory's lock
         claimed["outcome"] = _settle(run_dir, err, ours=True, multirun=multirun, claimed=claimed)
 
-    # A researcher's plugin modules may sit beside their configs (--config-dir, hydra.searchpath).
-    plugins.add_search_dirs(s.path for s in HydraConfig.get().runtime.config_sources
-                            if s.schema == "file" and s.provider != "main")
     try:
         with stop_on_signals():
             results = run_experiment(cfg, run_dir, only=only, on_claimed=on_claimed, on_failure=on_failure,
-                                     condition_selected=only is not None)
+                                     condition_selected=only is not None, plugin_dirs=plugin_dirs, command=argv)
     except BaseException as err:  # noqa: BLE001 -- every way a job ends is reported below
         outcome = claimed["outcome"] or _settle(run_dir, err, ours=False, multirun=multirun, claimed=claimed)
         code, paragraph, undone = outcome
@@ -264,23 +262,23 @@ def run_hydra_app(args: list[str]) -> int:
             return report_failure(err)
     if key in paths:
         rundir.expect_created(Path(paths[key]))  # so a refused run removes only what it made
-    # Hydra re-raises instead of printing its own traceback; report_failure turns it into a paragraph.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     logs.quiet_libraries()
-    # lazy: run as `python -m kvprime.commands.app`, this module is __main__; Hydra's app and its state are these
-    from .app import LAST_EXIT, JobFailed, main
+    argv = [COMMAND, *args]
+    codes: list[int] = []  # this call's jobs' exit statuses (a multirun stops at the first failed one)
 
-    sys.argv = ["kvprime run", *args]
-    LAST_EXIT["code"] = 0
+    def task(cfg: DictConfig) -> None:  # defined here (in this module): Hydra names the job after its module
+        codes.append(job(cfg, argv))
+
     try:
-        main()
+        # An absolute config path: Hydra resolves a relative one against the launching module.
+        hydra_bridge.launch(list(args), task, config_dir=str(CONF_DIR), config_name="config", prog=COMMAND)
     except SystemExit as exc:  # --help, --cfg job, ...
         return exc.code if isinstance(exc.code, int) else 0
     except JobFailed as exc:  # a sweep job failed; its paragraph is printed and in its error.json
         return exc.code
     except BaseException as err:  # noqa: BLE001
         return report_failure(err)
-    return LAST_EXIT["code"]
+    return max(codes, default=0)
 
 
 if __name__ == "__main__":

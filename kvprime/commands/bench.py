@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import platform
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from ..cache import hf_internals as hf
 from ..files.results_io import write_atomic, write_json
 from ..models import loading
 from ..pipeline import metadata
-from ..pipeline.session import Session
+from ..pipeline.session import Session, engine_settings
 from ..pipeline.sharding import chunk_size
 from ..reporting.tables import markdown_table
 from ..surrogates.generation import GENERATION_TEMPLATES, generate
@@ -58,7 +57,8 @@ def matmul_size(device) -> int:
 
 def matmul_gflops(device="cpu", dtype=torch.float32, n: int | None = None, seconds: float = 2.0) -> float:
     """fp32 (or ``dtype``) matmul throughput of ``device`` on an ``n``-sided square product, over at least
-    ``seconds`` (one 2048^3 product on 2 shared cores measured anywhere from 109 to 167 GFLOP/s within minutes)."""
+    ``seconds`` (a shared machine's throughput moves from minute to minute: the bench measures it around each
+    stage)."""
     device = torch.device(device)
     n = n or matmul_size(device)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -147,8 +147,8 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True,
           one_by_one: bool | None = None) -> dict:
     """Both paths on the session that ``args`` (Hydra overrides, after ``DEFAULTS``) describe; returns what
     ``bench.json`` holds and, with ``out_dir``, writes it and ``bench.md`` there. ``one_by_one``: also time
-    kvprime's path with every cache assembled as it is built and stacked row by row (None: on a GPU only,
-    where that per-cache host work is what bounds a small model)."""
+    kvprime's path with every cache assembled alone and stacked row by row (None: on a GPU only, where that
+    per-cache host work is what bounds a small model)."""
     session = Session.from_overrides(args, defaults=DEFAULTS)
     with loading.loading_bars(bool(session.cfg["progress"])):
         return _measure(session, out_dir, progress, one_by_one)
@@ -156,9 +156,10 @@ def bench(args: list[str], out_dir: Path | None = None, progress: bool = True,
 
 def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | None) -> dict:
     cfg, specs, samples = session.cfg, session.specs, session.samples
+    service = session.surrogate_service
     model, tok = session.model, session.tokenizer
     config = model.config
-    batched_settings = session.generation_settings
+    batched_settings = service.generation_settings
     bcfg = cfg["batch"]  # resolved: numbers
     chunk = chunk_size(cfg)
     say = print if progress else (lambda *a, **k: None)
@@ -167,7 +168,7 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     n = matmul_size(device)
-    # The throughput a shared or throttled machine gives moves by 10-15% within minutes, so it is measured
+    # The throughput a shared or throttled machine gives moves within minutes, so it is measured
     # around each stage (before generation, before and after kvprime's encode+score, after the naive path) and
     # each stage's share is taken against the mean of the two measurements around it.
     peaks = [matmul_gflops(device, dtype, n)]
@@ -176,8 +177,8 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
 
     # Generated surrogates: batched vs one document at a time, same seeds, same outputs, on the run's generator
     # (generation.model; the scored model when it is null).
-    templates = session.templates()
-    gen_model, gen_tok = session.generator.load()[:2] if templates else (model, tok)
+    templates = service.templates()
+    gen_model, gen_tok = service.generator.load()[:2] if templates else (model, tok)
     docs = [s.passage for s in samples]
     # Untimed warm-up (kernel selection, allocator, lazy initialisation), so neither path pays for it.
     generate(gen_model, gen_tok, docs[:2], GENERATION_TEMPLATES["target_question"],
@@ -199,10 +200,11 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
             f"one at a time {gen['single']['s']:.1f} s")
     identical = all(v["batched"] == v["single"] for v in texts.values())
     # The texts just timed are the run's texts (seeded per document), so the session uses them, not the store.
-    session.generated.update({(t, s.sample_id): v["batched"][i] for t, v in texts.items()
-                              for i, s in enumerate(samples)})
-    session.generator.release()  # a separate generator's weights are not needed to score
-    engine = session.new_engine(CountingEngine)  # made as the run's engine is, counting its encodes
+    for template, v in texts.items():
+        service.remember(template, docs, v["batched"])
+    service.generator.release()  # a separate generator's weights are not needed to score
+    settings = engine_settings(cfg)  # every engine timed is made as the run's engine is
+    engine = CountingEngine(model, tok, **settings)
     work = [(s, name, spec) for s in samples for name, spec in specs.items()]
     by_sample = {s.sample_id: session.segments(s) for s in samples}
     segs = [by_sample[s.sample_id][name] for s, name, _ in work]
@@ -232,12 +234,12 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
     if one_by_one or (one_by_one is None and device.type == "cuda"):
         # Where per-cache host work bounds a small model: the same path with each cache assembled alone and copied
         # into its row when stacked (stack_from_spans=False), side by side.
-        per_cache, per_cache_s = kvprime_path(session.new_engine(partial(Engine, stack_from_spans=False)))
+        per_cache, per_cache_s = kvprime_path(Engine(model, tok, stack_from_spans=False, **settings))
         per_cache_diff = max(abs(a.nll - b.nll) for (_, a), (_, b) in zip(fast, per_cache))
         say(f"  kvprime encode+score, caches assembled one by one: {per_cache_s:.1f} s")
 
     # The naive path.
-    naive_engine = session.new_engine(NaiveEngine)
+    naive_engine = NaiveEngine(model, tok, **settings)
     t = time.perf_counter()
     slow = []
     for (s, name, spec), seg in zip(work, segs):
@@ -298,7 +300,8 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
         "end_to_end": {"naive_s": end_slow, "kvprime_s": end_fast, "speedup": end_slow / end_fast},
         "peak_rss_mb": {"after_kvprime_path": fast_rss, "after_both": metadata.peak_rss_mb()},
         "peak_gpu_mb": {"after_kvprime_path": fast_gpu,
-                        "after_both": torch.cuda.max_memory_allocated(device) / 2**20 if fast_gpu is not None else None},
+                        "after_both": (torch.cuda.max_memory_allocated(device) / 2**20
+                                       if fast_gpu is not None else None)},
         "batch": {"samples": chunk, "encode_tokens": bcfg["encode_tokens"], "score_tokens": bcfg["score_tokens"],
                   "generation_batch_size": batched_settings.batch_size},
     }
@@ -332,7 +335,8 @@ def render(r: dict) -> str:
     ]
     if es.get("per_cache_assembly_s"):
         rows.insert(1, ("encode + score, caches assembled one by one", f(es["naive_s"], ".1f") + " s",
-                        f(es["per_cache_assembly_s"], ".1f") + " s", f(es["naive_s"] / es["per_cache_assembly_s"]) + "x",
+                        f(es["per_cache_assembly_s"], ".1f") + " s",
+                        f(es["naive_s"] / es["per_cache_assembly_s"]) + "x",
                         f"{es['per_cache_assembly_nll_diff']:.1e}"))
     lines = [f"{r['experiment']} on {r['model']} ({r['device']}, {r['dtype']}, {r['torch_threads']} threads): "
              f"{r['samples']} samples x {r['conditions']} conditions", "",
@@ -341,7 +345,8 @@ def render(r: dict) -> str:
               f"{es['kvprime_encodes']} ({es.get('kvprime_encoded_tokens', 0):,} tokens; "
               f"{es.get('kvprime_continued_encodes', 0)} continued from a shared prefix, "
               f"batch.extend_prefixes={str(es.get('extend_prefixes')).lower()})",
-              f"- model work: naive {es['naive_gflop']:.1f} GFLOP ({100 * es['naive_share_of_matmul_peak']:.0f}% of the "
+              f"- model work: naive {es['naive_gflop']:.1f} GFLOP "
+              f"({100 * es['naive_share_of_matmul_peak']:.0f}% of the "
               f"matmul throughput), kvprime {es['useful_gflop']:.1f} GFLOP: {es['work_ratio']:.2f}x less work (the "
               "speed-up were both paths as efficient as kvprime's)",
               f"- minimum-work plan (every distinct token path encoded once, any shared opening continued): "

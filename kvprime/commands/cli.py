@@ -1,7 +1,8 @@
 """``kvprime``: the command line. Typer in front, Hydra underneath.
 
-This module imports neither torch nor transformers at load time: ``--help`` and the commands that load no model
-(report, merge, power, conditions, setup) run without them; the others import their modules when they start.
+This module imports no heavy library at load time (no torch, transformers, pandas, scipy or Hydra): ``--help`` stays
+fast, the commands that load no model (report, merge, power, conditions, setup) run without torch, and each command
+imports what it needs when it starts.
 """
 
 from __future__ import annotations
@@ -13,17 +14,8 @@ import typer
 import yaml
 
 from .. import assets
-from ..analysis.registry import ANALYSES
-from ..builders import BUILDERS
-from ..config import confdir
-from ..config.compose import compose
 from ..errors import ConfigError, KvprimeError, MissingFileError
 from ..files.rundir import locked_write, new_run_dir
-from ..reporting import finalize, power_plan
-from ..reporting.tables import markdown_table
-from ..scaleout.merge import expand_run_dirs, merge_runs
-from ..scaleout.sweep import is_sweep_dir, sweep_report
-from ..surrogates.sources import SOURCE_REGISTRY
 from .bench_scale import scale
 from .failures import report_failure
 
@@ -120,6 +112,8 @@ def surrogates_generate(ctx: typer.Context) -> None:
     kvprime surrogates generate experiment=exp01 dataset.n_samples=200
     A later `kvprime run` with the same model, data, templates and generation settings reuses them.
     """
+    # lazy: --help and unrelated commands stay fast (pandas/scipy/hydra)
+    from ..config.compose import compose
     from ..pipeline.session import fill_surrogate_store  # lazy: torch; model-free commands run without it
 
     counts = _guarded(lambda: fill_surrogate_store(compose(list(ctx.args))))
@@ -162,7 +156,7 @@ def bench(ctx: typer.Context,
     """
     from .bench import bench as run_bench  # lazy: torch; model-free commands run without it
 
-    out = Path(_guarded(new_run_dir, str(Path(confdir.outputs_root()) / "bench")))
+    out = _new_out_dir("bench")
     _guarded(run_bench, list(ctx.args), out_dir=out, one_by_one=one_by_one)
 
 
@@ -182,13 +176,22 @@ def bench_scale(n: str = typer.Option("1000,10000", "--n", help="The sample coun
         ns = [int(x) for x in n.split(",")]
         assert ns and all(x >= 1 for x in ns)
     except (ValueError, AssertionError):
-        _guarded(_refuse, f"--n {n!r} is not accepted: give positive sample counts separated by commas (e.g. 1000,10000).")
+        _guarded(_refuse, f"--n {n!r} is not accepted: give positive sample counts separated by commas "
+                          "(e.g. 1000,10000).")
     if shards < 0:
         _guarded(_refuse, f"--shards {shards} is not accepted: give 0 (no merge) or a positive number of shards.")
-    out = Path(_guarded(new_run_dir, str(Path(confdir.outputs_root()) / "bench-scale")))
+    out = _new_out_dir("bench-scale")
     record = _guarded(scale, out, ns, shards, list(args or []))
     typer.echo((out / "scale.md").read_text())
     typer.echo(f"kvprime: wrote {out}/scale.json ({len(record['rows'])} sizes)")
+
+
+def _new_out_dir(kind: str) -> Path:
+    """A new directory for a bench's outputs, under the output root's ``kind`` folder."""
+    # lazy: --help and unrelated commands stay fast (pandas/scipy/hydra)
+    from ..config.confdir import outputs_root
+
+    return Path(_guarded(new_run_dir, str(Path(outputs_root()) / kind)))
 
 
 def _refuse(message: str):
@@ -202,6 +205,10 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (`kvprime r
 
     For a sweep directory: sweep_summary.csv, jobs.csv, sweep_effect.png and sweep_report.md over its jobs,
     with the failed jobs and why."""
+    # lazy: --help and unrelated commands stay fast (pandas/scipy/hydra)
+    from ..reporting import finalize
+    from ..scaleout.sweep import is_sweep_dir, sweep_report
+
     if not (run_dir / "config.json").exists() and is_sweep_dir(run_dir):
         result = _guarded(locked_write, run_dir, "report", "the sweep directory", lambda: sweep_report(run_dir))
         counts = ", ".join(f"{n} {s}" for s, n in result["counts"].items() if n)
@@ -229,6 +236,10 @@ def power(run_dir: Path = typer.Argument(..., help="A finished run directory (a 
     t-test at --alpha and --power), n_for_equivalence (TOST within the margin when the true difference is 0),
     and the MDE at the pilot's own n. Per test: Holm's adjustment over many tests needs more.
     """
+    # lazy: --help and unrelated commands stay fast (pandas/scipy/hydra)
+    from ..reporting import power_plan
+    from ..reporting.tables import markdown_table
+
     if not run_dir.is_dir():
         _guarded(_missing, run_dir)
     table, used = _guarded(power_plan.plan, run_dir, effect=effect, power=power_, alpha=alpha, margin=margin)
@@ -258,6 +269,9 @@ def merge(run_dirs: List[Path] = typer.Argument(..., help="The shards' run direc
     kvprime run -m run.num_shards=3 run.shard=0,1,2 [overrides]
     kvprime merge outputs/multirun/exp21/<timestamp> --out outputs/exp21/merged
     """
+    # lazy: --help and unrelated commands stay fast (pandas/scipy/hydra)
+    from ..scaleout.merge import expand_run_dirs, merge_runs
+
     results = _guarded(lambda: merge_runs(expand_run_dirs(run_dirs), out, overwrite=overwrite))
     m = results["merge"]
     typer.echo(f"kvprime: merged {m['num_shards']} shards ({m['n_samples']} samples, {m['score_lines']} scores) "
@@ -267,6 +281,12 @@ def merge(run_dirs: List[Path] = typer.Argument(..., help="The shards' run direc
 @app.command()
 def conditions() -> None:
     """List the registered cache builders, conditions and experiments, one line each."""
+    # lazy: --help and unrelated commands stay fast (pandas/scipy/hydra)
+    from ..analysis.registry import ANALYSES
+    from ..builders import BUILDERS
+    from ..config import confdir
+    from ..surrogates.sources import SOURCE_REGISTRY
+
     typer.echo("builders (settings in brackets):")
     for name, info in sorted(BUILDERS.items()):
         typer.echo(f"  {name:<20} {info.doc} [{', '.join(info.param_names()) or '-'}]")
@@ -280,7 +300,7 @@ def conditions() -> None:
             detail += f" rope_fix={cfg.get('rope_fix')}"
         typer.echo(f"  {name:<{width}}  {detail:<70} {cfg.get('description', '')}")
     typer.echo("surrogate sources (surrogate: in a condition):")
-    for info in SOURCE_REGISTRY.values():
+    for _, info in SOURCE_REGISTRY.items():
         typer.echo(f"  {info.spelling:<28} {info.doc}")
     typer.echo("analyses (experiment.analyses):")
     for name, info in sorted(ANALYSES.items()):

@@ -48,7 +48,7 @@ def walkthrough(args: list[str]) -> dict:
     baseline = exp["baseline"]
     print(f"sample {sample.sample_id}\n  query:   {sample.query}\n  answer:  {sample.answer}\n"
           f"  passage: {sample.passage[:300]}{'...' if len(sample.passage) > 300 else ''}")
-    generator = session.generation_info()
+    generator = session.surrogate_service.generation_info()
     if generator is not None:
         print(f"  generated surrogates written by {generator['model']}"
               f"{' (the scored model)' if generator['scored_model'] else ''}")

@@ -3,8 +3,14 @@ published as ``kvprime.plugins`` entry points) are imported before anything is c
 builders, surrogate sources or analyses as they import.
 
 A plugin is a module name (importable, or a ``.py`` file or a package folder with ``__init__.py`` in one of the
-search directories: the current directory and the folders given with ``--config-dir`` / ``hydra.searchpath``;
-``mypkg.builders`` names a module inside such a package) or a path to a ``.py`` file.
+search directories: the current directory and the folders each load is given, a run's ``--config-dir`` /
+``hydra.searchpath`` folders; ``mypkg.builders`` names a module inside such a package) or a path to a ``.py`` file.
+
+Nothing is kept between loads but ``sys.modules`` itself: the search directories are an argument of each load, so
+two runs in one process (a multirun's jobs) with different config folders each find only their own plugins. A
+module file is imported under a name derived from its path (two ``plug.py`` in different folders stay apart), and
+a package from a folder is marked with that folder, so a later load whose search directories do not hold it does
+not find it.
 
 A package is imported under its own name with the standard path finder limited to the one folder that holds
 it, so its relative and absolute imports of itself work as if it were installed, while nothing else in the
@@ -19,29 +25,33 @@ import importlib.machinery
 import importlib.metadata
 import importlib.util
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import ConfigError
 
 ENTRY_POINT_GROUP = "kvprime.plugins"
-_search_dirs: list[Path] = []
-_loaded: dict[str, object] = {}
+# Set on a package imported from a folder: the folder, so that only a load searching that folder finds it again.
+FOLDER_MARK = "__kvprime_plugin_folder__"
 
 
-def add_search_dirs(dirs) -> None:
-    """Folders to look for plugin modules and packages in besides the current directory (the run's config folders)."""
-    for d in dirs:
+def search_dirs(dirs=()) -> list[Path]:
+    """Where a load looks for plugin modules and packages: the current directory, then ``dirs`` (resolved, once)."""
+    out: list[Path] = []
+    for d in [Path.cwd(), *dirs]:
         p = Path(d).expanduser().resolve()
-        if p not in _search_dirs:
-            _search_dirs.append(p)
+        if p not in out:
+            out.append(p)
+    return out
 
 
 def _from_file(path: Path, label: str):
     path = path.resolve()
-    if str(path) in _loaded:  # the same file named twice (as a module and as a path): imported once
-        return _loaded[str(path)]
-    # A name per file, so two plugins both called plug.py in different folders do not replace each other.
+    # A name per file, so two plugins both called plug.py in different folders do not replace each other; the same
+    # file named twice (as a module and as a path) is imported once.
     name = f"kvprime_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -50,7 +60,6 @@ def _from_file(path: Path, label: str):
     except Exception as err:
         sys.modules.pop(name, None)
         raise ConfigError(f"plugins: {label} ({path}) failed while importing: {type(err).__name__}: {err}") from err
-    _loaded[str(path)] = module
     return module
 
 
@@ -63,6 +72,8 @@ def _package_dir(folder: Path, top: str) -> Path | None:
 
 def _installed_elsewhere(top: str, pkg: Path) -> bool:
     """Whether ``top`` imports from somewhere other than ``pkg`` (an installed package wins, as for modules)."""
+    if getattr(sys.modules.get(top), FOLDER_MARK, None) is not None:
+        return False  # imported from a plugin folder by an earlier run, not installed
     try:
         spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):  # a half-imported module in sys.modules: not a usable installed one
@@ -76,9 +87,12 @@ def _from_package(folder: Path, entry: str):
     name so that its imports of itself resolve."""
     top = entry.split(".")[0]
     label = f"{entry!r} (package {folder / top})"
+    if top in sys.modules and getattr(sys.modules[top], FOLDER_MARK, None) not in (None, str(folder)):
+        _forget(top)  # the package of that name another run found in another folder: this run's is this folder's
     if top not in sys.modules:
         spec = importlib.machinery.PathFinder.find_spec(top, [str(folder)])
         module = importlib.util.module_from_spec(spec)
+        setattr(module, FOLDER_MARK, str(folder))
         sys.modules[top] = module
         try:
             spec.loader.exec_module(module)
@@ -104,10 +118,10 @@ def _forget(name: str) -> None:
         sys.modules.pop(key, None)
 
 
-def _from_search_dirs(entry: str):
-    """``entry`` from the first search directory that holds it as a package or a module file, else None."""
+def _from_search_dirs(entry: str, dirs: list[Path]):
+    """``entry`` from the first of ``dirs`` that holds it as a package or a module file, else None."""
     top = entry.split(".")[0]
-    for d in [Path.cwd(), *_search_dirs]:
+    for d in dirs:
         pkg = _package_dir(d, top)
         if pkg is not None:
             return None if _installed_elsewhere(top, pkg) else _from_package(d, entry)
@@ -117,36 +131,34 @@ def _from_search_dirs(entry: str):
     return None
 
 
-def load_one(entry: str):
-    """Import one plugin (once per process) and return the module."""
-    if entry in _loaded:
-        return _loaded[entry]
+def load_one(entry: str, dirs=()):
+    """Import one plugin (a module already imported is taken from ``sys.modules``) and return the module.
+    ``dirs``: the folders to search besides the current directory."""
+    where = search_dirs(dirs)
     as_path = Path(entry).expanduser()
     if entry.endswith(".py"):
-        candidates = [as_path] if as_path.is_absolute() else [Path.cwd() / as_path] + [d / as_path
-                                                                                       for d in _search_dirs]
+        candidates = [as_path] if as_path.is_absolute() else [d / as_path for d in where]
         for path in candidates:
             if path.is_file():
-                _loaded[entry] = _from_file(path.resolve(), repr(entry))
-                return _loaded[entry]
+                return _from_file(path.resolve(), repr(entry))
         raise ConfigError(f"plugins: the file {entry!r} was not found (looked in {', '.join(map(str, candidates))}).")
-    local = _from_search_dirs(entry)
+    local = _from_search_dirs(entry, where)
     if local is not None:
-        _loaded[entry] = local
         return local
+    top = entry.split(".")[0]
     try:
-        _loaded[entry] = importlib.import_module(entry)
+        if getattr(sys.modules.get(top), FOLDER_MARK, None) is not None:  # another run's folder, not searched here
+            raise ModuleNotFoundError(name=top)
+        return importlib.import_module(entry)
     except ModuleNotFoundError as err:
         if err.name and entry.startswith(err.name):
-            top = entry.split(".")[0]
             raise ConfigError(f"plugins: no module named {entry!r} (not importable, and neither "
                               f"{entry.replace('.', '/')}.py nor a package folder {top}/ with __init__.py in "
-                              f"{', '.join(str(d) for d in [Path.cwd(), *_search_dirs])}). Accepted: a module "
-                              "or package name, or a path to a .py file.") from None
+                              f"{', '.join(map(str, where))}). Accepted: a module or package name, or a path to a "
+                              ".py file.") from None
         raise ConfigError(f"plugins: {entry!r} failed while importing: {err}") from err
     except Exception as err:
         raise ConfigError(f"plugins: {entry!r} failed while importing: {type(err).__name__}: {err}") from err
-    return _loaded[entry]
 
 
 def _recorded_package(entry: str, origin: Path) -> Path | None:
@@ -163,41 +175,44 @@ def _recorded_package(entry: str, origin: Path) -> Path | None:
     return folder if _package_dir(folder, parts[0]) is not None else None
 
 
-def origins(entries=()) -> dict[str, str | None]:
-    """Where each loaded plugin came from (its file), recorded in a run's plan.json so that ``kvprime report``
-    in a later process, without the run's --config-dir, imports the same files."""
-    return {str(e): getattr(_loaded.get(str(e)), "__file__", None) for e in entries or ()}
+def origins(modules: Mapping[str, object]) -> dict[str, str | None]:
+    """Where each loaded plugin came from (its file; ``modules`` as ``load_modules`` returns them), recorded in a
+    run's plan.json so that ``kvprime report`` in a later process, without the run's --config-dir, imports the same
+    files."""
+    return {entry: getattr(module, "__file__", None) for entry, module in modules.items()}
 
 
-def load(entries=(), recorded: dict | None = None) -> list[str]:
-    """Import every installed ``kvprime.plugins`` entry point and each of ``entries`` (from the file
-    ``recorded`` names for it, when that file is still there); returns what was loaded."""
-    recorded = recorded or {}
-    done = []
+def load_modules(entries=(), recorded: Mapping | None = None, *, dirs=()) -> dict[str, object]:
+    """Import every installed ``kvprime.plugins`` entry point and each of ``entries`` (from the file ``recorded``
+    names for it, when that file is still there; else from the current directory, ``dirs`` or the installed
+    modules); returns entry -> module for ``entries``, in their order."""
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if f"entry point {ep.name}" not in _loaded:
-            try:
-                _loaded[f"entry point {ep.name}"] = ep.load()
-            except Exception as err:
-                raise ConfigError(f"plugins: the installed entry point {ep.name!r} ({ep.value}) failed while "
-                                  f"importing: {type(err).__name__}: {err}") from err
-        done.append(f"entry point {ep.name}")
-    for entry in entries or ():
-        entry = str(entry)
+        try:
+            ep.load()  # imported once: Python keeps it in sys.modules
+        except Exception as err:
+            raise ConfigError(f"plugins: the installed entry point {ep.name!r} ({ep.value}) failed while "
+                              f"importing: {type(err).__name__}: {err}") from err
+    recorded = recorded or {}
+    modules = {}
+    for entry in map(str, entries or ()):
         origin = recorded.get(entry)
-        if entry not in _loaded and origin and Path(origin).is_file():
-            _load_recorded(entry, Path(origin))
-        load_one(entry)
-        done.append(entry)
-    return done
+        module = _load_recorded(entry, Path(origin)) if origin and Path(origin).is_file() else None
+        modules[entry] = module if module is not None else load_one(entry, dirs)
+    return modules
 
 
-def _load_recorded(entry: str, origin: Path) -> None:
-    """Import ``entry`` from where a run found it (``origin``), unless an installed module of that name wins."""
+def load(entries=(), recorded: Mapping | None = None, *, dirs=()) -> list[str]:
+    """``load_modules``, returning what was loaded: the entry points (``entry point <name>``), then ``entries``."""
+    modules = load_modules(entries, recorded, dirs=dirs)
+    points = [f"entry point {ep.name}" for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
+    return [*points, *modules]
+
+
+def _load_recorded(entry: str, origin: Path):
+    """``entry`` imported from where a run found it (``origin``), or None where an installed module of that name
+    wins."""
     top = entry.split(".")[0]
     folder = _recorded_package(entry, origin)
     if folder is not None:
-        if not _installed_elsewhere(top, folder / top):
-            _loaded[entry] = _from_package(folder, entry)
-    elif importlib.util.find_spec(top) is None:
-        _loaded[entry] = _from_file(origin, repr(entry))
+        return None if _installed_elsewhere(top, folder / top) else _from_package(folder, entry)
+    return _from_file(origin, repr(entry)) if importlib.util.find_spec(top) is None else None

@@ -1,12 +1,12 @@
 """Surrogate-to-query cosine similarity with all-MiniLM-L6-v2 (the notebooks' embedding model), offline.
 
-The model comes from the packaged asset (`kvprime setup`); sentence-transformers loads it from that folder
-with the hub switched off, so a missing asset is an error, never a download attempt.
+The model comes from the packaged asset (`kvprime setup`); sentence-transformers loads it from that folder with
+``local_files_only=True``, so a missing asset is an error, never a download attempt, and the process's environment
+is left as it was.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,11 +21,11 @@ class Embedder:
     @property
     def model(self):
         if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            # lazy: sentence_transformers is heavy, and reads HF_HUB_OFFLINE when first imported
+            # lazy: sentence_transformers and torch; data loading and reports import this module without them
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(self.folder or str(assets.fetch("all_minilm_l6_v2")), device=self.device)
+            folder = self.folder or str(assets.fetch("all_minilm_l6_v2"))
+            self._model = SentenceTransformer(folder, device=self.device, local_files_only=True)
         return self._model
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -8,7 +8,7 @@ import platform
 import resource
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -100,10 +100,12 @@ def sample_ids_sha256(ids) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
-def environment(device) -> dict:
+def environment(device, argv: Sequence[str] | None = None) -> dict:
+    """Where the run ran: the platform, the device, the command line (``argv``, default this process's) and torch's
+    threads."""
     import torch  # lazy: torch; `kvprime merge` reads and joins run records through this module
 
-    env = {"platform": platform.platform(), "device": str(device), "argv": sys.argv,
+    env = {"platform": platform.platform(), "device": str(device), "argv": list(sys.argv if argv is None else argv),
            "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name(0)

@@ -1,5 +1,7 @@
 """What a run is, before any model loads: its checked settings, its conditions (the experiment's, or one and
-the baseline), its named comparisons, this job's samples, and every check that needs no weights.
+the baseline), its named comparisons, the selection and this job's samples, the random-query pool, the surrogate
+sources' prepared state, and every check that needs no weights. ``prepare`` returns it as a ``RunPlan``, which
+every later stage reads by attribute and which writes the run's plan.json.
 
 The commands that must not import torch use what this module builds on, not this module: the named comparisons
 (``kvprime.config.comparisons``) and the chunks and shards of the selection (``kvprime.pipeline.sharding``).
@@ -9,28 +11,64 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..analysis.registry import validate_analyses
 from ..analysis.routing import validate as validate_routing
 from ..builders import BUILDERS
-from ..builders.conditions import ConditionSpec, validate
+from ..builders.conditions import ConditionSpec, builder_notes, validate
 from ..cache import batching
 from ..cache import hf_internals as hf
 from ..config import confdir, plugins, settings
 from ..config.comparisons import comparisons_for
-from ..data import OPTIONS, load_samples
+from ..data import OPTIONS, LoadResult, load_samples
 from ..data.passages import groups
 from ..errors import RunError
 from ..files import rundir
+from ..files.results_io import write_json
 from ..models import loading
 from ..surrogates import sources
 from ..surrogates.generator import generator_model_cfg
 from ..surrogates.store import SurrogateStore
 from .sharding import chunk_size, grouped, shard
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run's plan, made before any model loads (``prepare``), read by every later stage by attribute."""
+
+    cfg: dict  # the checked settings (batch sizes resolved to numbers)
+    conditions: Mapping[str, ConditionSpec]  # name -> spec, in run order
+    comparisons: tuple[dict, ...]  # the experiment's named comparisons among this run's conditions and routes
+    selection: LoadResult  # every selected sample (the whole selection, not the shard) and the rejections
+    samples: tuple  # this job's samples (its shard of the selection)
+    pool: tuple[str, ...]  # the random-query pool: the whole selection's queries, not the shard's
+    model: Mapping  # the scored model's settings (cfg["model"])
+    generator_model: Mapping  # the settings of the model that writes generated surrogates
+    plugins: Mapping[str, str | None]  # each loaded plugin -> the file it came from
+    only: str | None  # condition=<name>: that condition and the baseline
+    grouped: bool  # dataset.group_by_passage: questions grouped by passage
+    surrogate_sources: sources.PreparedSources  # each source's state and the donors, over the whole selection
+    load_data_s: float = 0.0  # seconds spent loading and selecting the data
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg["seed"])
+
+    def record(self) -> dict:
+        """plan.json's content: what ``kvprime report`` and ``kvprime merge`` read without the run's code (the
+        conditions as their YAML, the builders' notes, the plugins' files). Its keys and their order are the run
+        directory's format: shards' plan.json files are compared byte for byte."""
+        return {"only": self.only, "conditions": {n: s.to_dict() for n, s in self.conditions.items()},
+                "builder_notes": builder_notes(self.conditions), "plugins": dict(self.plugins)}
+
+    def write(self, run_dir: Path) -> None:
+        write_json(Path(run_dir) / "plan.json", self.record())
 
 
 def plain(cfg) -> dict:
@@ -89,19 +127,44 @@ def _check_source(surrogate: str) -> None:
     sources.validate_source(surrogate, sources.STATIC_SURROGATES)
 
 
-def prepare(cfg, only: str | None = None, *, condition_selected: bool | None = None) -> dict:
+def prepare(cfg, only: str | None = None, *, condition_selected: bool | None = None,
+            plugin_dirs: Sequence = ()) -> RunPlan:
     """Every check that needs no model and writes nothing: settings, conditions, routing, comparisons, RoPE
-    support, and the data (loaded and selected here, so a data problem is reported before any write).
+    support, and the data (loaded and selected here, so a data problem is reported before any write), and the
+    surrogate sources' state over the selection (a source the selection cannot serve is refused here).
     ``condition_selected``: whether the command line selected one condition (``condition=<name>``; False refuses
-    ``condition.*`` keys, which nothing would read; None: not judged). Returns the resolved config (batch sizes as numbers), the condition specs and this job's samples."""
+    ``condition.*`` keys, which nothing would read; None: not judged). ``plugin_dirs``: where the run's plugins are
+    looked for besides the current directory (its config folders)."""
     checked = settings.check(plain(cfg), condition_selected=condition_selected, loader_options=OPTIONS)
     cfg = batching.resolve(checked)
-    plugins.load(cfg["plugins"])  # before the conditions: they may name a plugin's builder
+    loaded_plugins = plugins.load_modules(cfg["plugins"], dirs=plugin_dirs)  # first: conditions may name theirs
     exp = cfg["experiment"]
     if "per_passage" in validate_analyses(exp.get("analyses")) and not grouped(cfg):
         raise RunError("experiment.analyses names per_passage, which needs the passage of every question, but "
                        "dataset.group_by_passage=false. Accepted: dataset.group_by_passage=true, or drop per_passage.")
     specs = plan_conditions(cfg, only)
+    comparisons = _comparisons(cfg, specs, only)
+    _check_store(cfg, specs)
+    generator = generator_model_cfg(cfg)  # generation.model names a usable conf/model config (nothing loaded)
+    _check_rope(cfg, specs)
+    t = time.perf_counter()
+    loaded = load_samples({**cfg["dataset"]}, multidoc=cfg["multidoc"])
+    samples = shard(loaded.samples, cfg.get("run") or {}, chunk_size(cfg), grouped=grouped(cfg))
+    if not samples:
+        raise RunError(f"dataset {cfg['dataset']['name']!r} gave no usable samples "
+                       f"({len(loaded.rejected)} rejected; e.g. {loaded.rejected[:3]}).")
+    # A donor, a sibling: said before the model loads, and computed once for every later stage.
+    prepared = sources.prepare_all((s.surrogate for s in specs.values()), loaded.samples, cfg["seed"])
+    _check_random_pool(cfg, specs, loaded.samples)
+    return RunPlan(cfg=cfg, conditions=MappingProxyType(specs), comparisons=tuple(comparisons), selection=loaded,
+                   samples=tuple(samples), pool=tuple(s.query for s in loaded.samples), model=cfg["model"],
+                   generator_model=generator, plugins=MappingProxyType(plugins.origins(loaded_plugins)), only=only,
+                   grouped=grouped(cfg), surrogate_sources=prepared, load_data_s=time.perf_counter() - t)
+
+
+def _comparisons(cfg: Mapping, specs: Mapping, only: str | None) -> list[dict]:
+    """The routing rules checked (a whole run only) and the named comparisons among the run's conditions."""
+    exp = cfg["experiment"]
     derived = [dict(r) for r in exp.get("derived") or []]
     if only is None:
         validate_routing(derived, list(specs))
@@ -109,28 +172,17 @@ def prepare(cfg, only: str | None = None, *, condition_selected: bool | None = N
             raise RunError(f"experiment {exp['name']!r} routes by similarity (pick: max_similarity) but computes none; "
                            "set experiment.similarity=true.")
     names = list(specs) + [r["name"] for r in derived]
-    comparisons_for(exp, {**(cfg.get("conditions") or {}), **{r["name"]: r for r in derived}}, names)
-    _check_store(cfg, specs)
-    generator_model_cfg(cfg)  # generation.model names a usable conf/model config (nothing loaded or fetched)
+    return comparisons_for(exp, {**(cfg.get("conditions") or {}), **{r["name"]: r for r in derived}}, names)
+
+
+def _check_rope(cfg: Mapping, specs: Mapping) -> None:
+    """Each builder declares the RoPE correction its settings need; the model's config must support it."""
     mconf = loading.model_config(cfg["model"])
-    for spec in specs.values():  # each builder declares the RoPE correction its settings need
+    for spec in specs.values():
         info = BUILDERS[spec.builder]
         needed = info.rope_fix(info.make_params(spec.builder_params, f"condition {spec.name!r}"))
         if needed is not None:
             hf.check_config_supports(mconf, needed)
-    t = time.perf_counter()
-    loaded = load_samples({**cfg["dataset"]}, multidoc=cfg["multidoc"])
-    samples = shard(loaded.samples, cfg.get("run") or {}, chunk_size(cfg), grouped=grouped(cfg))
-    if not samples:
-        raise RunError(f"dataset {cfg['dataset']['name']!r} gave no usable samples "
-                       f"({len(loaded.rejected)} rejected; e.g. {loaded.rejected[:3]}).")
-    for source in dict.fromkeys(s.surrogate for s in specs.values()):
-        sources.prepare(source, loaded.samples, cfg["seed"])  # a donor, a sibling: said before the model loads
-    _check_random_pool(cfg, specs, loaded.samples)
-    pool = [s.query for s in loaded.samples]  # random queries come from the whole selection, not the shard
-    return {"cfg": cfg, "specs": specs, "only": only, "loaded": loaded, "samples": samples, "pool": pool,
-            "grouped": grouped(cfg),
-            "load_data_s": time.perf_counter() - t}
 
 
 def _check_random_pool(cfg: Mapping, specs: Mapping, selection: list) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from itertools import zip_longest
 from pathlib import Path
@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 
 from ..analysis import cost
 from ..builders import floor as numerical_floor
-from ..builders.conditions import builder_notes
-from ..config import plugins, settings
+from ..config import settings
 from ..data import OPTIONS
 from ..data.passages import passage_id
 from ..errors import RunDirError, RunError
@@ -30,7 +29,6 @@ from ..files import rundir
 from ..files.results_io import ScoreLog, dumps, iter_jsonl, remove_stale_temps, write_json, write_jsonl
 from ..models import loading
 from ..reporting import finalize
-from ..surrogates import per_document
 from . import interrupts, metadata
 from .answering import answer_fields
 from .inspect import inspect_pair
@@ -116,11 +114,11 @@ def _complete(run_dir: Path, samples, names) -> bool:
     return all((s.sample_id, n) in done for s in samples if s.sample_id not in skipped for n in names)
 
 
-def _row(sample, name, seg, primed, score, resolved, similarity, save_tokens, per_token, cost) -> dict:
+def _row(sample, name, seg, primed, score, surrogate, similarity, save_tokens, per_token, cost) -> dict:
     row = {"sample_id": sample.sample_id, "condition": name, "nll": score.nll, "nll_sum": score.nll_sum,
            "n_answer_tokens": score.n_answer_tokens, "cache_len": len(primed), "next_position": primed.next_position,
            "encoded_tokens": primed.encoded_tokens, "prompt_tokens": len(seg.prompt),
-           "surrogate": resolved[sample.sample_id][name],
+           "surrogate": surrogate,
            "similarity": similarity.get(sample.sample_id, {}).get(name), **cost,
            **primed.notes.get("query_work", {})}  # a recompute's query-time work (kvprime.analysis.cost)
     if not score.finite:
@@ -175,15 +173,18 @@ def claim(run_dir: Path, cfg: Mapping, command: str = "run"):
 
 
 def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | None = None,
-                   on_claimed=None, on_failure=None, condition_selected: bool | None = None) -> dict:
+                   on_claimed=None, on_failure=None, condition_selected: bool | None = None,
+                   plugin_dirs: Sequence = (), command: Sequence[str] | None = None) -> dict:
     """Run ``cfg`` (a Hydra/OmegaConf config or plain dict) into ``run_dir``; returns ``results.json``'s dict.
 
     Nothing is written before every model-free check has passed and the directory is locked for this run;
     ``on_claimed(run_dir)`` is called once it is (the CLI writes Hydra's record of the run there), and
     ``on_failure(err)`` when the run then fails, still under the lock, so what a failed run leaves behind is
-    settled before another command can take the directory."""
+    settled before another command can take the directory. ``plugin_dirs``: where plugins are looked for besides
+    the current directory (the CLI passes the run's config folders); ``command``: the command line metadata.json
+    records (default ``sys.argv``)."""
     t0 = time.perf_counter()
-    session = Session(prepare(cfg, only, condition_selected=condition_selected))
+    session = Session(prepare(cfg, only, condition_selected=condition_selected, plugin_dirs=plugin_dirs))
     check_lengths(session)
     run_dir = Path(run_dir)
     with claim(run_dir, session.cfg, "resume" if session.cfg.get("resume") else "run"):
@@ -192,7 +193,7 @@ def run_experiment(cfg, run_dir, *, only: str | None = None, progress: bool | No
                 on_claimed(run_dir)
             shown = session.cfg["progress"] if progress is None else progress
             with loading.loading_bars(shown):
-                results = _execute(session, run_dir, progress, t0)
+                results = _execute(session, run_dir, progress, t0, command)
         except BaseException as err:
             if on_failure is not None:
                 on_failure(err)
@@ -211,8 +212,8 @@ def check_lengths(session) -> None:
     store lacks, whose length is known only once the generator has written it, which needs its weights."""
     if session.cfg["on_too_long"] != "error":
         return
-    session.read_stored(session.samples)
-    for sample in session.samples:
+    for sample in session.samples:  # one at a time: what is read for the check stays for the run
+        session.surrogate_service.read_stored([sample])
         reason = _too_long(session.checks_engine, session.specs, session.known_segments(sample))
         if reason is not None:
             raise _too_long_error(sample, reason)
@@ -233,10 +234,11 @@ def _too_long_error(sample, reason: str) -> RunError:
                     "count such samples).")
 
 
-def _execute(session, run_dir: Path, progress: bool | None, t0: float) -> dict:
+def _execute(session, run_dir: Path, progress: bool | None, t0: float, command: Sequence[str] | None) -> dict:
     timings: dict[str, float] = {}
     peaks: dict[str, int] = {}  # the process's peak resident memory after each stage (MB; it never goes down)
-    cfg, specs, only = session.cfg, session.specs, session.only
+    plan, service = session.plan, session.surrogate_service
+    cfg, specs = plan.cfg, plan.conditions
     exp = cfg["experiment"]
     seed = cfg["seed"]
     progress = cfg["progress"] if progress is None else progress
@@ -244,13 +246,11 @@ def _execute(session, run_dir: Path, progress: bool | None, t0: float) -> dict:
     if not (run_dir / "config.json").exists() and not (run_dir / metadata.VERSION_FILE).exists():
         write_json(run_dir / metadata.VERSION_FILE, metadata.identity())  # once: the kvprime that started the run
     write_json(run_dir / "config.json", cfg)
-    write_json(run_dir / "plan.json", {"only": only, "conditions": {n: s.to_dict() for n, s in specs.items()},
-                                       "builder_notes": builder_notes(specs),
-                                       "plugins": plugins.origins(cfg["plugins"])})
-    timings["validate"] = time.perf_counter() - t0 - session.load_data_s
+    plan.write(run_dir)
+    timings["validate"] = time.perf_counter() - t0 - plan.load_data_s
 
-    loaded, samples = session.loaded, session.samples
-    timings["load_data"] = session.load_data_s
+    loaded, samples = plan.selection, plan.samples
+    timings["load_data"] = plan.load_data_s
     if cfg.get("resume") and _complete(run_dir, samples, list(specs)):
         return finalize.finalize(run_dir)  # a finished job in a rerun sweep: nothing to load, nothing to score
 
@@ -269,7 +269,6 @@ def _execute(session, run_dir: Path, progress: bool | None, t0: float) -> dict:
     session.generate(progress=progress)
     timings["generate_surrogates"] = time.perf_counter() - t
     peaks["generate_surrogates"] = metadata.peak_rss_mb()
-    resolved = session.resolved()
     t = time.perf_counter()
     similarity = session.similarities() if exp.get("similarity") else {}
     timings["similarity"] = time.perf_counter() - t
@@ -277,7 +276,7 @@ def _execute(session, run_dir: Path, progress: bool | None, t0: float) -> dict:
 
     def inputs():  # one line at a time: a run's memory must not grow with its samples
         for s in samples:
-            yield {**s.to_dict(), "surrogates": resolved[s.sample_id], "similarity": similarity.get(s.sample_id, {})}
+            yield {**s.to_dict(), "surrogates": session.surrogates(s), "similarity": similarity.get(s.sample_id, {})}
 
     inputs_path = run_dir / "inputs.jsonl"
     if inputs_path.exists() and cfg.get("resume"):
@@ -309,17 +308,16 @@ def _execute(session, run_dir: Path, progress: bool | None, t0: float) -> dict:
     timings["total_before_report"] = time.perf_counter() - t0
     write_json(run_dir / "metadata.json", {
         "versions": metadata.versions(), "git": metadata.git_state(), "seed": seed,
-        "environment": metadata.environment(engine.device),
+        "environment": metadata.environment(engine.device, command),
         "model": {"name": model_cfg.get("name"), "dtype": model_cfg.get("dtype"), "sink": engine.sink_policy,
                   "sink_token_ids": engine.sink,
                   "bos_added_by_tokenizer": tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id],
                   "quantization": model_cfg.get("quantization"),
                   "max_context": engine.max_context, "sliding_windows": sorted(set(engine.windows)), **model_info},
-        "generation": session.generation_info(),  # the generator and templates, None when nothing is generated
+        "generation": service.generation_info(),  # the generator and templates, None when nothing is generated
         # for the reports' FLOP counts (kvprime.analysis.cost), without loading the model again
         "model_shape": cost.model_shape(session.model.config),
-        "generator_shape": cost.model_shape(session.generator_config) if getattr(session, "generator_config", None)
-        else None,
+        "generator_shape": cost.model_shape(service.generator_config) if service.generator_config else None,
         "dataset": {"name": cfg["dataset"].get("name"), "n_samples": cfg["dataset"].get("n_samples"),
                     "selection": cfg["dataset"].get("selection"), "selection_seed": cfg["dataset"].get("seed"),
                     "sample_ids_sha256": metadata.sample_ids_sha256([s.sample_id for s in samples]),
@@ -338,7 +336,7 @@ def _execute(session, run_dir: Path, progress: bool | None, t0: float) -> dict:
 
 def _chunk_costs(session, work, done, seconds, shape) -> list[dict]:
     """Per (sample, condition) of a chunk: its share of the chunk's measured seconds (in proportion to its FLOPs,
-    kvprime.analysis.cost) and its surrogate's generation cost."""
+    kvprime.analysis.cost) and what generating its surrogates cost (``SurrogateService.generation_cost``)."""
     index_f = [cost.forward_flops(shape, pc.encoded_tokens) for pc, _ in done]
     # A recompute stage runs inside the build but is query-time work: its measured seconds (recorded per sample
     # as recompute_s) are not indexing's to share.
@@ -350,11 +348,8 @@ def _chunk_costs(session, work, done, seconds, shape) -> list[dict]:
     for (sample, name, _), fi, fq in zip(work, index_f, query_f):
         row = {"encode_s": round(index_s * fi / (sum(index_f) or 1), 6),
                "score_s": round(seconds["score"] * fq / (sum(query_f) or 1), 6)}
-        source = session.specs[name].surrogate
-        if source.startswith(("generated:", "generated_other:")):
-            # generated_other: this document's own generation is what an index would pay for; the control only
-            # swaps whose text is used, so its cost is the same as generated:<template>'s.
-            g = per_document.generation_cost(session, session.specs[name], sample)  # every passage it primes
+        g = session.surrogate_service.generation_cost(session.specs[name], sample)
+        if g is not None:  # a source that generates
             row.update(generation_prompt_tokens=g.get("prompt_tokens"),
                        generation_shared_tokens=g.get("shared_prompt_tokens"), generated_tokens=g.get("generated_tokens"),
                        generation_s=g.get("seconds"))
@@ -366,7 +361,6 @@ def _score_all(session, similarity, run_dir, progress):
     """Score in chunks of samples: the chunk's distinct encodes run as padded batches, then every
     (sample, condition) of the chunk is scored in batches, and its lines are appended before the next chunk."""
     cfg, engine, specs, samples = session.cfg, session.engine, session.specs, session.samples
-    resolved = session.resolved()
     skipped, on_too_long = [], cfg["on_too_long"]
     save_tokens, per_token = cfg["save_tokens"], cfg["per_token"]
     chunk, by_passage = chunk_size(cfg), grouped(cfg)
@@ -401,7 +395,8 @@ def _score_all(session, similarity, run_dir, progress):
             for (sample, name, seg), (pc, score), spent, more in zip(work, done, costs, extra):
                 if (sample.sample_id, name) in log.done:
                     continue
-                row = _row(sample, name, seg, pc, score, resolved, similarity, save_tokens, per_token, spent)
+                row = _row(sample, name, seg, pc, score, session.surrogates(sample, [name])[name], similarity,
+                           save_tokens, per_token, spent)
                 if by_passage:  # the cluster of the per-passage statistics (kvprime.analysis.passages)
                     row["passage_id"] = passage_id(sample)
                 with interrupts.record_boundary():

@@ -3,12 +3,13 @@
 A priming experiment with generated surrogates means little if the generator wrote no queries: a small model
 asked for "the question this document answers" often returns the document's first sentence, the same line
 for every template, or a label. This module measures that from the texts alone (no model, no torch), one row
-per condition whose source is ``generated:<template>`` or ``generated_other:<template>``.
+per condition whose source generates (its declaration needs ``generated``: ``generated:<template>``,
+``generated_other:<template>``, a plugin's).
 
 Words are the lower-cased ``\\w+`` runs of a text (``"What's 2+2?"`` -> what, s, 2, 2). The columns:
 
 ``kind``
-    ``generated`` or ``generated_other`` (the source before the colon); ``template`` the part after it.
+    the source's name (``generated``, ``generated_other``: before the colon); ``template`` the part after it.
 
 ``n``
     the condition's rows (one surrogate per sample); an empty or missing surrogate counts, as zero words.
@@ -17,9 +18,9 @@ Words are the lower-cased ``\\w+`` runs of a text (``"What's 2+2?"`` -> what, s,
     consecutive words of the document is >= ``COPY_RUN_WORDS`` (8) words, or it is >= ``COPY_MIN_WORDS`` (5)
     words and covers >= ``COPY_FRACTION`` (60%) of the surrogate's words. The 5-word floor keeps short keyword
     queries, which rightly reuse the document's terms ("super bowl 50 winner"), from counting as copies.
-    ``document`` is the sample's own passage, also for ``generated_other`` rows: there the share measures
-    overlap with the document the surrogate primes, which the derangement keeps near zero (the donor's own
-    copying shows in the matching ``generated`` row).
+    ``document`` is the sample's own passage, also for a donor's text (``generated_other``): there the share
+    measures overlap with the document the surrogate primes, which the derangement keeps near zero (the donor's
+    own copying shows in the matching ``generated`` row).
 ``identical_across_templates_share``
     the share whose text equals, after lower-casing and collapsing whitespace, the text another template
     gave the same sample under the same kind of source (``generated`` with ``generated``, ``generated_other``
@@ -34,8 +35,9 @@ Words are the lower-cased ``\\w+`` runs of a text (``"What's 2+2?"`` -> what, s,
     the mean of the rows' ``similarity`` (surrogate-query cosine, from runs with experiment.similarity);
     NaN when no row has one.
 
-``degenerate_warnings`` turns the table into sentences, one per ``generated`` condition and problem (a
-``generated_other`` condition shows the same texts, so it would repeat them), when
+``degenerate_warnings`` turns the table into sentences, one per condition and problem whose source's text is
+written for its own document (one taking its donor's, ``generated_other``, shows the same texts, so it would
+repeat them), when
 ``copied_share > 0.5``, ``identical_across_templates_share > 0.5``, ``mean_words < 2``, or
 ``question_share < 0.2`` for a template that asks for a question (``QUESTION_TEMPLATES``: keyword, symptom,
 concern and messy queries are rightly not questions).
@@ -48,6 +50,8 @@ import re
 from collections.abc import Iterable, Mapping
 
 import pandas as pd
+
+from . import sources
 
 COPY_RUN_WORDS = 8
 COPY_MIN_WORDS = 5
@@ -65,7 +69,6 @@ MAX_IDENTICAL_SHARE = 0.5
 MIN_QUESTION_SHARE = 0.2
 MIN_MEAN_WORDS = 2.0
 
-GENERATED_PREFIXES = ("generated:", "generated_other:")
 COLUMNS = ["condition", "kind", "template", "n", "copied_share", "identical_across_templates_share", "question_share",
            "mean_words", "mean_similarity_to_query"]
 
@@ -123,7 +126,7 @@ def quality_table(rows: Iterable[Mapping]) -> pd.DataFrame:
     surrogate source, e.g. ``generated:target_question``), ``surrogate`` (text), ``document`` (the passage the
     surrogate was generated for: the sample's own), ``query`` and optionally ``similarity``. Rows of other
     sources are ignored."""
-    kept = [dict(r) for r in rows if str(r.get("source") or "").startswith(GENERATED_PREFIXES)]
+    kept = [dict(r) for r in rows if sources.generated_template(str(r.get("source") or "")) is not None]
     for r in kept:
         kind, _, r["template"] = str(r["source"]).partition(":")
         r["kind"], r["norm"] = kind, normalise(r.get("surrogate"))
@@ -169,6 +172,11 @@ def rows_from_run(inputs: Iterable[Mapping], conditions: Mapping[str, Mapping]) 
     return rows
 
 
+def _own_document(kind: str) -> bool:
+    """Whether the source named ``kind`` writes its text for the sample's own document."""
+    return kind in sources.SOURCE_REGISTRY and sources.SOURCE_REGISTRY.get(kind).document == "own"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -178,7 +186,7 @@ def degenerate_warnings(table: pd.DataFrame) -> list[str]:
     docstring); empty when none does."""
     out = []
     for r in table.to_dict("records"):
-        if r["kind"] != "generated":
+        if not _own_document(r["kind"]):
             continue
         name = f"{r['condition']} ({r['template']}, {r['n']} surrogates)"
         if r["copied_share"] > MAX_COPIED_SHARE:

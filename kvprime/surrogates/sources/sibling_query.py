@@ -58,15 +58,14 @@ def _prepare(selection: Sequence, seed: int) -> dict:
     return {sid: queries[sib] for sid, sib in siblings(selection, seed).items()}
 
 
-@register_source("sibling_query", prepare=_prepare)
+@register_source("sibling_query", needs=("state", "siblings", "seed"), prepare=_prepare)
 def sibling_query(sample, ctx, arg) -> str:
     """Another real question about the same passage (one seeded primer per passage)."""
     if sample.sample_id in ctx.state:
         return ctx.state[sample.sample_id]
     # A sample outside the selection (kvprime walkthrough sample=<id>): a seeded pick among the selection's
     # questions of its passage, so the selection's own siblings are unchanged.
-    others = sorted((s.sample_id, s.query) for s in ctx.selection or ()
-                    if passage_id(s) == passage_id(sample) and s.sample_id != sample.sample_id)
+    others = sorted((s.sample_id, s.query) for s in ctx.siblings)
     if not others:
         raise ConfigError(f"surrogate source sibling_query: sample {sample.sample_id!r} has no other selected "
                           "question about its passage. Choose a sample of the selection.")
