@@ -80,7 +80,8 @@ def _aggregate(joined: pd.DataFrame, by: list[str], confidence: float) -> pd.Dat
             row[short], row[f"{short}_ci_low"], row[f"{short}_ci_high"] = _share(column, confidence)
         row["mean_nll"] = float(group["nll"].astype(float).mean())
         rows.append(row)
-    return pd.DataFrame(rows)
+    shares = [f"{SHORT[m]}{end}" for m in METRICS for end in ("", "_ci_low", "_ci_high")]
+    return pd.DataFrame(rows, columns=[*by, "n", *shares, "mean_nll"])
 
 
 def _joined(run: AnalysisInput) -> pd.DataFrame:
