@@ -42,7 +42,7 @@ COMMON = ("n", "words_per_document", "facts_per_document", "lures", "value_forma
 DEFAULTS = {
     "synthetic_kv": {"documents": 3, "words_per_document": 60, "facts_per_document": 1},
     "synthetic_twohop": {"documents": 3, "words_per_document": 60, "facts_per_document": 2},
-    "synthetic_niah": {"words_per_document": 400, "facts_per_document": 1},
+    "synthetic_niah": {"words_per_document": 400, "facts_per_document": 3},
 }
 
 
