@@ -24,7 +24,7 @@ POINTER = re.compile(r"The (\w+ \w+) uses the same access code as the (\w+ \w+)\
 # (conf/dataset/synthetic_*.yaml, kvprime.data.synthetic.tasks.DEFAULTS) changes no sample a test asserts on.
 PINNED = {
     "synthetic_kv": {"documents": 3, "words_per_document": 60, "facts_per_document": 2},
-    "synthetic_twohop": {"documents": 3, "words_per_document": 60, "facts_per_document": 2},
+    "synthetic_twohop": {"documents": 3, "words_per_document": 60, "facts_per_document": 2, "hop_order": "random"},
     "synthetic_niah": {"words_per_document": 400, "facts_per_document": 1},
 }
 
@@ -63,12 +63,12 @@ def test_the_same_seed_and_knobs_give_byte_identical_samples_and_ids(task):
 def test_another_process_with_another_hash_seed_gives_the_same_bytes():
     code = ("import json; from kvprime.data import load_samples\n"
             "s = load_samples({'name': 'synthetic_twohop', 'n_samples': 3, 'seed': 7, 'lures': 1, "
-            "'documents': 3, 'facts_per_document': 2}).samples\n"
+            "'documents': 3, 'facts_per_document': 2, 'hop_order': 'random'}).samples\n"
             "print(''.join(json.dumps(x.to_dict(), sort_keys=True) + '\\n' for x in s), end='')")
     out = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
     assert out[0] == out[1] == _dump(load_samples({"name": "synthetic_twohop", "n_samples": 3, "seed": 7,
-                                                   "documents": 3, "facts_per_document": 2,
+                                                   "documents": 3, "facts_per_document": 2, "hop_order": "random",
                                                    "lures": 1}).samples)
 
 
@@ -165,6 +165,13 @@ def test_twohop_records_both_gold_documents_in_hop_order(order):
         assert roles["hop1"] == first and roles["hop2"] == second
     orders = {s.info["hop_order"] for s in samples}
     assert orders == ({"forward", "backward"} if order == "random" else {order})
+
+
+def test_twohop_defaults_to_the_pointer_before_the_code():
+    """The calibrated default (README): forward hop order; the loader's default, not only the YAML's."""
+    samples = load_samples({"name": "synthetic_twohop", "n_samples": 6, "seed": 42}).samples
+    assert {s.info["hop_order"] for s in samples} == {"forward"} and all(a < b for a, b in (s.gold_slots
+                                                                                           for s in samples))
 
 
 def test_twohop_needs_two_documents():

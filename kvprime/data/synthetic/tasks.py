@@ -41,7 +41,7 @@ COMMON = ("n", "words_per_document", "facts_per_document", "lures", "value_forma
 # nor at ceiling (README: the calibration table); conf/dataset/synthetic_*.yaml show the same values.
 DEFAULTS = {
     "synthetic_kv": {"documents": 3, "words_per_document": 60, "facts_per_document": 1},
-    "synthetic_twohop": {"documents": 3, "words_per_document": 60, "facts_per_document": 2},
+    "synthetic_twohop": {"documents": 3, "words_per_document": 60, "facts_per_document": 1, "hop_order": "forward"},
     "synthetic_niah": {"words_per_document": 400, "facts_per_document": 3},
 }
 
