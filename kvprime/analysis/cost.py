@@ -150,6 +150,12 @@ def add_derived(costs: pd.DataFrame, derived_rules) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
+COST_TABLE_COLUMNS = ("test", "treatment", "reference", "mean_delta", "ci_low", "ci_high", "verdict", "index_tokens",
+                      "generated_tokens", "extra_generated_tokens", "index_gflop", "extra_index_gflop", "extra_index_s",
+                      "query_tokens", "query_gflop", "extra_query_gflop", "answer_tokens", "answer_gflop", "answer_s",
+                      "delta_per_index_tflop")
+
+
 def cost_table(costs: pd.DataFrame, tests: pd.DataFrame) -> pd.DataFrame:
     """One row per test (``tests``: name, treatment, reference, mean_delta, ci_low, ci_high, verdict): the
     benefit beside the treatment's extra cost per document over the reference, and the benefit per TFLOP."""
@@ -173,7 +179,7 @@ def cost_table(costs: pd.DataFrame, tests: pd.DataFrame) -> pd.DataFrame:
                      "answer_s": trt["answer_s"],
                      # nats of mean NLL gained per TFLOP of extra indexing work; undefined when it costs nothing more
                      "delta_per_index_tflop": t.mean_delta / (extra / 1e3) if extra > 0 else np.nan})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=COST_TABLE_COLUMNS)  # named even without a test (a baseline-only run)
 
 
 def worth_it(table: pd.DataFrame, named: int = 0) -> list[str]:

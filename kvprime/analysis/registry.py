@@ -37,7 +37,9 @@ from ..registry import Registry
 class AnalysisInput:
     """What an analysis gets: the run's scores and the settings its statistics must follow."""
 
-    scores: pd.DataFrame  # sample_id, condition, nll (NaN: non-finite), similarity; run order
+    # sample_id, condition, nll (NaN: non-finite), similarity; run order. With metrics [nll, answer] also
+    # exact_match, f1 and contains (1/0 per answer).
+    scores: pd.DataFrame
     similarity: pd.Series | None  # per sample_id: experiment.similarity_condition's surrogate-query cosine
     baseline: str
     seed: int  # the run's seed; derive per-test seeds from it (stats._derive_seed) as summary.csv does
@@ -50,6 +52,9 @@ class AnalysisInput:
     tie_tolerance: float = 0.0
     equivalence_margin: float = 0.02
     power: float = 0.8
+    # The run's samples as inputs.jsonl records them (kvprime.data.types.Sample.to_dict: gold_slot(s), task_info),
+    # in run order.
+    inputs: tuple[Mapping, ...] = ()
 
 
 @dataclass(frozen=True)

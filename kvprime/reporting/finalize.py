@@ -34,6 +34,8 @@ FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_toke
 
 
 COMPLETION_RECORD = "results.json"
+# What an analysis sees of each score line (AnalysisInput.scores); the answer fields when metrics include answer.
+ANALYSIS_SCORE_COLUMNS = ("sample_id", "condition", "nll", "similarity", "passage_id", "exact_match", "f1", "contains")
 
 
 def _load(run_dir: Path, name: str):
@@ -102,7 +104,7 @@ def finalize(run_dir) -> dict:
     similarity = _primary_similarity(scores, exp)
     # Copies: an analysis that changes its inputs must not change what finalize writes after it.
     ran = run_analyses(analysis_names, AnalysisInput(
-        scores=scores[[c for c in ("sample_id", "condition", "nll", "similarity", "passage_id") if c in scores]].copy(),
+        scores=scores[[c for c in ANALYSIS_SCORE_COLUMNS if c in scores]].copy(), inputs=copy.deepcopy(tuple(inputs)),
         similarity=None if similarity is None else similarity.copy(), baseline=exp["baseline"], seed=seed,
         n_boot=st["n_boot"], alpha=st["alpha"], confidence=st["confidence"], experiment=copy.deepcopy(exp),
         derived=derived.copy(), tie_tolerance=tie, equivalence_margin=st["equivalence_margin"], power=st["power"]))

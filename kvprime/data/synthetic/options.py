@@ -154,7 +154,8 @@ def parse(cfg: Mapping, task: str, defaults: Mapping, *, min_documents: int = 1,
                   facts_per_document=_int(cfg, "facts_per_document", defaults["facts_per_document"], 1, 50),
                   lures=_int(cfg, "lures", 0, 0), value_format=value_format,
                   digits=_int(cfg, "digits", 4, 1, MAX_DIGITS), depth=_depth(cfg),
-                  gold_slot=_gold_slot(cfg, documents), hop_order=_one_of(cfg, "hop_order", "random", HOP_ORDERS),
+                  gold_slot=_gold_slot(cfg, documents),
+                  hop_order=_one_of(cfg, "hop_order", defaults.get("hop_order", "random"), HOP_ORDERS),
                   instruction=_instruction(cfg, value_format))
     _fits(knobs, gold_facts)
     return knobs
