@@ -152,7 +152,8 @@ def add_derived(costs: pd.DataFrame, derived_rules) -> pd.DataFrame:
 
 COST_TABLE_COLUMNS = ("test", "treatment", "reference", "mean_delta", "ci_low", "ci_high", "verdict", "index_tokens",
                       "generated_tokens", "extra_generated_tokens", "index_gflop", "extra_index_gflop", "extra_index_s",
-                      "query_tokens", "query_gflop", "extra_query_gflop", "answer_tokens", "answer_gflop", "answer_s",
+                      "query_tokens", "query_gflop", "extra_query_gflop", "query_s", "extra_query_s",
+                      "recompute_tokens", "recompute_gflop", "answer_tokens", "answer_gflop", "answer_s",
                       "delta_per_index_tflop")
 
 
