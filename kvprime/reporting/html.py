@@ -287,7 +287,8 @@ def render(run_dir, results: Mapping, summary: pd.DataFrame, comparisons: pd.Dat
     names = list(results["conditions"]) + [r["name"] for r in results.get("derived") or []]
     gen = results.get("generated_surrogates") or {}
     return environment().get_template("report.html.j2").render(
-        title=f"{exp['name']}: {run_dir.name}", experiment=exp, header=_header(results),
+        # Not the directory's name: a merge renames its work folder into place, and a copied run is the same run.
+        title=f"{exp['name']}: {exp['title']}" if exp.get("title") else exp["name"], experiment=exp, header=_header(results),
         tables=_tables(results, summary, comparisons, analyses, titles), figures=figures(run_dir, results["figures"]),
         answer_part=results.get("answer_quality"), worth_it=[inline_markdown(w) for w in results.get("worth_it") or []],
         generator=(gen.get("generator") or {}), generated_warnings=gen.get("warnings") or [],
