@@ -7,22 +7,11 @@ from test_cache_identities import engine_for, max_diff
 
 from kvprime.builders import EncodeRequest
 from kvprime.builders.engine import Engine
+from kvprime.commands.bench import CountingEngine
 from kvprime.cache.prefixes import MIN_SHARED_TOKENS, plan_steps
 from kvprime.config.compose import compose
 from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import runner
-
-
-class CountingEngine(Engine):
-    """Records (new tokens, past entries) of every encode the engine runs, through its one encode method."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.work: list[tuple[int, int]] = []
-
-    def _encode_batch(self, rows):
-        self.work += [(len(r.ids), r.past_length) for r in rows]
-        return super()._encode_batch(rows)
 
 
 def counting(variant: str) -> CountingEngine:
@@ -94,7 +83,7 @@ def test_extended_caches_equal_fresh_encodes(variant, offset):
     eng, ref = counting(variant), engine_for(variant)
     eng.extend_prefixes = True  # opt-in (batch.extend_prefixes); ref encodes every request from scratch
     eng.prefill(reqs, batch_tokens=10_000)
-    continued = [w for w in eng.work if w[1] > 0]
+    continued = [w for w in eng.encode_work if w[1] > 0]
     assert len(continued) == 5  # the three rows after p1/p2, and p3's two after their shared opening
     assert eng.n_encoded_tokens < sum(len(r.ids) for r in reqs)
     for r in reqs:
@@ -114,11 +103,11 @@ def test_extension_off_and_rows_past_a_sliding_window_encode_from_scratch():
     off = counting("llama")
     off.extend_prefixes = False
     off.prefill([req(base), req(base + ids(6))])
-    assert all(ctx == 0 for _, ctx in off.work) and off.n_encoded_tokens == 2 * 16 + 6
+    assert all(ctx == 0 for _, ctx in off.encode_work) and off.n_encoded_tokens == 2 * 16 + 6
     gemma = counting("gemma3")  # window 64: a sliding layer keeps 63 entries
     gemma.extend_prefixes = True
     gemma.prefill([req(base), req(base + ids(6)), req(base + ids(60))])
-    assert sorted(gemma.work) == [(6, 16), (16, 0), (76, 0)]
+    assert sorted(gemma.encode_work) == [(6, 16), (16, 0), (76, 0)]
 
 
 def test_every_encode_runs_through_the_one_encode_method():
@@ -133,8 +122,8 @@ def test_every_encode_runs_through_the_one_encode_method():
     eng.prefill([req(base), req(base + ids(6)), req(ids(9))])
     eng.encode(ids(5), tuple(range(5)))  # a miss outside any plan
     eng.encode(base, tuple(range(16)))  # a memo hit: no encode
-    assert sorted(eng.work) == [(5, 0), (6, 16), (9, 0), (16, 0)]
-    assert len(eng.work) == eng.n_encodes and sum(n for n, _ in eng.work) == eng.n_encoded_tokens
+    assert sorted(eng.encode_work) == [(5, 0), (6, 16), (9, 0), (16, 0)]
+    assert len(eng.encode_work) == eng.n_encodes and sum(n for n, _ in eng.encode_work) == eng.n_encoded_tokens
 
 
 def test_the_stacking_switch_is_an_engine_argument(monkeypatch):

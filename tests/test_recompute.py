@@ -5,6 +5,8 @@ computations (the joint cache, a joint forward over the same ids, the assembled 
 import pytest
 import torch
 
+from test_multidoc_builders import max_diff
+
 from kvprime.builders import BUILDERS
 from kvprime.builders.conditions import ConditionSpec, validate
 from kvprime.builders.engine import Engine
@@ -58,12 +60,6 @@ def spec(builder, **kw) -> ConditionSpec:
         s = ConditionSpec("t", builder=builder, **kw)
     validate(s, BUILDERS)
     return s
-
-
-def max_diff(a, b, lo=0, hi=None) -> float:
-    return max(max((ka[..., lo:hi, :] - kb[..., lo:hi, :]).abs().max().item(),
-                   (va[..., lo:hi, :] - vb[..., lo:hi, :]).abs().max().item())
-               for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b)))
 
 
 def rel_diff(a, b, lo=0, hi=None) -> float:
