@@ -187,6 +187,29 @@ def _check_make(shown: Shown, compose_overrides: bool) -> None:
         compose(overrides)
 
 
+def _leaves(group, path=()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out += _leaves(cmd, path + (name,)) if _is_group(cmd) else [path + (name,)]
+    return out
+
+
+def help_examples() -> list[Shown]:
+    """The example lines of each command's `--help` (`kvprime run -m seed=1,2,3  # a Hydra multirun`), optional
+    parts in brackets (`[overrides]`) left out: the help and the docs are held to the same check."""
+    found = []
+    for path in _leaves(_cli()):
+        cmd = _cli()
+        for name in path:
+            cmd = cmd.commands[name]
+        for line in (cmd.help or "").splitlines():
+            line = line.strip()
+            if line.startswith("kvprime "):
+                words = re.sub(r"\s\[[^\]]*\]", "", line)
+                found.append(Shown(f"kvprime {' '.join(path)} --help", line, tuple(shlex.split(words, comments=True))))
+    return found
+
+
 FENCED = fenced_commands()
 INLINE_SHOWN = inline_commands()
 
@@ -209,7 +232,7 @@ def folders(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("shown", FENCED, ids=str)
+@pytest.mark.parametrize("shown", FENCED + help_examples(), ids=str)
 def test_a_fenced_command_exists_and_its_overrides_compose(shown, folders):
     if shown.argv[0] == "make":
         _check_make(shown, compose_overrides=True)
@@ -241,13 +264,6 @@ def test_an_inline_command_names_a_real_command_option_or_target(shown):
     for arg in rest:
         if arg.startswith("--") and arg not in HYDRA_FLAGS:
             assert arg.split("=", 1)[0] in _options(cmd), f"{shown}: {arg} is no option of the command"
-
-
-def _leaves(group, path=()) -> list[tuple[str, ...]]:
-    out = []
-    for name, cmd in group.commands.items():
-        out += _leaves(cmd, path + (name,)) if _is_group(cmd) else [path + (name,)]
-    return out
 
 
 def test_every_command_of_kvprime_help_is_shown_in_the_docs():
