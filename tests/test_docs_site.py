@@ -4,6 +4,7 @@ headings that exist and stays short."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ FENCE = re.compile(r"^```.*?^```", flags=re.S | re.M)
 
 def build(project: Path, out: Path) -> subprocess.CompletedProcess:
     """`mkdocs build --strict` of ``project`` (a folder holding mkdocs.yml and docs/) into ``out``."""
+    if importlib.util.find_spec("mkdocs") is None:
+        pytest.fail("mkdocs is not installed: `pip install -e '.[dev]'` installs it (make setup does)")
     return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(project / "mkdocs.yml"),
                            "-d", str(out)], capture_output=True, text=True, timeout=300)
 
