@@ -93,3 +93,7 @@ MULTIDOC_SLOTS ?= first,middle,last
 sweep-multidoc: setup ## multidoc over k=1,3,5 (gold slot random), then gold slot first/middle/last (k=3); MULTIDOC_N samples
 	$(call run_sweep,multidoc,model=$(MODEL) dataset.n_samples=$(MULTIDOC_N) multidoc.k=$(MULTIDOC_KS))
 	$(call run_sweep,multidoc,model=$(MODEL) dataset.n_samples=$(MULTIDOC_N) multidoc.gold_slot=$(MULTIDOC_SLOTS))
+
+.PHONY: docs
+docs: $(STAMP) ## the documentation site from docs/ (MkDocs, --strict: a broken link or a page not in nav fails) into site/
+	$(BIN)/mkdocs build --strict -d site/

@@ -17,7 +17,7 @@ import pytest
 from kvprime.config import plugins
 from kvprime.errors import ConfigError
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "extending.md"  # the Extending page
 NOTE = "masked_prefix, imported from a package through a relative import."
 
 
