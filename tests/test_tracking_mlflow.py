@@ -137,3 +137,22 @@ def test_a_store_that_cannot_be_written_is_one_paragraph_and_the_run_stays_compl
     assert code == 2 and "Traceback" not in err
     assert f"tracking.tracking_uri='{uri}'" in err and "is complete" in err
     assert (run_dir / "results.json").is_file()
+
+
+def test_an_untracked_run_logs_nothing_and_resumed_with_tracking_is_logged(tmp_path, data_file, monkeypatch, capsys):
+    """tracking is free to change on resume (it changes no number): a run started untracked, or by a kvprime
+    without tracking (no tracking section in its config.json), is logged once resumed with tracking=mlflow."""
+    monkeypatch.setenv("KVPRIME_OUTPUT_ROOT", str(tmp_path / "outputs"))
+    monkeypatch.chdir(tmp_path)
+    run_dir, uri = tmp_path / "run", _uri(tmp_path)
+    args = [*TINY, "dataset=jsonl", f"dataset.path={data_file}", "condition=truncated_oracle", f"hydra.run.dir={run_dir}"]
+    assert run_hydra_app(args) == 0, capsys.readouterr().err
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["tracking"]["backend"] == "none"
+    assert not list(tmp_path.rglob("mlflow.db")) and "logged to" not in capsys.readouterr().err
+    del config["tracking"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert run_hydra_app([*args, "resume=true", "tracking=mlflow", f"tracking.tracking_uri={uri}"]) == 0, \
+        capsys.readouterr().err
+    _, runs = _runs(uri)
+    assert [r.data.tags["kvprime.run_dir"] for r in runs] == [str(run_dir.resolve())]
