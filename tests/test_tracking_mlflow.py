@@ -15,7 +15,7 @@ from kvprime import tracking
 from kvprime.commands.app import run_hydra_app
 
 mlflow = pytest.importorskip("mlflow", reason="the optional extra kvprime[mlflow] is not installed")
-from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.tracking import MlflowClient
 
 TINY = ["model=tiny_random_llama", "stats.n_boot=1000", "progress=false", "dataset.n_samples=2"]
 
@@ -105,6 +105,7 @@ def test_a_two_job_multirun_is_one_parent_run_with_two_children(tmp_path, common
     assert parent.data.tags["kvprime.sweep_dir"] == str(sweep.resolve()) and parent.info.status == "FINISHED"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert sorted(c.data.params["seed"] for c in children) == ["1", "2"]
+    assert sorted(c.info.run_name for c in children) == ["sweep/0", "sweep/1"]
     assert sorted(c.data.tags["kvprime.run_dir"] for c in children) == [str((sweep / j).resolve()) for j in "01"]
 
 
@@ -145,7 +146,8 @@ def test_an_untracked_run_logs_nothing_and_resumed_with_tracking_is_logged(tmp_p
     monkeypatch.setenv("KVPRIME_OUTPUT_ROOT", str(tmp_path / "outputs"))
     monkeypatch.chdir(tmp_path)
     run_dir, uri = tmp_path / "run", _uri(tmp_path)
-    args = [*TINY, "dataset=jsonl", f"dataset.path={data_file}", "condition=truncated_oracle", f"hydra.run.dir={run_dir}"]
+    args = [*TINY, "dataset=jsonl", f"dataset.path={data_file}", "condition=truncated_oracle",
+            f"hydra.run.dir={run_dir}"]
     assert run_hydra_app(args) == 0, capsys.readouterr().err
     config = json.loads((run_dir / "config.json").read_text())
     assert config["tracking"]["backend"] == "none"

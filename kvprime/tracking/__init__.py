@@ -59,6 +59,7 @@ def log_run(run_dir, sweep_dir=None) -> str | None:
     record = read_run(run_dir)
     parent = None
     if sweep_dir is not None:
+        record.name = f"{Path(sweep_dir).name}/{run_dir.name}"  # job 0 of sweep <name>, not a bare 0
         parent = parent_run(Path(sweep_dir), name, place, lambda: tracker.parent_of(Path(sweep_dir), place))
     run_id = tracker.log(record, place, parent)
     return f"{name} run {run_id} in experiment {place.experiment_name!r} at {place.tracking_uri}"

@@ -64,7 +64,8 @@ class MlflowTracker:
             raise err
 
     def log(self, record: RunRecord, where: Where, parent: str | None) -> str:
-        with self._failing_as(where, f"{record.run_dir} is complete, but logging it to MLflow"), _store(where.tracking_uri):
+        doing = f"{record.run_dir} is complete, but logging it to MLflow"
+        with self._failing_as(where, doing), _store(where.tracking_uri):
             client = self._client(where)
             experiment = self._experiment(client, where)
             run_id = self._run_of(client, experiment, record) or client.create_run(
