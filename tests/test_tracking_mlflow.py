@@ -60,8 +60,8 @@ def _summary(run_dir) -> dict[str, dict]:
 @needs_mlflow
 def test_a_tiny_run_is_logged_and_read_back_through_mlflows_client(tmp_path, common, capsys):
     run_dir, uri = tmp_path / "run", _uri(tmp_path)
-    assert run_hydra_app([*common, f"tracking.tracking_uri={uri}", f"hydra.run.dir={run_dir}"]) == 0, \
-        capsys.readouterr().err
+    assert run_hydra_app([*common, "metrics=[nll,answer]", f"tracking.tracking_uri={uri}",
+                          f"hydra.run.dir={run_dir}"]) == 0, capsys.readouterr().err
     client, runs = _runs(uri)
     assert len(runs) == 1
     run = runs[0]
@@ -74,6 +74,8 @@ def test_a_tiny_run_is_logged_and_read_back_through_mlflows_client(tmp_path, com
     assert "bare/mean_delta" not in run.data.metrics  # the baseline has no delta: nothing is logged for it
     assert run.data.metrics["truncated_oracle/ci_low"] == pytest.approx(float(summary["truncated_oracle"]["ci_low"]))
     assert "comparison/truncated_oracle vs truncated_random/p_holm" in run.data.metrics
+    assert run.data.metrics["truncated_oracle/f1"] == pytest.approx(float(summary["truncated_oracle"]["f1"]))
+    assert {"bare/em", "bare/contains", "comparison/truncated_oracle vs bare/f1_delta"} <= set(run.data.metrics)
     assert run.data.tags["verdict/truncated_oracle"] == summary["truncated_oracle"]["verdict"]
     assert run.data.tags["verdict/bare"] == "baseline"
     assert run.data.tags["kvprime.run_dir"] == str(run_dir.resolve())
@@ -84,7 +86,8 @@ def test_a_tiny_run_is_logged_and_read_back_through_mlflows_client(tmp_path, com
     assert "kvprime: logged to mlflow run" in capsys.readouterr().err
 
     # Resumed once finished (nothing is scored again): the same MLflow run is updated, not a second one made.
-    assert run_hydra_app([*common, f"tracking.tracking_uri={uri}", f"hydra.run.dir={run_dir}", "resume=true"]) == 0
+    assert run_hydra_app([*common, "metrics=[nll,answer]", f"tracking.tracking_uri={uri}", f"hydra.run.dir={run_dir}",
+                          "resume=true"]) == 0
     _, again = _runs(uri)
     assert [r.info.run_id for r in again] == [run.info.run_id]
 
