@@ -237,8 +237,8 @@ class Multidoc:
     gold_slot: str = setting("random", _one_of(GOLD_SLOTS), "where the gold passage sits (drawn from dataset.seed)")
 
 
-def _text_or_null(words: str) -> Rule:
-    return Rule(f"{words}, or null", lambda v: v is None or (isinstance(v, str) and v.strip() != ""))
+def _text_or_null(words: str, null: str) -> Rule:
+    return Rule(f"{words}, or null ({null})", lambda v: v is None or (isinstance(v, str) and v.strip() != ""))
 
 
 # tracking_uri and experiment_name are typed Any as generation.store is: a string node would turn a number into a name.
@@ -246,10 +246,10 @@ def _text_or_null(words: str) -> Rule:
 class Tracking:
     backend: str = setting("none", _one_of(TRACKERS), "the experiment tracker a finished run is logged to "
                                                        "(kvprime.tracking; none: the run directory only)")
-    tracking_uri: Any = setting(None, _text_or_null("a tracking URI (sqlite:///<file>, http://<host>:<port>, ...); "
-                                                    "null: sqlite:///<output root>/mlflow.db"),
+    tracking_uri: Any = setting(None, _text_or_null("a tracking URI (sqlite:///<file>, http://<host>:<port>, ...)",
+                                                    "sqlite:///<output root>/mlflow.db"),
                                 "where the tracker stores its runs")
-    experiment_name: Any = setting(None, _text_or_null("a name; null: the run's experiment.name"),
+    experiment_name: Any = setting(None, _text_or_null("a name", "the run's experiment.name"),
                                    "the tracker's experiment the run is logged under")
 
 
