@@ -24,7 +24,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,mlflow]"
 	touch $@
 
 setup: $(STAMP) ## make .venv, install kvprime (+ CPU torch), fetch the sha256-pinned model and data

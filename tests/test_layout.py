@@ -28,6 +28,7 @@ LAYERS = [
     ("surrogates",),  # surrogate sources, generation and the generator, the store
     ("analysis",),  # statistics, routing, the analyses and their figures (drawn, not saved)
     ("reporting",),  # finalize: tables, figures, report.md from a run directory's files
+    ("tracking",),  # experiment trackers (MLflow): a finished run directory's files logged, a sweep as a parent run
     ("pipeline",),  # a run: plan, session, runner, records
     ("scaleout",),  # sweeps and merged shards
     ("commands", "__main__"),  # the command line

@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from .. import tracking
 from ..config.confdir import CONF_DIR, outputs_root, register_resolvers
 from ..errors import (
     Interrupted,
@@ -93,6 +94,7 @@ def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool,
         claimed["outcome"] = _settle(run_dir, err, ours=True, multirun=multirun, claimed=claimed)
 
     try:
+        tracking.require(cfg)  # a tracker that cannot be imported stops the run before anything loads
         with stop_on_signals():
             results = run_experiment(cfg, run_dir, only=only, on_claimed=on_claimed, on_failure=on_failure,
                                      condition_selected=only is not None, plugin_dirs=plugin_dirs, command=argv)
@@ -106,7 +108,22 @@ def run_job(cfg: DictConfig, run_dir: Path, *, only: str | None, multirun: bool,
         return code, paragraph
     _print_summary(results)
     log.info(f"kvprime: wrote {run_dir.resolve()}/report.md")
+    code, paragraph = _track(run_dir, multirun)
     logs.detach_run_log()
+    return code, paragraph
+
+
+def _track(run_dir: Path, multirun: bool) -> tuple[int, str]:
+    """Log the finished run to its tracker (tracking=...), a multirun job under its sweep's parent run: (exit
+    status, the paragraph printed when it could not be logged; the run directory is complete either way)."""
+    try:
+        logged = tracking.log_run(run_dir, sweep_dir=run_dir.parent if multirun else None)
+    except KvprimeError as err:
+        paragraph = explain(err)
+        log.error(paragraph)
+        return err.exit_code, paragraph
+    if logged:
+        log.info(f"kvprime: logged to {logged}")
     return 0, ""
 
 

@@ -43,6 +43,9 @@ ON_TOO_LONG = ("skip", "error")
 METRICS = ("nll", "answer")
 DISTRACTOR_SOURCES = ("random", "same_article", "nearest", "candidates")
 GOLD_SLOTS = ("first", "middle", "last", "random")
+# Where a finished run is logged besides its directory: none, or an experiment tracker (kvprime.tracking holds one
+# module per tracker, conf/tracking one option per name).
+TRACKERS = ("none", "mlflow")
 
 # Bootstrap resamples: at least 1000. A 95% interval's ends are the 2.5% and 97.5% quantiles; with 1000 resamples
 # each tail holds 25, the fewest for which the ends (and BCa's corrections) stop moving visibly with the seed
@@ -234,6 +237,22 @@ class Multidoc:
     gold_slot: str = setting("random", _one_of(GOLD_SLOTS), "where the gold passage sits (drawn from dataset.seed)")
 
 
+def _text_or_null(words: str, null: str) -> Rule:
+    return Rule(f"{words}, or null ({null})", lambda v: v is None or (isinstance(v, str) and v.strip() != ""))
+
+
+# tracking_uri and experiment_name are typed Any as generation.store is: a string node would turn a number into a name.
+@dataclass
+class Tracking:
+    backend: str = setting("none", _one_of(TRACKERS), "the experiment tracker a finished run is logged to "
+                                                       "(kvprime.tracking; none: the run directory only)")
+    tracking_uri: Any = setting(None, _text_or_null("a tracking URI (sqlite:///<file>, http://<host>:<port>, ...)",
+                                                    "sqlite:///<output root>/mlflow.db"),
+                                "where the tracker stores its runs")
+    experiment_name: Any = setting(None, _text_or_null("a name", "the run's experiment.name"),
+                                   "the tracker's experiment the run is logged under")
+
+
 @dataclass
 class Model:
     """The keys every model config shares (the rest depend on its source: kvprime.config.compose.MODEL_KEYS)."""
@@ -285,6 +304,7 @@ class Settings:
     answer: Answer = section(Answer)
     floor: Floor = section(Floor)
     stats: Stats = section(Stats)
+    tracking: Tracking = section(Tracking)
     model: dict[str, Any] = group(Model)
     dataset: dict[str, Any] = group(Dataset)
 

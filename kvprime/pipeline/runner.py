@@ -37,7 +37,8 @@ from .session import Session
 from .sharding import chunk_size, chunks, grouped
 
 # Keys that may differ between a run and its resumption.
-_RESUME_FREE = ("resume", "progress", "batch")  # batching changes no number beyond float rounding (tested <= 1e-4)
+# Batching changes no number beyond float rounding (tested <= 1e-4); tracking only where a finished run is logged.
+_RESUME_FREE = ("resume", "progress", "batch", "tracking")
 
 
 def _check_resume(run_dir: Path, cfg: dict) -> None:

@@ -21,7 +21,7 @@ from ..pipeline.sharding import chunk_size, grouped
 from ..pipeline.sharding import shard as split
 
 # Config keys that may differ between the shards of one run.
-SHARD_FREE = ("resume", "progress")
+SHARD_FREE = ("resume", "progress", "tracking")
 
 
 class MergeError(KvprimeError, ValueError):
