@@ -24,7 +24,7 @@ kvprime's own analyses are the modules of ``kvprime.analysis``, found by ``pkgut
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -53,8 +53,8 @@ class AnalysisInput:
     equivalence_margin: float = 0.02
     power: float = 0.8
     # The run's samples as inputs.jsonl records them (kvprime.data.types.Sample.to_dict: gold_slot(s), task_info),
-    # in run order.
-    inputs: tuple[Mapping, ...] = ()
+    # in run order. A run's are read from the file on each pass (files.results_io.JsonlRecords): iterate them.
+    inputs: Sequence[Mapping] = ()
 
 
 @dataclass(frozen=True)

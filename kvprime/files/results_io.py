@@ -9,11 +9,12 @@ so a resumed run neither loses a finished score nor writes one twice.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from ..errors import RunDirError
@@ -103,6 +104,31 @@ def iter_jsonl(path: Path) -> Iterator[dict]:
         for line in fh:
             if line.strip():
                 yield json.loads(line)
+
+
+class JsonlRecords(Sequence):
+    """A JSONL file as a read-only sequence of its records, read from the file on every pass: the records are
+    never all in memory at once, and each pass gets fresh dicts, so a reader that changes one changes nothing
+    another reader sees. Indexing reads up to the index (for the occasional look; iterate for the rest)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, encoding="utf-8") as fh:
+            self._n = sum(1 for line in fh if line.strip())
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter_jsonl(self.path)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(self)[i]
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError(f"record {i} of {self._n} in {self.path}")
+        return next(itertools.islice(iter(self), j, None))
 
 
 def read_jsonl(path: Path, *, skip_torn: bool = False) -> list[dict]:

@@ -12,6 +12,7 @@ every table and report of its scores (a sweep report counts such a job as comple
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from ..builders.conditions import ConditionSpec, builder_notes
 from ..config import plugins, settings
 from ..config.comparisons import comparisons_for
 from ..errors import ConfigError, DataError, KvprimeError, MissingFileError
-from ..files.results_io import iter_jsonl, read_jsonl, write_atomic, write_json
+from ..files.results_io import JsonlRecords, iter_jsonl, write_atomic, write_json
 from ..surrogates import quality
 from . import answer_report, html, report
 
@@ -34,6 +35,8 @@ FLAT_SCORE_COLUMNS = ("sample_id", "condition", "nll", "nll_sum", "n_answer_toke
 
 
 COMPLETION_RECORD = "results.json"
+# scores.jsonl lines parsed into Python objects at once while the frame is built (memory, not output).
+_LINES_PER_FRAME = 2048
 # What an analysis sees of each score line (AnalysisInput.scores); the answer fields when metrics include answer.
 ANALYSIS_SCORE_COLUMNS = ("sample_id", "condition", "nll", "similarity", "passage_id", "exact_match", "f1", "contains")
 
@@ -61,7 +64,7 @@ def finalize(run_dir) -> dict:
     plugins.load(cfg.get("plugins") or (), recorded=plan.get("plugins"))
     analysis_names = validate_analyses(exp.get("analyses"))
     names = list(plan["conditions"])
-    inputs = read_jsonl(run_dir / "inputs.jsonl")
+    inputs = JsonlRecords(run_dir / "inputs.jsonl")  # read on each pass: never all in memory at once
     scores, n_lines = _scores_frame(run_dir, inputs, names)
     scores["nll"] = scores["nll"].astype(float)  # nulls (non-finite) become NaN, flagged by stats
     if "similarity" not in scores:
@@ -104,7 +107,7 @@ def finalize(run_dir) -> dict:
     similarity = _primary_similarity(scores, exp)
     # Copies: an analysis that changes its inputs must not change what finalize writes after it.
     ran = run_analyses(analysis_names, AnalysisInput(
-        scores=scores[[c for c in ANALYSIS_SCORE_COLUMNS if c in scores]].copy(), inputs=copy.deepcopy(tuple(inputs)),
+        scores=scores[[c for c in ANALYSIS_SCORE_COLUMNS if c in scores]].copy(), inputs=inputs,
         similarity=None if similarity is None else similarity.copy(), baseline=exp["baseline"], seed=seed,
         n_boot=st["n_boot"], alpha=st["alpha"], confidence=st["confidence"], experiment=copy.deepcopy(exp),
         derived=derived.copy(), tie_tolerance=tie, equivalence_margin=st["equivalence_margin"], power=st["power"]))
@@ -176,45 +179,65 @@ def finalize(run_dir) -> dict:
     }
     write_atomic(run_dir / "report.md", report.render(results, summary, comp, analyses=analyses, titles=titles,
                                                              inspect=inspect))
-    write_atomic(run_dir / html.PAGE, html.render(run_dir, results, summary, comp, inputs=inputs, scores=scores,
-                                                  derived=derived, analyses=analyses, titles=titles,
-                                                  inspect=inspect))
+    write_atomic(run_dir / html.PAGE, html.render_pieces(run_dir, results, summary, comp, inputs=inputs,
+                                                         scores=scores, derived=derived, analyses=analyses,
+                                                         titles=titles, inspect=inspect))
     write_json(run_dir / COMPLETION_RECORD, results)  # last: its presence means every file above is written
     (run_dir / "error.json").unlink(missing_ok=True)  # an earlier failure's record; this finalize got past it
     return results
 
 
-def _scores_frame(run_dir: Path, inputs: list[dict], names: list[str]) -> tuple[pd.DataFrame, int]:
+def _scores_frame(run_dir: Path, inputs, names: list[str]) -> tuple[pd.DataFrame, int]:
     """scores.jsonl as a frame in run order (the inputs' order, then the plan's conditions), and its line count.
-    The lines are read one at a time into columns (a missing key is NaN, as pandas makes it from records), so
-    the scores are held once, as the frame's columns, never as a list of parsed lines."""
+    The lines are read one at a time into columns (a missing key is NaN, as pandas makes it from records), a
+    chunk of lines at a time, so the scores are held once, as frame columns, never as a list of parsed lines."""
     order = {r["sample_id"]: i for i, r in enumerate(inputs)}
     rank = {name: i for i, name in enumerate(names)}
-    columns: dict[str, list] = {}
-    keys: list[tuple[int, int]] = []
+    frames: list[pd.DataFrame] = []
+    order_of, rank_of = [], []  # per kept line: its sample's place in the run, its condition's in the plan
     unplanned: set[str] = set()
-    for n, row in enumerate(iter_jsonl(run_dir / "scores.jsonl")):
-        if row["condition"] not in rank:
-            unplanned.add(row["condition"])
-            continue
-        for key, value in row.items():
-            if key not in columns:
-                columns[key] = [np.nan] * n
-            columns[key].append(value)
-        for values in columns.values():
-            if len(values) == n:
-                values.append(np.nan)
-        keys.append((order.get(row["sample_id"], 1 << 30), rank[row["condition"]]))
+    lines = iter_jsonl(run_dir / "scores.jsonl")
+    while chunk := list(itertools.islice(lines, _LINES_PER_FRAME)):
+        columns: dict[str, list] = {}
+        n = 0
+        for row in chunk:
+            if row["condition"] not in rank:
+                unplanned.add(row["condition"])
+                continue
+            for key, value in row.items():
+                if key not in columns:
+                    columns[key] = [np.nan] * n
+                columns[key].append(value)
+            n += 1
+            for values in columns.values():
+                if len(values) == n - 1:
+                    values.append(np.nan)
+            order_of.append(order.get(row["sample_id"], 1 << 30))
+            rank_of.append(rank[row["condition"]])
+        del chunk
+        if n:
+            frames.append(pd.DataFrame(columns))
     if unplanned:
         raise DataError(f"{run_dir / 'scores.jsonl'} holds scores of condition(s) {', '.join(map(repr, sorted(unplanned)))}, "
                         f"which plan.json does not plan (it plans {', '.join(names)}): the files are not of one run.")
-    # Stable, as the sort of the parsed lines was: lines of one (sample, condition) keep their file order.
-    scores = pd.DataFrame(columns)
-    del columns
-    perm = sorted(range(len(keys)), key=keys.__getitem__)
-    if perm != list(range(len(keys))):
+    scores = _joined(frames)
+    # Stable (lexsort is): lines of one (sample, condition) keep their file order.
+    perm = np.lexsort((np.asarray(rank_of, dtype=np.int64), np.asarray(order_of, dtype=np.int64)))
+    if not np.array_equal(perm, np.arange(len(perm))):
         scores = scores.take(perm).reset_index(drop=True)
-    return scores, len(keys)
+    return scores, len(perm)
+
+
+def _joined(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The chunks' frames as the one frame pandas would make of all their rows at once: a column whose chunks
+    pandas typed differently (all missing in one, numbers in another) is typed again from all its values."""
+    if len(frames) <= 1:
+        return frames[0] if frames else pd.DataFrame()
+    joined = pd.concat(frames, ignore_index=True)
+    for col in joined.columns:
+        if len({str(f[col].dtype) if col in f else None for f in frames}) > 1:
+            joined[col] = pd.Series(joined[col].tolist())
+    return joined
 
 
 def _generated_quality(inputs, conditions: dict) -> tuple[pd.DataFrame, list[str]]:

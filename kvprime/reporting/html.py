@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import base64
 import functools
+import itertools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import jinja2
@@ -38,6 +39,8 @@ SWEEP_PAGE = "sweep_report.html"
 # Enough digits that a condition and its exact-RoPE twin (differing by ~1e-6 nats) stay apart in the browser.
 NLL_DIGITS = 7
 TOKEN_DIGITS = 4
+# Samples whose score lines are made Python objects at once while the page is written (memory, not output).
+_SAMPLES_PER_CHUNK = 512
 COST_FORMATS = {"index_tokens": ".0f", "generated_tokens": ".0f", "query_tokens": ".0f", "index_gflop": ".3f",
                 "extra_index_gflop": ".3f", "extra_index_s": ".3f", "query_gflop": ".3f",
                 "delta_per_index_tflop": ".3g", "answer_tokens": ".1f", "answer_gflop": ".3f"}
@@ -170,26 +173,36 @@ def _rows_by_sample(frame: pd.DataFrame, columns: Sequence[str]) -> dict[str, di
     """sample_id -> condition -> that score line's ``columns`` (the frame read column-wise: one pass, no Series)."""
     cols = [c for c in columns if c in frame.columns]
     out: dict[str, dict[str, dict]] = {}
-    for values in zip(*(frame[c].tolist() for c in cols)):
-        row = dict(zip(cols, values))
+    for values in zip(*(frame[c].tolist() for c in cols), strict=True):
+        row = dict(zip(cols, values, strict=True))
         out.setdefault(str(row["sample_id"]), {})[row["condition"]] = row
     return out
 
 
-def sample_data(inputs: Sequence[Mapping], scores: pd.DataFrame, derived: pd.DataFrame, *, baseline: str,
-                conditions: Sequence[str], skipped: Sequence[Mapping] = ()) -> dict:
-    """The browser's JSON: every selected sample in run order with its documents (``gold``: the gold passage's
-    index in a multi-document sample), question, answers and, per condition, its score line; skipped samples
-    carry their reason instead of scores."""
+def _lines_in_chunks(records: Iterable[Mapping], frames: Sequence[pd.DataFrame], columns: Sequence[str]):
+    """(record, {condition: score line}) per record, in the records' order. The lines are turned into Python
+    objects a chunk of samples at a time, so the page of a large run never holds every line as a dict."""
+    positions = [f.groupby("sample_id", sort=False).indices if len(f) else {} for f in frames]
+    it = iter(records)
+    while chunk := list(itertools.islice(it, _SAMPLES_PER_CHUNK)):
+        ids = [str(rec["sample_id"]) for rec in chunk]
+        lines: dict[str, dict[str, dict]] = {}
+        for frame, index in zip(frames, positions, strict=True):
+            rows = [index[i] for i in ids if i in index]
+            if rows:  # frame order within a sample: a later line of one (sample, condition) wins, as before
+                for sid, by_cond in _rows_by_sample(frame.take(np.sort(np.concatenate(rows))), columns).items():
+                    lines.setdefault(sid, {}).update(by_cond)
+        for rec, sid in zip(chunk, ids, strict=True):
+            yield rec, lines.get(sid, {})
+
+
+def _samples(inputs: Iterable[Mapping], scores: pd.DataFrame, derived: pd.DataFrame, texts: Texts, *,
+             baseline: str, conditions: Sequence[str], skipped: Sequence[Mapping]) -> Iterator[dict]:
+    """Each selected sample's entry of the browser's JSON, in run order (texts are added to ``texts``)."""
     wanted = ["sample_id", "condition", "nll", "token_logprobs", "answer_token_ids", *SCORE_FIELDS, "routed_to"]
-    lines = _rows_by_sample(scores, wanted)
-    for sid, by_cond in _rows_by_sample(derived, wanted).items():
-        lines.setdefault(sid, {}).update(by_cond)
     why = {str(s["sample_id"]): s.get("reason", "") for s in skipped}
-    texts, samples = Texts(), []
-    for rec in inputs:
+    for rec, rows in _lines_in_chunks(inputs, [scores, derived], wanted):
         sid = str(rec["sample_id"])
-        rows = lines.get(sid, {})
         base = rows.get(baseline, {}).get("nll")
         base = None if missing(base) else float(base)
         docs = rec.get("passages") or [rec.get("passage", "")]
@@ -202,8 +215,37 @@ def sample_data(inputs: Sequence[Mapping], scores: pd.DataFrame, derived: pd.Dat
             sample["answer_ids"] = [int(i) for i in ids]
         if sid in why:
             sample["skipped"] = why[sid]
-        samples.append({k: v for k, v in sample.items() if v is not None})
+        yield {k: v for k, v in sample.items() if v is not None}
+
+
+def sample_data(inputs: Iterable[Mapping], scores: pd.DataFrame, derived: pd.DataFrame, *, baseline: str,
+                conditions: Sequence[str], skipped: Sequence[Mapping] = ()) -> dict:
+    """The browser's JSON: every selected sample in run order with its documents (``gold``: the gold passage's
+    index in a multi-document sample), question, answers and, per condition, its score line; skipped samples
+    carry their reason instead of scores."""
+    texts = Texts()
+    samples = list(_samples(inputs, scores, derived, texts, baseline=baseline, conditions=conditions,
+                            skipped=skipped))
     return {"baseline": baseline, "conditions": list(conditions), "texts": texts.items, "samples": samples}
+
+
+def sample_json(inputs: Iterable[Mapping], scores: pd.DataFrame, derived: pd.DataFrame, *, baseline: str,
+                conditions: Sequence[str], skipped: Sequence[Mapping] = ()) -> Iterator[markupsafe.Markup]:
+    """``sample_data`` as the template's ``tojson`` writes it, in pieces: one sample at a time, then the texts
+    (keys sorted: "samples" comes before "texts", which is complete only after the last sample)."""
+    env = environment()
+
+    def dumps(obj) -> markupsafe.Markup:
+        return jinja2.utils.htmlsafe_json_dumps(obj, dumps=env.policies["json.dumps_function"],
+                                                **env.policies["json.dumps_kwargs"])
+
+    texts = Texts()
+    yield markupsafe.Markup('{"baseline":') + dumps(baseline) + markupsafe.Markup(',"conditions":') + \
+        dumps(list(conditions)) + markupsafe.Markup(',"samples":[')
+    for i, sample in enumerate(_samples(inputs, scores, derived, texts, baseline=baseline, conditions=conditions,
+                                        skipped=skipped)):
+        yield markupsafe.Markup(",") + dumps(sample) if i else dumps(sample)
+    yield markupsafe.Markup('],"texts":') + dumps(texts.items) + markupsafe.Markup("}")
 
 
 # ---------------------------------------------------------------- the run's page
@@ -277,16 +319,17 @@ def _tables(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, 
     return out
 
 
-def render(run_dir, results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *,
-           inputs: Sequence[Mapping], scores: pd.DataFrame, derived: pd.DataFrame,
-           analyses: Mapping[str, pd.DataFrame] | None = None, titles: Mapping[str, str] | None = None,
-           inspect: Mapping | None = None) -> str:
-    """The run's ``report.html`` from what finalize computed and the run's files (figures, inputs, scores)."""
+def render_pieces(run_dir, results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *,
+                  inputs: Iterable[Mapping], scores: pd.DataFrame, derived: pd.DataFrame,
+                  analyses: Mapping[str, pd.DataFrame] | None = None, titles: Mapping[str, str] | None = None,
+                  inspect: Mapping | None = None) -> Iterator[str]:
+    """The run's ``report.html`` from what finalize computed and the run's files (figures, inputs, scores), in
+    pieces for ``write_atomic`` to stream: the per-sample data is written one sample at a time."""
     run_dir = Path(run_dir)
     exp, meta = results["experiment"], results["metadata"]
     names = list(results["conditions"]) + [r["name"] for r in results.get("derived") or []]
     gen = results.get("generated_surrogates") or {}
-    return environment().get_template("report.html.j2").render(
+    return environment().get_template("report.html.j2").generate(
         # Not the directory's name: a merge renames its work folder into place, and a copied run is the same run.
         title=f"{exp['name']}: {exp['title']}" if exp.get("title") else exp["name"], experiment=exp, header=_header(results),
         tables=_tables(results, summary, comparisons, analyses, titles), figures=figures(run_dir, results["figures"]),
@@ -297,8 +340,9 @@ def render(run_dir, results: Mapping, summary: pd.DataFrame, comparisons: pd.Dat
         rejected=rejection_counts(results.get("rejected") or []), definitions=definitions(),
         run_facts=_run_facts(meta),
         tie=float((results.get("statistics") or {}).get("tie_tolerance") or 0.0),
-        samples=sample_data(inputs, scores, derived, baseline=exp["baseline"], conditions=names,
+        samples=sample_json(inputs, scores, derived, baseline=exp["baseline"], conditions=names,
                             skipped=results.get("skipped") or []))
+
 
 
 # ---------------------------------------------------------------- a sweep's page
