@@ -74,7 +74,8 @@ def check_scores(scores: pd.DataFrame) -> None:
         raise ValueError(f"scores lacks columns: {sorted(missing)}")
     dup = scores.duplicated(["sample_id", "condition"], keep=False)
     if dup.any():
-        pairs = sorted({(str(s), str(c)) for s, c in scores.loc[dup, ["sample_id", "condition"]].itertuples(index=False)})
+        pairs = sorted({(str(s), str(c))
+                        for s, c in scores.loc[dup, ["sample_id", "condition"]].itertuples(index=False)})
         raise ValueError(f"duplicated (sample_id, condition): {pairs[:10]}")
 
 
@@ -265,7 +266,8 @@ def summarize(scores: pd.DataFrame, *, baseline: str, conditions: list[str] | No
 
     keys = list(tests)
     adjusted = holm([tests[k]["p_ttest"] for k in keys] + [tests[k]["p_tost"] for k in keys])
-    p_holm, p_tost_holm = dict(zip(keys, adjusted[:len(keys)])), dict(zip(keys, adjusted[len(keys):]))
+    p_holm = dict(zip(keys, adjusted[:len(keys)], strict=True))
+    p_tost_holm = dict(zip(keys, adjusted[len(keys):], strict=True))
     for r in rows + comp_rows:
         key = r.pop("_key")
         if key is None:

@@ -149,11 +149,11 @@ class Engine:
                 together.setdefault(spec.builder, []).append(i)
             else:
                 out[i] = self.build(spec, seg)
-        for name, members in together.items():
+        for members in together.values():
             for i in members:
                 self._check_window(*work[i])
             built = builder_of(work[members[0]][0]).build_many(self, [(work[i][1], work[i][0]) for i in members])
-            for i, pc in zip(members, built):
+            for i, pc in zip(members, built, strict=True):
                 out[i] = pc
         return out
 
@@ -267,13 +267,13 @@ class Engine:
 
     def _run_fresh(self, batch, made) -> None:
         caches = self._encode_batch([EncodeRow(tuple(r.ids), tuple(r.positions)) for r in batch])
-        for item, cache in zip(batch, caches):
+        for item, cache in zip(batch, caches, strict=True):
             self._record(item, cache, made)
 
     def _run_continuations(self, batch, made) -> None:
         caches = self._encode_batch([EncodeRow(tuple(s.ids[s.past:]), tuple(s.positions[s.past:]),
                                                made[id(s.parent)], s.past) for s in batch])
-        for step, cache in zip(batch, caches):
+        for step, cache in zip(batch, caches, strict=True):
             self._record(step, cache, made)
 
     def _record(self, item, cache, made) -> None:
@@ -303,7 +303,7 @@ class Engine:
                 scores = score_batch(self.model, [(items[j][0], items[j][1].prompt, items[j][1].answer)
                                                   for j in group], per_token=per_token,
                                      from_spans=self.stack_from_spans)
-                for j, sc in zip(group, scores):
+                for j, sc in zip(group, scores, strict=True):
                     out[j] = sc
                 group, longest_input = [], 0
             if i is not None:
@@ -319,10 +319,10 @@ class Engine:
         self.prefill([r for spec, seg in work for r in self.plan(spec, seg)], batch_tokens=encode_tokens)
         primed = self.build_chunk(work)
         t1 = time.perf_counter()
-        scores = self.score_many(list(zip(primed, (seg for _, seg in work))), per_token=per_token,
+        scores = self.score_many(list(zip(primed, (seg for _, seg in work), strict=True)), per_token=per_token,
                                  batch_tokens=score_tokens)
         self.last_chunk_s = {"index": t1 - t0, "score": time.perf_counter() - t1}
-        return list(zip(primed, scores))
+        return list(zip(primed, scores, strict=True))
 
     def forget(self) -> None:
         """Drop the sample's memoised encodes (call between samples, so caches are freed)."""

@@ -106,4 +106,4 @@ def extend_batch(model, pasts: list, input_ids: torch.Tensor, position_ids: torc
     return [hf.cache_from_layers(model, [
         (torch.cat([k[r:r + 1, :, :p], k[r:r + 1, :, width:width + n]], dim=-2),
          torch.cat([v[r:r + 1, :, :p], v[r:r + 1, :, width:width + n]], dim=-2))
-        for k, v in hf.cache_layers(cache)]) for r, (p, n) in enumerate(zip(past, lengths))]
+        for k, v in hf.cache_layers(cache)]) for r, (p, n) in enumerate(zip(past, lengths, strict=True))]

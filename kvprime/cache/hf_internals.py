@@ -167,7 +167,7 @@ def new_cache(model) -> DynamicCache:
 def cache_from_layers(model, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     """A DynamicCache holding exactly these per-layer (keys, values); the tensors are not copied."""
     cache = DynamicCache(config=model.config)
-    for layer, (k, v) in zip(cache.layers, layers):
+    for layer, (k, v) in zip(cache.layers, layers, strict=True):
         layer.update(k, v)
     return cache
 
@@ -269,7 +269,7 @@ class AssembledCache(DynamicCache):
     def layers(self):
         if self._kvprime_spans is not None:
             (parts, spec), self._kvprime_spans = self._kvprime_spans, None
-            for layer, (k, v) in zip(self._layers, _assembled_layers(parts, spec)):
+            for layer, (k, v) in zip(self._layers, _assembled_layers(parts, spec), strict=True):
                 layer.update(k, v)
         return self._layers
 
@@ -290,7 +290,7 @@ CACHE_KEYWORD = "cache"
 LEGACY_CACHE_KEYWORD = "past_key_values"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_keyword_of(cls) -> str:
     try:
         params = inspect.signature(cls.forward).parameters

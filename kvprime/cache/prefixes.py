@@ -62,7 +62,7 @@ def plan_steps(requests, available=(), min_shared: int = MIN_SHARED_TOKENS) -> l
     for entry, ready in entries:
         ids, positions = (entry.ids, entry.positions) if not ready else entry
         node = root
-        for tok in zip(ids, positions):
+        for tok in zip(ids, positions, strict=True):
             child = node.children.get(tok)
             if child is None:
                 child = node.children[tok] = _Node(node.depth + 1, (ids, positions))

@@ -20,9 +20,34 @@ from omegaconf import OmegaConf
 from ..errors import ConfigError
 from . import compose
 from .devices import DEVICE_BATCH_DEFAULTS
-from .schema import (CLEAN_MODES, DISTRACTOR_SOURCES, DTYPES, GOLD_SLOTS, METRICS, MIN_N_BOOT, ON_TOO_LONG,
-                     OPEN_UNIT, SINKS, SPECS, Answer, Batch, Dataset, Floor, Generation, Model, Multidoc, Rule, Run,
-                     Settings, Spec, Stats, default_words, group_paragraph, paragraph, show)
+from .schema import (
+    CLEAN_MODES,
+    DISTRACTOR_SOURCES,
+    DTYPES,
+    GOLD_SLOTS,
+    METRICS,
+    MIN_N_BOOT,
+    ON_TOO_LONG,
+    OPEN_UNIT,
+    SINKS,
+    SPECS,
+    Answer,
+    Batch,
+    Dataset,
+    Floor,
+    Generation,
+    Model,
+    Multidoc,
+    Rule,
+    Run,
+    Settings,
+    Spec,
+    Stats,
+    default_words,
+    group_paragraph,
+    paragraph,
+    show,
+)
 
 # The names other modules import from here (the schema's declarations, re-exported with the checks).
 __all__ = ["CLEAN_MODES", "DISTRACTOR_SOURCES", "DTYPES", "GOLD_SLOTS", "METRICS", "MIN_N_BOOT", "ON_TOO_LONG",

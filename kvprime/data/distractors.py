@@ -116,7 +116,7 @@ def _nearest(samples: Sequence[Sample], pool: Pool, n: int) -> dict[str, list[st
     # One more than needed: the gold passage is usually among the nearest.
     hits = util.semantic_search(queries, corpus, top_k=n + 1, score_function=util.dot_score)
     out = {}
-    for s, row in zip(samples, hits):
+    for s, row in zip(samples, hits, strict=True):
         ranked = [pool.passages[h["corpus_id"]] for h in row]
         out[s.sample_id] = [p for p in ranked if p != s.passage][:n]
     return out

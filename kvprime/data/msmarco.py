@@ -88,7 +88,8 @@ def _records(path, split: str, cache_dir) -> Iterator[tuple[str, Mapping]]:
     if fmt is None:
         raise DataError(f"MS MARCO file {p} must end in one of {', '.join(_FORMATS)}.")
     n = 0
-    for n, pair in enumerate(_from_parquet(p) if fmt == "parquet" else _from_json(p), start=1):
+    for pair in _from_parquet(p) if fmt == "parquet" else _from_json(p):
+        n += 1
         yield pair
     if n == 0 and fmt == "parquet":
         raise reading.no_records(p, "rows in the MS MARCO v1.1 schema (query_id, query, answers, wellFormedAnswers, "

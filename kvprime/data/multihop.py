@@ -114,7 +114,8 @@ def records(cfg: Mapping, loader: str, expected: str) -> Iterator[tuple[str, obj
         raise MissingFileError(f"{p} (from dataset.path) is not a file; dataset.name={loader} needs a JSON array or "
                                f"JSON Lines of records, each {expected}.")
     n = 0
-    for n, pair in enumerate(_file_rows(p, expected), start=1):
+    for pair in _file_rows(p, expected):
+        n += 1
         yield pair
     if n == 0:
         raise reading.no_records(p, f"a JSON array or JSON Lines of records, each {expected}")
@@ -135,7 +136,7 @@ def _columns(value, keys: tuple[str, str]) -> list | None:
     first, second = value[keys[0]], value[keys[1]]
     if not (isinstance(first, list) and isinstance(second, list) and len(first) == len(second)):
         return None
-    return [[a, b] for a, b in zip(first, second)]
+    return [[a, b] for a, b in zip(first, second, strict=True)]
 
 
 def _pairs(record: Mapping, key: str, where: str, columns: tuple[str, str], accepted: str, second) -> list:

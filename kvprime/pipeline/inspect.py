@@ -23,7 +23,7 @@ def compare_caches(a, seg_a, b, seg_b) -> list[dict]:
     """Per layer: cosine similarity and max |diff| of the document's keys and values in two caches."""
     (a0, a1), (b0, b1) = document_span(a, seg_a), document_span(b, seg_b)
     rows = []
-    for i, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers)):
+    for i, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers, strict=True)):
         row = {"layer": i}
         for kind in ("keys", "values"):
             x = getattr(la, kind)[..., a0:a1, :].float().flatten()

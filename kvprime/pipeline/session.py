@@ -160,7 +160,7 @@ class Session:
                     pairs.append((text, s.query))
                     keys.append((s.sample_id, name))
         out: dict = {}
-        for (sid, name), value in zip(keys, Embedder().cosine_pairs(pairs)):
+        for (sid, name), value in zip(keys, Embedder().cosine_pairs(pairs), strict=True):
             out.setdefault(sid, {})[name] = value
         return out
 

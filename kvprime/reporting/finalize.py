@@ -206,7 +206,8 @@ def _scores_frame(run_dir: Path, inputs: list[dict], names: list[str]) -> tuple[
                 values.append(np.nan)
         keys.append((order.get(row["sample_id"], 1 << 30), rank[row["condition"]]))
     if unplanned:
-        raise DataError(f"{run_dir / 'scores.jsonl'} holds scores of condition(s) {', '.join(map(repr, sorted(unplanned)))}, "
+        raise DataError(f"{run_dir / 'scores.jsonl'} holds scores of condition(s) "
+                        f"{', '.join(map(repr, sorted(unplanned)))}, "
                         f"which plan.json does not plan (it plans {', '.join(names)}): the files are not of one run.")
     # Stable, as the sort of the parsed lines was: lines of one (sample, condition) keep their file order.
     scores = pd.DataFrame(columns)

@@ -29,8 +29,7 @@ import numpy as np
 import pandas as pd
 
 from . import answer_report
-from .report import (COMPARISON_COLUMNS, COST_COLUMNS, DEFINITIONS, SUMMARY_COLUMNS, rejection_counts,
-                     statistics_text)
+from .report import COMPARISON_COLUMNS, COST_COLUMNS, DEFINITIONS, SUMMARY_COLUMNS, rejection_counts, statistics_text
 from .tables import missing, number
 
 PAGE = "report.html"
@@ -88,8 +87,8 @@ def table(data, columns: Sequence[str] | None = None, formats: Mapping[str, str]
     cols = list(frame.columns) if columns is None else [c for c in columns if c in frame.columns]
     formats = formats or {}
     values = [frame[c].tolist() for c in cols]
-    return {"columns": cols, "rows": [[cell(v, formats.get(c), c) for c, v in zip(cols, row)]
-                                      for row in zip(*values)] if cols else []}
+    return {"columns": cols, "rows": [[cell(v, formats.get(c), c) for c, v in zip(cols, row, strict=True)]
+                                      for row in zip(*values, strict=True)] if cols else []}
 
 
 # report.md's texts use three inline marks; the page shows them as markup, everything else as escaped text.
@@ -170,8 +169,8 @@ def _rows_by_sample(frame: pd.DataFrame, columns: Sequence[str]) -> dict[str, di
     """sample_id -> condition -> that score line's ``columns`` (the frame read column-wise: one pass, no Series)."""
     cols = [c for c in columns if c in frame.columns]
     out: dict[str, dict[str, dict]] = {}
-    for values in zip(*(frame[c].tolist() for c in cols)):
-        row = dict(zip(cols, values))
+    for values in zip(*(frame[c].tolist() for c in cols), strict=True):
+        row = dict(zip(cols, values, strict=True))
         out.setdefault(str(row["sample_id"]), {})[row["condition"]] = row
     return out
 
@@ -288,7 +287,8 @@ def render(run_dir, results: Mapping, summary: pd.DataFrame, comparisons: pd.Dat
     gen = results.get("generated_surrogates") or {}
     return environment().get_template("report.html.j2").render(
         # Not the directory's name: a merge renames its work folder into place, and a copied run is the same run.
-        title=f"{exp['name']}: {exp['title']}" if exp.get("title") else exp["name"], experiment=exp, header=_header(results),
+        title=f"{exp['name']}: {exp['title']}" if exp.get("title") else exp["name"], experiment=exp,
+        header=_header(results),
         tables=_tables(results, summary, comparisons, analyses, titles), figures=figures(run_dir, results["figures"]),
         answer_part=results.get("answer_quality"), worth_it=[inline_markdown(w) for w in results.get("worth_it") or []],
         generator=(gen.get("generator") or {}), generated_warnings=gen.get("warnings") or [],

@@ -270,7 +270,7 @@ def _generate_batch(model, rows: list[list[int]], generators: list[torch.Generat
     for step in range(settings.max_new_tokens):
         token = GumbelSampler(gens, settings.temperature)(None, logits).argmax(-1)
         stopped = torch.isin(token, stop_t)
-        for row, t, s in zip(live, token.tolist(), stopped.tolist()):
+        for row, t, s in zip(live, token.tolist(), stopped.tolist(), strict=True):
             if not s:
                 new[row].append(t)
         if bool(stopped.all()) or step == settings.max_new_tokens - 1:
@@ -334,12 +334,12 @@ def generate(model, tokenizer, documents: list[str], template_text: str, setting
             batch_shared = shared is not None and (per_row or all(shared.covers(r) for r in rows))
             counts = [(len(r), min(len(toks) + 1, settings.max_new_tokens),  # +1: the stop token
                        len(shared.ids) if batch_shared and shared.covers(r) else 0)
-                      for r, toks in zip(rows, new_tokens)]
+                      for r, toks in zip(rows, new_tokens, strict=True)]
             stats.setdefault("rows", []).extend(counts)
-            for i, (prompt_tokens, generated_tokens, from_shared) in zip(batch, counts):
+            for i, (prompt_tokens, generated_tokens, from_shared) in zip(batch, counts, strict=True):
                 per_document[i] = {"prompt_tokens": prompt_tokens, "shared_prompt_tokens": from_shared,
                                    "generated_tokens": generated_tokens, "seconds": share}
-        for i, toks in zip(batch, new_tokens):
+        for i, toks in zip(batch, new_tokens, strict=True):
             results[i] = clean(tokenizer.decode(toks, skip_special_tokens=True), settings.clean)
     if stats is not None:
         stats["documents"] = per_document

@@ -181,7 +181,7 @@ class SurrogateService:
         texts = ensure(self.store, None, None, model_id=gen.model_id, template_name=template, documents=todo,
                        settings=self.generation_settings, progress=progress, load=lambda: gen.load()[:2],
                        provenance={"generator": gen.cfg.get("name")})
-        self.generated.update({(template, d): t for d, t in zip(todo, texts)})
+        self.generated.update({(template, d): t for d, t in zip(todo, texts, strict=True)})
 
     def generate(self, samples: Sequence, names: Iterable[str] | None = None, *, progress: bool = False) -> dict:
         """(template, sample_id) -> text of every sample whose generated text the conditions (default all) need
@@ -200,7 +200,7 @@ class SurrogateService:
 
     def remember(self, template: str, documents: Sequence[str], texts: Sequence[str]) -> None:
         """Use ``texts`` as the documents' generated texts (the bench times its own generation and scores with it)."""
-        self.generated.update({(template, d): t for d, t in zip(documents, texts)})
+        self.generated.update({(template, d): t for d, t in zip(documents, texts, strict=True)})
 
     def read_stored(self, samples: Sequence) -> None:
         """Take what the store already holds for ``samples``, never generating: the texts ``generate`` would read,

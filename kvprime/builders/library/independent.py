@@ -115,7 +115,7 @@ def build(engine, seg, spec, *, primed: bool) -> PrimedCache:
     docs, sinks = encodes[:len(pieces)], encodes[len(pieces):]
     keep = spec.settings.other_sinks == "keep"
     parts, ids = [], []
-    for i, (piece, cache) in enumerate(zip(pieces, docs)):
+    for i, (piece, cache) in enumerate(zip(pieces, docs, strict=True)):
         start = _encode_start(piece, n_sink, spec)
         if n_sink and (i == 0 or keep):
             if spec.rope_fix == "shift":

@@ -38,7 +38,7 @@ def _boundaries(facts: list[Fact], n_sentences: int, place: Draws) -> list[int]:
     """The sentence boundary (0 .. n_sentences) each fact goes to: its depth's nearest, or a drawn one. Every fact
     draws, depth or not, so the other facts land where they would at any other depth."""
     drawn = [place.index(n_sentences + 1) for _ in facts]
-    return [round(f.depth * n_sentences) if f.depth is not None else d for f, d in zip(facts, drawn)]
+    return [round(f.depth * n_sentences) if f.depth is not None else d for f, d in zip(facts, drawn, strict=True)]
 
 
 def build(facts: list[Fact], words: int, filler: Draws, place: Draws, slot: int) -> tuple[str, list[dict]]:

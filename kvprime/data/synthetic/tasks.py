@@ -78,7 +78,7 @@ def _values(knobs: Knobs, i: int, n: int) -> list[str]:
 def _distractors(knobs: Knobs, i: int, lures: list[str], others: list[str], values: list[str]) -> list[layout.Fact]:
     """The distractor facts in a seeded order (the order they are dealt to documents in)."""
     facts = [layout.Fact(FACT.format(key=k, value=v), "lure" if k in lures else "distractor", k, v)
-             for k, v in zip(lures + others, values)]
+             for k, v in zip(lures + others, values, strict=True)]
     return stream(knobs.seed, knobs.task, i, "deal").shuffled(facts)
 
 
