@@ -188,6 +188,11 @@ def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def cache_device(cache: DynamicCache) -> torch.device:
+    """Where the cache's tensors live (the device a continuation's inputs must be on)."""
+    return cache.layers[0].keys.device
+
+
 def cache_length(cache: DynamicCache) -> int:
     if isinstance(cache, AssembledCache) and cache.unassembled:
         return cache.spans_length  # without assembling it
@@ -396,6 +401,15 @@ def step(model, input_ids: torch.Tensor, *, cache: DynamicCache | None = None,
         kwargs["position_ids"] = position_ids
     out = call(model, cache, **kwargs)
     return out.logits, returned_cache(out)
+
+
+# ---------------------------------------------------------------- a config's provenance
+
+
+def commit_hash(config) -> str | None:
+    """The hub commit a config was loaded from (None for a local folder or a config built in-process).
+    transformers keeps it only in a private attribute."""
+    return getattr(config, "_commit_hash", None)
 
 
 # ---------------------------------------------------------------- RoPE bases of a config (asset conversion)

@@ -39,7 +39,7 @@ def score_answer(model, primed, prompt_ids, answer_ids, *, per_token: bool = Fal
     if primed.masked:  # entries scoring must not see: the batched path carries an attention mask
         return score_batch(model, [(primed, prompt_ids, answer_ids)], per_token=per_token)[0]
     ids = list(prompt_ids) + list(answer_ids)
-    device = primed.cache.layers[0].keys.device
+    device = hf.cache_device(primed.cache)
     input_ids = torch.tensor([ids], device=device)
     start = primed.next_position
     position_ids = torch.arange(start, start + len(ids), device=device).unsqueeze(0)

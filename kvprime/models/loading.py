@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.utils import logging as hf_logging
 
 from .. import assets
+from ..cache import hf_internals as hf
 from ..cache.tiny import tiny_config, tiny_model, tiny_tokenizer
 from ..config.devices import resolve_device
 from ..config.schema import DTYPES
@@ -202,7 +203,7 @@ def load(cfg: Mapping, tokenizer=None):
     model = AutoModelForCausalLM.from_pretrained(folder, **_revision(cfg), **kwargs).eval()
     if not cfg.get("device_map"):
         model = model.to(resolve_device(cfg))
-    return model, tokenizer, {**weights_identity(cfg), "commit": getattr(model.config, "_commit_hash", None)}
+    return model, tokenizer, {**weights_identity(cfg), "commit": hf.commit_hash(model.config)}
 
 
 @contextmanager
@@ -227,7 +228,7 @@ def weights_identity(cfg: Mapping) -> dict | None:
     config = model_config(cfg)  # the cheap checks; fetches a missing asset, as load would
     folder = _folder(cfg)
     info = {"source": source, "name": model_name(cfg), "path": folder,
-            "commit": getattr(config, "_commit_hash", None)}
+            "commit": hf.commit_hash(config)}
     if source in ("asset", "local"):
         info["weights_sha256"] = _files_sha256(Path(folder))
     return info

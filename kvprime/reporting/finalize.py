@@ -209,7 +209,7 @@ def _scores_frame(run_dir: Path, inputs: list[dict], names: list[str]) -> tuple[
         raise DataError(f"{run_dir / 'scores.jsonl'} holds scores of condition(s) "
                         f"{', '.join(map(repr, sorted(unplanned)))}, "
                         f"which plan.json does not plan (it plans {', '.join(names)}): the files are not of one run.")
-    # Stable, as the sort of the parsed lines was: lines of one (sample, condition) keep their file order.
+    # Stable: lines of one (sample, condition) keep their file order.
     scores = pd.DataFrame(columns)
     del columns
     perm = sorted(range(len(keys)), key=keys.__getitem__)

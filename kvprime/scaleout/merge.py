@@ -115,7 +115,8 @@ def merge_runs(run_dirs, out_dir, *, check_dataset: bool = True, overwrite: bool
     out_dir = Path(out_dir)
     _check_arguments(run_dirs, out_dir)
     merged = gather(run_dirs, out_dir, check_dataset)
-    return _write_and_publish(merged, out_dir, overwrite)
+    with rundir.created_scope():  # the parents of --out this merge makes, and only those, a failure removes
+        return _write_and_publish(merged, out_dir, overwrite)
 
 
 def _check_arguments(run_dirs: list[Path], out_dir: Path) -> None:

@@ -167,11 +167,9 @@ def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 def prefill_rows_by_default(model) -> bool:
     """Prefill each prompt alone, then decode the rows together? On a CPU yes: one prompt already keeps the
-    cores busy, and a left-padded batch adds its pads and a masked attention (SmolLM2, 2 cores: 8 prompts of
-    208-279 tokens took 4.9 s as one padded batch, a 236-token prompt alone 0.42 s; 16 documents in batches of
-    8 generated in 16.1 s this way against 16.7 s). On a GPU one prompt leaves the device idle, so the batch
-    prefills together. Sliding-window models (Gemma3) always prefill together: their per-row caches could not
-    be stacked column-aligned."""
+    cores busy, and a left-padded batch adds its pads and a masked attention. On a GPU one prompt leaves the device
+    idle, so the batch prefills together. Sliding-window models (Gemma3) always prefill together: their per-row
+    caches could not be stacked column-aligned."""
     return next(model.parameters()).device.type == "cpu" and not any(hf.sliding_windows(model))
 
 

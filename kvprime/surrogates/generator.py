@@ -1,6 +1,6 @@
 """The model that writes generated surrogates (``generation.model``), which need not be the model scored.
 
-``generation.model: null`` keeps the old behaviour: the scored model writes its own surrogates. A name
+``generation.model: null``: the scored model writes its own surrogates. A name
 (``qwen25_coder_05b_instruct``) selects ``conf/model/<name>.yaml``, read as the run's model config is, with
 the run's ``model.device`` and ``model.dtype`` applied (a float32 CPU run generates in float32 on the CPU, a
 bfloat16 GPU run in bfloat16 on the GPU). Why a second model: a 135M scored model mostly copies the
