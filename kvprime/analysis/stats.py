@@ -39,6 +39,7 @@ import inspect
 import math
 import warnings
 import zlib
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -150,7 +151,7 @@ def paired_test(reference, treatment, *, n_boot: int = _DEFAULT.n_boot, seed: in
     ref, trt = ref[ok], trt[ok]
     delta = ref - trt
     n = int(delta.size)
-    out = dict.fromkeys(PAIRED_FIELDS, _NAN)
+    out: dict[str, Any] = dict.fromkeys(PAIRED_FIELDS, _NAN)
     out.update(n=n, n_dropped_nonfinite=int(ok.size - n), ci_method=None)
     wins, losses = delta > tie_tolerance, delta < -tie_tolerance
     if n:

@@ -138,7 +138,9 @@ def measure_floor(model, tokenizer, *, sink_ids, surrogate_lengths=SURROGATE_LEN
     primed = [engine.build(spec, seg) for spec, seg in work]
     scores = score_batch(model, [(p, seg.prompt, seg.answer) for p, (_, seg) in zip(primed, work, strict=True)])
     done = list(zip(primed, scores, strict=True))
-    per_length, key_per_layer, value_max, uncorrected = {}, [], 0.0, 0.0
+    per_length: dict[str, float] = {}
+    key_per_layer: list[float] = []
+    value_max = uncorrected = 0.0
     for i, n in enumerate(used):
         built = {fix: done[3 * i + j] for j, fix in enumerate(specs)}  # (PrimedCache, Score) per rope_fix
         pairs = list(zip(cache_layers(built["rerotate"][0].cache), cache_layers(built["shift"][0].cache), strict=True))

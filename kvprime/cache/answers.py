@@ -136,4 +136,6 @@ def decode_many(model, tokenizer, items, *, max_new_tokens: int, batch_tokens: i
         longest = max(longest, row)
     if group:
         flush()
-    return out  # type: ignore[return-value]
+    done = [d for d in out if d is not None]
+    assert len(done) == len(out)  # every item is in exactly one flushed group
+    return done

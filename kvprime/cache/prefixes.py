@@ -74,7 +74,7 @@ def plan_steps(requests, available=(), min_shared: int = MIN_SHARED_TOKENS) -> l
     steps: list[Step] = []
     # Iterative depth-first walk (encodes are thousands of tokens deep: no recursion), carrying the nearest
     # materialised ancestor step.
-    stack = [(child, None) for child in root.children.values()]
+    stack: list[tuple[_Node, Step | None]] = [(child, None) for child in root.children.values()]
     while stack:
         node, anc = stack.pop()
         usable = anc if anc is not None and len(anc.ids) >= min_shared else None

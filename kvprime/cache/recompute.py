@@ -83,9 +83,9 @@ def recompute_batch(model, jobs: list[BlendJob]) -> list[list[tuple[torch.Tensor
     device = todo[0].layers[0][0].device
     keeps = []
     for j in todo:
-        keep = torch.ones(len(j.ids), dtype=torch.bool)
-        keep[list(j.rows)] = False
-        keeps.append(keep.nonzero().flatten().tolist())
+        kept = torch.ones(len(j.ids), dtype=torch.bool)
+        kept[list(j.rows)] = False
+        keeps.append(kept.nonzero().flatten().tolist())
     width_kept, width_new = max(len(k) for k in keeps), max(len(j.rows) for j in todo)
     stale = [_padded_stale(j, torch.tensor(k, dtype=torch.long, device=device), width_kept)
              for j, k in zip(todo, keeps, strict=True)]

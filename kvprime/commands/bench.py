@@ -23,6 +23,7 @@ import dataclasses
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -132,7 +133,7 @@ def minimum_plan_flops(config, engine, work, segs) -> float:
     """Encode FLOPs of the cheapest plan of the run's encodes: each distinct (token, position) path once, over
     all samples, every encode continuing from its longest shared opening (even one token: the sink). A lower
     bound for any plan of these conditions, kvprime's included (batching and memory aside)."""
-    requests = {}
+    requests: dict = {}
     for (_, _, spec), seg in zip(work, segs, strict=True):
         for req in engine.plan(spec, seg):
             requests.setdefault(req.key, req)
@@ -183,7 +184,7 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
     # Untimed warm-up (kernel selection, allocator, lazy initialisation), so neither path pays for it.
     generate(gen_model, gen_tok, docs[:2], GENERATION_TEMPLATES["target_question"],
              dataclasses.replace(batched_settings, max_new_tokens=2, batch_size=2))
-    gen = {"batched": {"s": 0.0, "rows": []}, "single": {"s": 0.0, "rows": []}}
+    gen: dict[str, dict[str, Any]] = {"batched": {"s": 0.0, "rows": []}, "single": {"s": 0.0, "rows": []}}
     texts: dict = {}
     for template in templates:
         # "single" is the notebooks' way: one document at a time, each prompt prefilled whole.

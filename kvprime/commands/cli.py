@@ -299,11 +299,11 @@ def conditions() -> None:
             detail += f" rope_fix={cfg.get('rope_fix')}"
         typer.echo(f"  {name:<{width}}  {detail:<70} {cfg.get('description', '')}")
     typer.echo("surrogate sources (surrogate: in a condition):")
-    for _, info in SOURCE_REGISTRY.items():
-        typer.echo(f"  {info.spelling:<28} {info.doc}")
+    for _, source in SOURCE_REGISTRY.items():
+        typer.echo(f"  {source.spelling:<28} {source.doc}")
     typer.echo("analyses (experiment.analyses):")
-    for name, info in sorted(ANALYSES.items()):
-        typer.echo(f"  {name:<20} {info.doc}")
+    for name, analysis in sorted(ANALYSES.items()):
+        typer.echo(f"  {name:<20} {analysis.doc}")
     for group in ("experiment", "model", "dataset"):
         typer.echo(f"{group}s (conf/{group}/): {', '.join(confdir.names(group))}")
 

@@ -15,10 +15,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 
-from omegaconf import OmegaConf
-
 from ..errors import ConfigError
-from . import compose
+from . import compose, confdir
 from .devices import DEVICE_BATCH_DEFAULTS
 from .schema import (
     CLEAN_MODES,
@@ -73,7 +71,7 @@ def check_value(key: str, value, *, error: type[ConfigError] = ConfigError):
 
 def _plain(cfg) -> dict:
     if type(cfg).__module__.startswith("omegaconf"):
-        return OmegaConf.to_container(cfg, resolve=True)
+        return confdir.resolved(cfg)
     return copy.deepcopy(dict(cfg))
 
 
@@ -99,7 +97,8 @@ def _check_shard(out: dict, problems: list[str]) -> None:
     if not isinstance(shards, Mapping):
         return
     n, i = shards.get("num_shards"), shards.get("shard")
-    if SPECS["run.num_shards"].rule.ok(n) and SPECS["run.shard"].rule.ok(i) and i >= n:
+    if (SPECS["run.num_shards"].rule.ok(n) and SPECS["run.shard"].rule.ok(i) and isinstance(n, int)
+            and isinstance(i, int) and i >= n):
         problems.append(f"run.shard={show(i)} is not a shard of run.num_shards={show(n)}: run.shard is this "
                         f"job's shard. Accepted: an integer from 0 to {n - 1} (default: 0).")
 

@@ -259,7 +259,7 @@ def busy_error(run_dir: Path, h: dict) -> RunDirError:
         fix = {"run": "Wait for it to finish or stop it (a stopped run continues with `kvprime resume <dir>`).",
                "resume": "Wait for it to finish or stop it (a stopped run continues with `kvprime resume <dir>`).",
                "merge": "Wait for it to finish, then run the same merge command again if its output is not there.",
-               }.get(h.get("command"), "Wait for it to finish, then try again.")
+               }.get(str(h.get("command")), "Wait for it to finish, then try again.")
     return RunDirError(f"{run_dir} is in use by {_describe(h)}. kvprime lets one command write a run directory "
                        f"at a time. {fix}")
 
@@ -270,7 +270,7 @@ class RunLock:
     def __init__(self, run_dir: Path, command: str):
         self.run_dir = Path(run_dir)
         self.command = command
-        self._lock = None
+        self._lock: FileLock | None = None
 
     def acquire(self) -> RunLock:
         h = live_holder(self.run_dir)

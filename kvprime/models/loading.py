@@ -203,7 +203,9 @@ def load(cfg: Mapping, tokenizer=None):
     model = AutoModelForCausalLM.from_pretrained(folder, **_revision(cfg), **kwargs).eval()
     if not cfg.get("device_map"):
         model = model.to(resolve_device(cfg))
-    return model, tokenizer, {**weights_identity(cfg), "commit": hf.commit_hash(model.config)}
+    identity = weights_identity(cfg)
+    assert identity is not None  # None only for the in-process random models, returned above
+    return model, tokenizer, {**identity, "commit": hf.commit_hash(model.config)}
 
 
 @contextmanager

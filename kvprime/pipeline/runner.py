@@ -40,7 +40,7 @@ from .sharding import chunk_size, chunks, grouped
 _RESUME_FREE = ("resume", "progress", "batch")  # batching changes no number beyond float rounding (tested <= 1e-4)
 
 
-def _check_resume(run_dir: Path, cfg: dict) -> None:
+def _check_resume(run_dir: Path, cfg: Mapping) -> None:
     stored_path = run_dir / "config.json"
     if not stored_path.exists():
         return
@@ -72,7 +72,9 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
 def _config_diff(now: Mapping, old: Mapping, prefix: str = "") -> tuple[list, list, list]:
     """Dotted settings only in ``now`` (added to kvprime since ``old`` was written), only in ``old`` (removed
     since), and in both with other values (overridden); a missing section is named once, not key by key."""
-    added, removed, changed = [], [], []
+    added: list[str] = []
+    removed: list[str] = []
+    changed: list[str] = []
     for key in sorted(set(now) | set(old)):
         path = f"{prefix}{key}"
         if key not in old:

@@ -42,7 +42,7 @@ class Session:
             plan.conditions, plan.selection.samples, pool=plan.pool, seed=plan.seed, grouped=plan.grouped,
             prepared=plan.surrogate_sources, run_cfg=plan.cfg, tokenizer=lambda: self.tokenizer,
             scored_model=lambda: self._model)
-        self._everything = None  # every usable sample of the dataset, loaded only for sample= outside it
+        self._everything: list | None = None  # every usable sample of the dataset, loaded only for sample= outside it
 
     @classmethod
     def open(cls, cfg, only: str | None = None) -> Session:

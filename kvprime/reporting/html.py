@@ -190,7 +190,7 @@ def sample_data(inputs: Sequence[Mapping], scores: pd.DataFrame, derived: pd.Dat
         sid = str(rec["sample_id"])
         rows = lines.get(sid, {})
         base = rows.get(baseline, {}).get("nll")
-        base = None if missing(base) else float(base)
+        base = None if base is None or missing(base) else float(base)
         docs = rec.get("passages") or [rec.get("passage", "")]
         answers = [a for a in rec.get("answers") or [] if a != rec.get("answer")]
         sample = {"id": sid, "query": rec.get("query", ""), "answer": rec.get("answer", ""), "answers": answers,

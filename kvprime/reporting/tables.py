@@ -63,7 +63,7 @@ def _rows(data, columns: Sequence[str] | None) -> tuple[list[str], list[list]]:
     rows = list(data)
     if rows and isinstance(rows[0], Mapping):
         if columns is None:
-            cols: list[str] = []
+            cols = []
             for r in rows:
                 cols += [k for k in r if k not in cols]
         else:

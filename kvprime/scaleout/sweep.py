@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ..errors import MissingFileError
 from ..files.results_io import write_atomic, write_json
@@ -100,6 +100,8 @@ def _expected_jobs(sweep_dir: Path) -> tuple[list[list[str]] | None, list[str], 
         return None, [], None
     try:
         conf = OmegaConf.load(path)
+        if not isinstance(conf, DictConfig):  # not a multirun record: judge by the job dirs alone
+            return None, [], None
         hydra = conf.get("hydra") or {}
         task = [str(x) for x in OmegaConf.select(conf, "hydra.overrides.task", default=[]) or []]
         launch = [str(x) for x in OmegaConf.select(conf, "hydra.overrides.hydra", default=[]) or []

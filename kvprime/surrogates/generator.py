@@ -18,8 +18,6 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 
-from omegaconf import OmegaConf
-
 from ..config import confdir
 from ..errors import ConfigError
 from ..models import loading
@@ -57,8 +55,8 @@ def generator_model_cfg(run_cfg: Mapping) -> dict:
         raise ConfigError(f"generation.model={name!r} is not a model config. generation.model names the model that "
                           f"writes generated surrogates: null (the scored model) or one of the configs in conf/model: "
                           f"{', '.join(known)}. No model was loaded.")
-    cfg = OmegaConf.to_container(confdir.load("model", name), resolve=True)
-    where = _LOCATED_ON_COMMAND_LINE.get(cfg.get("source"))
+    cfg = confdir.resolved(confdir.load("model", name))
+    where = _LOCATED_ON_COMMAND_LINE.get(str(cfg.get("source")))
     if where is not None and not cfg.get(where):
         raise ConfigError(f"generation.model={name!r} names a model config whose location (model.{where}) is set on "
                           "the command line, which generation.model cannot carry. Add a config for that model to "

@@ -153,7 +153,8 @@ def ensure(store: SurrogateStore, model, tokenizer, *, model_id: str, template_n
             try:
                 if generator is None:
                     generator = load() if load is not None else (model, tokenizer)
-                fresh.update(_generate_and_store(store, *generator, {k: pending.pop(k) for k in held},
+                gen_model, gen_tokenizer = generator
+                fresh.update(_generate_and_store(store, gen_model, gen_tokenizer, {k: pending.pop(k) for k in held},
                                                  model_id=model_id, template_name=template_name,
                                                  template_text=template_text, settings=settings,
                                                  progress=progress, provenance=provenance))

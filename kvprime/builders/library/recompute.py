@@ -96,12 +96,13 @@ def sample_seed(seg, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-class RecomputeStage:
+class RecomputeStage(Independent):
     """The recompute stage a base builder's class is mixed with (its ``build`` makes the assembled cache)."""
 
     params = RecomputeParams
 
-    def notes(self, params: RecomputeParams) -> str:
+    def notes(self, params: IndependentParams) -> str:
+        assert isinstance(params, RecomputeParams)  # this builder's own params (``params`` above)
         rules = {
             "deviation": f"CacheBlend: the {params.ratio:g} of candidate rows whose layer-{params.selection_layer} "
                          f"post-RoPE keys deviate most (squared L2) from a full-attention pass through layers "

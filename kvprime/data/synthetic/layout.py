@@ -59,11 +59,11 @@ def build(facts: list[Fact], words: int, filler: Draws, place: Draws, slot: int)
     total = _words(text)
     where: dict[int, dict] = {}
     word = char = 0
-    for piece, i in pieces:
-        if i is not None:
+    for piece, fact in pieces:
+        if fact is not None:
             span = max(1, total - _words(piece))  # the positions the fact could start at, last one included
-            where[i] = {"slot": slot, "word": word, "char": char, "depth": round(word / span, 4),
-                        "role": facts[i].role, "key": facts[i].key, "value": facts[i].value}
+            where[fact] = {"slot": slot, "word": word, "char": char, "depth": round(word / span, 4),
+                           "role": facts[fact].role, "key": facts[fact].key, "value": facts[fact].value}
         word += _words(piece)
         char += len(piece) + 1
     return text, [where[i] for i in range(len(facts))]
