@@ -106,8 +106,9 @@ def frame(scores: pd.DataFrame, derived: pd.DataFrame | None = None) -> pd.DataF
     out = scores.reindex(columns=["sample_id", "condition", *_VALUES])
     if derived is not None and len(derived):
         src = out.set_index(["sample_id", "condition"])
-        keys = list(zip(derived["sample_id"], derived["routed_to"]))
-        routed = pd.DataFrame({"sample_id": derived["sample_id"].to_numpy(), "condition": derived["condition"].to_numpy(),
+        keys = list(zip(derived["sample_id"], derived["routed_to"], strict=True))
+        routed = pd.DataFrame({"sample_id": derived["sample_id"].to_numpy(),
+                               "condition": derived["condition"].to_numpy(),
                                **{v: src[v].reindex(keys).to_numpy() for v in _VALUES}})
         out = pd.concat([out, routed], ignore_index=True)
     out[_VALUES] = out[_VALUES].astype(float)
@@ -176,9 +177,9 @@ def summarize(answers: pd.DataFrame, *, baseline: str, conditions: list[str], co
     comp_rows = [{"name": c["name"], "_key": run(c["reference"], c["treatment"])}
                  for c in comparisons or [] if c["reference"] in by and c["treatment"] in by]
     keys = list(tests)
-    em_holm = dict(zip(keys, stats.holm([tests[k]["p_mcnemar"] for k in keys])))
-    contains_holm = dict(zip(keys, stats.holm([tests[k]["p_mcnemar_contains"] for k in keys])))
-    f1_holm = dict(zip(keys, stats.holm([tests[k]["f1_p_ttest"] for k in keys])))
+    em_holm = dict(zip(keys, stats.holm([tests[k]["p_mcnemar"] for k in keys]), strict=True))
+    contains_holm = dict(zip(keys, stats.holm([tests[k]["p_mcnemar_contains"] for k in keys]), strict=True))
+    f1_holm = dict(zip(keys, stats.holm([tests[k]["f1_p_ttest"] for k in keys]), strict=True))
     for r in rows + comp_rows:
         key = r.pop("_key")
         if key is None:

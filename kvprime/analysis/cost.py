@@ -104,13 +104,14 @@ def per_score_costs(scores: pd.DataFrame, shape: Mapping | None, generator_shape
     if shape:
         gshape = generator_shape or shape
         gen_f = [generation_flops(gshape, p, g, s) if g else 0.0
-                 for p, g, s in zip(gen_prompt.fillna(0.0), gen, gen_shared)]
+                 for p, g, s in zip(gen_prompt.fillna(0.0), gen, gen_shared, strict=True)]
         out["index_gflop"] = [(forward_flops(shape, e) if e == e else np.nan) / 1e9 for e in enc]
         out["index_gflop"] += np.asarray(gen_f) / 1e9
-        out["query_gflop"] = [forward_flops(shape, p + a, c, a + 1) / 1e9 for p, a, c in zip(prompt, answer, cache)]
+        out["query_gflop"] = [forward_flops(shape, p + a, c, a + 1) / 1e9
+                              for p, a, c in zip(prompt, answer, cache, strict=True)]
         # The decoded answer continues the cache as a generation whose "shared" opening is the cache itself.
         out["answer_gflop"] = [generation_flops(shape, c + p, n, c) / 1e9 if n == n else np.nan
-                               for p, n, c in zip(prompt, decoded, cache)]
+                               for p, n, c in zip(prompt, decoded, cache, strict=True)]
     else:
         out["index_gflop"] = out["query_gflop"] = out["answer_gflop"] = np.nan
     out["recompute_tokens"], out["recompute_gflop"], out["recompute_s"] = _recompute_costs(scores, col, shape)
@@ -128,7 +129,8 @@ def _recompute_costs(scores: pd.DataFrame, col, shape):
     tokens = col("recompute_tokens").fillna(0.0)
     token_layers = col("recompute_token_layers").fillna(0.0) + col("selection_token_layers").fillna(0.0)
     pairs = col("recompute_key_pairs").fillna(0.0)
-    gflop = (pd.Series([recompute_flops(shape, t, p) / 1e9 for t, p in zip(token_layers, pairs)], index=scores.index)
+    gflop = (pd.Series([recompute_flops(shape, t, p) / 1e9 for t, p in zip(token_layers, pairs, strict=True)],
+                       index=scores.index)
              if shape else pd.Series(np.where(token_layers > 0, np.nan, 0.0), index=scores.index))
     return tokens, gflop, col("recompute_s").fillna(0.0)
 

@@ -14,9 +14,9 @@ from .drawing import message
 from .exp01_conditions import B1, C1, C2, EXP01_CONDITIONS
 from .stats import check_scores, describe
 
-GROUP_COLORS = {"A": "#2196F3", "B": "#4CAF50", "C": "#FF9800", "D": "#9C27B0", "E": "#795548"}
-GROUP_LABELS = {"A": "A: baselines", "B": "B: full context", "C": "C: truncated", "D": "D: suffix",
-                "E": "E: random-prefix controls"}
+GROUP_COLORS: dict[str | None, str] = {"A": "#2196F3", "B": "#4CAF50", "C": "#FF9800", "D": "#9C27B0", "E": "#795548"}
+GROUP_LABELS: dict[str | None, str] = {"A": "A: baselines", "B": "B: full context", "C": "C: truncated",
+                                       "D": "D: suffix", "E": "E: random-prefix controls"}
 OTHER_COLOR = "#9E9E9E"
 
 

@@ -43,7 +43,7 @@ def gold_facts(record: Mapping) -> list[dict]:
         return [{"role": f["role"], "slot": int(f["slot"]), "depth": f.get("depth")} for f in facts]
     slots = record.get("gold_slots") or ([record["gold_slot"]] if record.get("gold_slot") is not None else [0])
     roles = ["gold"] if len(slots) == 1 else [f"evidence{j + 1}" for j in range(len(slots))]
-    return [{"role": r, "slot": int(s), "depth": None} for r, s in zip(roles, slots)]
+    return [{"role": r, "slot": int(s), "depth": None} for r, s in zip(roles, slots, strict=True)]
 
 
 def depth_bin(depth: float) -> int:
@@ -72,7 +72,7 @@ def _share(values: pd.Series, confidence: float) -> tuple[float, float, float]:
 def _aggregate(joined: pd.DataFrame, by: list[str], confidence: float) -> pd.DataFrame:
     rows = []
     for key, group in joined.groupby(by, sort=False):
-        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
         row["n"] = len(group)
         for metric in METRICS:
             short = SHORT[metric]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,7 @@ def cluster_ci(delta, clusters, *, n_boot: int, seed: int, confidence: float) ->
     frame = pd.DataFrame({"d": np.asarray(delta, dtype=float), "c": np.asarray(clusters)})
     per = frame.groupby("c", sort=True)["d"].agg(["sum", "count"])
     sums, counts = per["sum"].to_numpy(), per["count"].to_numpy().astype(float)
-    out = {"mean_delta": float(frame["d"].mean()) if len(frame) else math.nan, "ci_low": math.nan,
+    out: dict[str, Any] = {"mean_delta": float(frame["d"].mean()) if len(frame) else math.nan, "ci_low": math.nan,
            "ci_high": math.nan, "ci_method": None, "design_effect": math.nan}
     if len(per) < 2:
         return out

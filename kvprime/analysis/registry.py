@@ -26,11 +26,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from ..errors import ConfigError
 from ..registry import Registry
+
+if TYPE_CHECKING:  # for annotations only: analyses import matplotlib when they draw, not before
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class FigureSpec:
     output; tables are not). kvprime saves it (``kvprime.reporting.figures.save_figure``: one format and dpi)."""
 
     file: str
-    draw: Callable[[], object]  # -> matplotlib.figure.Figure
+    draw: Callable[[], Figure]
 
 
 @dataclass

@@ -39,6 +39,7 @@ import inspect
 import math
 import warnings
 import zlib
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -74,7 +75,8 @@ def check_scores(scores: pd.DataFrame) -> None:
         raise ValueError(f"scores lacks columns: {sorted(missing)}")
     dup = scores.duplicated(["sample_id", "condition"], keep=False)
     if dup.any():
-        pairs = sorted({(str(s), str(c)) for s, c in scores.loc[dup, ["sample_id", "condition"]].itertuples(index=False)})
+        pairs = sorted({(str(s), str(c))
+                        for s, c in scores.loc[dup, ["sample_id", "condition"]].itertuples(index=False)})
         raise ValueError(f"duplicated (sample_id, condition): {pairs[:10]}")
 
 
@@ -149,7 +151,7 @@ def paired_test(reference, treatment, *, n_boot: int = _DEFAULT.n_boot, seed: in
     ref, trt = ref[ok], trt[ok]
     delta = ref - trt
     n = int(delta.size)
-    out = dict.fromkeys(PAIRED_FIELDS, _NAN)
+    out: dict[str, Any] = dict.fromkeys(PAIRED_FIELDS, _NAN)
     out.update(n=n, n_dropped_nonfinite=int(ok.size - n), ci_method=None)
     wins, losses = delta > tie_tolerance, delta < -tie_tolerance
     if n:
@@ -265,7 +267,8 @@ def summarize(scores: pd.DataFrame, *, baseline: str, conditions: list[str] | No
 
     keys = list(tests)
     adjusted = holm([tests[k]["p_ttest"] for k in keys] + [tests[k]["p_tost"] for k in keys])
-    p_holm, p_tost_holm = dict(zip(keys, adjusted[:len(keys)])), dict(zip(keys, adjusted[len(keys):]))
+    p_holm = dict(zip(keys, adjusted[:len(keys)], strict=True))
+    p_tost_holm = dict(zip(keys, adjusted[len(keys):], strict=True))
     for r in rows + comp_rows:
         key = r.pop("_key")
         if key is None:

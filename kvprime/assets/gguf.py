@@ -161,7 +161,8 @@ def _convert_gguf_loaded(
     model.eval()
     # The GGUF loader marks the model as quantised although its weights are now plain tensors;
     # without this save_pretrained refuses / writes a config that cannot be reloaded.
-    model.hf_quantizer = None
+    # nn.Module's __getattr__ types every attribute as a tensor or module; this one is transformers' quantizer
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)

@@ -40,10 +40,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError
 from ..registry import Registry
+
+if TYPE_CHECKING:  # for annotations only: the builders' registry and this module load without torch
+    from transformers import DynamicCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +71,7 @@ class PrimedCache:
     rotated for, and whether scoring may attend to it (``attend``; None: every entry). Scoring continues
     from ``next_position``."""
 
-    cache: object  # transformers DynamicCache
+    cache: DynamicCache
     token_ids: list[int]
     position_ids: list[int]
     next_position: int

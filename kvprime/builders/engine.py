@@ -16,8 +16,10 @@ From a notebook::
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -30,6 +32,22 @@ from ..errors import DataError
 from ..models import loading
 from . import EncodeRequest, PrimedCache
 from .conditions import ConditionSpec, builder_of, validate
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class BuildsMany(Protocol):
+    """A builder that builds a chunk's samples of its conditions together (the recompute stage)."""
+
+    def build_many(self, engine: Engine, work: list[tuple[Segments, ConditionSpec]]) -> list[PrimedCache]: ...
+
+
+def _all_set(items: list[T | None]) -> list[T]:
+    """``items`` once every slot has been filled (each index is filled exactly once by the loops that call this)."""
+    done = [x for x in items if x is not None]
+    assert len(done) == len(items)
+    return done
 
 
 @dataclass(frozen=True)
@@ -59,7 +77,7 @@ class Engine:
                                                   None)
         # sliding_windows reads only the model's config, so the config alone gives the loaded model's windows.
         self.windows = [w for w in hf.sliding_windows(SimpleNamespace(config=config)) if w is not None]
-        self._rope = None
+        self._rope: hf.RopeSpec | None = None
         self._memo: dict = {}
         self._kept: dict = {}
         self.n_encodes = 0  # model encodes actually run (memo hits excluded)
@@ -90,7 +108,7 @@ class Engine:
     # ------------------------------------------------------------ steps
 
     def segments(self, spec: ConditionSpec, *, document: str, query: str, answer: str,
-                 surrogate: str | None = None, documents: list[str] | None = None) -> Segments:
+                 surrogate: str | Sequence[str] | None = None, documents: list[str] | None = None) -> Segments:
         """The condition's spans for a sample (each tokenized alone), with the roles its builder declares.
         ``documents``: a sample's several passages, one document span each (``document`` is then unused).
         ``surrogate`` as a tuple (one text per document): each document gets its own prefix span before it."""
@@ -145,17 +163,19 @@ class Engine:
         out: list[PrimedCache | None] = [None] * len(work)
         together: dict[str, list[int]] = {}
         for i, (spec, seg) in enumerate(work):
-            if hasattr(builder_of(spec), "build_many"):
+            if isinstance(builder_of(spec), BuildsMany):
                 together.setdefault(spec.builder, []).append(i)
             else:
                 out[i] = self.build(spec, seg)
-        for name, members in together.items():
+        for members in together.values():
             for i in members:
                 self._check_window(*work[i])
-            built = builder_of(work[members[0]][0]).build_many(self, [(work[i][1], work[i][0]) for i in members])
-            for i, pc in zip(members, built):
+            builder = builder_of(work[members[0]][0])
+            assert isinstance(builder, BuildsMany)  # grouped above for having build_many
+            built = builder.build_many(self, [(work[i][1], work[i][0]) for i in members])
+            for i, pc in zip(members, built, strict=True):
                 out[i] = pc
-        return out
+        return _all_set(out)
 
     def score(self, primed: PrimedCache, seg: Segments, *, per_token: bool = False) -> Score:
         return score_answer(self.model, primed, seg.prompt, seg.answer, per_token=per_token)
@@ -200,7 +220,7 @@ class Engine:
         With ``extend_prefixes``, an encode whose ids and positions begin with another's (planned, memoised, or
         an opening several share) continues from that cache and encodes only its remaining tokens
         (``kvprime.cache.prefixes``); level by level, fresh encodes and continuations each run as batches."""
-        todo = {}
+        todo: dict[object, EncodeRequest] = {}
         for req in requests:
             if req.key not in self._memo and req.key not in self._kept:
                 todo.setdefault(req.key, req)
@@ -267,13 +287,13 @@ class Engine:
 
     def _run_fresh(self, batch, made) -> None:
         caches = self._encode_batch([EncodeRow(tuple(r.ids), tuple(r.positions)) for r in batch])
-        for item, cache in zip(batch, caches):
+        for item, cache in zip(batch, caches, strict=True):
             self._record(item, cache, made)
 
     def _run_continuations(self, batch, made) -> None:
         caches = self._encode_batch([EncodeRow(tuple(s.ids[s.past:]), tuple(s.positions[s.past:]),
                                                made[id(s.parent)], s.past) for s in batch])
-        for step, cache in zip(batch, caches):
+        for step, cache in zip(batch, caches, strict=True):
             self._record(step, cache, made)
 
     def _record(self, item, cache, made) -> None:
@@ -303,13 +323,13 @@ class Engine:
                 scores = score_batch(self.model, [(items[j][0], items[j][1].prompt, items[j][1].answer)
                                                   for j in group], per_token=per_token,
                                      from_spans=self.stack_from_spans)
-                for j, sc in zip(group, scores):
+                for j, sc in zip(group, scores, strict=True):
                     out[j] = sc
                 group, longest_input = [], 0
             if i is not None:
                 group.append(i)
                 longest_input = max(longest_input, row)
-        return out
+        return _all_set(out)
 
     def run_chunk(self, work, *, per_token: bool = False, encode_tokens: int = 4096,
                   score_tokens: int = 8192) -> list[tuple[PrimedCache, Score]]:
@@ -319,10 +339,10 @@ class Engine:
         self.prefill([r for spec, seg in work for r in self.plan(spec, seg)], batch_tokens=encode_tokens)
         primed = self.build_chunk(work)
         t1 = time.perf_counter()
-        scores = self.score_many(list(zip(primed, (seg for _, seg in work))), per_token=per_token,
+        scores = self.score_many(list(zip(primed, (seg for _, seg in work), strict=True)), per_token=per_token,
                                  batch_tokens=score_tokens)
         self.last_chunk_s = {"index": t1 - t0, "score": time.perf_counter() - t1}
-        return list(zip(primed, scores))
+        return list(zip(primed, scores, strict=True))
 
     def forget(self) -> None:
         """Drop the sample's memoised encodes (call between samples, so caches are freed)."""

@@ -136,14 +136,16 @@ def measure_floor(model, tokenizer, *, sink_ids, surrogate_lengths=SURROGATE_LEN
     longest = len(sink_ids) + max(used) + len(doc)
     engine.prefill([r for spec, seg in work for r in engine.plan(spec, seg)], batch_tokens=2 * longest)
     primed = [engine.build(spec, seg) for spec, seg in work]
-    scores = score_batch(model, [(p, seg.prompt, seg.answer) for p, (_, seg) in zip(primed, work)])
-    done = list(zip(primed, scores))
-    per_length, key_per_layer, value_max, uncorrected = {}, [], 0.0, 0.0
+    scores = score_batch(model, [(p, seg.prompt, seg.answer) for p, (_, seg) in zip(primed, work, strict=True)])
+    done = list(zip(primed, scores, strict=True))
+    per_length: dict[str, float] = {}
+    key_per_layer: list[float] = []
+    value_max = uncorrected = 0.0
     for i, n in enumerate(used):
         built = {fix: done[3 * i + j] for j, fix in enumerate(specs)}  # (PrimedCache, Score) per rope_fix
-        pairs = list(zip(cache_layers(built["rerotate"][0].cache), cache_layers(built["shift"][0].cache)))
+        pairs = list(zip(cache_layers(built["rerotate"][0].cache), cache_layers(built["shift"][0].cache), strict=True))
         diffs = [_max_abs(kr, ks) for (kr, _), (ks, _) in pairs]
-        key_per_layer = [max(a, b) for a, b in zip(key_per_layer, diffs)] if key_per_layer else diffs
+        key_per_layer = [max(a, b) for a, b in zip(key_per_layer, diffs, strict=True)] if key_per_layer else diffs
         value_max = max([value_max] + [_max_abs(vr, vs) for (_, vr), (_, vs) in pairs])
         nll = {fix: score.nll for fix, (_, score) in built.items()}
         per_length[str(n)] = abs(nll["rerotate"] - nll["shift"])

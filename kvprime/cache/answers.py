@@ -9,9 +9,9 @@ scorer share are never touched; each decode step appends one column to the copy.
 A row stops at the first generated token whose text holds a newline after some text (the answer is one line:
 its first non-blank one), at an end-of-sequence or end-of-turn token, or after ``max_new_tokens``. Newlines
 before any text do not end it: small models often open an answer with a line break (SmolLM2-135M after
-"Answer:" does for about a third of SQuAD questions), which would otherwise score as an empty answer. Greedy decoding is argmax over the
-logits, as ``model.generate(do_sample=False)`` does, so batched rows give one-at-a-time tokens up to float
-rounding (a rounding-level near-tie could in principle flip one token).
+"Answer:" does for about a third of SQuAD questions), which would otherwise score as an empty answer.
+Greedy decoding is argmax over the logits, as ``model.generate(do_sample=False)`` does, so batched rows give
+one-at-a-time tokens up to float rounding (a rounding-level near-tie could in principle flip one token).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def decode_batch(model, items, *, max_new_tokens: int, newline: frozenset[int] =
     for t in range(steps):
         token = logits[:, -1, :].argmax(-1)
         at_end, at_line = torch.isin(token, stop_t), torch.isin(token, line_t)
-        for r, (tok, e, nl) in enumerate(zip(token.tolist(), at_end.tolist(), at_line.tolist())):
+        for r, (tok, e, nl) in enumerate(zip(token.tolist(), at_end.tolist(), at_line.tolist(), strict=True)):
             if why[r] is not None:
                 continue
             if e:
@@ -105,7 +105,7 @@ def decode_batch(model, items, *, max_new_tokens: int, newline: frozenset[int] =
         logits, cache = hf.step(model, token[:, None], cache=cache, attention_mask=mask, position_ids=positions,
                                 keep_last=1)
     limit = "max_new_tokens" if steps == max_new_tokens else "window"
-    return [Decoded(tuple(toks), w or limit) for toks, w in zip(out, why)]
+    return [Decoded(tuple(toks), w or limit) for toks, w in zip(out, why, strict=True)]
 
 
 def decode_many(model, tokenizer, items, *, max_new_tokens: int, batch_tokens: int = 4096,
@@ -123,7 +123,7 @@ def decode_many(model, tokenizer, items, *, max_new_tokens: int, batch_tokens: i
     def flush():
         decoded = decode_batch(model, [items[j] for j in group], max_new_tokens=max_new_tokens, newline=newline,
                                end=end, window=window, text_of=lambda ids: _decode(tokenizer, ids))
-        for j, d in zip(group, decoded):
+        for j, d in zip(group, decoded, strict=True):
             out[j] = Decoded(d.token_ids, d.stop, answer_text(tokenizer, d.token_ids))
 
     for i in order:
@@ -136,4 +136,6 @@ def decode_many(model, tokenizer, items, *, max_new_tokens: int, batch_tokens: i
         longest = max(longest, row)
     if group:
         flush()
-    return out  # type: ignore[return-value]
+    done = [d for d in out if d is not None]
+    assert len(done) == len(out)  # every item is in exactly one flushed group
+    return done

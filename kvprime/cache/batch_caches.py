@@ -17,7 +17,8 @@ import torch
 from . import hf_internals as hf
 
 
-def stack_caches(model, caches: list, side: str = "right", *, from_spans: bool = True) -> tuple[object, torch.Tensor]:
+def stack_caches(model, caches: list, side: str = "right", *,
+                 from_spans: bool = True) -> tuple[hf.DynamicCache, torch.Tensor]:
     """One batch cache from caches of different lengths, padded with zeros on ``side``, and its 0/1 mask.
 
     Right padding serves scoring (rows read from position 0); left padding serves decoding, where every row's
@@ -52,7 +53,11 @@ def _stack_spans(caches: list, width: int) -> list[tuple[torch.Tensor, torch.Ten
     concatenation, one rotation of the moved keys and one indexed copy (module docstring). Only moved keys are
     rotated, each column by its span's delta, so every other key is copied untouched, as assembling each cache
     alone leaves it."""
-    spans, rows, cols, deltas, spec = [], [], [], [], None
+    spans: list[tuple] = []  # (source cache, start, stop)
+    rows: list[int] = []
+    cols: list[int] = []
+    deltas: list[int] = []
+    spec: hf.RopeSpec | None = None
     for r, c in enumerate(caches):
         unassembled = isinstance(c, hf.AssembledCache) and c.unassembled
         parts = c.spans if unassembled else [(c, 0, hf.cache_length(c), 0)]
@@ -76,7 +81,8 @@ def _stack_spans(caches: list, width: int) -> list[tuple[torch.Tensor, torch.Ten
         # [kv_heads, columns, dim]: one slice (a view) per span, one copy per layer
         k = torch.cat([sources[id(src)][i][0][:, :, a:b] for src, a, b in spans], dim=2)[0]
         v = torch.cat([sources[id(src)][i][1][:, :, a:b] for src, a, b in spans], dim=2)[0]
-        if moved:
+        if moved_idx is not None and moved_delta is not None:
+            assert spec is not None  # only an AssembledCache's spans move, and it carries its RoPE spec
             k[:, moved_idx] = hf.rotate_keys(k[:, moved_idx], moved_delta, spec.layers[i].inv_freq)
         keys = k.new_zeros((len(caches), k.shape[0], width, k.shape[-1]))
         values = v.new_zeros((len(caches), v.shape[0], width, v.shape[-1]))
@@ -106,4 +112,4 @@ def extend_batch(model, pasts: list, input_ids: torch.Tensor, position_ids: torc
     return [hf.cache_from_layers(model, [
         (torch.cat([k[r:r + 1, :, :p], k[r:r + 1, :, width:width + n]], dim=-2),
          torch.cat([v[r:r + 1, :, :p], v[r:r + 1, :, width:width + n]], dim=-2))
-        for k, v in hf.cache_layers(cache)]) for r, (p, n) in enumerate(zip(past, lengths))]
+        for k, v in hf.cache_layers(cache)]) for r, (p, n) in enumerate(zip(past, lengths, strict=True))]

@@ -17,10 +17,11 @@ import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import ConfigError
 
@@ -120,7 +121,7 @@ def rope_spec(model) -> RopeSpec:
             "truncated caches cannot be position-corrected for it."
         )
     windows = sliding_windows(model)
-    layer_types = getattr(config, "layer_types", None)
+    layer_types: list[str] = getattr(config, "layer_types", None) or []
     layers = []
     for i in range(config.num_hidden_layers):
         if hasattr(rotary, "inv_freq"):
@@ -164,10 +165,23 @@ def new_cache(model) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
+def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers as key/value layers. transformers types them as a union with its linear-attention and
+    placeholder layers, which the attention-only models kvprime runs never have."""
+    return cast("list[DynamicLayer]", cache.layers)
+
+
+def _filled(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's keys and values; transformers leaves them None only until the layer's first update, which every
+    cache kvprime reads has had."""
+    assert layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
+
+
 def cache_from_layers(model, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     """A DynamicCache holding exactly these per-layer (keys, values); the tensors are not copied."""
     cache = DynamicCache(config=model.config)
-    for layer, (k, v) in zip(cache.layers, layers):
+    for layer, (k, v) in zip(_kv_layers(cache), layers, strict=True):
         layer.update(k, v)
     return cache
 
@@ -185,19 +199,24 @@ def keep_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
 
 
 def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return [_filled(layer) for layer in _kv_layers(cache)]
+
+
+def cache_device(cache: DynamicCache) -> torch.device:
+    """Where the cache's tensors live (the device a continuation's inputs must be on)."""
+    return _filled(_kv_layers(cache)[0])[0].device
 
 
 def cache_length(cache: DynamicCache) -> int:
     if isinstance(cache, AssembledCache) and cache.unassembled:
         return cache.spans_length  # without assembling it
-    return cache.layers[0].keys.shape[-2]
+    return _filled(_kv_layers(cache)[0])[0].shape[-2]
 
 
 def crop_to(cache: DynamicCache, length: int) -> None:
     """Drop entries past ``length`` in every layer (the scorer's way of undoing its own append)."""
-    for layer in cache.layers:
-        extra = layer.keys.shape[-2] - length
+    for layer in _kv_layers(cache):
+        extra = _filled(layer)[0].shape[-2] - length
         if extra > 0:
             layer.crop(-extra)
 
@@ -227,16 +246,17 @@ def materialize(cache: DynamicCache) -> DynamicCache:
 
 
 def _assembled_layers(parts, spec: RopeSpec | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    n_layers = len(parts[0][0].layers)
+    sources = [(cache_layers(cache), start, stop, delta) for cache, start, stop, delta in parts]
     layers = []
-    for i in range(n_layers):
+    for i in range(len(sources[0][0])):
         keys, values = [], []
-        for cache, start, stop, delta in parts:
-            k = cache.layers[i].keys[..., start:stop, :]
+        for source, start, stop, delta in sources:
+            k = source[i][0][..., start:stop, :]
             if delta:
+                assert spec is not None  # assemble() is given the RoPE spec whenever a span moves
                 k = rotate_keys(k, delta, spec.layers[i].inv_freq)
             keys.append(k)
-            values.append(cache.layers[i].values[..., start:stop, :])
+            values.append(source[i][1][..., start:stop, :])
         layers.append((torch.cat(keys, dim=-2), torch.cat(values, dim=-2)))
     return layers
 
@@ -269,7 +289,7 @@ class AssembledCache(DynamicCache):
     def layers(self):
         if self._kvprime_spans is not None:
             (parts, spec), self._kvprime_spans = self._kvprime_spans, None
-            for layer, (k, v) in zip(self._layers, _assembled_layers(parts, spec)):
+            for layer, (k, v) in zip(self._layers, _assembled_layers(parts, spec), strict=True):
                 layer.update(k, v)
         return self._layers
 
@@ -290,8 +310,9 @@ CACHE_KEYWORD = "cache"
 LEGACY_CACHE_KEYWORD = "past_key_values"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_keyword_of(cls) -> str:
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
@@ -305,7 +326,8 @@ def _cache_keyword_of(cls) -> str:
 
 def cache_keyword(module) -> str:
     """The keyword under which ``module``'s forward takes the KV cache: ``cache`` or ``past_key_values``."""
-    return _cache_keyword_of(type(module))
+    cls: type = type(module)  # annotated: mypy does not see type[Any] as hashable for the cache
+    return _cache_keyword_of(cls)
 
 
 def call(module, cache: DynamicCache | None, **kwargs):
@@ -349,8 +371,8 @@ def encode_batch(model, input_ids: torch.Tensor, position_ids: torch.Tensor, len
             < torch.tensor(lengths, device=input_ids.device)[:, None]).long()
     call(model.base_model, cache, input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
          use_cache=True)
-    return [cache_from_layers(model, [(layer.keys[r:r + 1, :, :n], layer.values[r:r + 1, :, :n])
-                                      for layer in cache.layers]) for r, n in enumerate(lengths)]
+    return [cache_from_layers(model, [(k[r:r + 1, :, :n], v[r:r + 1, :, :n]) for k, v in cache_layers(cache)])
+            for r, n in enumerate(lengths)]
 
 
 @torch.inference_mode()
@@ -395,7 +417,15 @@ def step(model, input_ids: torch.Tensor, *, cache: DynamicCache | None = None,
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     out = call(model, cache, **kwargs)
-    return out.logits, returned_cache(out)
+    after = returned_cache(out)
+    assert after is not None  # use_cache=True: the model returns its cache
+    return out.logits, after
+
+
+def commit_hash(config) -> str | None:
+    """The hub commit a config was loaded from (None for a local folder or a config built in-process).
+    transformers keeps it only in a private attribute."""
+    return getattr(config, "_commit_hash", None)
 
 
 # ---------------------------------------------------------------- RoPE bases of a config (asset conversion)
@@ -410,7 +440,7 @@ def rope_thetas_of_config(config) -> dict[str | None, float]:
     if isinstance(params, Mapping):
         if "rope_theta" in params:
             return {None: float(params["rope_theta"])}
-        by_type = {str(k): float(v["rope_theta"]) for k, v in params.items()
+        by_type: dict[str | None, float] = {str(k): float(v["rope_theta"]) for k, v in params.items()
                    if isinstance(v, Mapping) and "rope_theta" in v}
         if by_type:
             return by_type

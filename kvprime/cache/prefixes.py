@@ -62,7 +62,7 @@ def plan_steps(requests, available=(), min_shared: int = MIN_SHARED_TOKENS) -> l
     for entry, ready in entries:
         ids, positions = (entry.ids, entry.positions) if not ready else entry
         node = root
-        for tok in zip(ids, positions):
+        for tok in zip(ids, positions, strict=True):
             child = node.children.get(tok)
             if child is None:
                 child = node.children[tok] = _Node(node.depth + 1, (ids, positions))
@@ -74,7 +74,7 @@ def plan_steps(requests, available=(), min_shared: int = MIN_SHARED_TOKENS) -> l
     steps: list[Step] = []
     # Iterative depth-first walk (encodes are thousands of tokens deep: no recursion), carrying the nearest
     # materialised ancestor step.
-    stack = [(child, None) for child in root.children.values()]
+    stack: list[tuple[_Node, Step | None]] = [(child, None) for child in root.children.values()]
     while stack:
         node, anc = stack.pop()
         usable = anc if anc is not None and len(anc.ids) >= min_shared else None

@@ -83,16 +83,16 @@ def recompute_batch(model, jobs: list[BlendJob]) -> list[list[tuple[torch.Tensor
     device = todo[0].layers[0][0].device
     keeps = []
     for j in todo:
-        keep = torch.ones(len(j.ids), dtype=torch.bool)
-        keep[list(j.rows)] = False
-        keeps.append(keep.nonzero().flatten().tolist())
+        kept = torch.ones(len(j.ids), dtype=torch.bool)
+        kept[list(j.rows)] = False
+        keeps.append(kept.nonzero().flatten().tolist())
     width_kept, width_new = max(len(k) for k in keeps), max(len(j.rows) for j in todo)
     stale = [_padded_stale(j, torch.tensor(k, dtype=torch.long, device=device), width_kept)
-             for j, k in zip(todo, keeps)]
+             for j, k in zip(todo, keeps, strict=True)]
     past = hf.cache_from_layers(model, [(torch.cat([s[i][0] for s in stale]), torch.cat([s[i][1] for s in stale]))
                                         for i in range(len(stale[0]))])
     ids, pos, masks = [], [], []
-    for j, keep in zip(todo, keeps):
+    for j, keep in zip(todo, keeps, strict=True):
         p_new = [j.positions[r] for r in j.rows]
         pad = width_new - len(j.rows)
         ids.append([j.ids[r] for r in j.rows] + [0] * pad)
@@ -114,7 +114,7 @@ def recompute_batch(model, jobs: list[BlendJob]) -> list[list[tuple[torch.Tensor
 def _write_rows(job: BlendJob, fresh) -> list[tuple[torch.Tensor, torch.Tensor]]:
     rows = torch.tensor(job.rows, dtype=torch.long, device=job.layers[0][0].device)
     out = []
-    for (k, v), (fk, fv) in zip(job.layers, fresh):
+    for (k, v), (fk, fv) in zip(job.layers, fresh, strict=True):
         k, v = k.clone(), v.clone()
         k[..., rows, :], v[..., rows, :] = fk.to(k.dtype), fv.to(v.dtype)
         out.append((k, v))

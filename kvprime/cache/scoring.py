@@ -39,7 +39,7 @@ def score_answer(model, primed, prompt_ids, answer_ids, *, per_token: bool = Fal
     if primed.masked:  # entries scoring must not see: the batched path carries an attention mask
         return score_batch(model, [(primed, prompt_ids, answer_ids)], per_token=per_token)[0]
     ids = list(prompt_ids) + list(answer_ids)
-    device = primed.cache.layers[0].keys.device
+    device = hf.cache_device(primed.cache)
     input_ids = torch.tensor([ids], device=device)
     start = primed.next_position
     position_ids = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
@@ -69,7 +69,7 @@ def score_batch(model, items, *, per_token: bool = False, from_spans: bool = Tru
     reach the LM head. Each row keeps its own position ids, so every number equals the one-at-a-time path up
     to float rounding. The primed caches themselves are not touched. ``from_spans``: how the caches are stacked
     (``batch_caches.stack_caches``; the same numbers either way)."""
-    for primed, prompt, answer in items:
+    for _primed, prompt, answer in items:
         if not answer or not prompt:
             return [score_answer(model, p, pr, an, per_token=per_token) for p, pr, an in items]
     cache, cache_mask, input_ids, input_mask, position_ids = stack_rows(
@@ -102,11 +102,11 @@ def stack_rows(model, items, *, from_spans: bool = True):
     rows = [list(ids) for _, ids in items]
     width = max(map(len, rows))
     pad = [width - len(r) for r in rows]
-    input_ids = torch.tensor([[0] * k + r for k, r in zip(pad, rows)], device=device)
-    input_mask = torch.tensor([[0] * k + [1] * len(r) for k, r in zip(pad, rows)], device=device)
+    input_ids = torch.tensor([[0] * k + r for k, r in zip(pad, rows, strict=True)], device=device)
+    input_mask = torch.tensor([[0] * k + [1] * len(r) for k, r in zip(pad, rows, strict=True)], device=device)
     position_ids = torch.stack([
         torch.arange(p.next_position - k, p.next_position - k + width, device=device)
-        for (p, _), k in zip(items, pad)]).clamp_min(0)
+        for (p, _), k in zip(items, pad, strict=True)]).clamp_min(0)
     return cache, cache_mask, input_ids, input_mask, position_ids
 
 

@@ -8,6 +8,7 @@ ids the same in every condition by construction.
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from ..errors import ConfigError
@@ -106,7 +107,7 @@ class Segments:
         """Every span's ids in order: what an encode of the whole context sees."""
         return tuple(i for s in self.spans for i in s.ids)
 
-    def with_roles(self, roles: dict[str, str]) -> Segments:
+    def with_roles(self, roles: Mapping[str, str]) -> Segments:
         """The same spans with the roles a builder declares per kind (kinds it does not name stay kept)."""
         spans = tuple(replace(s, role=roles.get(s.kind, s.role)) for s in self.spans)
         return replace(self, spans=spans)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import Any
 
 import torch
 import transformers
@@ -46,7 +47,7 @@ def tiny_tokenizer(vocab_size: int = 512):
 
 def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     """A 2-layer config of a RoPE architecture; ``overrides`` set any config field (rope_parameters too)."""
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
     classes = {
         "llama": transformers.LlamaConfig,

@@ -68,8 +68,9 @@ def job(cfg: DictConfig, argv: list[str]) -> int:
     multirun = hc.mode == RunMode.MULTIRUN
     # A researcher's plugin modules may sit beside their configs (--config-dir, hydra.searchpath).
     config_dirs = [s.path for s in hc.runtime.config_sources if s.schema == "file" and s.provider != "main"]
-    code, paragraph = run_job(cfg, Path(hc.runtime.output_dir), only=only, multirun=multirun,
-                              plugin_dirs=config_dirs, argv=argv)
+    with rundir.created_scope():  # ``kvprime run``'s own, or this process's where a launcher started it
+        code, paragraph = run_job(cfg, Path(hc.runtime.output_dir), only=only, multirun=multirun,
+                                  plugin_dirs=config_dirs, argv=argv)
     if code and multirun:
         raise JobFailed(code, paragraph)
     return code
@@ -269,6 +270,11 @@ def _override_paths(args) -> dict[str, str]:
 def run_hydra_app(args: list[str]) -> int:
     """``kvprime run ARGS``: Hydra composes and launches; every outcome becomes an exit status and, unless it
     is success, one paragraph."""
+    with rundir.created_scope():  # the directories this call makes, and only those, a refusal removes
+        return _launch(args)
+
+
+def _launch(args: list[str]) -> int:
     multirun = any(a in ("-m", "--multirun") for a in args)
     paths = _override_paths(args)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"

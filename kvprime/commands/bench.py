@@ -23,13 +23,14 @@ import dataclasses
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..analysis.cost import forward_flops, generation_flops
 from ..builders.engine import Engine
-from ..cache import prefixes
 from ..cache import hf_internals as hf
+from ..cache import prefixes
 from ..files.results_io import write_atomic, write_json
 from ..models import loading
 from ..pipeline import metadata
@@ -132,8 +133,8 @@ def minimum_plan_flops(config, engine, work, segs) -> float:
     """Encode FLOPs of the cheapest plan of the run's encodes: each distinct (token, position) path once, over
     all samples, every encode continuing from its longest shared opening (even one token: the sink). A lower
     bound for any plan of these conditions, kvprime's included (batching and memory aside)."""
-    requests = {}
-    for (_, _, spec), seg in zip(work, segs):
+    requests: dict = {}
+    for (_, _, spec), seg in zip(work, segs, strict=True):
         for req in engine.plan(spec, seg):
             requests.setdefault(req.key, req)
     steps = prefixes.plan_steps(list(requests.values()), min_shared=1)
@@ -183,7 +184,7 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
     # Untimed warm-up (kernel selection, allocator, lazy initialisation), so neither path pays for it.
     generate(gen_model, gen_tok, docs[:2], GENERATION_TEMPLATES["target_question"],
              dataclasses.replace(batched_settings, max_new_tokens=2, batch_size=2))
-    gen = {"batched": {"s": 0.0, "rows": []}, "single": {"s": 0.0, "rows": []}}
+    gen: dict[str, dict[str, Any]] = {"batched": {"s": 0.0, "rows": []}, "single": {"s": 0.0, "rows": []}}
     texts: dict = {}
     for template in templates:
         # "single" is the notebooks' way: one document at a time, each prompt prefilled whole.
@@ -228,21 +229,21 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
     # A continued encode runs its new tokens against its past: (new, past) pairs, counted exactly.
     fast_flops = sum(forward_flops(config, n, past) for n, past in engine.encode_work) + sum(
         forward_flops(config, len(seg.prompt) + len(seg.answer), cache_len, len(seg.answer) + 1)
-        for (cache_len, _), seg in zip(fast, segs))
+        for (cache_len, _), seg in zip(fast, segs, strict=True))
     say(f"  kvprime encode+score: {fast_s:.1f} s ({engine.n_encodes} encodes)")
     per_cache_s = per_cache_diff = None
     if one_by_one or (one_by_one is None and device.type == "cuda"):
         # Where per-cache host work bounds a small model: the same path with each cache assembled alone and copied
         # into its row when stacked (stack_from_spans=False), side by side.
         per_cache, per_cache_s = kvprime_path(Engine(model, tok, stack_from_spans=False, **settings))
-        per_cache_diff = max(abs(a.nll - b.nll) for (_, a), (_, b) in zip(fast, per_cache))
+        per_cache_diff = max(abs(a.nll - b.nll) for (_, a), (_, b) in zip(fast, per_cache, strict=True))
         say(f"  kvprime encode+score, caches assembled one by one: {per_cache_s:.1f} s")
 
     # The naive path.
     naive_engine = NaiveEngine(model, tok, **settings)
     t = time.perf_counter()
     slow = []
-    for (s, name, spec), seg in zip(work, segs):
+    for (_, _, spec), seg in zip(work, segs, strict=True):
         primed = naive_engine.build(spec, seg)
         slow.append(naive_score(model, primed, seg))
     slow_s = time.perf_counter() - t
@@ -250,15 +251,15 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
     gen_peak, fast_peak, slow_peak = ((peaks[i] + peaks[i + 1]) / 2 for i in range(3))
     say(f"  naive encode+score: {slow_s:.1f} s ({naive_engine.n_encodes} encodes)")
     score_flops = sum(forward_flops(config, len(seg.prompt) + len(seg.answer), cache_len, len(seg.answer) + 1)
-                      for (cache_len, _), seg in zip(fast, segs))
+                      for (cache_len, _), seg in zip(fast, segs, strict=True))
     min_flops = minimum_plan_flops(config, engine, work, segs) + score_flops
-    diff = max(abs(sc.nll - n) for (_, sc), n in zip(fast, slow))
+    diff = max(abs(sc.nll - n) for (_, sc), n in zip(fast, slow, strict=True))
     # The naive path's work: every encode with the LM head on every position, then a query pass and an
     # answer pass (LM head on all their positions) against the copied cache.
     slow_flops = sum(forward_flops(config, n, 0, n) for n in naive_engine.encode_lengths) + sum(
         forward_flops(config, len(seg.prompt), cache_len, len(seg.prompt))
         + forward_flops(config, len(seg.answer), cache_len + len(seg.prompt), len(seg.answer))
-        for (cache_len, _), seg in zip(fast, segs))
+        for (cache_len, _), seg in zip(fast, segs, strict=True))
 
     def gen_flops(mode):
         return (sum(generation_flops(gen_model.config, p, n, shared) for p, n, shared in gen[mode]["rows"])

@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..files.results_io import write_atomic, write_json
@@ -67,7 +68,7 @@ def _kvprime(*args: str) -> list[str]:
     return [sys.executable, "-m", "kvprime", *args]
 
 
-def scale(out: Path, ns: list[int], shards: int = 10, extra: list[str] = ()) -> dict:
+def scale(out: Path, ns: list[int], shards: int = 10, extra: Sequence[str] = ()) -> dict:
     """Measure every n of ``ns``; writes ``scale.json`` and ``scale.md`` into ``out`` and returns the record."""
     data = synthetic_samples(out / "samples.jsonl", max(ns))
     log = out / "commands.log"

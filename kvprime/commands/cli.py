@@ -8,7 +8,6 @@ imports what it needs when it starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 import yaml
@@ -139,7 +138,7 @@ def walkthrough(ctx: typer.Context) -> None:
 
 @app.command(context_settings=PASSTHROUGH)
 def bench(ctx: typer.Context,
-          one_by_one: Optional[bool] = typer.Option(
+          one_by_one: bool | None = typer.Option(
               None, "--one-by-one/--no-one-by-one", show_default="on a GPU only",
               help="Also time kvprime's path with every cache assembled as it is built and stacked row by row "
                    "(the way before stacking from spans), side by side.")) -> None:
@@ -163,7 +162,7 @@ def bench(ctx: typer.Context,
 @app.command("bench-scale")
 def bench_scale(n: str = typer.Option("1000,10000", "--n", help="The sample counts to measure, comma-separated."),
                 shards: int = typer.Option(10, help="Shard jobs merged per n (0: no merge measurement)."),
-                args: Optional[List[str]] = typer.Argument(None, help="More overrides for every run.")) -> None:
+                args: list[str] | None = typer.Argument(None, help="More overrides for every run.")) -> None:
     """Whether memory stays flat and report/merge grow linearly with n: exp21 on the tiny random model over
     synthetic samples, each n run unsharded, reported, and run again as shards that are merged (each command in
     its own process, its own peak memory measured). Writes scale.json and scale.md to outputs/bench-scale/<timestamp>/.
@@ -226,10 +225,10 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (`kvprime r
 def power(run_dir: Path = typer.Argument(..., help="A finished run directory (a pilot run)."),
           effect: float = typer.Option(..., "--effect", help="The mean NLL delta (nats) the planned run should "
                                                              "detect, e.g. 0.02."),
-          power_: Optional[float] = typer.Option(None, "--power", help="Default: the run's stats.power (0.8)."),
-          alpha: Optional[float] = typer.Option(None, "--alpha", help="Default: the run's stats.alpha."),
-          margin: Optional[float] = typer.Option(None, "--margin", help="Equivalence margin in nats. Default: the "
-                                                                        "run's stats.equivalence_margin.")) -> None:
+          power_: float | None = typer.Option(None, "--power", help="Default: the run's stats.power (0.8)."),
+          alpha: float | None = typer.Option(None, "--alpha", help="Default: the run's stats.alpha."),
+          margin: float | None = typer.Option(None, "--margin", help="Equivalence margin in nats. Default: the "
+                                                                     "run's stats.equivalence_margin.")) -> None:
     """Plan a run from a pilot: per test, the samples needed to detect --effect and to show equivalence.
 
     From each test's observed sd of paired deltas (summary.csv, comparisons.csv): n_to_detect (two-sided paired
@@ -254,7 +253,7 @@ def _missing(path: Path) -> None:
 
 
 @app.command()
-def merge(run_dirs: List[Path] = typer.Argument(..., help="The shards' run directories, or the sweep directory "
+def merge(run_dirs: list[Path] = typer.Argument(..., help="The shards' run directories, or the sweep directory "
                                                           "of a `kvprime run -m run.shard=0,1,...` multirun."),
           out: Path = typer.Option(..., "--out", "-o", help="The merged run directory (a new or empty one)."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already holds a run "
@@ -300,18 +299,18 @@ def conditions() -> None:
             detail += f" rope_fix={cfg.get('rope_fix')}"
         typer.echo(f"  {name:<{width}}  {detail:<70} {cfg.get('description', '')}")
     typer.echo("surrogate sources (surrogate: in a condition):")
-    for _, info in SOURCE_REGISTRY.items():
-        typer.echo(f"  {info.spelling:<28} {info.doc}")
+    for _, source in SOURCE_REGISTRY.items():
+        typer.echo(f"  {source.spelling:<28} {source.doc}")
     typer.echo("analyses (experiment.analyses):")
-    for name, info in sorted(ANALYSES.items()):
-        typer.echo(f"  {name:<20} {info.doc}")
+    for name, analysis in sorted(ANALYSES.items()):
+        typer.echo(f"  {name:<20} {analysis.doc}")
     for group in ("experiment", "model", "dataset"):
         typer.echo(f"{group}s (conf/{group}/): {', '.join(confdir.names(group))}")
 
 
 @app.command()
 def setup(
-    names: Optional[List[str]] = typer.Argument(
+    names: list[str] | None = typer.Argument(
         None, metavar="NAMES",
         help="Assets to fetch, or 'all' (the default: the ones `make setup` needs; the larger models are fetched "
              "only when named here or when a run selects them). `--list` shows the names."),

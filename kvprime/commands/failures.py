@@ -51,7 +51,7 @@ def _config_errors() -> tuple[type, type]:
     return HydraException, OmegaConfBaseException
 
 
-def _kvprime_cause(err: BaseException):
+def _kvprime_cause(err: BaseException | None):
     """The KvprimeError behind ``err`` (OmegaConf wraps a resolver's error, e.g. an unwritable run directory)."""
     seen = set()
     while err is not None and id(err) not in seen:

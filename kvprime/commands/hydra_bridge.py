@@ -3,7 +3,7 @@
 ``@hydra.main`` reads its arguments from ``sys.argv``; ``launch`` runs what it runs with an argument list passed in,
 so starting a run changes no process state. A Hydra upgrade may move these names without notice:
 ``tests/test_no_global_state.py`` imports each one (and the sweep report's ``BasicSweeper``, which
-``kvprime.scaleout.sweep`` imports itself, with a fallback) and checks the parameters kvprime passes, so an upgrade
+``kvprime.scaleout.hydra_sweeper`` imports, with a fallback) and checks the parameters kvprime passes, so an upgrade
 that moves one fails there, by name, not deep in a run.
 """
 

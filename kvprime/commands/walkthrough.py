@@ -43,7 +43,7 @@ def walkthrough(args: list[str]) -> dict:
                            "similarity": r["similarity"]} for n, r in results.items()])
     rules = exp.get("derived") or []
     picked = routing.derive(table, rules, seed=session.seed)  # the run's own routing rules
-    routes = dict(zip(picked["condition"], picked["routed_to"]))
+    routes = dict(zip(picked["condition"], picked["routed_to"], strict=True))
 
     baseline = exp["baseline"]
     print(f"sample {sample.sample_id}\n  query:   {sample.query}\n  answer:  {sample.answer}\n"

@@ -26,11 +26,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..errors import ConfigError
-from . import schema
+from . import confdir, schema
 from .confdir import CONF_DIR
 
 # The keys of a run config besides the run-level settings: the groups that conf/ composes.
@@ -81,7 +80,7 @@ def compose(overrides: Sequence[str], defaults: Sequence[str] = (), *,
         if mine is None:
             raise
         raise ConfigError(mine) from err
-    return OmegaConf.to_container(cfg, resolve=True)
+    return confdir.resolved(cfg)
 
 
 def declared() -> dict[str | None, tuple[str, ...]]:
@@ -164,11 +163,14 @@ def unknown_in(cfg: Mapping, declared: Mapping[str | None, Sequence[str]], show:
     top level (None) and of the sections the settings declare whole; ``wanted``: the top-level names to judge
     (None: all, the top level included); ``condition_selected`` False: condition.* keys are refused too;
     ``loader_options``: the registered dataset loaders' options (None: dataset keys are left to load_samples)."""
-    sections = {sec: (keys, None) for sec, keys in declared.items() if sec is not None}
+    sections: dict[str, tuple[Sequence[str], str | None]] = {
+        sec: (keys, None) for sec, keys in declared.items() if sec is not None}
     sections.update(model=(MODEL_KEYS, None), experiment=(EXPERIMENT_KEYS, None))
     dataset = cfg.get("dataset")
-    if loader_options is not None and isinstance(dataset, Mapping) and dataset_keys(dataset, loader_options):
-        sections["dataset"] = dataset_keys(dataset, loader_options)
+    loader_keys = dataset_keys(dataset, loader_options) if loader_options is not None and isinstance(
+        dataset, Mapping) else None
+    if loader_keys:
+        sections["dataset"] = loader_keys
     problems = [] if wanted is not None else unknown_keys(None, cfg, declared[None], show)
     for sec, (accepted, place) in sections.items():
         if (wanted is None or sec in wanted) and isinstance(cfg.get(sec), Mapping):
@@ -187,7 +189,7 @@ def not_in_config(key: str, value: str, declared: Mapping[str | None, Sequence[s
     For dataset, every registered loader's options count (``loader_options``, ``kvprime.data.OPTIONS``; which loader
     is selected is not known here)."""
     section, _, name = key.rpartition(".")
-    options = ()
+    options: tuple[str, ...] = ()
     if section == "dataset":
         options = tuple(k for loader in sorted(loader_options) for k in loader_options[loader])
     accepted = {**declared, "model": MODEL_KEYS, "experiment": EXPERIMENT_KEYS, "dataset": DATASET_KEYS + options}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError
 from ..files.rundir import new_run_dir
@@ -54,11 +54,21 @@ def names(group: str) -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
-def load(group: str, name: str):
+def load(group: str, name: str) -> DictConfig:
     """One config of a group as an OmegaConf object; an unknown name lists the valid ones."""
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown {group} {name!r}. Valid {group} names: {', '.join(names(group))}.")
     cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} holds a {type(cfg).__name__}, not settings: a {group} config is a mapping of "
+                          f"setting names to values (as the other files in {path.parent} are).")
     cfg.pop("defaults", None)
     return cfg
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """A mapping config as plain Python values, interpolations resolved."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(out, dict)  # a DictConfig's container is a dict
+    return out

@@ -10,20 +10,14 @@ from ..errors import ModelUnavailable
 
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)\Z")
 
-# cpu: on a 2-core machine with SmolLM2-135M (exp01, 12 samples) 2 samples per chunk and 4096-token scoring
-# batches scored in 64.0 s at a peak of 2195 MB, against 68.7 s and 3213 MB with 4 and 8192: larger batches
-# gain nothing on a CPU and their caches and stacked copies cost memory (README, Performance). Encode
-# batches of 2048 tokens ran at 137 GFLOP/s against 115-118 for 4096 (8 samples; activations that stay in
-# cache; 1024 gave the same as 2048). Generation (SmolLM2), 16 SQuAD documents: 14.6 tok/s one at a time,
-# 38.5 in batches of 8, 44.5 of 16. Rows share each decode step's weight reads: a Qwen2.5-0.5B step of 32 rows
-# cost 1.4x one of 16 here (fp32 matmuls of 16 vs 32 rows: 2.4 vs 3.7 ms, LM head 132 vs 182 ms), so 20
-# documents generated in 43.4 s as one batch of 32 (a test job may have shared the cores) against 47.2 s as
-# 16 + 4 (idle), 2026-12-03.
-# cuda: on an H100 with SmolLM2-135M (fp32, exp01, 64 samples) encode+score took 6.6-6.8 s for every setting
-# from 4 to 64 samples per chunk (per-cache work, not the batch, bounds a 135M model there), while peak memory
-# grew from 2.8 to 51 GB; generation gained up to 64 rows (42.8 tok/s at 1, 935 at 64, 937 at 128). So: the
-# smallest batches that keep a 7B model's matmuls large (16k tokens) and its chunk of caches small (8 exp01
-# samples hold ~30k cache tokens, ~4 GB of bf16 keys/values for Mistral-7B), beside 4-bit weights on 24 GB.
+# cpu: larger chunks and scoring batches gain nothing on a CPU (the cores are already busy) and their caches and
+# stacked copies cost memory; 2048-token encode batches keep the activations in the CPU's cache. Decoding rows
+# share each step's weight reads, so one batch of 32 documents beats two smaller ones. The measurements behind
+# these numbers are in the README (Performance).
+# cuda: per-cache work, not the batch, bounds a small model on a GPU while peak memory grows with the chunk, and
+# generation gains up to 64 rows. So: the smallest batches that keep a 7B model's matmuls large (16k tokens) and
+# its chunk of caches small (8 exp01 samples hold ~30k cache tokens, ~4 GB of bf16 keys/values for Mistral-7B),
+# beside 4-bit weights on a 24 GB card.
 # What batch.*=auto and generation.batch_size=auto resolve to on each kind of device (kvprime.cache.batching).
 DEVICE_BATCH_DEFAULTS: dict[str, dict[str, int]] = {
     "cpu": {"samples": 2, "encode_tokens": 2048, "score_tokens": 4096, "generation": 32},

@@ -53,6 +53,7 @@ def _from_file(path: Path, label: str):
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None  # a .py file always has a spec and a source loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -78,8 +79,10 @@ def _installed_elsewhere(top: str, pkg: Path) -> bool:
         spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):  # a half-imported module in sys.modules: not a usable installed one
         return False
-    origin = spec and (spec.origin or next(iter(spec.submodule_search_locations or ()), None))
-    return bool(origin) and not Path(origin).resolve().is_relative_to(pkg.resolve())
+    origin = spec.origin or next(iter(spec.submodule_search_locations or ()), None) if spec else None
+    if not origin:
+        return False
+    return not Path(origin).resolve().is_relative_to(pkg.resolve())
 
 
 def _from_package(folder: Path, entry: str):
@@ -91,6 +94,7 @@ def _from_package(folder: Path, entry: str):
         _forget(top)  # the package of that name another run found in another folder: this run's is this folder's
     if top not in sys.modules:
         spec = importlib.machinery.PathFinder.find_spec(top, [str(folder)])
+        assert spec is not None and spec.loader is not None  # folder/top/__init__.py exists (_package_dir)
         module = importlib.util.module_from_spec(spec)
         setattr(module, FOLDER_MARK, str(folder))
         sys.modules[top] = module

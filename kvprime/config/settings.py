@@ -15,14 +15,37 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 
-from omegaconf import OmegaConf
-
 from ..errors import ConfigError
-from . import compose
+from . import compose, confdir
 from .devices import DEVICE_BATCH_DEFAULTS
-from .schema import (CLEAN_MODES, DISTRACTOR_SOURCES, DTYPES, GOLD_SLOTS, METRICS, MIN_N_BOOT, ON_TOO_LONG,
-                     OPEN_UNIT, SINKS, SPECS, Answer, Batch, Dataset, Floor, Generation, Model, Multidoc, Rule, Run,
-                     Settings, Spec, Stats, default_words, group_paragraph, paragraph, show)
+from .schema import (
+    CLEAN_MODES,
+    DISTRACTOR_SOURCES,
+    DTYPES,
+    GOLD_SLOTS,
+    METRICS,
+    MIN_N_BOOT,
+    ON_TOO_LONG,
+    OPEN_UNIT,
+    SINKS,
+    SPECS,
+    Answer,
+    Batch,
+    Dataset,
+    Floor,
+    Generation,
+    Model,
+    Multidoc,
+    Rule,
+    Run,
+    Settings,
+    Spec,
+    Stats,
+    default_words,
+    group_paragraph,
+    paragraph,
+    show,
+)
 
 # The names other modules import from here (the schema's declarations, re-exported with the checks).
 __all__ = ["CLEAN_MODES", "DISTRACTOR_SOURCES", "DTYPES", "GOLD_SLOTS", "METRICS", "MIN_N_BOOT", "ON_TOO_LONG",
@@ -48,7 +71,7 @@ def check_value(key: str, value, *, error: type[ConfigError] = ConfigError):
 
 def _plain(cfg) -> dict:
     if type(cfg).__module__.startswith("omegaconf"):
-        return OmegaConf.to_container(cfg, resolve=True)
+        return confdir.resolved(cfg)
     return copy.deepcopy(dict(cfg))
 
 
@@ -74,7 +97,8 @@ def _check_shard(out: dict, problems: list[str]) -> None:
     if not isinstance(shards, Mapping):
         return
     n, i = shards.get("num_shards"), shards.get("shard")
-    if SPECS["run.num_shards"].rule.ok(n) and SPECS["run.shard"].rule.ok(i) and i >= n:
+    if (SPECS["run.num_shards"].rule.ok(n) and SPECS["run.shard"].rule.ok(i) and isinstance(n, int)
+            and isinstance(i, int) and i >= n):
         problems.append(f"run.shard={show(i)} is not a shard of run.num_shards={show(n)}: run.shard is this "
                         f"job's shard. Accepted: an integer from 0 to {n - 1} (default: 0).")
 

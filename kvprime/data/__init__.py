@@ -11,6 +11,7 @@ id-uniqueness rule and the selection live here so that every source is treated t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,9 @@ SELECTIONS = ("first", "random")
 
 def check_keys(cfg: Mapping) -> None:
     """Refuse every `dataset` key that neither kvprime nor the selected (registered) loader reads."""
-    accepted, place = compose.dataset_keys(cfg, OPTIONS)
+    found = compose.dataset_keys(cfg, OPTIONS)
+    assert found is not None  # called once REGISTRY.get has accepted the loader's name
+    accepted, place = found
     compose.refuse(compose.unknown_keys("dataset", cfg, accepted, settings.show, place))
 
 
@@ -87,7 +90,7 @@ def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
     (``kvprime.data.distractors``), drawn from `seed`.
     """
     cfg = dict(cfg)
-    name = cfg.get("name")
+    name: Any = cfg.get("name")  # any value: REGISTRY.get refuses what is not a registered loader's name
     loader = REGISTRY.get(name)
     check_keys(cfg)  # here too: a plugin's loader is registered only once the run's plugins are imported
     # The same rule and paragraph as a run's settings check (kvprime.config.settings), for callers that bypass it.
@@ -140,7 +143,7 @@ def load_samples(cfg: Mapping, multidoc: Mapping | None = None) -> LoadResult:
         rejected = rejected + single
     else:
         selected = _select(candidates, n, selection, seed)
-    if pool is not None:
+    if pool is not None and multidoc is not None:
         selected = distractors.attach(selected, pool, multidoc)
     return LoadResult(
         samples=selected,

@@ -116,13 +116,13 @@ def _nearest(samples: Sequence[Sample], pool: Pool, n: int) -> dict[str, list[st
     # One more than needed: the gold passage is usually among the nearest.
     hits = util.semantic_search(queries, corpus, top_k=n + 1, score_function=util.dot_score)
     out = {}
-    for s, row in zip(samples, hits):
-        ranked = [pool.passages[h["corpus_id"]] for h in row]
+    for s, row in zip(samples, hits, strict=True):
+        ranked = [pool.passages[int(h["corpus_id"])] for h in row]
         out[s.sample_id] = [p for p in ranked if p != s.passage][:n]
     return out
 
 
-def attach(selected: list[Sample], pool: Pool | None, settings: Mapping) -> list[Sample]:
+def attach(selected: list[Sample], pool: Pool, settings: Mapping) -> list[Sample]:
     """The selected samples with their k passages (gold at its slot) and ``gold_slot``; k=1: unchanged."""
     k, source, policy, seed = settings["k"], settings["distractors"], settings["gold_slot"], settings["seed"]
     if k == 1 or not selected:
@@ -135,7 +135,7 @@ def attach(selected: list[Sample], pool: Pool | None, settings: Mapping) -> list
         else:
             others = pool.others(s, source)
             idx = _rng(seed, s.sample_id, f"distractors:{source}").choice(len(others), size=k - 1, replace=False)
-            chosen = [others[i] for i in idx]
+            chosen = [others[int(i)] for i in idx]
         slot = gold_slot(k, policy, s.sample_id, seed)
         passages = chosen[:slot] + [s.passage] + chosen[slot:]
         out.append(replace(s, passages=tuple(passages), gold_slot=slot))

@@ -16,9 +16,9 @@ RECORD = ('one JSON object with "passage", "query" and "answer" (strings; option
           '"article")')
 
 
-def _sample(obj: Mapping, path: Path, lineno: int) -> Sample:
+def _sample(obj: object, path: Path, lineno: int) -> Sample:
     where = f"{path}, line {lineno}"
-    reading.an_object(obj, where, RECORD)
+    obj = reading.an_object(obj, where, RECORD)
     for key in REQUIRED:
         reading.field(obj, key, where, "a string", reading.is_text, needs=f"each line needs {', '.join(REQUIRED)}")
     extra = reading.field(obj, "answers", where, "a list of strings (further reference answers)",

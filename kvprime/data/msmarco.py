@@ -62,7 +62,7 @@ def _from_parquet(p: Path) -> Iterator[tuple[str, Mapping]]:
                         "wellFormedAnswers, passages).") from err
 
 
-def _from_json(p: Path) -> Iterator[tuple[str, Mapping]]:
+def _from_json(p: Path) -> Iterator[tuple[str, object]]:
     """A JSON array of records, or JSON Lines (one record a line), read as UTF-8 so that every problem names its
     line."""
     if p.suffix.lower() == ".json" and reading.opens_array(p):
@@ -76,7 +76,7 @@ def _from_json(p: Path) -> Iterator[tuple[str, Mapping]]:
         yield f"{p}, line {lineno}", item
 
 
-def _records(path, split: str, cache_dir) -> Iterator[tuple[str, Mapping]]:
+def _records(path, split: str, cache_dir) -> Iterator[tuple[str, object]]:
     """(where, v1.1 record) pairs, turning every failure into one readable error."""
     if path is None:
         yield from _from_hub(split, cache_dir)
@@ -88,7 +88,8 @@ def _records(path, split: str, cache_dir) -> Iterator[tuple[str, Mapping]]:
     if fmt is None:
         raise DataError(f"MS MARCO file {p} must end in one of {', '.join(_FORMATS)}.")
     n = 0
-    for n, pair in enumerate(_from_parquet(p) if fmt == "parquet" else _from_json(p), start=1):
+    for pair in _from_parquet(p) if fmt == "parquet" else _from_json(p):
+        n += 1
         yield pair
     if n == 0 and fmt == "parquet":
         raise reading.no_records(p, "rows in the MS MARCO v1.1 schema (query_id, query, answers, wellFormedAnswers, "

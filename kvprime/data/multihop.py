@@ -33,7 +33,7 @@ sentence still mark their paragraph gold (sent_id is kept in task_info, not chec
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kvprime.data import register_loader
@@ -89,6 +89,7 @@ def _file_rows(path: Path, expected: str) -> Iterator[tuple[str, object]]:
     """(where, record) for a JSON array of records or for JSON Lines."""
     if reading.opens_array(path):
         doc = reading.json_document(path, f"a JSON array of records, each {expected}")
+        assert isinstance(doc, list)  # opens_array: the file's value begins with [
         for i, item in enumerate(doc):
             yield f"{path}, [{i}]", item
         return
@@ -114,7 +115,8 @@ def records(cfg: Mapping, loader: str, expected: str) -> Iterator[tuple[str, obj
         raise MissingFileError(f"{p} (from dataset.path) is not a file; dataset.name={loader} needs a JSON array or "
                                f"JSON Lines of records, each {expected}.")
     n = 0
-    for n, pair in enumerate(_file_rows(p, expected), start=1):
+    for pair in _file_rows(p, expected):
+        n += 1
         yield pair
     if n == 0:
         raise reading.no_records(p, f"a JSON array or JSON Lines of records, each {expected}")
@@ -135,7 +137,7 @@ def _columns(value, keys: tuple[str, str]) -> list | None:
     first, second = value[keys[0]], value[keys[1]]
     if not (isinstance(first, list) and isinstance(second, list) and len(first) == len(second)):
         return None
-    return [[a, b] for a, b in zip(first, second)]
+    return [[a, b] for a, b in zip(first, second, strict=True)]
 
 
 def _pairs(record: Mapping, key: str, where: str, columns: tuple[str, str], accepted: str, second) -> list:
@@ -187,19 +189,19 @@ def arrange(cfg: Mapping, loader: str, sample_id: str, n: int) -> list[int]:
 
 
 def multi_gold(*, sample_id: str, loader: str, cfg: Mapping, documents: list[str], gold: list[int], question: str,
-               answers: list[str], where: str, info: Mapping) -> Sample | Rejection:
+               answers: Sequence[str], where: str, info: Mapping) -> Sample | Rejection:
     """A sample of ``documents`` (source order) with the gold ones (source indices, evidence order), arranged as
     ``dataset.order`` says."""
     if not gold:
         return Rejection(sample_id, "no supporting paragraph: the record names no gold passage to score against")
-    answers = dedupe(a for a in answers if a.strip())
-    if not answers:
+    distinct = dedupe(a for a in answers if a.strip())
+    if not distinct:
         return Rejection(sample_id, "no reference answer (empty answer)")
     order = arrange(cfg, loader, sample_id, len(documents))
     slot_of = {source: slot for slot, source in enumerate(order)}
     slots = tuple(slot_of[g] for g in gold)
-    return Sample(sample_id=sample_id, passage=documents[gold[0]], query=question, answer=answers[0],
-                  answers=answers, source=loader, passages=tuple(documents[i] for i in order), gold_slot=slots[0],
+    return Sample(sample_id=sample_id, passage=documents[gold[0]], query=question, answer=distinct[0],
+                  answers=distinct, source=loader, passages=tuple(documents[i] for i in order), gold_slot=slots[0],
                   gold_slots=slots, task_info={**info, "source_index": order}, origin=where)
 
 

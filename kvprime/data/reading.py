@@ -9,6 +9,7 @@ import codecs
 import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TypeGuard
 
 from ..errors import DataError, MissingFileError
 
@@ -119,7 +120,7 @@ def is_text(value) -> bool:
     return isinstance(value, str)
 
 
-def is_texts(value) -> bool:
+def is_texts(value) -> TypeGuard[list[str]]:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 

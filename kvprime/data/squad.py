@@ -89,7 +89,8 @@ def load_squad(cfg: Mapping) -> Iterator[Sample]:
     """
     path = _resolve_path(cfg.get("path"))
     n = 0
-    for n, sample in enumerate(_questions(path, reading.json_document(path, EXPECTED)), start=1):
+    for sample in _questions(path, reading.json_document(path, EXPECTED)):
+        n += 1
         yield sample
     if n == 0:
         raise reading.no_records(path, EXPECTED + " with at least one question", "no article has a question")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,8 @@ class Sample:
     gold_slots: tuple[int, ...] = ()
     # What a task generator or a source records beside the text (fact positions, depths, hop order), for analyses
     # by slot and depth: a JSON object, kept as its canonical JSON text so that the frozen sample stays hashable
-    # (``info`` reads it back). Empty: none.
-    task_info: str = ""
+    # (``info`` reads it back; a mapping given is stored as that text). Empty: none.
+    task_info: str | Mapping[str, Any] = ""
     # Where the record is in its source ("<file>, line 3", "<file>, data[3].paragraphs[1].qas[0]"), for the
     # messages about it. Not part of the sample: no equality, no record (inputs.jsonl is compared on resume).
     origin: str = field(default="", compare=False, repr=False)
@@ -80,7 +81,8 @@ class Sample:
     @property
     def info(self) -> dict:
         """``task_info`` as a mapping ({} when unset)."""
-        return json.loads(self.task_info) if self.task_info else {}
+        text = self.task_info
+        return json.loads(text) if isinstance(text, str) and text else {}
 
     @property
     def documents(self) -> list[str] | None:

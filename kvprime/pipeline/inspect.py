@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..cache import hf_internals as hf
+
 
 def document_span(primed, seg) -> tuple[int, int]:
     start = 0
@@ -23,11 +25,11 @@ def compare_caches(a, seg_a, b, seg_b) -> list[dict]:
     """Per layer: cosine similarity and max |diff| of the document's keys and values in two caches."""
     (a0, a1), (b0, b1) = document_span(a, seg_a), document_span(b, seg_b)
     rows = []
-    for i, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers)):
-        row = {"layer": i}
-        for kind in ("keys", "values"):
-            x = getattr(la, kind)[..., a0:a1, :].float().flatten()
-            y = getattr(lb, kind)[..., b0:b1, :].float().flatten()
+    for i, (la, lb) in enumerate(zip(hf.cache_layers(a.cache), hf.cache_layers(b.cache), strict=True)):
+        row: dict = {"layer": i}
+        for kind, ta, tb in zip(("keys", "values"), la, lb, strict=True):
+            x = ta[..., a0:a1, :].float().flatten()
+            y = tb[..., b0:b1, :].float().flatten()
             row[f"{kind}_cos"] = float(torch.nn.functional.cosine_similarity(x, y, dim=0))
             row[f"{kind}_max_abs_diff"] = float((x - y).abs().max())
         rows.append(row)

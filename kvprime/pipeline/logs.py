@@ -22,16 +22,18 @@ _FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 _state: dict = {"handler": None}
 
 
+class _DebugHandler(logging.StreamHandler):
+    """The terminal handler debug mode adds to a library's logger (a class of its own: added once, found again)."""
+
+
 def quiet_libraries() -> None:
     """Route warnings and library log records away from the terminal (to the run log, once there is one)."""
     logging.captureWarnings(True)
     for name in LIBRARIES:
         logger = logging.getLogger(name)
         logger.propagate = False
-        if debug() and not any(getattr(h, "_kvprime_debug", False) for h in logger.handlers):
-            h = logging.StreamHandler(sys.stderr)
-            h._kvprime_debug = True
-            logger.addHandler(h)
+        if debug() and not any(isinstance(h, _DebugHandler) for h in logger.handlers):
+            logger.addHandler(_DebugHandler(sys.stderr))
     if "transformers" in sys.modules:
         _transformers_off_terminal()
 

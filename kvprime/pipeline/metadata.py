@@ -19,7 +19,7 @@ PACKAGES = ("kvprime", "torch", "transformers", "tokenizers", "accelerate", "hyd
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
+    out: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             out[name] = importlib_metadata.version(name)

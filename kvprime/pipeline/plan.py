@@ -73,7 +73,7 @@ class RunPlan:
 
 def plain(cfg) -> dict:
     if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
+        return confdir.resolved(cfg)
     return json.loads(json.dumps(cfg))
 
 

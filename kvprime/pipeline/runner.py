@@ -41,7 +41,7 @@ from .sharding import chunk_size, chunks, grouped
 _RESUME_FREE = ("resume", "progress", "batch", "tracking")
 
 
-def _check_resume(run_dir: Path, cfg: dict) -> None:
+def _check_resume(run_dir: Path, cfg: Mapping) -> None:
     stored_path = run_dir / "config.json"
     if not stored_path.exists():
         return
@@ -55,7 +55,8 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
         out = {k: v for k, v in c.items() if k not in _RESUME_FREE}
         if (c.get("run") or {}).get("num_shards", 1) > 1:  # batch.samples deals a shard its samples
             out["batch.samples"] = (c.get("batch") or {}).get("samples")
-        if isinstance(out.get("generation"), Mapping):  # neither the batch size nor the shared prefix changes a surrogate
+        # neither the batch size nor the shared prefix changes a surrogate
+        if isinstance(out.get("generation"), Mapping):
             out["generation"] = {k: v for k, v in out["generation"].items() if k not in ("batch_size", "shared_prefix")}
         return out
 
@@ -72,7 +73,9 @@ def _check_resume(run_dir: Path, cfg: dict) -> None:
 def _config_diff(now: Mapping, old: Mapping, prefix: str = "") -> tuple[list, list, list]:
     """Dotted settings only in ``now`` (added to kvprime since ``old`` was written), only in ``old`` (removed
     since), and in both with other values (overridden); a missing section is named once, not key by key."""
-    added, removed, changed = [], [], []
+    added: list[str] = []
+    removed: list[str] = []
+    changed: list[str] = []
     for key in sorted(set(now) | set(old)):
         path = f"{prefix}{key}"
         if key not in old:
@@ -80,7 +83,8 @@ def _config_diff(now: Mapping, old: Mapping, prefix: str = "") -> tuple[list, li
         elif key not in now:
             removed.append(path)
         elif isinstance(now[key], Mapping) and isinstance(old[key], Mapping):
-            for mine, theirs in zip((added, removed, changed), _config_diff(now[key], old[key], f"{path}.")):
+            nested = _config_diff(now[key], old[key], f"{path}.")
+            for mine, theirs in zip((added, removed, changed), nested, strict=True):
                 mine += theirs
         elif now[key] != old[key]:
             changed.append(path)
@@ -344,15 +348,16 @@ def _chunk_costs(session, work, done, seconds, shape) -> list[dict]:
     index_s = max(seconds["index"] - sum(pc.notes.get("query_work", {}).get("recompute_s", 0.0) for pc, _ in done),
                   0.0)
     query_f = [cost.forward_flops(shape, len(seg.prompt) + len(seg.answer), len(pc), len(seg.answer) + 1)
-               for (_, _, seg), (pc, _) in zip(work, done)]
+               for (_, _, seg), (pc, _) in zip(work, done, strict=True)]
     out = []
-    for (sample, name, _), fi, fq in zip(work, index_f, query_f):
+    for (sample, name, _), fi, fq in zip(work, index_f, query_f, strict=True):
         row = {"encode_s": round(index_s * fi / (sum(index_f) or 1), 6),
                "score_s": round(seconds["score"] * fq / (sum(query_f) or 1), 6)}
         g = session.surrogate_service.generation_cost(session.specs[name], sample)
         if g is not None:  # a source that generates
             row.update(generation_prompt_tokens=g.get("prompt_tokens"),
-                       generation_shared_tokens=g.get("shared_prompt_tokens"), generated_tokens=g.get("generated_tokens"),
+                       generation_shared_tokens=g.get("shared_prompt_tokens"),
+                       generated_tokens=g.get("generated_tokens"),
                        generation_s=g.get("seconds"))
         out.append(row)
     return out
@@ -393,7 +398,7 @@ def _score_all(session, similarity, run_dir, progress):
             # metrics: [nll, answer]: the answer fields join the NLL's line, so a line is whole or absent on resume.
             extra = answer_fields(engine, work, done, max_new_tokens=cfg["answer"]["max_new_tokens"],
                                   batch_tokens=score_tokens) if "answer" in cfg["metrics"] else [{}] * len(work)
-            for (sample, name, seg), (pc, score), spent, more in zip(work, done, costs, extra):
+            for (sample, name, seg), (pc, score), spent, more in zip(work, done, costs, extra, strict=True):
                 if (sample.sample_id, name) in log.done:
                     continue
                 row = _row(sample, name, seg, pc, score, session.surrogates(sample, [name])[name], similarity,

@@ -42,7 +42,7 @@ class Session:
             plan.conditions, plan.selection.samples, pool=plan.pool, seed=plan.seed, grouped=plan.grouped,
             prepared=plan.surrogate_sources, run_cfg=plan.cfg, tokenizer=lambda: self.tokenizer,
             scored_model=lambda: self._model)
-        self._everything = None  # every usable sample of the dataset, loaded only for sample= outside it
+        self._everything: list | None = None  # every usable sample of the dataset, loaded only for sample= outside it
 
     @classmethod
     def open(cls, cfg, only: str | None = None) -> Session:
@@ -160,7 +160,7 @@ class Session:
                     pairs.append((text, s.query))
                     keys.append((s.sample_id, name))
         out: dict = {}
-        for (sid, name), value in zip(keys, Embedder().cosine_pairs(pairs)):
+        for (sid, name), value in zip(keys, Embedder().cosine_pairs(pairs), strict=True):
             out.setdefault(sid, {})[name] = value
         return out
 

@@ -63,7 +63,7 @@ def conditions_figure(summary: pd.DataFrame, path: Path, *, title: str, margin: 
 
     y = np.arange(n)
     is_base = s["is_baseline"].astype(bool).to_numpy()
-    labels = [f"{c} (baseline)" if b else str(c) for c, b in zip(s["condition"], is_base)]
+    labels = [f"{c} (baseline)" if b else str(c) for c, b in zip(s["condition"], is_base, strict=True)]
     mean = s["mean"].astype(float).to_numpy()
     sem = np.nan_to_num(s["sem"].astype(float).to_numpy())
     ax1.barh(y, mean, xerr=sem, color=[BASELINE_COLOR if b else "#B0BEC5" for b in is_base],

@@ -218,7 +218,8 @@ def _scores_frame(run_dir: Path, inputs, names: list[str]) -> tuple[pd.DataFrame
         if n:
             frames.append(pd.DataFrame(columns))
     if unplanned:
-        raise DataError(f"{run_dir / 'scores.jsonl'} holds scores of condition(s) {', '.join(map(repr, sorted(unplanned)))}, "
+        raise DataError(f"{run_dir / 'scores.jsonl'} holds scores of condition(s) "
+                        f"{', '.join(map(repr, sorted(unplanned)))}, "
                         f"which plan.json does not plan (it plans {', '.join(names)}): the files are not of one run.")
     scores = _joined(frames)
     # Stable (lexsort is): lines of one (sample, condition) keep their file order.

@@ -30,8 +30,7 @@ import numpy as np
 import pandas as pd
 
 from . import answer_report
-from .report import (COMPARISON_COLUMNS, COST_COLUMNS, DEFINITIONS, SUMMARY_COLUMNS, rejection_counts,
-                     statistics_text)
+from .report import COMPARISON_COLUMNS, COST_COLUMNS, DEFINITIONS, SUMMARY_COLUMNS, rejection_counts, statistics_text
 from .tables import missing, number
 
 PAGE = "report.html"
@@ -91,8 +90,8 @@ def table(data, columns: Sequence[str] | None = None, formats: Mapping[str, str]
     cols = list(frame.columns) if columns is None else [c for c in columns if c in frame.columns]
     formats = formats or {}
     values = [frame[c].tolist() for c in cols]
-    return {"columns": cols, "rows": [[cell(v, formats.get(c), c) for c, v in zip(cols, row)]
-                                      for row in zip(*values)] if cols else []}
+    return {"columns": cols, "rows": [[cell(v, formats.get(c), c) for c, v in zip(cols, row, strict=True)]
+                                      for row in zip(*values, strict=True)] if cols else []}
 
 
 # report.md's texts use three inline marks; the page shows them as markup, everything else as escaped text.
@@ -204,7 +203,7 @@ def _samples(inputs: Iterable[Mapping], scores: pd.DataFrame, derived: pd.DataFr
     for rec, rows in _lines_in_chunks(inputs, [scores, derived], wanted):
         sid = str(rec["sample_id"])
         base = rows.get(baseline, {}).get("nll")
-        base = None if missing(base) else float(base)
+        base = None if base is None or missing(base) else float(base)
         docs = rec.get("passages") or [rec.get("passage", "")]
         answers = [a for a in rec.get("answers") or [] if a != rec.get("answer")]
         sample = {"id": sid, "query": rec.get("query", ""), "answer": rec.get("answer", ""), "answers": answers,
@@ -331,7 +330,8 @@ def render_pieces(run_dir, results: Mapping, summary: pd.DataFrame, comparisons:
     gen = results.get("generated_surrogates") or {}
     return environment().get_template("report.html.j2").generate(
         # Not the directory's name: a merge renames its work folder into place, and a copied run is the same run.
-        title=f"{exp['name']}: {exp['title']}" if exp.get("title") else exp["name"], experiment=exp, header=_header(results),
+        title=f"{exp['name']}: {exp['title']}" if exp.get("title") else exp["name"], experiment=exp,
+        header=_header(results),
         tables=_tables(results, summary, comparisons, analyses, titles), figures=figures(run_dir, results["figures"]),
         answer_part=results.get("answer_quality"), worth_it=[inline_markdown(w) for w in results.get("worth_it") or []],
         generator=(gen.get("generator") or {}), generated_warnings=gen.get("warnings") or [],

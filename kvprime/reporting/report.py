@@ -204,7 +204,8 @@ def render(results: Mapping, summary: pd.DataFrame, comparisons: pd.DataFrame, *
     if gen:
         who = (gen.get("generator") or {})
         parts += ["## Generated surrogates: are they queries?",
-                  f"Generator: `{who.get('model_id') or who.get('name') or 'the scored model'}`. Copied: a verbatim run "
+                  f"Generator: `{who.get('model_id') or who.get('name') or 'the scored model'}`. "
+                  "Copied: a verbatim run "
                   "of >= 8 document words (or >= 5 making up >= 60% of the surrogate); identical: the same text as "
                   "another template's for the same document; question: ends in '?' or opens with a question word.",
                   markdown_table(pd.DataFrame(gen["table"]))]

@@ -59,11 +59,11 @@ def _rows(data, columns: Sequence[str] | None) -> tuple[list[str], list[list]]:
         cols = list(data.columns) if columns is None else [c for c in columns if c in data.columns]
         # Column by column, not iterrows: a row Series would turn an int column into floats in numeric rows.
         values = [data[c].tolist() for c in cols]
-        return cols, [list(r) for r in zip(*values)] if cols else [[] for _ in range(len(data))]
+        return cols, [list(r) for r in zip(*values, strict=True)] if cols else [[] for _ in range(len(data))]
     rows = list(data)
     if rows and isinstance(rows[0], Mapping):
         if columns is None:
-            cols: list[str] = []
+            cols = []
             for r in rows:
                 cols += [k for k in r if k not in cols]
         else:
@@ -86,5 +86,5 @@ def markdown_table(data: pd.DataFrame | Iterable[Mapping] | Iterable[Sequence], 
     formats = formats or {}
     lines = ["| " + " | ".join(escape(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(cell(v, formats.get(c), digits) for c, v in zip(cols, row)) + " |")
+        lines.append("| " + " | ".join(cell(v, formats.get(c), digits) for c, v in zip(cols, row, strict=True)) + " |")
     return "\n".join(lines)

@@ -27,7 +27,9 @@ import os
 import shutil
 import socket
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ..errors import KvprimeError, RunDirError
 from ..files import rundir
@@ -115,7 +117,8 @@ def merge_runs(run_dirs, out_dir, *, check_dataset: bool = True, overwrite: bool
     out_dir = Path(out_dir)
     _check_arguments(run_dirs, out_dir)
     merged = gather(run_dirs, out_dir, check_dataset)
-    return _write_and_publish(merged, out_dir, overwrite)
+    with rundir.created_scope():  # the parents of --out this merge makes, and only those, a failure removes
+        return _write_and_publish(merged, out_dir, overwrite)
 
 
 def _check_arguments(run_dirs: list[Path], out_dir: Path) -> None:
@@ -184,10 +187,12 @@ def _tree(folder: Path) -> dict[str, str | None]:
             if p.is_file() and p.name not in LOCK_FILES and not (p.name.startswith(".") and p.name.endswith(".tmp"))}
 
 
-def _file_chunks(merged: Merged) -> dict[str, object]:
-    """Each file ``_write`` writes, as the pieces of its text in order (large files are not joined here)."""
-    files = {"config.json": [dumps(merged.cfg, indent=2) + "\n"], "plan.json": [dumps(merged.plan, indent=2) + "\n"],
-             "inputs.jsonl": (dumps(r) + "\n" for r in merged.inputs), "scores.jsonl": merged.score_lines}
+def _file_chunks(merged: Merged) -> dict[str, Iterable[Any]]:
+    """Each file ``_write`` writes, as the pieces of its text in order (large files are not joined here): strings,
+    or the bytes of a file copied as it is."""
+    files: dict[str, Iterable[Any]] = {
+        "config.json": [dumps(merged.cfg, indent=2) + "\n"], "plan.json": [dumps(merged.plan, indent=2) + "\n"],
+        "inputs.jsonl": (dumps(r) + "\n" for r in merged.inputs), "scores.jsonl": merged.score_lines}
     if merged.inspect is not None:
         files["inspect.json"] = [merged.inspect.read_bytes()]
     files["metadata.json"] = [dumps(merged.meta, indent=2) + "\n"]

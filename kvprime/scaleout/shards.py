@@ -102,7 +102,7 @@ def gather(run_dirs: list[Path], out_dir: Path, check_dataset: bool) -> Merged:
 
     # 1. One run: config (but the shard index), plan.
     ref, ref_dir = _without_shard(cfgs[0]), run_dirs[0]
-    for d, cfg, plan in zip(run_dirs[1:], cfgs[1:], plans[1:]):
+    for d, cfg, plan in zip(run_dirs[1:], cfgs[1:], plans[1:], strict=True):
         diff = _diff(ref, _without_shard(cfg))
         if diff:
             raise MergeError(f"{d} and {ref_dir} are not shards of one run: their configs differ in "
@@ -114,7 +114,7 @@ def gather(run_dirs: list[Path], out_dir: Path, check_dataset: bool) -> Merged:
     # 2. Exactly shards 0..N-1, each once.
     n = int((cfgs[0].get("run") or {}).get("num_shards", 1))
     by_shard: dict[int, list[Path]] = {}
-    for d, cfg in zip(run_dirs, cfgs):
+    for d, cfg in zip(run_dirs, cfgs, strict=True):
         by_shard.setdefault(int((cfg.get("run") or {}).get("shard", 0)), []).append(d)
     repeated = {i: ds for i, ds in by_shard.items() if len(ds) > 1}
     if repeated:
@@ -133,7 +133,7 @@ def gather(run_dirs: list[Path], out_dir: Path, check_dataset: bool) -> Merged:
     metas = [_read(d, "metadata.json") for d in shard_dirs]
 
     # 3. One model.
-    for d, meta in zip(shard_dirs[1:], metas[1:]):
+    for d, meta in zip(shard_dirs[1:], metas[1:], strict=True):
         if _model_key(meta) != _model_key(metas[0]):
             raise MergeError(f"{d} and {shard_dirs[0]} scored with different models: "
                              f"{_model_key(meta)} vs {_model_key(metas[0])}.")
@@ -166,7 +166,7 @@ def gather(run_dirs: list[Path], out_dir: Path, check_dataset: bool) -> Merged:
                              "come from different selections.")
     merged_inputs: list = [None] * total
     for i, rows in enumerate(inputs):
-        for pos, row in zip(positions[i], rows):
+        for pos, row in zip(positions[i], rows, strict=True):
             merged_inputs[pos] = row
     merged_ids = [r["sample_id"] for r in merged_inputs]
     selection = _check_selection(cfgs[0], merged_ids) if check_dataset else "not re-checked (check_dataset=False)"
@@ -264,7 +264,7 @@ def _merged_metadata(metas, shard_dirs, inputs, merged_ids, skipped, out_dir: Pa
              "model_encodes": m.get("model_encodes"), "encoded_tokens": m.get("encoded_tokens"),
              "timings_s": m.get("timings_s"), "git": m.get("git"), "device": (m.get("environment") or {}).get("device"),
              "platform": (m.get("environment") or {}).get("platform")}
-            for i, (d, m) in enumerate(zip(shard_dirs, metas))]},
+            for i, (d, m) in enumerate(zip(shard_dirs, metas, strict=True))]},
     )
     return meta
 

@@ -37,20 +37,15 @@ import numpy as np
 import pandas as pd
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ..errors import MissingFileError
 from ..files.results_io import write_atomic, write_json
 from ..reporting import html
 from ..reporting.finalize import COMPLETION_RECORD
 from ..reporting.tables import markdown_table
-
-# Hydra's private sweeper splits a multirun's jobs as it launched them. Should the module move, a sweep report
-# judges by the job directories alone (``_expected_jobs``).
-try:
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-except ImportError:
-    BasicSweeper = None
+from .hydra_sweeper import BasicSweeper as BasicSweeper  # re-exported: tests/test_no_global_state.py looks here
+from .hydra_sweeper import split_jobs
 
 # Overrides that do not define a job (they may differ between the first run and a resumed one).
 NOT_SWEPT = ("resume", "progress")
@@ -105,6 +100,8 @@ def _expected_jobs(sweep_dir: Path) -> tuple[list[list[str]] | None, list[str], 
         return None, [], None
     try:
         conf = OmegaConf.load(path)
+        if not isinstance(conf, DictConfig):  # not a multirun record: judge by the job dirs alone
+            return None, [], None
         hydra = conf.get("hydra") or {}
         task = [str(x) for x in OmegaConf.select(conf, "hydra.overrides.task", default=[]) or []]
         launch = [str(x) for x in OmegaConf.select(conf, "hydra.overrides.hydra", default=[]) or []
@@ -119,8 +116,7 @@ def _expected_jobs(sweep_dir: Path) -> tuple[list[list[str]] | None, list[str], 
                 declared.append(o.key_or_group)
         if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return None, declared, launch + task
-        batches = BasicSweeper.split_arguments(parsed, None)  # no BasicSweeper (None): judged by the job dirs
-        return [list(j) for j in batches[0]], declared, launch + task
+        return split_jobs(parsed), declared, launch + task
     except Exception:  # noqa: BLE001 -- unreadable/foreign multirun.yaml: judge by the job dirs alone
         return None, [], None
 

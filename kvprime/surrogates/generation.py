@@ -145,7 +145,7 @@ class GumbelSampler(LogitsProcessor):
         self.generators = generators
         self.temperature = float(temperature)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"{scores.shape[0]} rows of scores but {len(self.generators)} generators")
         scores = scores.float()
@@ -167,11 +167,9 @@ def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 def prefill_rows_by_default(model) -> bool:
     """Prefill each prompt alone, then decode the rows together? On a CPU yes: one prompt already keeps the
-    cores busy, and a left-padded batch adds its pads and a masked attention (SmolLM2, 2 cores: 8 prompts of
-    208-279 tokens took 4.9 s as one padded batch, a 236-token prompt alone 0.42 s; 16 documents in batches of
-    8 generated in 16.1 s this way against 16.7 s). On a GPU one prompt leaves the device idle, so the batch
-    prefills together. Sliding-window models (Gemma3) always prefill together: their per-row caches could not
-    be stacked column-aligned."""
+    cores busy, and a left-padded batch adds its pads and a masked attention. On a GPU one prompt leaves the device
+    idle, so the batch prefills together. Sliding-window models (Gemma3) always prefill together: their per-row
+    caches could not be stacked column-aligned."""
     return next(model.parameters()).device.type == "cpu" and not any(hf.sliding_windows(model))
 
 
@@ -192,7 +190,7 @@ class SharedPrefix:
     rounding."""
 
     ids: list[int]
-    cache: object  # the DynamicCache of ``ids`` at positions 0..len-1
+    cache: hf.DynamicCache  # the cache of ``ids`` at positions 0..len-1
 
     def covers(self, row: list[int]) -> bool:
         return len(row) > len(self.ids) and row[:len(self.ids)] == self.ids
@@ -220,7 +218,7 @@ def _prefill(model, rows: list[list[int]], pad_id: int, per_row: bool, shared: S
     With ``shared``, rows it covers continue from its cache instead of encoding its ids again."""
     device = next(model.parameters()).device
     if per_row:
-        caches, logits = [], []
+        caches, last_logits = [], []
         for r in rows:
             if shared is not None and shared.covers(r):
                 n = len(shared.ids)
@@ -230,9 +228,9 @@ def _prefill(model, rows: list[list[int]], pad_id: int, per_row: bool, shared: S
             else:
                 row_logits, row_cache = hf.step(model, torch.tensor([r], device=device), keep_last=1)
             caches.append(row_cache)
-            logits.append(row_logits[:, -1, :])
-        cache, mask = batch_caches.stack_caches(model, caches, side="left")
-        return torch.cat(logits), cache, mask, torch.tensor([[len(r) - 1] for r in rows], device=device)
+            last_logits.append(row_logits[:, -1, :])
+        stacked, stacked_mask = batch_caches.stack_caches(model, caches, side="left")
+        return torch.cat(last_logits), stacked, stacked_mask, torch.tensor([[len(r) - 1] for r in rows], device=device)
     # One padded batch continues the shared prefix only when it covers every row (else the whole prompts).
     n = len(shared.ids) if shared is not None and all(shared.covers(r) for r in rows) else 0
     rest = [r[n:] for r in rows]
@@ -242,7 +240,7 @@ def _prefill(model, rows: list[list[int]], pad_id: int, per_row: bool, shared: S
     # Position ids count real tokens only, so a padded row sees the positions it would see alone; the pads sit
     # between the shared prefix and the row's own tokens, masked.
     positions = n + (mask.cumsum(-1) - 1).clamp_min(0)
-    cache = hf.repeat_cache(model, shared.cache, len(rows)) if n else None
+    cache = hf.repeat_cache(model, shared.cache, len(rows)) if n and shared is not None else None
     if n:
         mask = torch.cat([torch.ones(len(rows), n, dtype=mask.dtype, device=device), mask], dim=1)
     logits, cache = hf.step(model, ids, cache=cache, attention_mask=mask, position_ids=positions, keep_last=1)
@@ -270,7 +268,7 @@ def _generate_batch(model, rows: list[list[int]], generators: list[torch.Generat
     for step in range(settings.max_new_tokens):
         token = GumbelSampler(gens, settings.temperature)(None, logits).argmax(-1)
         stopped = torch.isin(token, stop_t)
-        for row, t, s in zip(live, token.tolist(), stopped.tolist()):
+        for row, t, s in zip(live, token.tolist(), stopped.tolist(), strict=True):
             if not s:
                 new[row].append(t)
         if bool(stopped.all()) or step == settings.max_new_tokens - 1:
@@ -333,14 +331,16 @@ def generate(model, tokenizer, documents: list[str], template_text: str, setting
             per_row = per_row_prefill if per_row_prefill is not None else prefill_rows_by_default(model)
             batch_shared = shared is not None and (per_row or all(shared.covers(r) for r in rows))
             counts = [(len(r), min(len(toks) + 1, settings.max_new_tokens),  # +1: the stop token
-                       len(shared.ids) if batch_shared and shared.covers(r) else 0)
-                      for r, toks in zip(rows, new_tokens)]
+                       len(shared.ids) if batch_shared and shared is not None and shared.covers(r) else 0)
+                      for r, toks in zip(rows, new_tokens, strict=True)]
             stats.setdefault("rows", []).extend(counts)
-            for i, (prompt_tokens, generated_tokens, from_shared) in zip(batch, counts):
+            for i, (prompt_tokens, generated_tokens, from_shared) in zip(batch, counts, strict=True):
                 per_document[i] = {"prompt_tokens": prompt_tokens, "shared_prompt_tokens": from_shared,
                                    "generated_tokens": generated_tokens, "seconds": share}
-        for i, toks in zip(batch, new_tokens):
+        for i, toks in zip(batch, new_tokens, strict=True):
             results[i] = clean(tokenizer.decode(toks, skip_special_tokens=True), settings.clean)
     if stats is not None:
         stats["documents"] = per_document
-    return results  # type: ignore[return-value]
+    done = [r for r in results if r is not None]
+    assert len(done) == len(results)  # every document is in exactly one batch
+    return done

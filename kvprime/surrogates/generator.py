@@ -1,6 +1,6 @@
 """The model that writes generated surrogates (``generation.model``), which need not be the model scored.
 
-``generation.model: null`` keeps the old behaviour: the scored model writes its own surrogates. A name
+``generation.model: null``: the scored model writes its own surrogates. A name
 (``qwen25_coder_05b_instruct``) selects ``conf/model/<name>.yaml``, read as the run's model config is, with
 the run's ``model.device`` and ``model.dtype`` applied (a float32 CPU run generates in float32 on the CPU, a
 bfloat16 GPU run in bfloat16 on the GPU). Why a second model: a 135M scored model mostly copies the
@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-
-from omegaconf import OmegaConf
 
 from ..config import confdir
 from ..errors import ConfigError
@@ -57,8 +55,8 @@ def generator_model_cfg(run_cfg: Mapping) -> dict:
         raise ConfigError(f"generation.model={name!r} is not a model config. generation.model names the model that "
                           f"writes generated surrogates: null (the scored model) or one of the configs in conf/model: "
                           f"{', '.join(known)}. No model was loaded.")
-    cfg = OmegaConf.to_container(confdir.load("model", name), resolve=True)
-    where = _LOCATED_ON_COMMAND_LINE.get(cfg.get("source"))
+    cfg = confdir.resolved(confdir.load("model", name))
+    where = _LOCATED_ON_COMMAND_LINE.get(str(cfg.get("source")))
     if where is not None and not cfg.get(where):
         raise ConfigError(f"generation.model={name!r} names a model config whose location (model.{where}) is set on "
                           "the command line, which generation.model cannot carry. Add a config for that model to "

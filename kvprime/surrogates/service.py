@@ -30,6 +30,13 @@ from .store import SurrogateStore, cost, ensure
 _COST_KEYS = ("prompt_tokens", "shared_prompt_tokens", "generated_tokens", "seconds")
 
 
+def _named(value: str | None) -> str:
+    """A value that is set wherever generation is involved: a generating source's template (``register_source``
+    refuses one without), the document a generated text is asked for, and the text a per-document source gives."""
+    assert value is not None
+    return value
+
+
 class SurrogateService:
     """The surrogate texts of one run's conditions. ``tokenizer`` and ``scored_model`` are zero-argument callables
     (the session's tokenizer, and its ``(model, tokenizer, info)``), called only when a source or the generator
@@ -72,7 +79,7 @@ class SurrogateService:
     def templates(self, names: Iterable[str] | None = None) -> list[str]:
         """The generation templates the named conditions (default all) need, sorted."""
         found = (sources.lookup(self.specs[n].surrogate) for n in (self.specs if names is None else names))
-        return sorted({arg for info, arg in found if info.generates})
+        return sorted({arg for info, arg in found if info.generates and arg is not None})
 
     @property
     def generator_config(self):
@@ -157,6 +164,7 @@ class SurrogateService:
             info, template = sources.lookup(self.specs[name].surrogate)
             if not info.generates:
                 continue
+            template = _named(template)
             for s in samples:
                 owner = self.owner(s, info)
                 needed.setdefault(template, {})[owner.sample_id] = owner.passage
@@ -169,7 +177,8 @@ class SurrogateService:
             spec = self.specs[name]
             for s in samples:
                 if self.per_document(spec, s):
-                    wanted.setdefault(sources.generated_template(spec.surrogate), {}).update(dict.fromkeys(s.passages))
+                    template = _named(sources.generated_template(spec.surrogate))
+                    wanted.setdefault(template, {}).update(dict.fromkeys(s.passages))
         return wanted
 
     def _ensure(self, template: str, documents: Iterable[str], progress: bool) -> None:
@@ -181,7 +190,7 @@ class SurrogateService:
         texts = ensure(self.store, None, None, model_id=gen.model_id, template_name=template, documents=todo,
                        settings=self.generation_settings, progress=progress, load=lambda: gen.load()[:2],
                        provenance={"generator": gen.cfg.get("name")})
-        self.generated.update({(template, d): t for d, t in zip(todo, texts)})
+        self.generated.update({(template, d): t for d, t in zip(todo, texts, strict=True)})
 
     def generate(self, samples: Sequence, names: Iterable[str] | None = None, *, progress: bool = False) -> dict:
         """(template, sample_id) -> text of every sample whose generated text the conditions (default all) need
@@ -200,7 +209,7 @@ class SurrogateService:
 
     def remember(self, template: str, documents: Sequence[str], texts: Sequence[str]) -> None:
         """Use ``texts`` as the documents' generated texts (the bench times its own generation and scores with it)."""
-        self.generated.update({(template, d): t for d, t in zip(documents, texts)})
+        self.generated.update({(template, d): t for d, t in zip(documents, texts, strict=True)})
 
     def read_stored(self, samples: Sequence) -> None:
         """Take what the store already holds for ``samples``, never generating: the texts ``generate`` would read,
@@ -244,7 +253,7 @@ class SurrogateService:
         if not self.per_document(spec, sample):
             return None
         info, template = sources.lookup(spec.surrogate)
-        return tuple(sources.call(spec.surrogate, sample, self._inputs(sample, spec, info, template, p))
+        return tuple(_named(sources.call(spec.surrogate, sample, self._inputs(sample, spec, info, template, p)))
                      for p in sample.passages)
 
     def known(self, spec, sample) -> bool:
@@ -268,7 +277,7 @@ class SurrogateService:
             "state": lambda: self._state(spec.surrogate),
             "siblings": lambda: self._siblings(sample),
             "donor": lambda: self.donor(sample, info),
-            "generated": lambda: self._generated_text(template, document),
+            "generated": lambda: self._generated_text(_named(template), _named(document)),
         }
         return {need: give[need]() for need in info.needs}
 
@@ -295,9 +304,10 @@ class SurrogateService:
         """What the condition's generated texts cost for ``sample`` (None: its source generates nothing): summed over
         its passages when each is primed with its own, else its own document's. A donor's text is the control's, but
         an index would pay for generating the primed document's own, which is what this counts."""
-        info, template = sources.lookup(spec.surrogate)
+        info, arg = sources.lookup(spec.surrogate)
         if not info.generates:
             return None
+        template = _named(arg)
         if not self.per_document(spec, sample):
             return self.document_cost(template, sample.passage)
         total: dict = {"prompt_tokens": 0, "shared_prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}

@@ -141,7 +141,7 @@ def ensure(store: SurrogateStore, model, tokenizer, *, model_id: str, template_n
 
     # A document repeated in the input is generated once; its copies share the key and the result.
     pending: dict[str, str] = {}
-    for k, d, r in zip(keys, documents, results):
+    for k, d, r in zip(keys, documents, results, strict=True):
         if r is None and k not in pending:
             pending[k] = d
     fresh: dict[str, str] = {}
@@ -153,7 +153,8 @@ def ensure(store: SurrogateStore, model, tokenizer, *, model_id: str, template_n
             try:
                 if generator is None:
                     generator = load() if load is not None else (model, tokenizer)
-                fresh.update(_generate_and_store(store, *generator, {k: pending.pop(k) for k in held},
+                gen_model, gen_tokenizer = generator
+                fresh.update(_generate_and_store(store, gen_model, gen_tokenizer, {k: pending.pop(k) for k in held},
                                                  model_id=model_id, template_name=template_name,
                                                  template_text=template_text, settings=settings,
                                                  progress=progress, provenance=provenance))
@@ -166,7 +167,7 @@ def ensure(store: SurrogateStore, model, tokenizer, *, model_id: str, template_n
                                f"{store.root} (they are read from there when it has written them)")
                 told = True
             _wait_for_holder(store, next(iter(pending)))
-    return [r if r is not None else fresh[k] for k, r in zip(keys, results)]
+    return [r if r is not None else fresh[k] for k, r in zip(keys, results, strict=True)]
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -229,7 +230,7 @@ def _generate_and_store(store: SurrogateStore, model, tokenizer, todo: dict[str,
     texts = generation.generate(model, tokenizer, list(todo.values()), template_text, settings,
                                 progress=progress, stats=stats)
     costs = stats.get("documents") or [None] * len(texts)
-    for (k, d), text, spent in zip(todo.items(), texts, costs):
+    for (k, d), text, spent in zip(todo.items(), texts, costs, strict=True):
         meta = {**dict(provenance or {}), "model_id": model_id, "template_name": template_name,
                 "settings": settings.key(), "document_sha256": doc_hash(d)}
         if spent:
@@ -237,4 +238,4 @@ def _generate_and_store(store: SurrogateStore, model, tokenizer, todo: dict[str,
                         shared_prompt_tokens=int(spent.get("shared_prompt_tokens", 0)),
                         generated_tokens=int(spent["generated_tokens"]), seconds=round(spent["seconds"], 6))
         store.put(k, text, meta)
-    return dict(zip(todo, texts))
+    return dict(zip(todo, texts, strict=True))

@@ -70,7 +70,8 @@ def layout(seg, spec, *, primed: bool) -> list[Piece]:
     if seg.prefix and not primed:
         raise ConfigError(f"condition {spec.name!r}: builder independent takes no prefix_template: {NO_PREFIX}")
     n_sink, keep = len(seg.sink), spec.settings.other_sinks == "keep"
-    pieces, prefix, at = [], (), spec.position_offset + n_sink
+    pieces: list = []
+    prefix, at = (), spec.position_offset + n_sink
     for span in seg.spans:
         if span.kind == "prefix":
             prefix = span.ids
@@ -115,7 +116,7 @@ def build(engine, seg, spec, *, primed: bool) -> PrimedCache:
     docs, sinks = encodes[:len(pieces)], encodes[len(pieces):]
     keep = spec.settings.other_sinks == "keep"
     parts, ids = [], []
-    for i, (piece, cache) in enumerate(zip(pieces, docs)):
+    for i, (piece, cache) in enumerate(zip(pieces, docs, strict=True)):
         start = _encode_start(piece, n_sink, spec)
         if n_sink and (i == 0 or keep):
             if spec.rope_fix == "shift":

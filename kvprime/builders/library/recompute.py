@@ -96,12 +96,13 @@ def sample_seed(seg, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-class RecomputeStage:
+class RecomputeStage(Independent):
     """The recompute stage a base builder's class is mixed with (its ``build`` makes the assembled cache)."""
 
     params = RecomputeParams
 
-    def notes(self, params: RecomputeParams) -> str:
+    def notes(self, params: IndependentParams) -> str:
+        assert isinstance(params, RecomputeParams)  # this builder's own params (``params`` above)
         rules = {
             "deviation": f"CacheBlend: the {params.ratio:g} of candidate rows whose layer-{params.selection_layer} "
                          f"post-RoPE keys deviate most (squared L2) from a full-attention pass through layers "
@@ -147,19 +148,19 @@ class RecomputeStage:
         jobs = [BlendJob(hf.cache_layers(pc.cache), tuple(pc.token_ids), tuple(pc.position_ids)) for pc in assembled]
         t0 = time.perf_counter()
         rows, selected_by = self._select_all(engine, work, assembled, jobs)
-        jobs = [BlendJob(j.layers, j.ids, j.positions, tuple(r)) for j, r in zip(jobs, rows)]
+        jobs = [BlendJob(j.layers, j.ids, j.positions, tuple(r)) for j, r in zip(jobs, rows, strict=True)]
         layers = []
         for batch in _batches(jobs):
             layers += _recompute(engine.model, batch)
         seconds = time.perf_counter() - t0
         return [self._result(engine, pc, job, out, selected_by[i], seconds * _weight(job, selected_by[i]) /
-                             (sum(_weight(j, s) for j, s in zip(jobs, selected_by)) or 1))
-                for i, (pc, job, out) in enumerate(zip(assembled, jobs, layers))]
+                             (sum(_weight(j, s) for j, s in zip(jobs, selected_by, strict=True)) or 1))
+                for i, (pc, job, out) in enumerate(zip(assembled, jobs, layers, strict=True))]
 
     def _select_all(self, engine, work, assembled, jobs):
         """S per sample, and the selection pass each ran (None, or its layer)."""
         rows, selected_by, passes = [], [], []
-        for i, ((seg, spec), pc) in enumerate(zip(work, assembled)):
+        for i, ((seg, spec), pc) in enumerate(zip(work, assembled, strict=True)):
             p = spec.settings
             pool = candidates(seg, spec, self.primed)
             if p.rule == "deviation" and share(p.ratio, len(pool)):
@@ -175,7 +176,7 @@ class RecomputeStage:
         for layer, members in by_layer.items():
             for batch in _batches([jobs[i] for i in members], indices=members):
                 scores = _scores(engine.model, [jobs[i] for i in batch], layer)
-                for i, s in zip(batch, scores):
+                for i, s in zip(batch, scores, strict=True):
                     pool = rows[i]
                     n = share(work[i][1].settings.ratio, len(pool))
                     top = s[pool].argsort(descending=True, stable=True)[:n]
@@ -208,7 +209,7 @@ def _batches(jobs, indices=None):
     """Consecutive groups of jobs (or of ``indices``, one per job) holding at most BATCH_TOKENS cache rows."""
     items = indices if indices is not None else jobs
     batch, rows = [], 0
-    for item, job in zip(items, jobs):
+    for item, job in zip(items, jobs, strict=True):
         if batch and rows + len(job.ids) > BATCH_TOKENS:
             yield batch
             batch, rows = [], 0

@@ -38,7 +38,7 @@ def _boundaries(facts: list[Fact], n_sentences: int, place: Draws) -> list[int]:
     """The sentence boundary (0 .. n_sentences) each fact goes to: its depth's nearest, or a drawn one. Every fact
     draws, depth or not, so the other facts land where they would at any other depth."""
     drawn = [place.index(n_sentences + 1) for _ in facts]
-    return [round(f.depth * n_sentences) if f.depth is not None else d for f, d in zip(facts, drawn)]
+    return [round(f.depth * n_sentences) if f.depth is not None else d for f, d in zip(facts, drawn, strict=True)]
 
 
 def build(facts: list[Fact], words: int, filler: Draws, place: Draws, slot: int) -> tuple[str, list[dict]]:
@@ -59,11 +59,11 @@ def build(facts: list[Fact], words: int, filler: Draws, place: Draws, slot: int)
     total = _words(text)
     where: dict[int, dict] = {}
     word = char = 0
-    for piece, i in pieces:
-        if i is not None:
+    for piece, fact in pieces:
+        if fact is not None:
             span = max(1, total - _words(piece))  # the positions the fact could start at, last one included
-            where[i] = {"slot": slot, "word": word, "char": char, "depth": round(word / span, 4),
-                        "role": facts[i].role, "key": facts[i].key, "value": facts[i].value}
+            where[fact] = {"slot": slot, "word": word, "char": char, "depth": round(word / span, 4),
+                           "role": facts[fact].role, "key": facts[fact].key, "value": facts[fact].value}
         word += _words(piece)
         char += len(piece) + 1
     return text, [where[i] for i in range(len(facts))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from ...errors import ConfigError
 from .text import COLOURS, INSTRUCTIONS, VALUE_FORMATS, WORDS
@@ -45,7 +46,7 @@ class Knobs:
                 "hop_order": self.hop_order, "instruction": self.instruction}
 
 
-def _is_int(value) -> bool:
+def _is_int(value) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -39,7 +39,7 @@ from .text import COLOURS, FACT, OBJECTS, POINTER, QUESTION, WORDS, value
 COMMON = ("n", "words_per_document", "facts_per_document", "lures", "value_format", "digits", "depth", "instruction")
 # Chosen so that the packaged default model's joint (full-context) accuracy sits inside 40-85%, neither at floor
 # nor at ceiling (README: the calibration table); conf/dataset/synthetic_*.yaml show the same values.
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, object]] = {
     "synthetic_kv": {"documents": 3, "words_per_document": 60, "facts_per_document": 1},
     "synthetic_twohop": {"documents": 3, "words_per_document": 60, "facts_per_document": 1, "hop_order": "forward"},
     "synthetic_niah": {"words_per_document": 400, "facts_per_document": 3},
@@ -78,7 +78,7 @@ def _values(knobs: Knobs, i: int, n: int) -> list[str]:
 def _distractors(knobs: Knobs, i: int, lures: list[str], others: list[str], values: list[str]) -> list[layout.Fact]:
     """The distractor facts in a seeded order (the order they are dealt to documents in)."""
     facts = [layout.Fact(FACT.format(key=k, value=v), "lure" if k in lures else "distractor", k, v)
-             for k, v in zip(lures + others, values)]
+             for k, v in zip(lures + others, values, strict=True)]
     return stream(knobs.seed, knobs.task, i, "deal").shuffled(facts)
 
 
