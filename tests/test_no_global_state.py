@@ -132,7 +132,7 @@ def test_the_private_hydra_names_kvprime_uses_are_where_it_imports_them():
     from hydra._internal.utils import _run_hydra, get_args_parser
 
     from kvprime.commands import hydra_bridge
-    from kvprime.scaleout import sweep
+    from kvprime.scaleout import hydra_sweeper
 
     assert hydra_bridge._run_hydra is _run_hydra and hydra_bridge.get_args_parser is get_args_parser
     params = inspect.signature(_run_hydra).parameters
@@ -140,5 +140,6 @@ def test_the_private_hydra_names_kvprime_uses_are_where_it_imports_them():
     parsed = get_args_parser().parse_args(["-m", "--config-dir", "x", "seed=1,2"])
     assert parsed.multirun and parsed.config_dir == "x" and parsed.overrides == ["seed=1,2"]
     # By name: Hydra's plugin scan re-executes its plugin modules, so the class object may be a newer one.
-    assert (sweep.BasicSweeper.__module__, sweep.BasicSweeper.__qualname__) == (BasicSweeper.__module__, "BasicSweeper")
+    ours = hydra_sweeper.BasicSweeper
+    assert (ours.__module__, ours.__qualname__) == (BasicSweeper.__module__, "BasicSweeper")
     assert callable(BasicSweeper.split_arguments)

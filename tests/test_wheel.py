@@ -69,7 +69,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     conf_files = sorted(str(p.relative_to(src / "conf")) for p in (src / "conf").rglob("*.yaml"))
     with zipfile.ZipFile(wheel) as zf:
         shipped = {n for n in zf.namelist() if n.startswith("kvprime/conf/")}
+        typed = "kvprime/py.typed" in zf.namelist()
     assert shipped == {f"kvprime/conf/{f}" for f in conf_files}
+    assert typed, "the wheel must carry kvprime/py.typed: pyproject declares the package typed"
     with tarfile.open(sdist) as tf:
         assert any(n.endswith("/conf/config.yaml") for n in tf.getnames()), "the sdist must carry conf/ too"
 

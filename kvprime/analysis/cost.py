@@ -1,6 +1,6 @@
 """What each condition costs: model FLOPs from the model's shapes, at indexing time and at query time.
 
-The cost model (the README's definitions section states it too):
+The cost model (docs/statistics.md, Cost model, states it too):
 
 * **FLOPs of a forward pass** over ``tokens`` new tokens after ``context`` cached ones, with the LM head on
   ``logits`` positions: per layer the q/k/v/o projections (2 * h * (heads + 2 * kv_heads) * d +

@@ -47,7 +47,7 @@ EXPERIMENT_KEYS = ("name", "title", "description", "baseline", "comparisons", "d
 DATASET_KEYS = ("name", "n_samples", "selection", "seed", "filters", "group_by_passage")
 # How a key becomes one kvprime knows: said in every refusal of an unknown key, since `+key=value` cannot do it.
 ADD_A_KEY = ("A key is known only when the code that reads it declares it: your own code's settings come with a "
-             "plugin (plugins=[...]; README: Extending), as fields of its builder's params dataclass (keys of a "
+             "plugin (plugins=[...]; docs/extending.md), as fields of its builder's params dataclass (keys of a "
              "condition) or its loader's register_loader(name, options=(...)) (keys of dataset).")
 
 
@@ -195,6 +195,9 @@ def not_in_config(key: str, value: str, declared: Mapping[str | None, Sequence[s
     accepted = {**declared, "model": MODEL_KEYS, "experiment": EXPERIMENT_KEYS, "dataset": DATASET_KEYS + options}
     if (section or None) not in accepted:
         return None
+    if name in accepted[section or None]:  # a key kvprime reads that this composition leaves out: "+" adds it
+        return (f"{key}={value} is not accepted: this config does not set {key}, which kvprime reads; add it with "
+                f"+{key}={value}. `kvprime run --cfg job` with your other overrides shows the config's keys.")
     close = difflib.get_close_matches(name, list(dict.fromkeys(accepted[section or None])), n=1, cutoff=0.6)
     guess = f" Did you mean {section + '.' if section else ''}{close[0]}?" if close and close[0] != name else ""
     plus = ("is refused too, unless the selected loader declares the option" if section == "dataset"

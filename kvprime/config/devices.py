@@ -13,7 +13,7 @@ _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)\Z")
 # cpu: larger chunks and scoring batches gain nothing on a CPU (the cores are already busy) and their caches and
 # stacked copies cost memory; 2048-token encode batches keep the activations in the CPU's cache. Decoding rows
 # share each step's weight reads, so one batch of 32 documents beats two smaller ones. The measurements behind
-# these numbers are in the README (Performance).
+# these numbers are in docs/performance.md.
 # cuda: per-cache work, not the batch, bounds a small model on a GPU while peak memory grows with the chunk, and
 # generation gains up to 64 rows. So: the smallest batches that keep a 7B model's matmuls large (16k tokens) and
 # its chunk of caches small (8 exp01 samples hold ~30k cache tokens, ~4 GB of bf16 keys/values for Mistral-7B),

@@ -197,7 +197,7 @@ class Answer:
 
 # floor.max_nll_diff=auto (kvprime.builders.floor.DEFAULT_MAX_NLL_DIFF): float32 1e-3, bfloat16 1e-1, float16 5e-2,
 # each well above the dtype's re-rotation floor and well under what a re-rotation off by one position costs
-# (README: Numerical floor).
+# (docs/concepts.md: the numerical floor).
 @dataclass
 class Floor:
     measure: Any = setting("auto", Rule("auto (when a condition re-rotates keys), true or false",
@@ -218,7 +218,7 @@ class Batch:
     score_tokens: Any = setting("auto", _positive_or_auto("score_tokens"),
                                 "the number of cache tokens per scoring batch")
     # Continuing an encode from the cache of another that its ids and positions begin with changes no number
-    # beyond float rounding (tests/test_prefix_extension.py); false encodes each from scratch (README, Performance).
+    # beyond float rounding (tests/test_prefix_extension.py); false encodes each from scratch (docs/performance.md).
     extend_prefixes: bool = setting(False, BOOL, "whether an encode continues from the cache of a planned encode "
                                                 "(or shared opening) its ids and positions begin with")
 

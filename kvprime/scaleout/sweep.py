@@ -44,7 +44,6 @@ from ..files.results_io import write_atomic, write_json
 from ..reporting import html
 from ..reporting.finalize import COMPLETION_RECORD
 from ..reporting.tables import markdown_table
-from .hydra_sweeper import BasicSweeper as BasicSweeper  # re-exported: tests/test_no_global_state.py looks here
 from .hydra_sweeper import split_jobs
 
 # Overrides that do not define a job (they may differ between the first run and a resumed one).

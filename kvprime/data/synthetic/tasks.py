@@ -38,7 +38,7 @@ from .text import COLOURS, FACT, OBJECTS, POINTER, QUESTION, WORDS, value
 # Knobs every task reads; the multi-document tasks add documents and their slots.
 COMMON = ("n", "words_per_document", "facts_per_document", "lures", "value_format", "digits", "depth", "instruction")
 # Chosen so that the packaged default model's joint (full-context) accuracy sits inside 40-85%, neither at floor
-# nor at ceiling (README: the calibration table); conf/dataset/synthetic_*.yaml show the same values.
+# nor at ceiling (docs/synthetic.md: the calibration table); conf/dataset/synthetic_*.yaml show the same values.
 DEFAULTS: dict[str, dict[str, object]] = {
     "synthetic_kv": {"documents": 3, "words_per_document": 60, "facts_per_document": 1},
     "synthetic_twohop": {"documents": 3, "words_per_document": 60, "facts_per_document": 1, "hop_order": "forward"},
