@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 SEED = 20240611
 # Kill points drawn per phase (+ the first write point). Every score line is one (30 for 6 samples x 5 conditions,

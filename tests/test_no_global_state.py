@@ -5,7 +5,6 @@ without touching the environment; the private Hydra names ``kvprime run`` relies
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import sys
 
@@ -24,12 +23,8 @@ def _environ() -> dict:
 
 
 @pytest.fixture()
-def data_file(tmp_path):
-    rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city and into the sea.",
-             "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(2)]
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def data_file(river_samples):
+    return river_samples(2)
 
 
 @pytest.fixture()

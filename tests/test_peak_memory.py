@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 CHILD = r"""
 import json, resource, sys
 from kvprime.config.compose import compose
@@ -39,6 +41,7 @@ def _peak(tmp_path, n: int) -> float:
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"], sum(x["cache_len"] for x in scored)
 
 
+@pytest.mark.integration
 def test_peak_memory_is_flat_in_the_number_of_samples(tmp_path):
     (small, small_tokens), (large, large_tokens) = _peak(tmp_path, 4), _peak(tmp_path, 16)
     # What keeping the larger run's extra caches would add: 8 layers x (K, V) x 2 kv heads x 128 dims x 4 bytes

@@ -33,6 +33,7 @@ def _data(path: Path) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_jobs_that_failed_at_finalize_are_done_once_report_or_resume_gets_past_it(tmp_path):
     """Both jobs of a sweep fail at finalize: a folder is in the way of their summary.csv. Once it is gone, job 0
     is finished by `kvprime report`, job 1 by `kvprime resume`; each one's error.json goes, and the sweep report

@@ -19,12 +19,8 @@ OLD = {"kvprime": "0.0.9", "commit": "0123456789abcdef0123456789abcdef01234567",
 
 
 @pytest.fixture()
-def data_file(tmp_path):
-    rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city and into the sea.",
-             "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(3)]
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def data_file(river_samples):
+    return river_samples(3)
 
 
 def _args(data_file, *extra):
@@ -113,6 +109,7 @@ def test_without_a_version_record_the_finished_runs_metadata_names_the_version(f
         runner.run_experiment(compose(_args(data_file, "resume=true")), finished)
 
 
+@pytest.mark.integration
 def test_the_cli_refuses_in_one_paragraph_exit_2_and_leaves_the_directory_byte_identical(finished, tmp_path):
     _as_if_started_by_an_older_kvprime(finished)
     before = _tree(finished)

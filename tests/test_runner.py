@@ -228,6 +228,7 @@ def run_cli(*args, **kw):
                           **kw)
 
 
+@pytest.mark.integration
 def test_cli_run_writes_hydra_dir_and_one_condition(tmp_path, samples_file):
     out = tmp_path / "cli"
     proc = run_cli("run", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}",
@@ -238,6 +239,7 @@ def test_cli_run_writes_hydra_dir_and_one_condition(tmp_path, samples_file):
     assert "truncated_oracle" in proc.stdout
 
 
+@pytest.mark.integration
 def test_cli_unknown_names_list_the_valid_ones(tmp_path):
     proc = run_cli("run", "model=gpt5", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "smollm2_135m_instruct" in proc.stderr and "Traceback" not in proc.stderr
@@ -245,6 +247,7 @@ def test_cli_unknown_names_list_the_valid_ones(tmp_path):
     assert proc.returncode != 0 and "truncated_oracle" in proc.stderr
 
 
+@pytest.mark.integration
 def test_cli_user_error_is_one_paragraph(tmp_path, samples_file):
     proc = run_cli("run", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}",
                    "conditions.truncated_oracle.surrogate=static:nonsense", f"hydra.run.dir={tmp_path / 'r'}")
@@ -252,6 +255,7 @@ def test_cli_user_error_is_one_paragraph(tmp_path, samples_file):
     assert "kvprime: error: condition 'truncated_oracle'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_help_does_not_import_torch_and_conditions_lists_all():
     code = "import sys, kvprime.commands.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,10 +1,9 @@
 """The notebooks' suite on the tiny model: exp01's caches, routing, the report rebuilt from files."""
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures.jsonl import FRANCE_PASSAGE
 
 from kvprime.analysis import routing
 from kvprime.config.compose import compose
@@ -14,13 +13,8 @@ from kvprime.reporting.finalize import finalize
 
 
 @pytest.fixture()
-def samples_file(tmp_path):
-    rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city of France and into the "
-                                       f"sea near the tower {i}. Boats carry grain along it.",
-             "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(5)]
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def samples_file(river_samples):
+    return river_samples(5, passage=FRANCE_PASSAGE)
 
 
 def cfg_for(experiment, samples_file, tmp_path, *extra):

@@ -203,6 +203,7 @@ def _sweep_args(data, sweep_dir, *extra):
             f"hydra.sweep.dir={sweep_dir}", *extra]
 
 
+@pytest.mark.integration
 def test_offset_sweep_runs_six_jobs_and_reports_them(tmp_path, data_file):
     sweep = tmp_path / "sweep"
     proc = _kvprime(_sweep_args(data_file, sweep), tmp_path)
@@ -238,6 +239,7 @@ def test_offset_sweep_runs_six_jobs_and_reports_them(tmp_path, data_file):
     assert before == {p.name: p.read_bytes() for p in sweep.iterdir() if p.name in before}  # same files, same bytes
 
 
+@pytest.mark.integration
 def test_prefix_sweep_passes_templates_with_newlines(tmp_path, data_file):
     sweep = tmp_path / "sweep"
     args = ["experiment=prefix_sweep", *TINY, "dataset=jsonl", f"dataset.path={data_file}", "dataset.n_samples=2",
@@ -266,6 +268,7 @@ def _needs(plugin):
     return pytest.mark.skipif(not _has_plugin(plugin), reason=f"{plugin.replace('_', '-')} is not installed")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("launcher", [
     pytest.param("joblib", marks=_needs("hydra_joblib_launcher")),
     pytest.param("submitit_local", marks=_needs("hydra_submitit_launcher")),
@@ -285,6 +288,7 @@ def test_launcher_plugin_runs_a_two_job_sweep(tmp_path, data_file, launcher):
     assert len(pd.read_csv(sweep / "sweep_summary.csv")) == 2 * 3
 
 
+@pytest.mark.integration
 @_needs("hydra_submitit_launcher")
 def test_slurm_gpu_launcher_config_reaches_sbatch(tmp_path, data_file):
     """hydra/launcher=slurm_gpu through submitit's Slurm executor up to sbatch (fake sbatch/srun on PATH)."""
@@ -315,6 +319,7 @@ def test_slurm_gpu_launcher_config_reaches_sbatch(tmp_path, data_file):
 
 # ------------------------------------------------------------------------------------------ failures
 
+@pytest.mark.integration
 def test_failed_job_is_reported_and_a_resumed_sweep_runs_only_what_is_missing(tmp_path, data_file):
     """Two of four jobs get a data file that is not there yet: Hydra's basic launcher still runs every job,
     then exits 1. The sweep report names the jobs and the error; once the file exists, the same sweep with
@@ -355,6 +360,7 @@ def test_failed_job_is_reported_and_a_resumed_sweep_runs_only_what_is_missing(tm
     assert "resume=true" not in (sweep / "sweep_report.md").read_text()
 
 
+@pytest.mark.integration
 def test_invalid_value_fails_only_its_job(tmp_path, data_file):
     sweep = tmp_path / "sweep"
     proc = _kvprime(_sweep_args(data_file, sweep, "conditions.baseline_offset.position_offset=0,-1,5"), tmp_path)
