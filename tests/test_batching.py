@@ -98,6 +98,7 @@ def test_sliding_window_models_never_batch_past_the_window():
             assert max_diff(eng.build(spec, s).cache, engine_for("gemma3").build(spec, s).cache) <= 1e-5, spec.name
 
 
+@pytest.mark.slow
 def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path, monkeypatch):
     from kvprime.cache import batch_caches
     from kvprime.commands.bench import bench

@@ -5,6 +5,7 @@ without touching the environment; the private Hydra names ``kvprime run`` relies
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import sys
 
@@ -109,6 +110,7 @@ def test_each_load_searches_only_the_folders_it_is_given(tmp_path, monkeypatch, 
     assert plugins.load_modules(["kvp_state_plug"], dirs=[folder_a])["kvp_state_plug"] is first["kvp_state_plug"]
 
 
+@pytest.mark.slow
 def test_embedding_leaves_the_environment_alone(monkeypatch):
     import sentence_transformers  # noqa: F401 -- what importing the library sets (KMP_*) is the library's
 

@@ -80,7 +80,6 @@ def _column(pg, table, col: int) -> list[str]:
     return pg.eval_on_selector_all(f"#{table} tbody tr", f"rows => rows.map(r => r.cells[{col}].textContent)")
 
 
-@pytest.mark.integration
 def test_the_page_loads_with_its_tables_and_figures_and_no_console_error(page, run_dir):
     pg, errors = page
     results = json.loads((run_dir / "results.json").read_text())
@@ -95,7 +94,6 @@ def test_the_page_loads_with_its_tables_and_figures_and_no_console_error(page, r
     assert errors == []
 
 
-@pytest.mark.integration
 def test_a_click_on_a_column_header_sorts_the_rows(page, run_dir):
     pg, errors = page
     summary = pd.read_csv(run_dir / "summary.csv")
@@ -110,7 +108,6 @@ def test_a_click_on_a_column_header_sorts_the_rows(page, run_dir):
     assert errors == []
 
 
-@pytest.mark.integration
 def test_the_sample_list_sorts_by_a_conditions_delta_and_filters(page, run_dir):
     pg, errors = page
     scores = read_jsonl(run_dir / "scores.jsonl")
@@ -129,7 +126,6 @@ def test_the_sample_list_sorts_by_a_conditions_delta_and_filters(page, run_dir):
     assert errors == []
 
 
-@pytest.mark.integration
 def test_a_click_on_a_sample_shows_its_document_and_surrogates(page, run_dir, tmp_path):
     pg, errors = page
     inputs = {r["sample_id"]: r for r in read_jsonl(run_dir / "inputs.jsonl")}
@@ -156,7 +152,6 @@ def test_a_click_on_a_sample_shows_its_document_and_surrogates(page, run_dir, tm
         copy.with_name(f"{copy.stem}-samples{copy.suffix}").write_bytes(shots["samples.png"])
 
 
-@pytest.mark.integration
 def test_the_sweep_page_sorts_and_its_links_open_each_jobs_page(browser, run_dir, tmp_path):
     from kvprime.scaleout.sweep import sweep_report
     from test_report_html import _job

@@ -56,12 +56,16 @@ def sharded(tmp_path_factory, data_file):
     return _run_sharded(tmp_path_factory.mktemp("shards"), data_file, "batch.samples=1")
 
 
-def test_three_shards_merged_equal_one_unsharded_run(sharded, tmp_path):
-    shards = [sharded / f"shard{i}" for i in (2, 0, 1)]  # any order
-    assert [len(read_jsonl(sharded / f"shard{i}" / "inputs.jsonl")) for i in range(3)] == [3, 2, 2]
+@pytest.mark.parametrize("samples_per_batch", [1, 2])
+def test_three_shards_merged_equal_one_unsharded_run(sharded, tmp_path, data_file, samples_per_batch):
+    """One sample a batch (the shared shards) or two (batch.samples=2: shards are dealt whole batching chunks, so
+    each batches exactly the samples the one-job run batches together): the merge equals that run byte for byte."""
+    root = sharded if samples_per_batch == 1 else _run_sharded(tmp_path, data_file, "batch.samples=2")
+    shards = [root / f"shard{i}" for i in (2, 0, 1)]  # any order
+    assert [len(read_jsonl(root / f"shard{i}" / "inputs.jsonl")) for i in range(3)] == [3, 2, 2]
     out = tmp_path / "merged"
     results = merge_runs(shards, out)
-    whole = sharded / "whole"
+    whole = root / "whole"
     key = ["sample_id", "condition"]
     a = pd.read_csv(out / "scores.csv").sort_values(key).reset_index(drop=True)
     b = pd.read_csv(whole / "scores.csv").sort_values(key).reset_index(drop=True)
@@ -80,16 +84,6 @@ def test_three_shards_merged_equal_one_unsharded_run(sharded, tmp_path):
     assert meta["merged_from"]["exact_vs_unsharded"] is True
     assert results["merge"]["n_samples"] == 7 and results["counts"]["score_lines"] == 7 * 5
     assert json.loads((out / "inspect.json").read_text()) == json.loads((whole / "inspect.json").read_text())
-
-
-def test_shards_with_cross_sample_batching_merge_bit_for_bit(tmp_path, data_file):
-    """batch.samples=2: shards are dealt whole batching chunks, so each batches exactly the samples the one-job
-    run batches together, and the merge equals that run byte for byte."""
-    root = _run_sharded(tmp_path, data_file, "batch.samples=2")
-    results = merge_runs([root / f"shard{i}" for i in range(3)], root / "merged")
-    assert results["merge"]["exact_vs_unsharded"] is True
-    for name in ("scores.csv", "summary.csv", "comparisons.csv"):
-        assert (root / "merged" / name).read_bytes() == (root / "whole" / name).read_bytes(), name
 
 
 def test_merge_refuses_a_missing_shard(sharded, tmp_path):
