@@ -2,12 +2,12 @@
 sliding windows from the model's config, and the random control's pool in a grouped run, all refused in one
 paragraph without reading any weights."""
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.config.compose import compose
 from kvprime.models import loading
@@ -34,7 +34,7 @@ def _rows(n=6, long=()):
 
 
 def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 

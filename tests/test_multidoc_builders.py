@@ -171,7 +171,7 @@ FORWARD_PASS_CASES = {"full": (_full_cache_of_one_document, ROPE_VARIANTS),
                       "joint": (_joint_cache_of_several_documents, VARIANTS)}
 
 
-@pytest.mark.parametrize("cache, variant", [(c, v) for c, (_, variants) in FORWARD_PASS_CASES.items() for v in variants])
+@pytest.mark.parametrize("cache, variant", [(c, v) for c, (_, vs) in FORWARD_PASS_CASES.items() for v in vs])
 def test_nll_from_a_cache_equals_one_forward_pass(cache, variant):
     """The NLL scored from a full cache (one document between a prefix and a suffix) or a joint cache (several
     documents) equals one forward pass over the same ids."""

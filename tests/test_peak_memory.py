@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from fixtures.jsonl import write_jsonl
 
 CHILD = r"""
 import json, resource, sys
@@ -32,7 +33,7 @@ def _peak(tmp_path, n: int) -> float:
     rows = [{"id": f"s{i}", "passage": passage.format(i=i), "query": f"Where does river {i} flow?",
              "answer": "into the sea"} for i in range(n)]
     data = tmp_path / f"samples{n}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     done = subprocess.run([sys.executable, "-c", CHILD, str(data), str(tmp_path / f"run{n}")], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

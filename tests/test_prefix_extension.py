@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from fixtures.jsonl import write_jsonl
 from test_cache_identities import engine_for, max_diff
 
 from kvprime.builders import EncodeRequest
@@ -178,7 +179,7 @@ def samples_file(tmp_path):
              + f"Boats carry grain {i}.", "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"}
             for i in range(3)]
     path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 

@@ -6,6 +6,7 @@ import sys
 
 import pandas as pd
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.config import confdir
 from kvprime.config.compose import compose
@@ -28,7 +29,7 @@ def samples_file(tmp_path):
     ]
     rows.append({"id": "empty", "passage": "A passage whose answer is missing.", "query": "What?", "answer": " "})
     path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
@@ -167,7 +168,7 @@ def test_too_long_samples_are_skipped_and_counted(tmp_path, samples_file):
     cfg = tiny_cfg(samples_file, "model.max_context=150")
     rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
     rows[0]["passage"] = " ".join(["word"] * 200)
-    samples_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(samples_file, rows)
     results = runner.run_experiment(cfg, tmp_path / "r")
     assert results["counts"]["skipped_samples"] == 1 and results["skipped"][0]["sample_id"] == "s0"
     assert "limit is 150" in results["skipped"][0]["reason"]
@@ -322,7 +323,7 @@ def test_the_terminal_summary_counts_skipped_and_rejected_samples_by_reason(tmp_
     rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
     rows[0]["passage"] = " ".join(["word"] * 200)
     rows[1]["passage"] = " ".join(["word"] * 180)  # another token count, the same reason
-    samples_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(samples_file, rows)
     results = runner.run_experiment(tiny_cfg(samples_file, "model.max_context=150"), tmp_path / "r")
     with caplog.at_level("INFO", logger="kvprime.summary"):
         _print_summary(results)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fixtures.jsonl import write_jsonl
 from omegaconf import OmegaConf
 
 from kvprime.config import confdir
@@ -44,7 +45,7 @@ def test_a_shrunk_copy_runs_an_experiment_on_the_borrowed_tokenizer(tmp_path):
     rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city and into the sea.",
              "query": f"Where does river {i} flow?", "answer": "into the sea"} for i in range(2)]
     data = tmp_path / "samples.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     cfg = compose(["model=mistral_7b_shape_random", "model.device=cpu", "model.dtype=float32",
                    *(f"model.config.{k}={v}" for k, v in SHRUNK.items()), "dataset=jsonl", f"dataset.path={data}",
                    "stats.n_boot=1000", "progress=false"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.config.compose import compose
 from kvprime.files.results_io import read_jsonl
@@ -27,7 +28,7 @@ def _samples(path: Path, n: int = 7) -> Path:
                                                 f"the sea." for j in range(1 + (3 * i) % 4)),
              "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(n)]
     rows.insert(3, {"id": "empty", "passage": "A passage whose answer is missing.", "query": "What?", "answer": " "})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
