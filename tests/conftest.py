@@ -126,3 +126,10 @@ def tiny_exp01_run(tmp_path_factory):
     """One exp01 run of the tiny random model on 4 samples (surrogates generated into a private store), shared by
     the test modules that read a finished run; a test that changes it works on a copy (``runs.copy``)."""
     return runs.shared(tmp_path_factory, "tiny_exp01", runs.build_tiny_exp01)
+
+
+@pytest.fixture(scope="session")
+def tiny_exp21_run(tmp_path_factory):
+    """One exp21 run of the tiny random model on 3 river samples (its data beside it, ``run.parent /
+    "samples.jsonl"``), shared like ``tiny_exp01_run``."""
+    return runs.shared(tmp_path_factory, "tiny_exp21", runs.build_tiny_exp21)
