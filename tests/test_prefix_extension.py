@@ -184,7 +184,7 @@ def samples_file(tmp_path):
 
 
 @pytest.mark.parametrize("experiment", ["exp01", "routing"])
-def test_runs_with_and_without_extension_give_the_same_nlls(experiment, samples_file, tmp_path):
+def test_runs_with_and_without_extension_give_the_same_nlls(experiment, samples_file, tmp_path, stub_similarity):
     on, meta_on = _run(experiment, samples_file, tmp_path, "on", True)
     off, meta_off = _run(experiment, samples_file, tmp_path, "off", False)
     assert on.keys() == off.keys() and len(on) > 0
