@@ -45,6 +45,7 @@ def pools(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_run_inspect_and_walkthrough_see_the_same_sample(overrides, pools, tmp_path):
     from kvprime.commands.inspect_cache import inspect_main
     from kvprime.commands.walkthrough import walkthrough

@@ -38,6 +38,7 @@ def test_the_yaml_is_mistral_7b_instruct_v02():
     assert forward_flops(c, 1, 0, 1) == pytest.approx(2 * (6.98e9 + 4096 * 49152), rel=0.01)
 
 
+@pytest.mark.slow
 def test_a_shrunk_copy_runs_an_experiment_on_the_borrowed_tokenizer(tmp_path):
     from kvprime.config.compose import compose
     from kvprime.pipeline import runner
@@ -57,6 +58,7 @@ def test_a_shrunk_copy_runs_an_experiment_on_the_borrowed_tokenizer(tmp_path):
     assert meta["model_shape"]["hidden_size"] == 64
 
 
+@pytest.mark.slow
 def test_bad_shape_random_settings_are_one_paragraph():
     with pytest.raises(ConfigError, match="model.tokenizer='nope' is not a model config"):
         loading.model_config(_cfg(tokenizer="nope"))
