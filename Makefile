@@ -33,11 +33,13 @@ setup: $(STAMP) ## make .venv, install kvprime (+ CPU torch), fetch the sha256-p
 run: setup ## exp21 on SmolLM2-135M-Instruct + 50 SQuAD v1.1 dev samples (ARGS= for overrides)
 	$(BIN)/kvprime run $(ARGS)
 
-test: setup ## every test, the real-model smoke run included
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# pytest-xdist workers; the tiers (fast, integration, slow) are the markers in pyproject.toml and tests/conftest.py.
+TEST_WORKERS ?= 2
+test: setup ## every test, all three tiers (fast, integration, slow: the real-model runs), on TEST_WORKERS workers
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
-test-fast: setup ## the tests without the real model (-m "not slow")
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: setup ## the fast tier: no real model or data, no process started (-m fast)
+	$(BIN)/python -m pytest -m fast -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: setup ## kvprime vs the notebooks' naive path on exp01, 20 samples, side by side (ARGS= for overrides)
 	$(BIN)/kvprime bench $(ARGS)

@@ -5,6 +5,7 @@ import json
 
 import pandas as pd
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.analysis import answer_quality as aq
 from kvprime.config.compose import compose
@@ -22,7 +23,7 @@ def samples_file(tmp_path_factory):
              "query": f"Where does river {i} flow?", "answer": f"into the sea {i}", "answers": ["the sea"]}
             for i in range(5)]
     path = tmp_path_factory.mktemp("answer_data") / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
@@ -117,7 +118,7 @@ def test_score_lines_written_before_contains_existed_still_report(answer_run, tm
     old = tmp_path / "old_scores"
     shutil.copytree(answer_run, old)
     lines = [{k: v for k, v in r.items() if k != "contains"} for r in read_jsonl(old / "scores.jsonl")]
-    (old / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_jsonl(old / "scores.jsonl", lines)
     finalize(old)
     new, was = pd.read_csv(answer_run / "summary.csv"), pd.read_csv(old / "summary.csv")
     contains_cols = [c for c in new.columns if "contains" in c]

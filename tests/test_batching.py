@@ -1,10 +1,12 @@
 """Batching and shared encodes change no number: batched == one-at-a-time, shared == unshared."""
 
 import pytest
-from test_cache_identities import engine_for, max_diff, segs
+from test_cache_identities import ROPE_VARIANTS, VOCAB, _Tok, engine_for, max_diff, segs
 
 from kvprime.builders.conditions import ConditionSpec
+from kvprime.builders.engine import Engine
 from kvprime.cache import hf_internals as hf
+from kvprime.cache.tiny import tiny_model
 
 SPECS = [ConditionSpec("full", builder="full"),
          ConditionSpec("rerotate", builder="truncate_prefix", rope_fix="rerotate"),
@@ -66,13 +68,37 @@ def test_planned_encodes_are_the_distinct_encodes_and_shared_caches_equal_unshar
 
 
 def test_sliding_window_models_never_batch_past_the_window():
-    eng = engine_for("gemma3")  # window 64
-    s = samples()[0]
-    eng.prefill([r for spec in SPECS for r in eng.plan(spec, s)], batch_tokens=64 * 8)
-    for spec in SPECS:
-        assert eng.build(spec, s).cache is not None
+    """The tiny Gemma3 (window 64), continuing encodes from their prefixes: two samples fit the window alone, but
+    batched together one's long past beside the other's long new part would be padded past it. Every batch of
+    several rows stays inside the window (at most 63 wide), and every cache equals the one a plain engine builds
+    alone (a batch padded past the window breaks that)."""
+    arch, overrides = ROPE_VARIANTS["gemma3"]
+    eng = Engine(tiny_model(arch, seed=1, vocab_size=VOCAB, **overrides), _Tok(), extend_prefixes=True)
+    window = min(eng.windows)
+    assert window == 64
+    batches = []  # (rows, continuing?, padded width) of every encode batch
+    real = eng._encode_batch
+
+    def observed(rows):
+        batches.append((len(rows), rows[0].past is not None,
+                        max(r.past_length for r in rows) + max(len(r.ids) for r in rows)))
+        return real(rows)
+
+    eng._encode_batch = observed
+    long_past = segs(n_prefix=2, n_doc=45, n_suffix=1, n_prompt=4, n_answer=2, seed=1)
+    long_new = segs(n_prefix=2, n_doc=22, n_suffix=20, n_prompt=4, n_answer=2, seed=2)
+    data = [samples()[0], long_past, long_new]
+    assert all(eng.fits(s, spec) for s in data for spec in SPECS)
+    eng.prefill([r for s in data for spec in SPECS for r in eng.plan(spec, s)], batch_tokens=64 * 8)
+    assert any(rows > 1 for rows, _, _ in batches)  # batching happened
+    assert sum(rows for rows, continuing, _ in batches if continuing) >= 2  # both long samples were continued
+    assert all(width <= window - 1 for rows, _, width in batches if rows > 1), batches
+    for s in data:
+        for spec in SPECS:
+            assert max_diff(eng.build(spec, s).cache, engine_for("gemma3").build(spec, s).cache) <= 1e-5, spec.name
 
 
+@pytest.mark.slow
 def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path, monkeypatch):
     from kvprime.cache import batch_caches
     from kvprime.commands.bench import bench

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_bench_scale_runs_reports_and_merges_and_checks_the_merge(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "kvprime", "bench-scale", "--n", "4,8", "--shards", "2",
@@ -24,6 +24,7 @@ def test_bench_scale_runs_reports_and_merges_and_checks_the_merge(tmp_path):
     assert "| 8 | 40 |" in (found.parent / "scale.md").read_text()
 
 
+@pytest.mark.integration
 def test_bench_scale_refuses_a_bad_n_in_one_paragraph(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "kvprime", "bench-scale", "--n", "ten"], capture_output=True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from kvprime.commands.cli import app
@@ -13,6 +14,7 @@ from kvprime.commands.cli import app
 HEAVY = ("pandas", "scipy", "statsmodels", "torch", "transformers", "hydra")
 
 
+@pytest.mark.integration
 def test_importing_the_cli_loads_no_heavy_library():
     probe = f"import sys\nimport kvprime.commands.cli\nprint([m for m in {HEAVY!r} if m in sys.modules])\n"
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

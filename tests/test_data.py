@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.data import LOADERS, load_samples
 from kvprime.data.types import Sample
@@ -90,7 +91,7 @@ def marco_file(tmp_path):
         _marco(107, "what is g", [p25], [1], ["g is seventh"], ["[]"]),
     ]
     path = tmp_path / "msmarco.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(path, records)
     return path
 
 

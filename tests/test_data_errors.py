@@ -267,6 +267,7 @@ def test_a_loader_that_gives_no_record_is_refused_naming_its_source(tmp_path):
         OPTIONS.pop("nothing_test")
 
 
+@pytest.mark.integration
 def test_the_cli_refuses_a_latin1_file_with_one_paragraph_and_exit_2(tmp_path):
     path = tmp_path / "samples.jsonl"
     latin1(FORMATS["jsonl"], path)

@@ -1,10 +1,10 @@
 """Multi-document samples (kvprime.data.distractors): k passages, the gold in its recorded slot, distractors from
 the configured source, each draw seeded per sample."""
 
-import json
 
 import numpy as np
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.config import settings
 from kvprime.data import load_samples
@@ -30,7 +30,7 @@ def rows():
 @pytest.fixture()
 def data(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    write_jsonl(path, rows())
     return {"name": "jsonl", "path": str(path), "n_samples": None, "selection": "first", "seed": 0}
 
 

@@ -2,12 +2,12 @@
 sliding windows from the model's config, and the random control's pool in a grouped run, all refused in one
 paragraph without reading any weights."""
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.config.compose import compose
 from kvprime.models import loading
@@ -34,7 +34,7 @@ def _rows(n=6, long=()):
 
 
 def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
@@ -127,6 +127,7 @@ def test_samples_that_fit_pass_the_early_check_and_the_run_then_loads_the_model(
     assert results["counts"]["skipped_samples"] == 0 and (tmp_path / "run" / "metadata.json").exists()
 
 
+@pytest.mark.integration
 def test_on_too_long_error_from_the_cli_is_one_paragraph_exit_2_without_weights(tmp_path):
     data = _write(tmp_path / "samples.jsonl", _rows(long=[1]))
     run_dir = tmp_path / "run"
@@ -272,6 +273,7 @@ def test_random_query_unserved_counts_only_samples_without_a_control():
     assert [x.sample_id for x in sources.random_query_unserved(fixed, by_passage=False)] == ["b"]
 
 
+@pytest.mark.integration
 def test_reuse_pool_refusal_from_the_cli_is_one_paragraph_exit_2_without_weights(tmp_path):
     run_dir = tmp_path / "run"
     out = _cli(["run", *_reuse(tmp_path, {0: 5, 1: 2}, "dataset.n_samples=4"), f"hydra.run.dir={run_dir}"], tmp_path)

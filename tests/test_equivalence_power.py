@@ -155,6 +155,7 @@ def test_power_plan_rows(tmp_path):
     assert table9.n_to_detect.iloc[0] > table.n_to_detect.iloc[0]
 
 
+@pytest.mark.integration
 def test_power_command(tmp_path):
     import subprocess
     import sys

@@ -108,6 +108,7 @@ def test_builder_settings_are_checked_before_the_model_loads(masked, monkeypatch
         runner.run_experiment(cfg, tmp_path / "r2", only="truncated_oracle")
 
 
+@pytest.mark.integration
 def test_outside_folder_runs_through_kvprime_run(study, tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
     run_dir = tmp_path / "run"

@@ -46,8 +46,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from fixtures.jsonl import write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 SEED = 20240611
 # Kill points drawn per phase (+ the first write point). Every score line is one (30 for 6 samples x 5 conditions,
@@ -66,7 +67,7 @@ def _samples(path: Path) -> Path:
     rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the city of France and into the sea. "
                                        f"It is known for the tower {i}.",
              "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(6)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 

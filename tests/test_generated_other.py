@@ -1,9 +1,9 @@
 """generated_other:<template>: another document's generated surrogate, by a seeded derangement of the selection."""
 
-import json
 from types import SimpleNamespace
 
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.errors import ConfigError
 from kvprime.pipeline.session import Session
@@ -70,7 +70,7 @@ def overrides(tmp_path):
              "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(N)]
     rows[5]["passage"] = rows[4]["passage"]  # two samples with one document: neither gets the other's surrogate
     path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return ["experiment=exp21", "+condition/routing@conditions.gen_keyword_query=gen_keyword_query",
             "+condition/routing@conditions.gen_other_keyword_query=gen_other_keyword_query",
             "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={path}", f"dataset.n_samples={N}",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from fixtures.jsonl import FRANCE_PASSAGE
 
 from kvprime.errors import ConfigError
 from kvprime.models import loading
@@ -19,12 +20,8 @@ from kvprime.surrogates.generator import generator_model_cfg
 
 
 @pytest.fixture()
-def overrides(tmp_path):
-    rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city of France and into the "
-                                       f"sea near the tower {i}. Boats carry grain along it.",
-             "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(3)]
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def overrides(tmp_path, river_samples):
+    path = river_samples(3, passage=FRANCE_PASSAGE)
     return ["experiment=exp21", "+condition/routing@conditions.gen_keyword_query=gen_keyword_query",
             "model=tiny_random_llama", "model.seed=1", "dataset=jsonl", f"dataset.path={path}",
             "dataset.n_samples=3", "progress=false", "generation.max_new_tokens=6",
@@ -121,6 +118,7 @@ def test_generator_config_takes_the_runs_device_and_dtype():
         generator_model_cfg({"generation": {"model": "hf_local"}, "model": {}})
 
 
+@pytest.mark.integration
 def test_unknown_generator_is_one_paragraph_before_any_model_loads(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
     env.pop("KVPRIME_DEBUG", None)

@@ -203,7 +203,7 @@ def test_a_sub_package_missing_from_the_layers_is_refused(tmp_path):
     assert layering_violations(copy) == ["kvprime.newpart is in no layer: place it in tests/test_layout.py's LAYERS"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_report_and_merge_import_neither_torch_nor_transformers(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
     data = tmp_path / "d.jsonl"

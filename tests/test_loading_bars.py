@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from transformers.utils import logging as hf_logging
 
 from kvprime.config.compose import compose
@@ -22,6 +23,7 @@ def test_loading_bars_are_switched_for_the_block_and_restored():
         hf_logging.enable_progress_bar()
 
 
+@pytest.mark.slow
 def test_a_real_model_loads_without_a_bar_when_progress_is_off(capfd):
     cfg = compose([])["model"]  # the packaged SmolLM2
     hf_logging.enable_progress_bar()

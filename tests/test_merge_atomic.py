@@ -218,7 +218,7 @@ def _points(launch: Launcher, argv: list[str], log: Path, output: Path) -> list[
     return [e for e in _events(log) if "n" in e]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_merge_killed_at_every_write_point_is_absent_or_complete_and_the_rerun_finishes_it(sharded,  # noqa: F811
                                                                                                tmp_path):
     shards = [str(d) for d in _shards(sharded)]

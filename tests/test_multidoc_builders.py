@@ -6,6 +6,9 @@ import re
 
 import pytest
 import torch
+from test_cache_identities import ROPE_VARIANTS
+from test_cache_identities import engine_for as single_document_engine
+from test_cache_identities import segs as single_document_segs
 
 from kvprime.builders import BUILDERS
 from kvprime.builders.conditions import ConditionSpec, validate
@@ -17,15 +20,8 @@ from kvprime.cache.tiny import tiny_model
 from kvprime.errors import ConfigError
 
 VOCAB = 512
-VARIANTS = {
-    "llama": ("llama", {}),
-    "qwen2": ("qwen2", {}),
-    "gemma3": ("gemma3_text", {}),
-    "phi_partial_rotary": ("phi", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                       "partial_rotary_factor": 0.5}}),
-    "yarn_scaling": ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                                   "original_max_position_embeddings": 64}}),
-}
+# The RoPE variants of the single-document identities that the multi-document builders are checked on.
+VARIANTS = {name: ROPE_VARIANTS[name] for name in ("llama", "qwen2", "gemma3", "phi_partial_rotary", "yarn_scaling")}
 
 
 class _Tok:
@@ -161,13 +157,27 @@ def test_document_ids_and_positions_are_the_same_in_every_mode(variant):
     assert keep.position_ids == list(range(len(keep.token_ids)))
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_nll_from_joint_cache_equals_one_forward_pass(variant):
-    eng = engine_for(variant)
-    s = segs()
-    joint = eng.build(spec("joint"), s)
-    ids = s.sink + s.document + s.prompt + s.answer
-    assert abs(eng.score(joint, s).nll - score_without_cache(eng.model, ids, len(s.answer))) <= 1e-4
+def _full_cache_of_one_document(variant):
+    eng, s = single_document_engine(variant), single_document_segs(n_suffix=5)
+    return eng, s, eng.build(ConditionSpec("t", builder="full"), s), s.sink + s.prefix + s.document + s.suffix
+
+
+def _joint_cache_of_several_documents(variant):
+    eng, s = engine_for(variant), segs()
+    return eng, s, eng.build(spec("joint"), s), s.sink + s.document
+
+
+FORWARD_PASS_CASES = {"full": (_full_cache_of_one_document, ROPE_VARIANTS),
+                      "joint": (_joint_cache_of_several_documents, VARIANTS)}
+
+
+@pytest.mark.parametrize("cache, variant", [(c, v) for c, (_, vs) in FORWARD_PASS_CASES.items() for v in vs])
+def test_nll_from_a_cache_equals_one_forward_pass(cache, variant):
+    """The NLL scored from a full cache (one document between a prefix and a suffix) or a joint cache (several
+    documents) equals one forward pass over the same ids."""
+    eng, s, primed, cached_ids = FORWARD_PASS_CASES[cache][0](variant)
+    ids = cached_ids + s.prompt + s.answer
+    assert abs(eng.score(primed, s).nll - score_without_cache(eng.model, ids, len(s.answer))) <= 1e-4
 
 
 def test_without_a_sink_keep_and_drop_agree_and_shift_matches():

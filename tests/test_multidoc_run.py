@@ -4,6 +4,7 @@ generated surrogate per passage for independent_primed, samples that do not fit 
 import json
 
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.config.compose import compose
 from kvprime.files.results_io import read_jsonl
@@ -17,7 +18,7 @@ def _data(tmp_path, n=6):
                         f"tower {i}. Boats carry grain along it.",
              "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(n)]
     path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 

@@ -275,6 +275,7 @@ def test_an_offline_hub_dataset_is_one_paragraph_naming_the_option_and_the_offli
     assert "HF_HUB_OFFLINE is set" in text and "dataset.path=" in text and "\n" not in text
 
 
+@pytest.mark.integration
 def test_the_cli_says_it_in_one_paragraph_with_exit_2_and_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVPRIME_OUTPUT_ROOT": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "kvprime", "run", "model=tiny_random_llama", "dataset=musique",

@@ -24,12 +24,8 @@ def _environ() -> dict:
 
 
 @pytest.fixture()
-def data_file(tmp_path):
-    rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city and into the sea.",
-             "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(2)]
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def data_file(river_samples):
+    return river_samples(2)
 
 
 @pytest.fixture()
@@ -114,6 +110,7 @@ def test_each_load_searches_only_the_folders_it_is_given(tmp_path, monkeypatch, 
     assert plugins.load_modules(["kvp_state_plug"], dirs=[folder_a])["kvp_state_plug"] is first["kvp_state_plug"]
 
 
+@pytest.mark.slow
 def test_embedding_leaves_the_environment_alone(monkeypatch):
     import sentence_transformers  # noqa: F401 -- what importing the library sets (KMP_*) is the library's
 

@@ -121,12 +121,8 @@ def test_a_probe_wider_than_the_sliding_window_is_not_measured():
 
 
 @pytest.fixture()
-def samples_file(tmp_path):
-    rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city and into the sea.",
-             "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(3)]
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def samples_file(river_samples):
+    return river_samples(3)
 
 
 def _cli(tmp_path, *args):
@@ -136,6 +132,7 @@ def _cli(tmp_path, *args):
                           env=env, cwd=tmp_path, timeout=300)
 
 
+@pytest.mark.integration
 def test_cli_run_records_the_floor_and_refuses_above_the_tolerance(tmp_path, samples_file):
     common = ["model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}", "condition=truncated_oracle",
               "stats.n_boot=1000", "progress=false"]

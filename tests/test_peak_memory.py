@@ -11,6 +11,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+from fixtures.jsonl import write_jsonl
+
 CHILD = r"""
 import json, resource, sys
 from kvprime.config.compose import compose
@@ -30,7 +33,7 @@ def _peak(tmp_path, n: int) -> float:
     rows = [{"id": f"s{i}", "passage": passage.format(i=i), "query": f"Where does river {i} flow?",
              "answer": "into the sea"} for i in range(n)]
     data = tmp_path / f"samples{n}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     done = subprocess.run([sys.executable, "-c", CHILD, str(data), str(tmp_path / f"run{n}")], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -39,6 +42,7 @@ def _peak(tmp_path, n: int) -> float:
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"], sum(x["cache_len"] for x in scored)
 
 
+@pytest.mark.integration
 def test_peak_memory_is_flat_in_the_number_of_samples(tmp_path):
     (small, small_tokens), (large, large_tokens) = _peak(tmp_path, 4), _peak(tmp_path, 16)
     # What keeping the larger run's extra caches would add: 8 layers x (K, V) x 2 kv heads x 128 dims x 4 bytes

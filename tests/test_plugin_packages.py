@@ -58,6 +58,7 @@ def _kvprime(tmp_path: Path, args: list[str], cwd: Path) -> subprocess.Completed
                           timeout=600)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("where, entry", [("config_dir", "mypkg"), ("cwd", "mypkg.builders")])
 def test_a_package_plugin_runs_and_reports_from_elsewhere(tmp_path, where, entry):
     """`kvprime run --config-dir my_study plugins=[mypkg]` with the package in my_study (or in the current

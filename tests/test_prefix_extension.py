@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from fixtures.jsonl import write_jsonl
 from test_cache_identities import engine_for, max_diff
 
 from kvprime.builders import EncodeRequest
@@ -178,12 +179,12 @@ def samples_file(tmp_path):
              + f"Boats carry grain {i}.", "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"}
             for i in range(3)]
     path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
 @pytest.mark.parametrize("experiment", ["exp01", "routing"])
-def test_runs_with_and_without_extension_give_the_same_nlls(experiment, samples_file, tmp_path):
+def test_runs_with_and_without_extension_give_the_same_nlls(experiment, samples_file, tmp_path, stub_similarity):
     on, meta_on = _run(experiment, samples_file, tmp_path, "on", True)
     off, meta_off = _run(experiment, samples_file, tmp_path, "off", False)
     assert on.keys() == off.keys() and len(on) > 0

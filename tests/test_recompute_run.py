@@ -70,6 +70,7 @@ def test_every_arm_is_scored_and_the_comparisons_are_written(run_dir):
     assert list(run_dir.rglob("recompute_parity.png"))
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
 def test_make_reproduce_blend_runs_the_blend_experiment(tmp_path):
     root = Path(__file__).resolve().parent.parent

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.scaleout.sweep import sweep_report
 
@@ -29,10 +30,11 @@ def _kvprime(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 def _data(path: Path) -> Path:
     rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the city of France and into the sea.",
              "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(3)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
+@pytest.mark.integration
 def test_jobs_that_failed_at_finalize_are_done_once_report_or_resume_gets_past_it(tmp_path):
     """Both jobs of a sweep fail at finalize: a folder is in the way of their summary.csv. Once it is gone, job 0
     is finished by `kvprime report`, job 1 by `kvprime resume`; each one's error.json goes, and the sweep report

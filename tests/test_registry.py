@@ -69,6 +69,7 @@ def test_nothing_is_imported_before_the_first_lookup(widgets):
     assert [name for name, _ in module.WIDGETS.items()] == ["early", "alpha", "beta"]  # registration order
 
 
+@pytest.mark.integration
 def test_kvprime_registries_import_their_modules_on_first_lookup():
     probe = textwrap.dedent("""\
         import json, sys
@@ -179,6 +180,7 @@ def test_a_broken_entry_point_is_one_paragraph_naming_it(monkeypatch):
     assert reg.names() == []  # a failed load is retried by the next lookup
 
 
+@pytest.mark.integration
 def test_an_entry_point_builder_reaches_the_builder_registry(tmp_path):
     (tmp_path / "ep_builder_plugin.py").write_text(textwrap.dedent("""\
         from kvprime.builders import Builder, register_builder

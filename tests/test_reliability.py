@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fixtures.jsonl import TOWER_PASSAGE
 
 from kvprime.config.compose import compose
 from kvprime.errors import RunDirError
@@ -22,21 +23,23 @@ from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import runner
 
 TINY = ["model=tiny_random_llama", "stats.n_boot=1000", "progress=false"]
-# Runs a CLI command with every chunk of scoring slowed down, so a test can act while the run holds its directory.
-SLOW = ("import sys, time; from kvprime.builders.engine import Engine; real = Engine.run_chunk\n"
-        "def slow(self, *a, **k):\n    time.sleep(float(__import__('os').environ.get('SLOW_S', '1'))); "
-        "return real(self, *a, **k)\n"
+# Runs a CLI command with every chunk of scoring slowed down (SLOW_S seconds), so a test can act while the run holds
+# its directory; with GATE set, every chunk after the first waits until that file exists, so the run holds its
+# directory until the test releases it.
+SLOW = ("import os, sys, time; from kvprime.builders.engine import Engine; real = Engine.run_chunk; chunks = [0]\n"
+        "def slow(self, *a, **k):\n"
+        "    chunks[0] += 1; gate = os.environ.get('GATE')\n"
+        "    while gate and chunks[0] > 1 and not os.path.exists(gate): time.sleep(0.05)\n"
+        "    time.sleep(0 if gate else float(os.environ.get('SLOW_S', '1')))\n"
+        "    return real(self, *a, **k)\n"
         "Engine.run_chunk = slow\nfrom kvprime.commands.cli import main; sys.argv = ['kvprime', *sys.argv[1:]]; main()")
+# A refusal that waited for the lock would wait for ever (the holder waits at its gate); this only ends the test.
+HANG_S = 300
 
 
 @pytest.fixture()
-def data_file(tmp_path):
-    rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city and into the sea. "
-                                       f"It is known for the tower {i}.",
-             "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(8)]
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def data_file(river_samples):
+    return river_samples(8, passage=TOWER_PASSAGE)
 
 
 def _env(tmp_path, **extra):
@@ -44,9 +47,10 @@ def _env(tmp_path, **extra):
             "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
-def _cli(args, tmp_path, code=None, **env):
+def _cli(args, tmp_path, code=None, timeout=600, **env):
     argv = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "kvprime", *args]
-    return subprocess.run(argv, capture_output=True, text=True, env=_env(tmp_path, **env), cwd=tmp_path, timeout=600)
+    return subprocess.run(argv, capture_output=True, text=True, env=_env(tmp_path, **env), cwd=tmp_path,
+                          timeout=timeout)
 
 
 def _popen(args, tmp_path, **env):
@@ -70,6 +74,7 @@ def _wait_for_scores(path: Path, proc, n=1, timeout=120):
     raise AssertionError("no score line appeared")
 
 
+@pytest.mark.integration
 def test_runs_started_together_get_their_own_directories(tmp_path, data_file):
     procs = [subprocess.Popen([sys.executable, "-m", "kvprime", "run", *TINY, "dataset=jsonl",
                                f"dataset.path={data_file}", f"seed={seed}", f"dataset.n_samples={n}"],
@@ -97,25 +102,31 @@ def test_new_run_dir_is_exclusive_and_unique(tmp_path):
     assert len(made) == 50 and all(Path(d).is_dir() for d in made)
 
 
+@pytest.mark.integration
 def test_a_held_directory_refuses_run_resume_and_report_and_is_left_unchanged(tmp_path, data_file):
     run_dir = tmp_path / "held"
+    gate = tmp_path / "release"
     args = ["run", *TINY, "dataset=jsonl", f"dataset.path={data_file}", f"hydra.run.dir={run_dir}", "batch.samples=1"]
-    proc = _popen(args, tmp_path, SLOW_S="6")  # 8 chunks: the run holds the directory for about 50 s
+    proc = _popen(args, tmp_path, GATE=str(gate))  # 8 chunks: after the first, the run holds until `gate` exists
     try:
         _wait_for_scores(run_dir / "scores.jsonl", proc)
         fixed = ("config.json", "plan.json", "inputs.jsonl", ".hydra/overrides.yaml", ".hydra/config.yaml")
         before = {f: (run_dir / f).read_bytes() for f in fixed}
         log_before = (run_dir / "scores.jsonl").read_bytes()
         for cmd in (args, ["resume", str(run_dir)], ["report", str(run_dir)]):
-            t0 = time.time()
-            out = _cli(cmd, tmp_path)
+            try:
+                out = _cli(cmd, tmp_path, timeout=HANG_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"`kvprime {cmd[0]}` waited for the held directory instead of refusing at once")
             msg = " ".join(out.stderr.split())
             assert out.returncode == 2, out.stderr
             assert "in use by `kvprime run`" in msg and f"pid {proc.pid} on host {socket.gethostname()}" in msg, msg
             assert "Traceback" not in msg
-            assert time.time() - t0 < 60  # refused at once, not after waiting
+            # refused while the holder still held the directory: it did not wait for the lock to be released
+            assert proc.poll() is None and not gate.exists()
         assert {f: (run_dir / f).read_bytes() for f in fixed} == before
         assert (run_dir / "scores.jsonl").read_bytes().startswith(log_before)
+        gate.touch()
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
     finally:
@@ -125,6 +136,7 @@ def test_a_held_directory_refuses_run_resume_and_report_and_is_left_unchanged(tm
     assert not (run_dir / rundir.HOLDER_NAME).exists() and not (run_dir / "error.json").exists()
 
 
+@pytest.mark.integration
 def test_stale_lock_of_a_killed_process_is_taken_over_and_another_hosts_is_not(tmp_path, data_file):
     run_dir = tmp_path / "r"
     cfg = compose([*TINY, "dataset=jsonl", f"dataset.path={data_file}", "dataset.n_samples=2"])
@@ -152,6 +164,7 @@ def test_stale_lock_of_a_killed_process_is_taken_over_and_another_hosts_is_not(t
     assert sorted(p.name for p in other.iterdir()) == [rundir.HOLDER_NAME]
 
 
+@pytest.mark.integration
 def test_a_refused_run_leaves_a_finished_directory_byte_identical(tmp_path, data_file):
     run_dir = tmp_path / "done"
     ok = _cli(["run", *TINY, "dataset=jsonl", f"dataset.path={data_file}", "dataset.n_samples=2",
@@ -167,6 +180,7 @@ def test_a_refused_run_leaves_a_finished_directory_byte_identical(tmp_path, data
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.integration
 def test_a_refused_run_removes_only_what_it_made(tmp_path, data_file):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -181,6 +195,7 @@ def test_a_refused_run_removes_only_what_it_made(tmp_path, data_file):
     assert out.returncode == 2 and not (tmp_path / "outputs" / "exp21").exists()  # default dirs it made: gone
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR2, 140)])
 def test_interrupt_stops_at_a_record_boundary_and_says_how_to_continue(tmp_path, data_file, sig, code):
     run_dir = tmp_path / "int"
@@ -272,6 +287,7 @@ def test_internal_error_before_the_directory_is_claimed_saves_the_traceback_else
     assert len(saved) == 1 and "Traceback" in saved[0].read_text() and str(saved[0]) in " ".join(err.split())
 
 
+@pytest.mark.integration
 def test_multirun_job_errors_are_paragraphs_in_the_terminal_and_error_json(tmp_path):
     sweep = tmp_path / "sweep"
     out = _cli(["run", "-m", *TINY, "dataset=exp21_sanity", "seed=1,-1", f"hydra.sweep.dir={sweep}"], tmp_path)
@@ -282,6 +298,7 @@ def test_multirun_job_errors_are_paragraphs_in_the_terminal_and_error_json(tmp_p
     assert (sweep / "0" / "report.md").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args,setting", [
     (["run", "hydra.run.dir=/etc/hostname/x"], "hydra.run.dir"),
     (["run", "-m", "seed=1,2", "hydra.sweep.dir=/etc/hostname/x"], "hydra.sweep.dir"),
@@ -294,6 +311,7 @@ def test_unwritable_output_paths_get_one_paragraph(tmp_path, args, setting):
     assert f"{setting} points at /etc/hostname/x" in msg and "/etc/hostname is a file" in msg
 
 
+@pytest.mark.integration
 def test_output_root_on_a_file_gets_one_paragraph(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -303,6 +321,7 @@ def test_output_root_on_a_file_gets_one_paragraph(tmp_path):
     assert "KVPRIME_OUTPUT_ROOT" in msg and f"{blocker} is a file" in msg
 
 
+@pytest.mark.integration
 def test_library_warnings_go_to_the_run_log_not_the_terminal(tmp_path, data_file):
     noisy = ("import sys, warnings; from kvprime.builders.engine import Engine; real = Engine.score_many\n"
              "def noisy(self, *a, **k):\n    warnings.warn('a library deprecation notice', FutureWarning)\n"
@@ -330,6 +349,7 @@ REFUSED_AFTER_START = ("import sys\nfrom kvprime.builders import floor\nfrom kvp
                        "from kvprime.commands.cli import main; sys.argv = ['kvprime', *sys.argv[1:]]; main()")
 
 
+@pytest.mark.integration
 def test_a_run_refused_after_it_took_the_lock_leaves_nothing_and_latest_as_it_was(tmp_path):
     """A run refused before it holds its directory (two samples with the same query: no random_query control),
     and one refused after it wrote its first files, must both remove what they made and leave `latest` where it

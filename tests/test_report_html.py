@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures.jsonl import write_jsonl
 from typer.testing import CliRunner
 
 from kvprime.commands.cli import app
@@ -38,7 +39,7 @@ def tiny_run(root):
              "answers": [f"into the sea {i}", f"the sea {i}"]} for i, city in enumerate(CITIES)]
     rows[1]["passage"] = HOSTILE
     data = root / "samples.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     cfg = compose(["experiment=exp21", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={data}",
                    "stats.n_boot=1000", "progress=false", "per_token=true", "metrics=[nll,answer]",
                    "answer.max_new_tokens=4"])

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures import runs
 
 from kvprime.config.compose import compose
 from kvprime.pipeline import metadata, runner
@@ -19,12 +20,9 @@ OLD = {"kvprime": "0.0.9", "commit": "0123456789abcdef0123456789abcdef01234567",
 
 
 @pytest.fixture()
-def data_file(tmp_path):
-    rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city and into the sea.",
-             "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(3)]
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def data_file(tiny_exp21_run):
+    """The data of the shared finished run (read only)."""
+    return tiny_exp21_run.parent / "samples.jsonl"
 
 
 def _args(data_file, *extra):
@@ -32,10 +30,9 @@ def _args(data_file, *extra):
 
 
 @pytest.fixture()
-def finished(tmp_path, data_file):
-    run_dir = tmp_path / "run"
-    runner.run_experiment(compose(_args(data_file)), run_dir)
-    return run_dir
+def finished(tiny_exp21_run, tmp_path):
+    """A private copy of the shared finished exp21 run: each test changes it."""
+    return runs.copy(tiny_exp21_run, tmp_path)
 
 
 def _as_if_started_by_an_older_kvprime(run_dir: Path, *, drop=("floor", "generation.model"), identity=OLD):
@@ -113,11 +110,12 @@ def test_without_a_version_record_the_finished_runs_metadata_names_the_version(f
         runner.run_experiment(compose(_args(data_file, "resume=true")), finished)
 
 
-def test_the_cli_refuses_in_one_paragraph_exit_2_and_leaves_the_directory_byte_identical(finished, tmp_path):
+@pytest.mark.integration
+def test_the_cli_refuses_in_one_paragraph_exit_2_and_leaves_the_directory_byte_identical(finished, data_file, tmp_path):
     _as_if_started_by_an_older_kvprime(finished)
     before = _tree(finished)
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "kvprime", "run", *_args(Path(tmp_path / "samples.jsonl")),
+    out = subprocess.run([sys.executable, "-m", "kvprime", "run", *_args(data_file),
                           "resume=true", f"hydra.run.dir={finished}"], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=600)
     assert out.returncode == 2, out.stderr

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.analysis.passages import cluster_ci
 from kvprime.analysis.stats import _bootstrap_ci
@@ -37,7 +38,7 @@ def _rows(sizes=SIZES):
 
 def _write(tmp_path, rows, name="samples.jsonl"):
     path = tmp_path / name
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 

@@ -6,6 +6,7 @@ import sys
 
 import pandas as pd
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.config import confdir
 from kvprime.config.compose import compose
@@ -28,7 +29,7 @@ def samples_file(tmp_path):
     ]
     rows.append({"id": "empty", "passage": "A passage whose answer is missing.", "query": "What?", "answer": " "})
     path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
@@ -167,7 +168,7 @@ def test_too_long_samples_are_skipped_and_counted(tmp_path, samples_file):
     cfg = tiny_cfg(samples_file, "model.max_context=150")
     rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
     rows[0]["passage"] = " ".join(["word"] * 200)
-    samples_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(samples_file, rows)
     results = runner.run_experiment(cfg, tmp_path / "r")
     assert results["counts"]["skipped_samples"] == 1 and results["skipped"][0]["sample_id"] == "s0"
     assert "limit is 150" in results["skipped"][0]["reason"]
@@ -228,6 +229,7 @@ def run_cli(*args, **kw):
                           **kw)
 
 
+@pytest.mark.integration
 def test_cli_run_writes_hydra_dir_and_one_condition(tmp_path, samples_file):
     out = tmp_path / "cli"
     proc = run_cli("run", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}",
@@ -238,6 +240,7 @@ def test_cli_run_writes_hydra_dir_and_one_condition(tmp_path, samples_file):
     assert "truncated_oracle" in proc.stdout
 
 
+@pytest.mark.integration
 def test_cli_unknown_names_list_the_valid_ones(tmp_path):
     proc = run_cli("run", "model=gpt5", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "smollm2_135m_instruct" in proc.stderr and "Traceback" not in proc.stderr
@@ -245,6 +248,7 @@ def test_cli_unknown_names_list_the_valid_ones(tmp_path):
     assert proc.returncode != 0 and "truncated_oracle" in proc.stderr
 
 
+@pytest.mark.integration
 def test_cli_user_error_is_one_paragraph(tmp_path, samples_file):
     proc = run_cli("run", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}",
                    "conditions.truncated_oracle.surrogate=static:nonsense", f"hydra.run.dir={tmp_path / 'r'}")
@@ -252,6 +256,7 @@ def test_cli_user_error_is_one_paragraph(tmp_path, samples_file):
     assert "kvprime: error: condition 'truncated_oracle'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_help_does_not_import_torch_and_conditions_lists_all():
     code = "import sys, kvprime.commands.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -318,7 +323,7 @@ def test_the_terminal_summary_counts_skipped_and_rejected_samples_by_reason(tmp_
     rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
     rows[0]["passage"] = " ".join(["word"] * 200)
     rows[1]["passage"] = " ".join(["word"] * 180)  # another token count, the same reason
-    samples_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(samples_file, rows)
     results = runner.run_experiment(tiny_cfg(samples_file, "model.max_context=150"), tmp_path / "r")
     with caplog.at_level("INFO", logger="kvprime.summary"):
         _print_summary(results)

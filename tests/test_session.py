@@ -1,9 +1,9 @@
 """One Session behind every command: run, inspect and walkthrough see the same samples, random-query pool,
 surrogate texts and segment token ids for the same config and sample."""
 
-import json
 
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.config.compose import compose, with_defaults
 from kvprime.files.results_io import read_jsonl
@@ -25,7 +25,7 @@ def overrides(tmp_path):
                                        f"sea near the tower {i}. Boats carry grain along it.",
              "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(N_FILE)]
     path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return ["experiment=exp21", *EXTRA, "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={path}",
             f"dataset.n_samples={N_SELECTED}", "stats.n_boot=1000", "progress=false", "save_tokens=true",
             "generation.max_new_tokens=6", f"generation.store={tmp_path / 'store'}"]
@@ -45,6 +45,7 @@ def pools(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_run_inspect_and_walkthrough_see_the_same_sample(overrides, pools, tmp_path):
     from kvprime.commands.inspect_cache import inspect_main
     from kvprime.commands.walkthrough import walkthrough

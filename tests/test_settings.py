@@ -267,6 +267,7 @@ def test_describe_lists_every_setting_with_default_and_accepted_values():
     assert "skip | error" in by_key["on_too_long"]
 
 
+@pytest.mark.integration
 def test_checking_a_good_config_imports_neither_torch_nor_transformers(base, tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(base))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fixtures.jsonl import write_jsonl
 from omegaconf import OmegaConf
 
 from kvprime.config import confdir
@@ -37,6 +38,7 @@ def test_the_yaml_is_mistral_7b_instruct_v02():
     assert forward_flops(c, 1, 0, 1) == pytest.approx(2 * (6.98e9 + 4096 * 49152), rel=0.01)
 
 
+@pytest.mark.slow
 def test_a_shrunk_copy_runs_an_experiment_on_the_borrowed_tokenizer(tmp_path):
     from kvprime.config.compose import compose
     from kvprime.pipeline import runner
@@ -44,7 +46,7 @@ def test_a_shrunk_copy_runs_an_experiment_on_the_borrowed_tokenizer(tmp_path):
     rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city and into the sea.",
              "query": f"Where does river {i} flow?", "answer": "into the sea"} for i in range(2)]
     data = tmp_path / "samples.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     cfg = compose(["model=mistral_7b_shape_random", "model.device=cpu", "model.dtype=float32",
                    *(f"model.config.{k}={v}" for k, v in SHRUNK.items()), "dataset=jsonl", f"dataset.path={data}",
                    "stats.n_boot=1000", "progress=false"])
@@ -56,6 +58,7 @@ def test_a_shrunk_copy_runs_an_experiment_on_the_borrowed_tokenizer(tmp_path):
     assert meta["model_shape"]["hidden_size"] == 64
 
 
+@pytest.mark.slow
 def test_bad_shape_random_settings_are_one_paragraph():
     with pytest.raises(ConfigError, match="model.tokenizer='nope' is not a model config"):
         loading.model_config(_cfg(tokenizer="nope"))

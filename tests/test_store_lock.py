@@ -87,6 +87,7 @@ def _start(script: str, *args) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.integration
 def test_two_processes_generate_each_entry_once(tmp_path):
     """Two processes start together on overlapping documents (in opposite orders, so both claim some entries):
     every distinct entry is generated exactly once, both get the same texts, and those are what generating
@@ -146,6 +147,7 @@ def _key(store, doc):
                      settings=GenerationSettings(**SETTINGS), document=doc)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("holder_ends", ["writes", "is_killed"])
 def test_an_entry_another_process_holds_is_waited_for(tmp_path, monkeypatch, holder_ends):
     """While another process holds an entry's lock, ensure generates only the free entries and waits; it then

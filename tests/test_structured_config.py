@@ -201,6 +201,7 @@ def _kvprime(args, tmp_path, timeout=600):
                           env=env, cwd=tmp_path, timeout=timeout)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args, key, value", [
     (["stats.alpha=abc"], "stats.alpha", "abc"),
     (["seed=abc"], "seed", "abc"),
@@ -214,6 +215,7 @@ def test_the_cli_refuses_a_value_of_the_wrong_type_in_kvprimes_paragraph(tmp_pat
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("config.json"))
 
 
+@pytest.mark.integration
 def test_cfg_job_shows_every_setting_with_its_default(tmp_path):
     out = _kvprime(["--cfg", "job", *TINY], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -225,6 +227,7 @@ def test_cfg_job_shows_every_setting_with_its_default(tmp_path):
     assert shown["model"]["device"] == "cpu" and shown["model"]["sink"] == expected["model"]["sink"]
 
 
+@pytest.mark.integration
 def test_a_sweep_composes_each_job(tmp_path):
     sweep = tmp_path / "sweep"
     out = _kvprime(["-m", "seed=1,2", *TINY, "progress=false", f"stats.n_boot={schema.MIN_N_BOOT}",

@@ -1,10 +1,9 @@
 """The notebooks' suite on the tiny model: exp01's caches, routing, the report rebuilt from files."""
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures.jsonl import FRANCE_PASSAGE
 
 from kvprime.analysis import routing
 from kvprime.config.compose import compose
@@ -14,13 +13,8 @@ from kvprime.reporting.finalize import finalize
 
 
 @pytest.fixture()
-def samples_file(tmp_path):
-    rows = [{"id": f"s{i}", "passage": f"The river number {i} flows through the old city of France and into the "
-                                       f"sea near the tower {i}. Boats carry grain along it.",
-             "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(5)]
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def samples_file(river_samples):
+    return river_samples(5, passage=FRANCE_PASSAGE)
 
 
 def cfg_for(experiment, samples_file, tmp_path, *extra):
@@ -61,7 +55,7 @@ def test_similarity_routing_with_hand_made_embeddings(monkeypatch):
     assert sims == pytest.approx([0.8, 0.0])
 
 
-def test_exp01_builds_the_notebook_caches(tmp_path, samples_file):
+def test_exp01_builds_the_notebook_caches(tmp_path, samples_file, stub_similarity):
     results = runner.run_experiment(cfg_for("exp01", samples_file, tmp_path), tmp_path / "run")
     rows = {(r["sample_id"], r["condition"]): r for r in read_jsonl(tmp_path / "run" / "scores.jsonl")}
     r = {c: rows[("s1", c)] for s, c in rows if s == "s1"}
@@ -114,7 +108,7 @@ def test_report_command_rebuilds_the_same_summary(tmp_path, samples_file):
     assert (out / "report.md").exists()
 
 
-def test_routing_experiment_on_the_tiny_model(tmp_path, samples_file):
+def test_routing_experiment_on_the_tiny_model(tmp_path, samples_file, stub_similarity):
     out = tmp_path / "run"
     results = runner.run_experiment(cfg_for("routing", samples_file, tmp_path), out)
     summary = pd.read_csv(out / "summary.csv").set_index("condition")
@@ -133,7 +127,7 @@ def test_routing_experiment_on_the_tiny_model(tmp_path, samples_file):
     assert truncated["gen_keyword_query"].builder == "truncate_prefix" and truncated["baseline"].builder == "full"
 
 
-def test_walkthrough_command(samples_file, tmp_path, capsys):
+def test_walkthrough_command(samples_file, tmp_path, capsys, stub_similarity):
     from kvprime.commands.walkthrough import walkthrough
 
     out = walkthrough(["sample=s2", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={samples_file}",

@@ -4,10 +4,10 @@ through one key for a text and its cost; the run's donors are computed once."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.errors import ConfigError
 from kvprime.files.results_io import read_jsonl
@@ -50,7 +50,7 @@ def _rows(n: int = N) -> list[dict]:
 @pytest.fixture()
 def data_file(tmp_path):
     path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    write_jsonl(path, _rows())
     return path
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fixtures.jsonl import write_jsonl
 
 from kvprime.config.compose import compose
 from kvprime.files.results_io import read_jsonl
@@ -27,7 +28,7 @@ def _samples(path: Path, n: int = 7) -> Path:
                                                 f"the sea." for j in range(1 + (3 * i) % 4)),
              "query": f"Where does river {i} flow?", "answer": f"into the sea {i}"} for i in range(n)]
     rows.insert(3, {"id": "empty", "passage": "A passage whose answer is missing.", "query": "What?", "answer": " "})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
@@ -56,12 +57,16 @@ def sharded(tmp_path_factory, data_file):
     return _run_sharded(tmp_path_factory.mktemp("shards"), data_file, "batch.samples=1")
 
 
-def test_three_shards_merged_equal_one_unsharded_run(sharded, tmp_path):
-    shards = [sharded / f"shard{i}" for i in (2, 0, 1)]  # any order
-    assert [len(read_jsonl(sharded / f"shard{i}" / "inputs.jsonl")) for i in range(3)] == [3, 2, 2]
+@pytest.mark.parametrize("samples_per_batch", [1, 2])
+def test_three_shards_merged_equal_one_unsharded_run(sharded, tmp_path, data_file, samples_per_batch):
+    """One sample a batch (the shared shards) or two (batch.samples=2: shards are dealt whole batching chunks, so
+    each batches exactly the samples the one-job run batches together): the merge equals that run byte for byte."""
+    root = sharded if samples_per_batch == 1 else _run_sharded(tmp_path, data_file, "batch.samples=2")
+    shards = [root / f"shard{i}" for i in (2, 0, 1)]  # any order
+    assert [len(read_jsonl(root / f"shard{i}" / "inputs.jsonl")) for i in range(3)] == [3, 2, 2]
     out = tmp_path / "merged"
     results = merge_runs(shards, out)
-    whole = sharded / "whole"
+    whole = root / "whole"
     key = ["sample_id", "condition"]
     a = pd.read_csv(out / "scores.csv").sort_values(key).reset_index(drop=True)
     b = pd.read_csv(whole / "scores.csv").sort_values(key).reset_index(drop=True)
@@ -80,16 +85,6 @@ def test_three_shards_merged_equal_one_unsharded_run(sharded, tmp_path):
     assert meta["merged_from"]["exact_vs_unsharded"] is True
     assert results["merge"]["n_samples"] == 7 and results["counts"]["score_lines"] == 7 * 5
     assert json.loads((out / "inspect.json").read_text()) == json.loads((whole / "inspect.json").read_text())
-
-
-def test_shards_with_cross_sample_batching_merge_bit_for_bit(tmp_path, data_file):
-    """batch.samples=2: shards are dealt whole batching chunks, so each batches exactly the samples the one-job
-    run batches together, and the merge equals that run byte for byte."""
-    root = _run_sharded(tmp_path, data_file, "batch.samples=2")
-    results = merge_runs([root / f"shard{i}" for i in range(3)], root / "merged")
-    assert results["merge"]["exact_vs_unsharded"] is True
-    for name in ("scores.csv", "summary.csv", "comparisons.csv"):
-        assert (root / "merged" / name).read_bytes() == (root / "whole" / name).read_bytes(), name
 
 
 def test_merge_refuses_a_missing_shard(sharded, tmp_path):
@@ -203,6 +198,7 @@ def _sweep_args(data, sweep_dir, *extra):
             f"hydra.sweep.dir={sweep_dir}", *extra]
 
 
+@pytest.mark.integration
 def test_offset_sweep_runs_six_jobs_and_reports_them(tmp_path, data_file):
     sweep = tmp_path / "sweep"
     proc = _kvprime(_sweep_args(data_file, sweep), tmp_path)
@@ -238,6 +234,7 @@ def test_offset_sweep_runs_six_jobs_and_reports_them(tmp_path, data_file):
     assert before == {p.name: p.read_bytes() for p in sweep.iterdir() if p.name in before}  # same files, same bytes
 
 
+@pytest.mark.integration
 def test_prefix_sweep_passes_templates_with_newlines(tmp_path, data_file):
     sweep = tmp_path / "sweep"
     args = ["experiment=prefix_sweep", *TINY, "dataset=jsonl", f"dataset.path={data_file}", "dataset.n_samples=2",
@@ -266,6 +263,7 @@ def _needs(plugin):
     return pytest.mark.skipif(not _has_plugin(plugin), reason=f"{plugin.replace('_', '-')} is not installed")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("launcher", [
     pytest.param("joblib", marks=_needs("hydra_joblib_launcher")),
     pytest.param("submitit_local", marks=_needs("hydra_submitit_launcher")),
@@ -285,6 +283,7 @@ def test_launcher_plugin_runs_a_two_job_sweep(tmp_path, data_file, launcher):
     assert len(pd.read_csv(sweep / "sweep_summary.csv")) == 2 * 3
 
 
+@pytest.mark.integration
 @_needs("hydra_submitit_launcher")
 def test_slurm_gpu_launcher_config_reaches_sbatch(tmp_path, data_file):
     """hydra/launcher=slurm_gpu through submitit's Slurm executor up to sbatch (fake sbatch/srun on PATH)."""
@@ -315,6 +314,7 @@ def test_slurm_gpu_launcher_config_reaches_sbatch(tmp_path, data_file):
 
 # ------------------------------------------------------------------------------------------ failures
 
+@pytest.mark.integration
 def test_failed_job_is_reported_and_a_resumed_sweep_runs_only_what_is_missing(tmp_path, data_file):
     """Two of four jobs get a data file that is not there yet: Hydra's basic launcher still runs every job,
     then exits 1. The sweep report names the jobs and the error; once the file exists, the same sweep with
@@ -355,6 +355,7 @@ def test_failed_job_is_reported_and_a_resumed_sweep_runs_only_what_is_missing(tm
     assert "resume=true" not in (sweep / "sweep_report.md").read_text()
 
 
+@pytest.mark.integration
 def test_invalid_value_fails_only_its_job(tmp_path, data_file):
     sweep = tmp_path / "sweep"
     proc = _kvprime(_sweep_args(data_file, sweep, "conditions.baseline_offset.position_offset=0,-1,5"), tmp_path)

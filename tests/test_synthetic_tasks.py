@@ -60,6 +60,7 @@ def test_the_same_seed_and_knobs_give_byte_identical_samples_and_ids(task):
     assert hashlib.sha256(first.encode()).hexdigest()[:16] == GOLDEN[task]
 
 
+@pytest.mark.integration
 def test_another_process_with_another_hash_seed_gives_the_same_bytes():
     code = ("import json; from kvprime.data import load_samples\n"
             "s = load_samples({'name': 'synthetic_twohop', 'n_samples': 3, 'seed': 7, 'lures': 1, "

@@ -163,6 +163,7 @@ def test_hydras_refusal_gets_a_paragraph_that_does_not_steer_to_plus():
     assert paragraph("hydra.job.foo", "1") is None
 
 
+@pytest.mark.integration
 def test_the_cli_refuses_a_key_added_with_plus_in_one_paragraph(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
@@ -177,6 +178,7 @@ def test_the_cli_refuses_a_key_added_with_plus_in_one_paragraph(tmp_path):
     assert not runs.exists() or not [p for p in runs.iterdir() if p.name != "latest"]  # no run was started
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("override, expected", [
     # Without "+": Hydra refuses it with a hint to add the key with "+", which kvprime would refuse in turn.
     ("dataset.n_sample=3", "dataset.n_sample=3 is not accepted: this config has no key dataset.n_sample"),

@@ -56,7 +56,7 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     src = _checkout_copy(tmp_path / "src")
     dist = tmp_path / "dist"
