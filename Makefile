@@ -14,7 +14,7 @@ MODEL ?= smollm2_135m_instruct
 DATASET ?= squad_v11
 N ?= 50
 
-.PHONY: help setup run test test-fast bench bench-gpu reproduce-exp21 reproduce-exp01 reproduce-walkthrough \
+.PHONY: help setup run lint test test-fast bench bench-gpu reproduce-exp21 reproduce-exp01 reproduce-walkthrough \
 	sweep-offsets sweep-prefixes sweep-models reproduce-multidoc sweep-multidoc reproduce-blend
 
 help: ## list the targets
@@ -34,8 +34,12 @@ run: setup ## exp21 on SmolLM2-135M-Instruct + 50 SQuAD v1.1 dev samples (ARGS= 
 	$(BIN)/kvprime run $(ARGS)
 
 # pytest-xdist workers; the tiers (fast, integration, slow) are the markers in pyproject.toml and tests/conftest.py.
+lint: setup ## ruff (pyflakes, isort, bugbear, pyupgrade, line length) over kvprime/ and tests/, mypy over kvprime/
+	$(BIN)/ruff check kvprime tests
+	$(BIN)/mypy
+
 TEST_WORKERS ?= 2
-test: setup ## every test, all three tiers (fast, integration, slow: the real-model runs), on TEST_WORKERS workers
+test: setup lint ## every test, all three tiers (fast, integration, slow: the real-model runs), on TEST_WORKERS workers
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: setup ## the fast tier: no real model or data, no process started (-m fast)

@@ -16,6 +16,15 @@ from fixtures.similarity import stub_embedder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Each pytest-xdist worker gets its share of the cores: torch's intra-op threads in every worker (and in the
+# processes a test starts) would otherwise outnumber the cores, and OpenMP's spinning threads then slow them all.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _SHARE = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _SHARE)
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TIERS = ("fast", "integration", "slow")
 # The asset cache the session started with: a fast test may fetch from a KVPRIME_HOME of its own (fake assets),

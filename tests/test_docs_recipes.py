@@ -114,7 +114,8 @@ def test_dataset_loader_recipe(study, tmp_path):
     assert proc.returncode == 0, proc.stderr
     samples = inputs(tmp_path / "run")
     assert [s["sample_id"] for s in samples] == ["qa:2", "qa:3", "qa:4"]
-    assert samples[0]["passage"] == "The Eiffel Tower, completed in 1889, stands in Paris." and samples[0]["answer"] == "1889"
+    assert samples[0]["passage"] == "The Eiffel Tower, completed in 1889, stands in Paris."
+    assert samples[0]["answer"] == "1889"
     # As the page says: a row without a query stops the run with the loader's paragraph, exit status 2.
     (study / "bad.csv").write_text("passage,query,answer\nSome passage.,,an answer\n")
     proc = run_shown("loader", study, tmp_path / "refused", ["dataset.path=bad.csv"])

@@ -116,7 +116,7 @@ def test_summarize_four_verdicts_and_one_holm_family():
     scores = pd.DataFrame([{"sample_id": f"s{i}", "condition": c, "nll": v}
                            for c, vals in rows for i, v in enumerate(vals)])
     summary, _ = summarize(scores, baseline="base", n_boot=NB, equivalence_margin=0.02, tie_tolerance=1e-4)
-    verdicts = dict(zip(summary.condition, summary.verdict))
+    verdicts = dict(zip(summary.condition, summary.verdict, strict=True))
     assert verdicts == {"base": "baseline", "better": "better", "worse": "worse", "same": "equivalent",
                         "noisy": "inconclusive"}
     # 4 tests x (difference, equivalence) = one family of 8: the smallest raw p is scaled by 8

@@ -154,7 +154,7 @@ def test_several_passages_are_document_spans_tokenized_alone(tmp_path):
     seg = session.segments(sample)["bare"]
     docs = [s for s in seg.spans if s.kind == "document"]
     assert [s.name for s in docs] == ["document_0", "document_1", "document_2"]
-    for span, text in zip(docs, passages):
+    for span, text in zip(docs, passages, strict=True):
         assert list(span.ids) == tokenize(session.tokenizer, text)
     eng = session.engine
     primed = eng.build(session.specs["bare"], seg)

@@ -148,7 +148,7 @@ def _draw(phases: dict[str, list[dict]]) -> list[dict]:
         chosen = sorted(rng.sample(phases[phase], min(k, len(phases[phase]))), key=lambda e: e["n"])
         modes = [MODES[i % len(MODES)] for i in range(len(chosen))]  # every mode in every phase of 3+ points
         rng.shuffle(modes)
-        points += [{**e, "phase": phase, "mode": m} for e, m in zip(chosen, modes)]
+        points += [{**e, "phase": phase, "mode": m} for e, m in zip(chosen, modes, strict=True)]
     first = phases["setup"][0] if phases["setup"] else min((e for p in phases.values() for e in p),
                                                            key=lambda e: e["n"])
     if not any(p["n"] == first["n"] and p["mode"] == "before" for p in points):

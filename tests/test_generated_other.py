@@ -74,7 +74,8 @@ def overrides(tmp_path):
     return ["experiment=exp21", "+condition/routing@conditions.gen_keyword_query=gen_keyword_query",
             "+condition/routing@conditions.gen_other_keyword_query=gen_other_keyword_query",
             "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={path}", f"dataset.n_samples={N}",
-            "progress=false", "generation.max_new_tokens=6", "batch.samples=1", f"generation.store={tmp_path / 'store'}"]
+            "progress=false", "generation.max_new_tokens=6", "batch.samples=1",
+            f"generation.store={tmp_path / 'store'}"]
 
 
 def test_resolved_text_is_another_samples_generated_text_in_every_shard(overrides):

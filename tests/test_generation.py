@@ -357,7 +357,7 @@ def test_real_smollm2_batched_equals_single_and_seeded():
     batched = generate(eng.model, eng.tokenizer, passages, TEMPLATE, settings)
     single = generate(eng.model, eng.tokenizer, passages, TEMPLATE, dataclasses.replace(settings, batch_size=1))
     again = generate(eng.model, eng.tokenizer, passages, TEMPLATE, settings)
-    for p, q in zip(passages, batched):
+    for p, q in zip(passages, batched, strict=True):
         print(f"\n[passage] {p[:70]}...\n[target_question] {q}")
     assert batched == single == again
     assert all(q and len(q.split()) <= 40 for q in batched)
@@ -378,7 +378,7 @@ def test_shared_prefix_is_the_templates_opening_and_covers_every_prompt(tiny):
     rows = _rows(tok)
     assert all(shared.covers(r) for r in rows)
     # It is the longest opening the rows share, less at most the one token that could merge with a document.
-    common = min(next((j for j, (a, b) in enumerate(zip(rows[0], r)) if a != b), len(r)) for r in rows[1:])
+    common = min(next((j for j, (a, b) in enumerate(zip(rows[0], r, strict=True)) if a != b), len(r)) for r in rows[1:])
     assert common - 1 <= len(shared.ids) <= common
 
 
@@ -403,7 +403,7 @@ def test_prefill_from_the_shared_prefix_equals_the_whole_prompt(tiny, per_row):
     torch.testing.assert_close(cont[0], whole[0], atol=1e-5, rtol=0)
     assert torch.equal(cont[3], whole[3])  # each row's last position
     # The real entries of each row (mask 1) agree, whatever the padding layout around them.
-    for (wk, wv), (ck, cv) in zip(hf.cache_layers(whole[1]), hf.cache_layers(cont[1])):
+    for (wk, wv), (ck, cv) in zip(hf.cache_layers(whole[1]), hf.cache_layers(cont[1]), strict=True):
         for r in range(len(rows)):
             w, c = whole[2][r].bool(), cont[2][r].bool()
             torch.testing.assert_close(ck[r][:, c], wk[r][:, w], atol=1e-5, rtol=0)

@@ -104,9 +104,9 @@ def test_entries_without_costs_still_load(overrides, tmp_path):
     again = Session.from_overrides(overrides)
     assert again.generate() == texts
     # An entry written before the shared prefix existed had its prompt prefilled whole: 0 shared tokens.
-    assert again.surrogate_service.document_cost("keyword_query", again.sample("s0").passage) == {"prompt_tokens": None, "shared_prompt_tokens": 0,
-                                                            "generated_tokens": None, "seconds": None,
-                                                            "generator": again.model_id}
+    cost = again.surrogate_service.document_cost("keyword_query", again.sample("s0").passage)
+    assert cost == {"prompt_tokens": None, "shared_prompt_tokens": 0, "generated_tokens": None, "seconds": None,
+                    "generator": again.model_id}
 
 
 def test_generator_config_takes_the_runs_device_and_dtype():

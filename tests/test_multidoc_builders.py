@@ -43,7 +43,7 @@ def segs(doc_lens=(11, 17, 9), n_prefix=0, sink=(1,), seed=0) -> Segments:
     if n_prefix:
         spans.append(Span("prefix", ids(n_prefix), role="cut"))
     names = ["document"] if len(doc_lens) == 1 else [f"document_{i}" for i in range(len(doc_lens))]
-    spans += [Span("document", ids(n), name) for n, name in zip(doc_lens, names)]
+    spans += [Span("document", ids(n), name) for n, name in zip(doc_lens, names, strict=True)]
     return Segments(spans=tuple(spans), prompt=ids(6), answer=ids(4))
 
 
@@ -58,7 +58,7 @@ def spec(builder, **kw) -> ConditionSpec:
 def max_diff(a, b, lo=0, hi=None) -> float:
     return max(max((ka[..., lo:hi, :] - kb[..., lo:hi, :]).abs().max().item(),
                    (va[..., lo:hi, :] - vb[..., lo:hi, :]).abs().max().item())
-               for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b)))
+               for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b), strict=True))
 
 
 def drop_prefix(s: Segments) -> Segments:

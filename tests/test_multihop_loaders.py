@@ -163,7 +163,7 @@ def test_shuffled_order_is_seeded_per_sample_and_keeps_the_gold_documents(tmp_pa
     orders = [_load("hotpotqa", path, order="shuffled", seed=seed).samples[0].info["source_index"]
               for seed in range(8)]
     assert len({tuple(o) for o in orders}) > 1
-    for s, base in zip(runs[0], source):
+    for s, base in zip(runs[0], source, strict=True):
         assert sorted(s.passages) == sorted(base.passages)
         assert [s.passages[g] for g in s.gold_slots] == [base.passages[g] for g in base.gold_slots]
         assert [s.passages[i] for i in range(len(s.passages))] == [base.passages[j] for j in s.info["source_index"]]

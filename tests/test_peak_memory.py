@@ -29,7 +29,8 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 
 
 def _peak(tmp_path, n: int) -> float:
-    passage = " ".join(f"The river number {{i}} flows past the tower {j} and the old mill into the sea." for j in range(8))
+    passage = " ".join(f"The river number {{i}} flows past the tower {j} and the old mill into the sea."
+                       for j in range(8))
     rows = [{"id": f"s{i}", "passage": passage.format(i=i), "query": f"Where does river {i} flow?",
              "answer": "into the sea"} for i in range(n)]
     data = tmp_path / f"samples{n}.jsonl"

@@ -95,7 +95,8 @@ def test_a_package_plugin_runs_and_reports_from_elsewhere(tmp_path, where, entry
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    """The test's packages forgotten afterwards (a load's search directories are its argument: nothing else to reset)."""
+    """The test's packages forgotten afterwards (a load's search directories are its argument: nothing else to
+    reset)."""
     monkeypatch.chdir(tmp_path)
     before = set(sys.modules)
     yield

@@ -8,8 +8,8 @@ from test_cache_identities import engine_for, max_diff
 
 from kvprime.builders import EncodeRequest
 from kvprime.builders.engine import Engine
-from kvprime.commands.bench import CountingEngine
 from kvprime.cache.prefixes import MIN_SHARED_TOKENS, plan_steps
+from kvprime.commands.bench import CountingEngine
 from kvprime.config.compose import compose
 from kvprime.files.results_io import read_jsonl
 from kvprime.pipeline import runner

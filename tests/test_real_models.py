@@ -45,7 +45,7 @@ def engine(request):
 def layer_errors(a, b) -> list[float]:
     """Per layer: max of the relative (Frobenius) errors of keys and values."""
     return [max(((ka - kb).norm() / ka.norm()).item(), ((va - vb).norm() / va.norm()).item())
-            for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b))]
+            for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b), strict=True)]
 
 
 def spec(name: str, **kw) -> ConditionSpec:
@@ -126,7 +126,8 @@ def test_full_cache_nll_equals_one_forward_pass(engine):
     ids = seg.sink + seg.prefix + seg.document + seg.prompt + seg.answer
     cached = engine.score(full, seg).nll
     plain = score_without_cache(engine.model, ids, len(seg.answer))
-    print(f"\n[{engine.name}] full-cache NLL {cached:.6f} vs one forward {plain:.6f}: abs diff {abs(cached - plain):.3g}")
+    print(f"\n[{engine.name}] full-cache NLL {cached:.6f} vs one forward {plain:.6f}: "
+          f"abs diff {abs(cached - plain):.3g}")
     assert math.isfinite(cached) and abs(cached - plain) <= 1e-4
 
 

@@ -31,7 +31,7 @@ def engine():
 
 def layer_errors(a, b) -> list[float]:
     return [max(((ka - kb).norm() / ka.norm()).item(), ((va - vb).norm() / va.norm()).item())
-            for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b))]
+            for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b), strict=True)]
 
 
 def seg_for(engine, spec, docs):

@@ -28,7 +28,7 @@ def engine():
 
 def rel_err(a, b) -> float:
     return max(max(((ka - kb).norm() / ka.norm()).item(), ((va - vb).norm() / va.norm()).item())
-               for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b)))
+               for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b), strict=True))
 
 
 def test_smollm2_identities(engine):

@@ -4,7 +4,6 @@ computations (the joint cache, a joint forward over the same ids, the assembled 
 
 import pytest
 import torch
-
 from test_multidoc_builders import max_diff
 
 from kvprime.builders import BUILDERS
@@ -66,7 +65,7 @@ def rel_diff(a, b, lo=0, hi=None) -> float:
     """Largest per-layer max |a - b| over max |b| (keys and values): the sharpened Gemma3's keys reach tens."""
     return max(max((ka[..., lo:hi, :] - kb[..., lo:hi, :]).abs().max().item() / kb[..., lo:hi, :].abs().max().item(),
                    (va[..., lo:hi, :] - vb[..., lo:hi, :]).abs().max().item() / vb[..., lo:hi, :].abs().max().item())
-               for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b)))
+               for (ka, va), (kb, vb) in zip(hf.cache_layers(a), hf.cache_layers(b), strict=True))
 
 
 def joint_forward(eng, pc):
@@ -150,7 +149,7 @@ def test_batched_recompute_is_one_sample_at_a_time(arch, rule):
     samples = [segs((11, 17, 9), n_prefix=4, seed=0), segs((5, 20), n_prefix=3, seed=1),
                segs((8, 3, 12, 6), n_prefix=4, seed=2)]
     together = builder.build_many(eng, [(s, sp) for s in samples])
-    for s, got in zip(samples, together):
+    for s, got in zip(samples, together, strict=True):
         alone = eng.build(sp, s)
         assert got.notes["recompute_rows"] == alone.notes["recompute_rows"] and alone.notes["recompute_rows"]
         assert max_diff(got.cache, alone.cache) <= 1e-5

@@ -20,7 +20,7 @@ def test_a_chunk_recomputes_in_one_forward(monkeypatch):
     work = [(sp, segs(seed=i)) for i in range(3)] + [(spec("joint"), segs(seed=0))]
     done = eng.run_chunk(work)
     assert calls == [3]
-    for (s, seg), (pc, _) in zip(work[:3], done[:3]):
+    for (s, seg), (pc, _) in zip(work[:3], done[:3], strict=True):
         assert pc.notes["recompute_rows"] == eng.build(s, seg).notes["recompute_rows"]
 
 
@@ -28,7 +28,7 @@ def test_a_run_counts_the_recompute_as_query_work(tmp_path):
     out = tmp_path / "run"
     runner.run_experiment(compose(overrides(tmp_path)), out)
     rows = {(r["sample_id"], r["condition"]): r for r in read_jsonl(out / "scores.jsonl")}
-    for (sid, cond), r in rows.items():
+    for (_sid, cond), r in rows.items():
         if cond.startswith(("bare_", "gen_")):
             assert r["recompute_tokens"] > 0 and r["recompute_token_layers"] > 0 and r["recompute_s"] > 0
         else:

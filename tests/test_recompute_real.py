@@ -45,7 +45,7 @@ def test_smollm2_recompute_identities(engine, base):
     sp = cond(f"{base}_recompute", rule="deviation", ratio=0.15)
     other = seg_for(engine, sp, [DOCS[2], DOCS[0]])
     together = BUILDERS[sp.builder].build_many(engine, [(seg, sp), (other, sp)])
-    for s, got in zip((seg, other), together):
+    for s, got in zip((seg, other), together, strict=True):
         alone = engine.build(sp, s)
         assert got.notes["recompute_rows"] == alone.notes["recompute_rows"]
         assert max(layer_errors(got.cache, alone.cache)) <= 1e-5

@@ -329,7 +329,8 @@ def test_library_warnings_go_to_the_run_log_not_the_terminal(tmp_path, data_file
              "Engine.score_many = noisy\nfrom kvprime.commands.cli import main\n"
              "sys.argv = ['kvprime', *sys.argv[1:]]; main()")
     run_dir = tmp_path / "w"
-    args = ["run", *TINY, "dataset=jsonl", f"dataset.path={data_file}", "dataset.n_samples=2", f"hydra.run.dir={run_dir}"]
+    args = ["run", *TINY, "dataset=jsonl", f"dataset.path={data_file}", "dataset.n_samples=2",
+            f"hydra.run.dir={run_dir}"]
     env = {k: v for k, v in os.environ.items() if k != "KVPRIME_DEBUG"}
     out = subprocess.run([sys.executable, "-c", noisy, *args], capture_output=True, text=True, cwd=tmp_path,
                          env={**env, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs")}, timeout=600)

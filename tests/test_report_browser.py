@@ -153,8 +153,9 @@ def test_a_click_on_a_sample_shows_its_document_and_surrogates(page, run_dir, tm
 
 
 def test_the_sweep_page_sorts_and_its_links_open_each_jobs_page(browser, run_dir, tmp_path):
-    from kvprime.scaleout.sweep import sweep_report
     from test_report_html import _job
+
+    from kvprime.scaleout.sweep import sweep_report
 
     sweep = tmp_path / "sweep"
     for n in (0, 1):

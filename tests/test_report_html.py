@@ -88,7 +88,7 @@ def test_the_page_is_self_contained(run_dir):
     assert not [r for r in refs if re.match(r"\s*(https?:)?//", r[2], re.I)], refs
     images = [attrs["src"] for tag, attrs in page.tags if tag == "img"]
     assert len(images) == len(results["figures"]) >= 2
-    for name, src in zip(results["figures"].values(), images):
+    for name, src in zip(results["figures"].values(), images, strict=True):
         assert src == "data:image/png;base64," + base64.b64encode((run_dir / name).read_bytes()).decode()
     assert not [t for t, a in page.tags if t in ("link", "iframe", "object", "embed")]
     assert all("src" not in a for t, a in page.tags if t == "script")  # every script is inline
@@ -145,7 +145,7 @@ def test_the_tables_colour_verdicts_and_sort_by_raw_values(run_dir):
     # report.md's columns, the verdict moved up beside the condition so it is in view without scrolling sideways
     assert re.findall(r"<th[^>]*>(.*?)</th>", header)[:3] == ["condition", "verdict", "n"]
     assert len(rows) == len(summary)
-    for row, (_, s) in zip(rows, summary.iterrows()):
+    for row, (_, s) in zip(rows, summary.iterrows(), strict=True):
         assert f'class="verdict-{s["verdict"]}"' in row
         assert f'data-sort="{float(s["mean"])!r}"' in row  # full precision, not the 4 decimals shown
 

@@ -68,7 +68,7 @@ def test_grouped_selection_takes_whole_passages_consecutively_and_rejects_lone_q
     b = load_samples(_cfg(path, group_by_passage=True, n_samples=5, selection="random", seed=3)).samples
     assert [s.sample_id for s in a] == [s.sample_id for s in b]
     by_passage = pd.Series([passage_id(s) for s in a]).value_counts()
-    assert all(by_passage[p] == SIZES[int(s.sample_id[1])] for p, s in zip([passage_id(s) for s in a], a))
+    assert all(by_passage[p] == SIZES[int(s.sample_id[1])] for p, s in zip([passage_id(s) for s in a], a, strict=True))
 
 
 def test_group_by_passage_setting_is_checked(tmp_path):
@@ -219,7 +219,8 @@ def test_each_passage_cache_is_built_once_and_scores_equal_separate_builds(tmp_p
     assert {r["sample_id"]: r["passage_id"] for r in rows} == {r["id"]: passage_id(SimpleNamespace(
         passage=r["passage"])) for r in _rows()}
     sib = {r["sample_id"]: r["surrogates"]["truncated_sibling"] for r in read_jsonl(grouped / "inputs.jsonl")}
-    assert all(t != q for t, q in zip(sib.values(), (r["query"] for r in read_jsonl(grouped / "inputs.jsonl"))))
+    queries = (r["query"] for r in read_jsonl(grouped / "inputs.jsonl"))
+    assert all(t != q for t, q in zip(sib.values(), queries, strict=True))
 
 
 def test_reuse_experiment_reports_per_question_and_per_passage_statistics(tmp_path):

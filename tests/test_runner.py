@@ -185,7 +185,7 @@ def test_nonfinite_scores_are_flagged_not_averaged(tmp_path, samples_file, monke
 
     def poisoned(self, items, **k):
         scores = real(self, items, **k)
-        for (primed, seg), s in zip(items, scores):
+        for (_primed, seg), s in zip(items, scores, strict=True):
             if len(seg.prefix) and seg.texts["document"].startswith("The river number 1 "):
                 s.nll = float("nan")
         return scores

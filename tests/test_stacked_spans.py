@@ -1,5 +1,5 @@
-"""Stacking caches straight from their spans (``hf_internals.AssembledCache``, ``batch_caches.stack_caches``) against the
-per-cache way: assemble each cache alone (its own rotations and concatenations), then copy it into its padded
+"""Stacking caches straight from their spans (``hf_internals.AssembledCache``, ``batch_caches.stack_caches``) against
+the per-cache way: assemble each cache alone (its own rotations and concatenations), then copy it into its padded
 row. Same numbers, bit for bit, across RoPE variants and dtypes; far fewer tensor operations per batch."""
 
 import pytest
@@ -69,7 +69,7 @@ def test_stacking_from_spans_equals_assembling_each_cache(variant, dtype):
     stacked, mask = batch_caches.stack_caches(model, lazy)
     assert all(c.unassembled for c in lazy[:-1])  # stacked without assembling any of them
     reference = _reference_stack(eager, max(lengths))
-    for (k, v), (rk, rv) in zip(hf.cache_layers(stacked), reference):
+    for (k, v), (rk, rv) in zip(hf.cache_layers(stacked), reference, strict=True):
         assert torch.equal(k, rk) and torch.equal(v, rv)
     assert mask.tolist() == [[1] * n + [0] * (max(lengths) - n) for n in lengths]
     # A moved span really was rotated (the comparison above would pass if neither path rotated anything).
@@ -89,7 +89,7 @@ def test_from_spans_false_assembles_each_cache_and_stacks_the_same_tensors():
     b, b_mask = batch_caches.stack_caches(model, per_cache, from_spans=False)
     assert all(c.unassembled for c in spans) and not any(c.unassembled for c in per_cache)
     assert torch.equal(a_mask, b_mask)
-    for (k, v), (rk, rv) in zip(hf.cache_layers(a), hf.cache_layers(b)):
+    for (k, v), (rk, rv) in zip(hf.cache_layers(a), hf.cache_layers(b), strict=True):
         assert torch.equal(k, rk) and torch.equal(v, rv)
 
 
@@ -104,8 +104,8 @@ def test_extend_batch_passes_from_spans_to_its_stack():
         pasts = [hf.assemble(model, parts, spec) for parts in _recipes(src)[:2]]
         out[from_spans] = batch_caches.extend_batch(model, pasts, ids, pos, lengths, from_spans=from_spans)
         assert all(c.unassembled for c in pasts) == from_spans
-    for x, y in zip(out[True], out[False]):
-        for (k, v), (rk, rv) in zip(hf.cache_layers(x), hf.cache_layers(y)):
+    for x, y in zip(out[True], out[False], strict=True):
+        for (k, v), (rk, rv) in zip(hf.cache_layers(x), hf.cache_layers(y), strict=True):
             assert torch.equal(k, rk) and torch.equal(v, rv)
 
 

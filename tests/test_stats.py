@@ -142,8 +142,8 @@ C_LOSS = [0.213, -0.094, 0.337, 0.251, 0.118]          # C mostly worse; s5 miss
 
 def _scores():
     rows = [(f"s{i}", "A", a) for i, a in enumerate(A)]
-    rows += [(f"s{i}", "B", a - g) for i, (a, g) in enumerate(zip(A, B_GAIN))]
-    rows += [(f"s{i}", "C", a + l) for i, (a, l) in enumerate(zip(A, C_LOSS))]
+    rows += [(f"s{i}", "B", a - g) for i, (a, g) in enumerate(zip(A, B_GAIN, strict=True))]
+    rows += [(f"s{i}", "C", a + l) for i, (a, l) in enumerate(zip(A, C_LOSS, strict=True))]
     return pd.DataFrame(rows, columns=["sample_id", "condition", "nll"])
 
 
@@ -229,6 +229,6 @@ def test_named_comparison_repeating_a_baseline_test_counts_once():
     c, bc = summary.set_index("condition").loc["C"], comp.set_index("name").loc["B vs C"]
     raw = {("A", "B"): b.p_ttest, ("A", "C"): c.p_ttest, ("C", "B"): bc.p_ttest,
            "tost AB": b.p_tost, "tost AC": c.p_tost, "tost CB": bc.p_tost}
-    expected = dict(zip(raw, holm(list(raw.values()))))
+    expected = dict(zip(raw, holm(list(raw.values())), strict=True))
     assert b.p_holm == pytest.approx(expected[("A", "B")])
     assert comp.set_index("name").loc["B vs C"].p_holm == pytest.approx(expected[("C", "B")])

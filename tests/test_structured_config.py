@@ -91,8 +91,8 @@ def test_the_composed_config_keeps_the_key_order_and_the_values_runs_record():
     config.yaml's order, the group options' keys keep their YAML's order, and a number is recorded as given."""
     cfg = compose([*TINY, "generation.temperature=0", "stats.equivalence_margin=1"])
     assert list(cfg) == ["seed", "resume", "save_tokens", "per_token", "on_too_long", "progress", "metrics", "plugins",
-                         "batch", "run", "multidoc", "generation", "answer", "floor", "stats", "tracking", "model", "dataset",
-                         "conditions", "experiment"]
+                         "batch", "run", "multidoc", "generation", "answer", "floor", "stats", "tracking", "model",
+                         "dataset", "conditions", "experiment"]
     assert list(cfg["generation"]) == ["temperature", "max_new_tokens", "seed", "batch_size", "clean",
                                        "shared_prefix", "store", "model"]
     assert list(cfg["stats"]) == ["n_boot", "alpha", "confidence", "equivalence_margin", "tie_tolerance", "power"]

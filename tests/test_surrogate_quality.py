@@ -109,8 +109,8 @@ def test_degenerate_warnings():
     assert not any("gen_kw" in w and "question" in w for w in warnings)  # keyword queries need not be questions
     assert any(w.startswith("gen_sy") and "1.0 words on average" in w for w in warnings)
     # A generated_other condition repeats another condition's texts: no warnings of its own.
-    rows = [{**r, "condition": "other_" + r["condition"], "source": r["source"].replace("generated:", "generated_other:")}
-            for r in rows]
+    rows = [{**r, "condition": "other_" + r["condition"],
+             "source": r["source"].replace("generated:", "generated_other:")} for r in rows]
     assert degenerate_warnings(quality_table(rows)) == []
 
     good = [_row(s, "gen_tq", "generated:target_question", q) for s, q in

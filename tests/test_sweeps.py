@@ -215,7 +215,7 @@ def test_offset_sweep_runs_six_jobs_and_reports_them(tmp_path, data_file):
     off = summary[summary.condition == "baseline_offset"]
     assert list(off["conditions.baseline_offset.position_offset"]) == [0, 5, 10, 20, 50, 100]
     assert (off.mean_delta.abs() < 1e-4).all()  # RoPE: an offset cache is the same cache up to rounding
-    for d, offset in zip(job_dirs(sweep), [0, 5, 10, 20, 50, 100]):
+    for d, offset in zip(job_dirs(sweep), [0, 5, 10, 20, 50, 100], strict=True):
         planned = json.loads((d / "plan.json").read_text())["conditions"]
         assert planned["baseline_offset"]["position_offset"] == offset
         rows = {r["condition"]: r for r in read_jsonl(d / "scores.jsonl")[:3]}
@@ -243,7 +243,7 @@ def test_prefix_sweep_passes_templates_with_newlines(tmp_path, data_file):
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = ["This document may be relevant to queries like: {surrogate}\n\n", "{surrogate}\n",
             "Question: {surrogate}\n\n", "Related question: {surrogate}\nDocument follows.\n\n"]
-    for d, template in zip(job_dirs(sweep), want):
+    for d, template in zip(job_dirs(sweep), want, strict=True):
         planned = json.loads((d / "plan.json").read_text())["conditions"]
         assert planned["primed"]["prefix_template"] == planned["primed_static"]["prefix_template"] == template
     report = sweep_report(sweep)

@@ -90,7 +90,7 @@ def test_n_generates_a_pool_that_n_samples_selects_from():
 
 def test_a_depth_sweep_changes_only_the_gold_facts_place():
     shallow, deep = _load("synthetic_kv", 4, depth=0.0), _load("synthetic_kv", 4, depth=1.0)
-    for a, b in zip(shallow, deep):
+    for a, b in zip(shallow, deep, strict=True):
         assert a.answer == b.answer and a.info["key"] == b.info["key"] and a.gold_slot == b.gold_slot
         others = lambda s: [f for f in s.info["facts"] if f["role"] != "gold"]  # noqa: E731
         assert [(f["slot"], f["key"]) for f in others(a)] == [(f["slot"], f["key"]) for f in others(b)]
@@ -140,7 +140,7 @@ def test_random_gold_slots_vary_and_depth_lists_cycle():
     samples = _load("synthetic_kv", 6, depth=[0, 1], words_per_document=100)
     gold = [next(f for f in s.info["facts"] if f["role"] == "gold") for s in samples]
     assert [g["word"] == 0 for g in gold] == [True, False] * 3
-    for s, g in zip(samples, gold):
+    for s, g in zip(samples, gold, strict=True):
         if g["word"]:  # depth 1: after the last filler sentence (other facts may follow it)
             rest = s.passages[g["slot"]][g["char"]:]
             assert all(FACT.fullmatch(x + ".") for x in rest.rstrip(".").split(". ")), rest
@@ -338,8 +338,8 @@ def test_sibling_query_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     """No two questions of these data sets share a context, so there is no sibling question: refused with the
     reason, before any weights load (and group_by_passage, which sibling_query asks for, is refused by the
     loader with its own reason)."""
-    from kvprime.models import loading as models
     from kvprime.config.compose import compose
+    from kvprime.models import loading as models
     from kvprime.pipeline import runner
 
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("model weights were loaded"))
@@ -360,8 +360,8 @@ def test_smollm2_answers_the_value_within_16_tokens_after_a_question_prompt_not_
     first 20 measured), while multidoc's "Query: {query}\\n\\nAnswer:" makes it end its turn at once."""
     from kvprime import Engine
     from kvprime.analysis.answer_quality import score_fields
-    from kvprime.cache import answers
     from kvprime.builders.conditions import ConditionSpec
+    from kvprime.cache import answers
 
     engine = Engine.load("smollm2_135m_instruct")
     samples = _load("synthetic_niah", 8)
@@ -376,6 +376,6 @@ def test_smollm2_answers_the_value_within_16_tokens_after_a_question_prompt_not_
         return answers.decode_many(engine.model, engine.tokenizer, items, max_new_tokens=16)
 
     question = decode("Question: {query}\nAnswer:")
-    assert sum(score_fields(d.text, [s.answer])["exact_match"] for s, d in zip(samples, question)) >= 6
+    assert sum(score_fields(d.text, [s.answer])["exact_match"] for s, d in zip(samples, question, strict=True)) >= 6
     assert max(d.n_tokens for d in question) <= 16 and all(d.stop == "newline" for d in question)
     assert sum(not d.text for d in decode("Query: {query}\n\nAnswer:")) >= 6

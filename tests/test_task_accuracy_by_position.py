@@ -72,7 +72,7 @@ def test_a_run_without_answers_has_counts_and_nll_but_no_accuracy():
 def test_samples_without_fact_positions_have_slot_rows_and_an_empty_depth_table():
     out = gold_position.tables(_run([HOTPOT], [("h", "joint", 1.0, 1.0, 0.0)]))
     slot = out[gold_position.SLOT_TABLE]
-    assert list(zip(slot["role"], slot["slot"], slot["n"], slot["em"])) == [("evidence1", 3, 1, 1.0),
+    assert list(zip(slot["role"], slot["slot"], slot["n"], slot["em"], strict=True)) == [("evidence1", 3, 1, 1.0),
                                                                             ("evidence2", 1, 1, 1.0)]
     depth = out[gold_position.DEPTH_TABLE]
     assert len(depth) == 0 and {"condition", "role", "depth_bin", "n", "em"} <= set(depth.columns)

@@ -104,7 +104,7 @@ def test_engine_paths_raise_no_deprecation(arch, tok):
         eng.forget()
         # the batched path: planned encodes run as padded batches, scores as stacked caches
         work = []
-        for doc, q, a in zip(DOCS, QUERIES, ANSWERS):
+        for doc, q, a in zip(DOCS, QUERIES, ANSWERS, strict=True):
             for spec in SPECS:
                 work.append((spec, eng.segments(spec, document=doc, query=q, answer=a, surrogate=q)))
         n_before = eng.n_encodes
