@@ -14,6 +14,12 @@ of one token or more). Its FLOPs bound what any plan of these conditions could s
 
 FLOPs are counted from the model's shapes and the real (unpadded) tokens each path needed, and compared with
 this machine's fp32 matmul throughput measured in the same run.
+
+Then (``recompute=None`` skips it) one selective-recompute condition of ``experiment=blend`` (default
+``bare_dev15``) on the same model, data and n, k = 3 passages a sample: ``run_chunk`` given one sample a call
+(nothing batched across samples) against ``batch.samples`` a call as the runner chunks them, on the same samples,
+with the largest NLL difference, the model forwards each path ran and the builder's query-time work. It runs after
+every other number is read, so none of them includes it, and on the bench's loaded model.
 """
 
 from __future__ import annotations
