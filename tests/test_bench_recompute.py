@@ -65,7 +65,7 @@ def test_the_recompute_row_loads_no_model_and_generates_nothing(bench_run):
     assert "generate" in kinds[:first] and "generate" not in kinds[first:]
 
 
-def test_the_existing_rows_are_unchanged_by_the_recompute_row(bench_run):
+def test_the_recompute_row_comes_after_the_existing_rows(bench_run):
     r, _, tmp = bench_run
     lines = (tmp / "bench.md").read_text().splitlines()
     stages = [line.split("|")[1].strip() for line in lines if line.startswith("| ") and "---" not in line]
