@@ -14,6 +14,12 @@ of one token or more). Its FLOPs bound what any plan of these conditions could s
 
 FLOPs are counted from the model's shapes and the real (unpadded) tokens each path needed, and compared with
 this machine's fp32 matmul throughput measured in the same run.
+
+Then (``recompute=None`` skips it) one selective-recompute condition of ``experiment=blend`` (default
+``bare_dev15``) on the same model, data and n, k = 3 passages a sample: ``run_chunk`` given one sample a call
+(nothing batched across samples) against ``batch.samples`` a call as the runner chunks them, on the same samples,
+with the largest NLL difference, the model forwards each path ran and the builder's query-time work. It runs after
+every other number is read, so none of them includes it, and on the bench's loaded model.
 """
 
 from __future__ import annotations
@@ -27,10 +33,14 @@ from typing import Any
 
 import torch
 
-from ..analysis.cost import forward_flops, generation_flops
+from ..analysis.cost import forward_flops, generation_flops, recompute_flops
+from ..builders import BUILDERS
 from ..builders.engine import Engine
+from ..builders.library.recompute import RecomputeStage
 from ..cache import hf_internals as hf
 from ..cache import prefixes
+from ..config.compose import compose, override_key
+from ..errors import ConfigError
 from ..files.results_io import write_atomic, write_json
 from ..models import loading
 from ..pipeline import metadata
@@ -41,6 +51,11 @@ from ..surrogates.generation import GENERATION_TEMPLATES, generate
 
 # Defaults, not fixed choices: the user's own experiment=, dataset.n_samples= or progress= replaces each.
 DEFAULTS = ("experiment=exp01", "dataset.n_samples=20", "progress=false")
+# The selective-recompute row times one condition of experiment=blend on the bench's model, data and n.
+RECOMPUTE_DEFAULTS = ("experiment=blend", *DEFAULTS[1:])
+RECOMPUTE_CONDITION = "bare_dev15"  # blend's independent cache, then CacheBlend's deviation rule at ratio 0.15
+# Overrides that describe the bench's own experiment, so the blend session does not take them.
+EXPERIMENT_KEYS = ("experiment", "condition", "conditions")
 
 
 # FLOPs: kvprime.analysis.cost (the same count the reports' cost tables use).
@@ -141,21 +156,118 @@ def minimum_plan_flops(config, engine, work, segs) -> float:
     return sum(forward_flops(config, len(s.ids) - s.past, s.past) for s in steps if not s.ready)
 
 
+# ---------------------------------------------------------------- the selective-recompute row
+
+
+def recompute_conditions(cfg) -> list[str]:
+    """The conditions of a composed config whose builder is a selective-recompute stage."""
+    return [name for name, c in (cfg.get("conditions") or {}).items()
+            if c and c.get("builder") in BUILDERS and isinstance(BUILDERS[c["builder"]], RecomputeStage)]
+
+
+def recompute_session(args: list[str], condition: str) -> Session:
+    """experiment=blend composed with the bench's overrides (model, data, n, batch sizes; not the ones naming the
+    bench's experiment or conditions), planning ``condition`` (and blend's baseline) only."""
+    carried = [a for a in args if override_key(a).split(".", 1)[0] not in EXPERIMENT_KEYS]
+    cfg = compose(carried, RECOMPUTE_DEFAULTS)
+    names = recompute_conditions(cfg)
+    if condition not in names:
+        raise ConfigError(f"--recompute {condition!r} is not a selective-recompute condition of experiment=blend. "
+                          f"Accepted: {', '.join(names)} (conf/experiment/blend.yaml); --no-recompute skips the row.")
+    return Session.open(cfg, only=condition)
+
+
+def recompute_segments(blend: Session, condition: str) -> list:
+    """The condition's token spans for every sample, read without a model: a generated surrogate must already be
+    in the store (the recompute row never generates one)."""
+    blend.surrogate_service.read_stored(blend.samples)
+    out = []
+    for sample in blend.samples:
+        seg = blend.known_segments(sample).get(condition)
+        if seg is None:
+            raise ConfigError(f"--recompute {condition!r}: the surrogate store lacks the generated surrogates of "
+                              f"sample {sample.sample_id!r}, and the bench does not generate them. Run `kvprime "
+                              "surrogates generate experiment=blend` with the same overrides first, or pick a bare "
+                              f"condition (e.g. {RECOMPUTE_CONDITION}).")
+        out.append(seg)
+    return out
+
+
+def _recompute_path(model, tok, settings: dict, work, per_call: int, sizes: dict) -> dict:
+    """``work`` through ``run_chunk``, ``per_call`` samples a call, on a fresh engine: seconds, model forwards
+    (each forward embeds its input once, so a hook on the embeddings counts them), and per sample the NLL and
+    the builder's notes (rows recomputed, query-time work)."""
+    engine = Engine(model, tok, **settings)
+    forwards = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        t, done = time.perf_counter(), []
+        for first in range(0, len(work), per_call):
+            done += [(pc.notes, sc.nll) for pc, sc in engine.run_chunk(work[first:first + per_call], **sizes)]
+            engine.forget()
+        _sync(engine.device)
+        seconds = time.perf_counter() - t
+    finally:
+        hook.remove()
+    return {"s": seconds, "forwards": len(forwards), "notes": [n for n, _ in done], "nll": [x for _, x in done]}
+
+
+def recompute_row(model, tok, blend: Session, condition: str, say) -> dict:
+    """One recompute condition on blend's multi-document samples, timed two ways on the same samples: naive = one
+    sample per ``run_chunk`` (nothing batched across samples), batched = ``batch.samples`` per call, as the
+    runner chunks them. The scored model is the bench's own (the blend session never loads one)."""
+    cfg, spec = blend.cfg, blend.specs[condition]
+    work = [(spec, seg) for seg in recompute_segments(blend, condition)]
+    sizes = {"encode_tokens": cfg["batch"]["encode_tokens"], "score_tokens": cfg["batch"]["score_tokens"]}
+    settings, chunk = engine_settings(cfg), chunk_size(cfg)
+    _recompute_path(model, tok, settings, work[:1], 1, sizes)  # untimed warm-up of the recompute's own calls
+    batched = _recompute_path(model, tok, settings, work, chunk, sizes)
+    say(f"  selective recompute ({condition}), batched: {batched['s']:.1f} s ({batched['forwards']} forwards)")
+    naive = _recompute_path(model, tok, settings, work, 1, sizes)
+    say(f"  selective recompute ({condition}), one sample at a time: {naive['s']:.1f} s "
+        f"({naive['forwards']} forwards)")
+    work_of = [n.get("query_work") or {} for n in batched["notes"]]
+
+    def total(key, notes=work_of):
+        return sum(w.get(key, 0) for w in notes)
+
+    token_layers = total("recompute_token_layers") + total("selection_token_layers")
+    return {"experiment": cfg["experiment"]["name"], "condition": condition, "builder": spec.builder,
+            "rule": getattr(spec.settings, "rule", None), "samples": len(work),
+            "documents_per_sample": cfg["multidoc"]["k"], "samples_per_call": chunk,
+            "naive_s": naive["s"], "batched_s": batched["s"], "speedup": naive["s"] / batched["s"],
+            "max_abs_nll_diff": max(abs(a - b) for a, b in zip(naive["nll"], batched["nll"], strict=True)),
+            "naive_forwards": naive["forwards"], "batched_forwards": batched["forwards"],
+            "samples_with_other_rows": sum(a.get("recompute_rows") != b.get("recompute_rows")
+                                           for a, b in zip(naive["notes"], batched["notes"], strict=True)),
+            "recompute_tokens": total("recompute_tokens"),
+            "selection_token_layers": total("selection_token_layers"),
+            "recompute_token_layers": total("recompute_token_layers"),
+            "recompute_key_pairs": total("recompute_key_pairs"),
+            "recompute_gflop": recompute_flops(model.config, token_layers, total("recompute_key_pairs")) / 1e9,
+            # The selection and recompute forwards alone (the builder's query_work), within each path's seconds.
+            "naive_recompute_s": sum((n.get("query_work") or {}).get("recompute_s", 0) for n in naive["notes"]),
+            "batched_recompute_s": total("recompute_s")}
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
 def bench(args: list[str], out_dir: Path | None = None, progress: bool = True,
-          one_by_one: bool | None = None) -> dict:
+          one_by_one: bool | None = None, recompute: str | None = RECOMPUTE_CONDITION) -> dict:
     """Both paths on the session that ``args`` (Hydra overrides, after ``DEFAULTS``) describe; returns what
     ``bench.json`` holds and, with ``out_dir``, writes it and ``bench.md`` there. ``one_by_one``: also time
     kvprime's path with every cache assembled alone and stacked row by row (None: on a GPU only, where that
-    per-cache host work is what bounds a small model)."""
+    per-cache host work is what bounds a small model). ``recompute``: the experiment=blend condition whose
+    selective recompute is timed one sample at a time and in the run's batches (None: no such row)."""
     session = Session.from_overrides(args, defaults=DEFAULTS)
+    blend = recompute_session(args, recompute) if recompute else None  # its settings checked before any load
     with loading.loading_bars(bool(session.cfg["progress"])):
-        return _measure(session, out_dir, progress, one_by_one)
+        return _measure(session, out_dir, progress, one_by_one, blend, recompute)
 
 
-def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | None) -> dict:
+def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | None, blend: Session | None = None,
+             recompute: str | None = None) -> dict:
     cfg, specs, samples = session.cfg, session.specs, session.samples
     service = session.surrogate_service
     model, tok = session.model, session.tokenizer
@@ -306,6 +418,8 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
         "batch": {"samples": chunk, "encode_tokens": bcfg["encode_tokens"], "score_tokens": bcfg["score_tokens"],
                   "generation_batch_size": batched_settings.batch_size},
     }
+    if blend is not None and recompute is not None:  # after every number above is read: none of them includes it
+        result["recompute"] = recompute_row(model, tok, blend, recompute, say)
     md = render(result)
     say("\n" + md)
     if out_dir is not None:
@@ -339,6 +453,10 @@ def render(r: dict) -> str:
                         f(es["per_cache_assembly_s"], ".1f") + " s",
                         f(es["naive_s"] / es["per_cache_assembly_s"]) + "x",
                         f"{es['per_cache_assembly_nll_diff']:.1e}"))
+    rc = r.get("recompute")
+    if rc:
+        rows.append((f"selective recompute ({rc['condition']})", f(rc["naive_s"], ".1f") + " s",
+                     f(rc["batched_s"], ".1f") + " s", f(rc["speedup"]) + "x", f"{rc['max_abs_nll_diff']:.1e}"))
     lines = [f"{r['experiment']} on {r['model']} ({r['device']}, {r['dtype']}, {r['torch_threads']} threads): "
              f"{r['samples']} samples x {r['conditions']} conditions", "",
              markdown_table(rows, ["stage", "naive", "kvprime", "speed-up", "max abs NLL diff / outputs"])]
@@ -364,7 +482,21 @@ def render(r: dict) -> str:
               f"way); batched generation at {gen_share} of the matmul throughput",
               f"- peak resident memory: {r['peak_rss_mb']['after_kvprime_path']:.0f} MB after kvprime's path, "
               f"{r['peak_rss_mb']['after_both']:.0f} MB after both"]
+    if rc:
+        lines.append(_recompute_line(rc))
     if r.get("peak_gpu_mb", {}).get("after_kvprime_path") is not None:
         lines.append(f"- peak GPU memory allocated: {r['peak_gpu_mb']['after_kvprime_path']:.0f} MB after kvprime's "
                      f"path (generation included), {r['peak_gpu_mb']['after_both']:.0f} MB after both")
     return "\n".join(lines) + "\n"
+
+
+def _recompute_line(rc: dict) -> str:
+    other = rc["samples_with_other_rows"]
+    return (f"- selective recompute: condition {rc['condition']} of experiment={rc['experiment']} (rule {rc['rule']}), "
+            f"{rc['samples']} samples of {rc['documents_per_sample']} passages, timed after (and not in) the rows "
+            f"above; naive: one sample per run_chunk, {rc['naive_forwards']} model forwards; kvprime: "
+            f"{rc['samples_per_call']} samples per run_chunk (batch.samples), {rc['batched_forwards']} forwards. "
+            f"{rc['recompute_tokens']:,} tokens recomputed, selection pass {rc['selection_token_layers']:,} "
+            f"token-layers: {rc['recompute_gflop']:.1f} GFLOP of query-time work; the selection and recompute "
+            f"forwards alone took {rc['naive_recompute_s']:.1f} s one at a time, {rc['batched_recompute_s']:.1f} s "
+            f"batched" + (f"; {other} samples selected other rows in the two paths" if other else ""))

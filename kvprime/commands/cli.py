@@ -141,22 +141,35 @@ def bench(ctx: typer.Context,
           one_by_one: bool | None = typer.Option(
               None, "--one-by-one/--no-one-by-one", show_default="on a GPU only",
               help="Also time kvprime's path with every cache assembled as it is built and stacked row by row "
-                   "(the way before stacking from spans), side by side.")) -> None:
+                   "(the way before stacking from spans), side by side."),
+          recompute: str | None = typer.Option(
+              None, "--recompute", metavar="CONDITION", show_default="bare_dev15",
+              help="The experiment=blend selective-recompute condition timed one sample at a time and in the "
+                   "run's batches, side by side, on k=3 passages of the same model, data and n."),
+          no_recompute: bool = typer.Option(False, "--no-recompute", help="Skip the selective-recompute row.")
+          ) -> None:
     """Time kvprime's path against the notebooks' naive path on the same work, side by side, and print the
-    speed-ups, the largest NLL difference, the share of the measured matmul throughput and peak memory.
+    speed-ups, the largest NLL difference, the share of the measured matmul throughput and peak memory; then
+    one selective-recompute condition of experiment=blend, one sample at a time against batched.
 
     \b
     kvprime bench                                   # exp01, SmolLM2-135M, 20 SQuAD samples, CPU
     kvprime bench dataset.n_samples=5 model=tiny_random_llama
     kvprime bench experiment=exp21                  # another experiment's conditions
     kvprime bench --one-by-one                      # also the per-cache host work (default: on a GPU)
+    kvprime bench --recompute bare_first32          # another recompute condition of experiment=blend
+    kvprime bench --no-recompute                    # without the selective-recompute row
     Defaults: experiment=exp01 dataset.n_samples=20 progress=false; the same key given replaces each.
     Writes bench.json and bench.md to outputs/bench/<timestamp>/.
     """
-    from .bench import bench as run_bench  # lazy: torch; model-free commands run without it
+    if no_recompute and recompute is not None:
+        _guarded(_refuse, f"--recompute {recompute} and --no-recompute contradict each other: give one of them.")
+    from .bench import RECOMPUTE_CONDITION  # lazy: torch; model-free commands run without it
+    from .bench import bench as run_bench
 
     out = _new_out_dir("bench")
-    _guarded(run_bench, list(ctx.args), out_dir=out, one_by_one=one_by_one)
+    chosen = None if no_recompute else recompute or RECOMPUTE_CONDITION
+    _guarded(run_bench, list(ctx.args), out_dir=out, one_by_one=one_by_one, recompute=chosen)
 
 
 @app.command("bench-scale")
