@@ -109,6 +109,7 @@ def test_the_default_condition_is_blends_bare_deviation_at_015():
     assert len(bench_module.recompute_conditions(cfg)) == 12
 
 
+@pytest.mark.slow  # composes on the packaged SQuAD data
 def test_the_blend_session_takes_the_bench_overrides_but_not_its_experiment():
     blend = bench_module.recompute_session(["experiment=exp21", "conditions.bare.rope_fix=none", *TINY],
                                            "bare_first16")
@@ -122,6 +123,7 @@ def test_a_condition_that_is_not_a_recompute_one_is_refused(name):
         bench_module.recompute_session(TINY, name)
 
 
+@pytest.mark.slow  # the packaged SQuAD data
 def test_a_generated_surrogate_missing_from_the_store_is_refused_not_generated(tmp_path):
     blend = bench_module.recompute_session([*TINY, f"generation.store={tmp_path / 'empty'}"], "gen_dev15")
     with pytest.raises(ConfigError, match="does not generate them"):

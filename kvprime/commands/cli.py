@@ -157,7 +157,7 @@ def bench(ctx: typer.Context,
     kvprime bench dataset.n_samples=5 model=tiny_random_llama
     kvprime bench experiment=exp21                  # another experiment's conditions
     kvprime bench --one-by-one                      # also the per-cache host work (default: on a GPU)
-    kvprime bench --recompute bare_first32          # another recompute condition of experiment=blend
+    kvprime bench --recompute=bare_first32          # another recompute condition of experiment=blend
     kvprime bench --no-recompute                    # without the selective-recompute row
     Defaults: experiment=exp01 dataset.n_samples=20 progress=false; the same key given replaces each.
     Writes bench.json and bench.md to outputs/bench/<timestamp>/.
