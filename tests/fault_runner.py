@@ -84,7 +84,8 @@ def _install(kill_at: int, mode: str, event_log: Path) -> None:
             if mode == "torn":
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd, _ = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-                raw = data if isinstance(data, bytes) else data.encode()
+                text = data if isinstance(data, (str, bytes)) else "".join(data)  # a page written in pieces
+                raw = text if isinstance(text, bytes) else text.encode()
                 os.write(fd, raw[:max(1, len(raw) // 2)])
                 os.fsync(fd)
                 die(n, mode)

@@ -143,7 +143,7 @@ C_LOSS = [0.213, -0.094, 0.337, 0.251, 0.118]          # C mostly worse; s5 miss
 def _scores():
     rows = [(f"s{i}", "A", a) for i, a in enumerate(A)]
     rows += [(f"s{i}", "B", a - g) for i, (a, g) in enumerate(zip(A, B_GAIN, strict=True))]
-    rows += [(f"s{i}", "C", a + l) for i, (a, l) in enumerate(zip(A, C_LOSS, strict=True))]
+    rows += [(f"s{i}", "C", a + l) for i, (a, l) in enumerate(zip(A, C_LOSS, strict=False))]  # s5 has no C
     return pd.DataFrame(rows, columns=["sample_id", "condition", "nll"])
 
 

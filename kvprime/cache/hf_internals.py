@@ -198,8 +198,9 @@ def keep_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     cache.batch_select_indices(rows)
 
 
-def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [_filled(layer) for layer in _kv_layers(cache)]
+def cache_layers(cache: DynamicCache, upto: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (keys, values), or layers 0..``upto`` of a cache only they were run through."""
+    return [_filled(layer) for layer in _kv_layers(cache)[:None if upto is None else upto + 1]]
 
 
 def cache_device(cache: DynamicCache) -> torch.device:

@@ -131,7 +131,7 @@ def deviation_scores(model, jobs: list[BlendJob], layer: int) -> list[torch.Tens
     pos = torch.tensor([list(j.positions) + list(range(j.positions[-1] + 1, j.positions[-1] + 1 + width - len(j.ids)))
                         for j in jobs], device=device)
     cache = hf.encode_layers(model, ids, pos, [len(j.ids) for j in jobs], layer)
-    fresh = hf.cache_layers(cache)[layer][0]
+    fresh = hf.cache_layers(cache, upto=layer)[layer][0]  # the layers after it were not run
     out = []
     for b, j in enumerate(jobs):
         stale = j.layers[layer][0][0].float()

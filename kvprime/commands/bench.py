@@ -91,8 +91,6 @@ def matmul_gflops(device="cpu", dtype=torch.float32, n: int | None = None, secon
 
 
 # ---------------------------------------------------------------- the engines
-
-
 class CountingEngine(Engine):
     """kvprime's engine, noting each encode's work for the FLOP count: (new tokens, past entries they attend to),
     since a continuation after a past of p entries costs more than a fresh encode of its new tokens."""
@@ -142,8 +140,6 @@ def naive_score(model, primed, seg) -> float:
 
 
 # ---------------------------------------------------------------- the minimum-work plan
-
-
 def minimum_plan_flops(config, engine, work, segs) -> float:
     """Encode FLOPs of the cheapest plan of the run's encodes: each distinct (token, position) path once, over
     all samples, every encode continuing from its longest shared opening (even one token: the sink). A lower
@@ -157,8 +153,6 @@ def minimum_plan_flops(config, engine, work, segs) -> float:
 
 
 # ---------------------------------------------------------------- the selective-recompute row
-
-
 def recompute_conditions(cfg) -> list[str]:
     """The conditions of a composed config whose builder is a selective-recompute stage."""
     return [name for name, c in (cfg.get("conditions") or {}).items()
@@ -251,8 +245,6 @@ def recompute_row(model, tok, blend: Session, condition: str, say) -> dict:
 
 
 # ---------------------------------------------------------------- the benchmark
-
-
 def bench(args: list[str], out_dir: Path | None = None, progress: bool = True,
           one_by_one: bool | None = None, recompute: str | None = RECOMPUTE_CONDITION) -> dict:
     """Both paths on the session that ``args`` (Hydra overrides, after ``DEFAULTS``) describe; returns what
