@@ -181,7 +181,9 @@ def _rows_by_sample(frame: pd.DataFrame, columns: Sequence[str]) -> dict[str, di
 def _lines_in_chunks(records: Iterable[Mapping], frames: Sequence[pd.DataFrame], columns: Sequence[str]):
     """(record, {condition: score line}) per record, in the records' order. The lines are turned into Python
     objects a chunk of samples at a time, so the page of a large run never holds every line as a dict."""
-    positions = [f.groupby("sample_id", sort=False).indices if len(f) else {} for f in frames]
+    # Keyed by the id as text, as the records' ids are compared.
+    positions = [{str(k): v for k, v in f.groupby("sample_id", sort=False).indices.items()} if len(f) else {}
+                 for f in frames]
     it = iter(records)
     while chunk := list(itertools.islice(it, _SAMPLES_PER_CHUNK)):
         ids = [str(rec["sample_id"]) for rec in chunk]

@@ -1,6 +1,6 @@
-"""What a tracker logs of a finished run, read from the run directory's files alone (config.json, summary.csv,
-comparisons.csv, results.json, written by ``kvprime.reporting.finalize``), so tracking needs nothing from the
-pipeline and logs the numbers the report shows:
+"""What a tracker logs of a finished run, read from the run directory's files alone (config.json and
+results.json, whose summary and comparisons are the rows of summary.csv and comparisons.csv, written by
+``kvprime.reporting.finalize``), so tracking needs nothing from the pipeline and logs the numbers the report shows:
 
 - params: config.json flattened to dotted keys (``stats.alpha``, ``model.name``);
 - metrics: per condition (``<condition>/mean_nll``, ``/mean_delta``, ``/ci_low``, ``/ci_high``, ``/p_holm`` and,
@@ -15,7 +15,6 @@ in a row become one ``_`` (none at the end).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -32,7 +31,7 @@ COMPARISON_METRICS = ("mean_delta", "ci_low", "ci_high", "p_holm", "em_delta", "
 # The files logged as artifacts, relative to the run directory (figures are the run's PNGs).
 ARTIFACT_PATTERNS = ("report.html", "report.md", "config.json", "*.csv", "*.png", "analyses/*.csv", "analyses/*.png")
 # The run's files the record is read from; the last is finalize's completion record.
-SOURCES = ("config.json", "summary.csv", "comparisons.csv", "results.json")
+SOURCES = ("config.json", "results.json")
 
 
 @dataclass
@@ -69,9 +68,9 @@ def flatten(cfg, prefix: str = "") -> Iterator[tuple[str, str]]:
             yield key(dotted), json.dumps(value)
 
 
-def _rows(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+def _text(value) -> bool:
+    """A non-empty string (results.json writes a missing cell as null)."""
+    return isinstance(value, str) and bool(value)
 
 
 def _condition_metrics(rows: list[dict]) -> dict[str, float]:
@@ -101,10 +100,10 @@ def _comparison_metrics(rows: list[dict]) -> dict[str, float]:
 def _tags(run_dir: Path, summary: list[dict], comparisons: list[dict], results: Mapping) -> dict[str, str]:
     tags = {"kvprime.run_dir": str(run_dir.resolve()), "kvprime.experiment": str(results["experiment"]["name"]),
             "kvprime.baseline": str(results["experiment"].get("baseline"))}
-    tags.update({key(f"verdict/{r['condition']}"): r["verdict"] for r in summary if r.get("verdict")})
+    tags.update({key(f"verdict/{r['condition']}"): r["verdict"] for r in summary if _text(r.get("verdict"))})
     for r in comparisons:
         tags[f"{comparison_key(r)}/name"] = r["name"]
-        if r.get("verdict"):
+        if _text(r.get("verdict")):
             tags[f"{comparison_key(r)}/verdict"] = r["verdict"]
     for d in results.get("diagnosis") or []:
         tags[key(f"diagnosis/{d['check']}")] = f"{d['status']}: {d['text']}"
@@ -128,7 +127,7 @@ def read_run(run_dir) -> RunRecord:
                                    "writes it when it finishes; `kvprime report <run_dir>` rebuilds the tables.")
     config = json.loads((run_dir / "config.json").read_text())
     results = json.loads((run_dir / "results.json").read_text())
-    summary, comparisons = _rows(run_dir / "summary.csv"), _rows(run_dir / "comparisons.csv")
+    summary, comparisons = results["summary"], results["comparisons"]
     return RunRecord(run_dir=run_dir, name=run_dir.name, params=dict(flatten(config)),
                      metrics={**_condition_metrics(summary), **_comparison_metrics(comparisons)},
                      tags=_tags(run_dir, summary, comparisons, results), artifacts=_artifacts(run_dir))
