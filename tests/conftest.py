@@ -62,6 +62,7 @@ def _tier_guard(request, monkeypatch):
         yield
         return
     import _posixsubprocess
+    import subprocess
 
     from kvprime import assets
     from kvprime.assets import fetching, store
@@ -86,6 +87,10 @@ def _tier_guard(request, monkeypatch):
         return real_fetch(name, *args, **kw)
 
     monkeypatch.setattr(_posixsubprocess, "fork_exec", fork_exec)
+    # subprocess binds fork_exec when it is imported (``from _posixsubprocess import fork_exec as _fork_exec``), so
+    # Popen never looks at the module attribute again: its own name has to be replaced too.
+    if hasattr(subprocess, "_fork_exec"):
+        monkeypatch.setattr(subprocess, "_fork_exec", fork_exec)
     monkeypatch.setattr(os, "posix_spawn", posix_spawn)
     monkeypatch.setattr(os, "fork", lambda: _refuse("forked", "integration"))
     monkeypatch.setattr(fetching, "fetch", fetch)

@@ -19,13 +19,16 @@ is only counted. At write point ``kill_at`` the process SIGKILLs itself (no hand
   files are gone.
 
 ``python tests/fault_runner.py --serve`` is a fork server for the same: it imports kvprime and its heavy
-dependencies once, then reads one JSON request a line on stdin (``{"argv": [...], "kill_at": N, "mode": ...,
-"events": path or null, "output": path, "cwd": path}``), forks a child that runs the CLI exactly as above
-(instrumented only when ``events`` is given) with stdout and stderr in ``output``, waits for it and answers
-``{"returncode": ...}`` (minus the signal number for a killed child, as ``subprocess`` does). Every child is a
-process of its own, killed for real; only the import time (most of a tiny run's time) is shared.
+dependencies once, then reads one JSON request a line on stdin (``{"argv": [...], "cwd": path, "output": path}``
+or ``"stdout"`` and ``"stderr"`` paths; optionally ``"env"``: the child's whole environment, ``"code"``: a
+``python -c`` program to run with ``argv`` instead of the CLI, and ``"kill_at"``, ``"mode"``, ``"events"``),
+forks a child that runs it exactly as above (instrumented only when ``events`` is given), answers
+``{"pid": ...}``, waits for it and answers ``{"returncode": ...}`` (minus the signal number for a killed child, as
+``subprocess`` does). Every child is a process of its own, killed for real; only the import time (most of a tiny
+run's time) is shared.
 
-Used by tests/test_fault_injection.py and tests/test_merge_atomic.py.
+Used by tests/test_fault_injection.py, tests/test_merge_atomic.py and tests/fixtures/cli.py (every test that
+runs the command line).
 """
 
 from __future__ import annotations
@@ -160,9 +163,16 @@ def _cli(args: list[str]) -> int:
     try:
         cli.main()
     except SystemExit as exc:
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+        return _status(exc)
     return 0
+
+
+def _status(exc: SystemExit) -> int:
+    """The exit status the interpreter gives for ``exc``: SystemExit("message") prints it and exits 1."""
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    print(exc.code, file=sys.stderr)
+    return 1
 
 
 def _preload() -> None:
@@ -182,17 +192,24 @@ def _child(req: dict) -> None:
     """In the forked child: run one request and leave with its exit code (never return to the server loop)."""
     code = 1
     try:
-        fd = os.open(req["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+        paths = {1: req.get("stdout") or req["output"], 2: req.get("stderr") or req["output"]}
+        for path in set(paths.values()):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        for fd, path in paths.items():
+            # O_APPEND: stdout and stderr may be one file, written through two descriptors
+            out = os.open(path, os.O_WRONLY | os.O_APPEND)
+            os.dup2(out, fd)
+            os.close(out)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
+        if req.get("env") is not None:
+            os.environ.clear()
+            os.environ.update(req["env"])
         os.chdir(req["cwd"])
         if req.get("events"):
             _install(int(req.get("kill_at") or 0), req.get("mode") or "before", Path(req["events"]))
-        code = _cli(list(req["argv"]))
+        code = _program(req["code"], list(req["argv"])) if req.get("code") is not None else _cli(list(req["argv"]))
     except BaseException:  # noqa: BLE001  (a traceback in the output, exit 1, as a fresh process would)
         import traceback
 
@@ -205,6 +222,16 @@ def _child(req: dict) -> None:
             os._exit(code)
 
 
+def _program(code: str, args: list[str]) -> int:
+    """``python -c <code> <args>``: the program runs as ``__main__`` with ``sys.argv = ["-c", *args]``."""
+    sys.argv = ["-c", *args]
+    try:
+        exec(compile(code, "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    except SystemExit as exc:
+        return _status(exc)
+    return 0
+
+
 def serve() -> None:
     _preload()
     for line in sys.stdin:
@@ -215,6 +242,8 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:
             _child(req)
+        sys.stdout.write(json.dumps({"pid": pid}) + "\n")
+        sys.stdout.flush()
         _, status = os.waitpid(pid, 0)
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         sys.stdout.write(json.dumps({"returncode": code}) + "\n")

@@ -2,17 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from fixtures import cli
 
 
 @pytest.mark.integration
 def test_bench_scale_runs_reports_and_merges_and_checks_the_merge(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "kvprime", "bench-scale", "--n", "6", "--shards", "2",
-                          "stats.n_boot=1000"], capture_output=True, text=True, env=env, timeout=900)
+    out = cli.run(["bench-scale", "--n", "6", "--shards", "2",
+                          "stats.n_boot=1000"], env=env, timeout=900)
     assert out.returncode == 0, out.stderr
     (found,) = (tmp_path / "bench-scale").glob("*/scale.json")
     record = json.loads(found.read_text())
@@ -27,6 +26,5 @@ def test_bench_scale_runs_reports_and_merges_and_checks_the_merge(tmp_path):
 @pytest.mark.integration
 def test_bench_scale_refuses_a_bad_n_in_one_paragraph(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "kvprime", "bench-scale", "--n", "ten"], capture_output=True,
-                         text=True, env=env, timeout=300)
+    out = cli.run(["bench-scale", "--n", "ten"], env=env, timeout=300)
     assert out.returncode == 2 and "--n 'ten' is not accepted" in out.stderr and "Traceback" not in out.stderr

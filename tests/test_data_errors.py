@@ -8,10 +8,9 @@ import codecs
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from fixtures import cli
 
 from kvprime.data import load_samples
 from kvprime.errors import DataError
@@ -273,9 +272,9 @@ def test_the_cli_refuses_a_latin1_file_with_one_paragraph_and_exit_2(tmp_path):
     latin1(FORMATS["jsonl"], path)
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, "-m", "kvprime", "run", "dataset=jsonl", f"dataset.path={path}",
+    out = cli.run(["run", "dataset=jsonl", f"dataset.path={path}",
                           "model=tiny_random_llama", "progress=false"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+                         env=env, cwd=tmp_path, timeout=600)
     message = " ".join(out.stderr.split())
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and "internal error" not in message

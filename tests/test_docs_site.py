@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from markdown.extensions.toc import slugify
 
+pytestmark = pytest.mark.integration  # mkdocs builds the site in a process of its own
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 LINK = re.compile(r"\]\(([^)\s]+)\)")

@@ -3,10 +3,9 @@ sliding windows from the model's config, and the random control's pool in a grou
 paragraph without reading any weights."""
 
 import os
-import subprocess
-import sys
 
 import pytest
+from fixtures import cli
 from fixtures.jsonl import write_jsonl
 
 from kvprime.config.compose import compose
@@ -61,8 +60,7 @@ def no_weights(monkeypatch):
 
 def _cli(args, tmp_path):
     env = {"KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-c", NO_WEIGHTS, *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=tmp_path, timeout=600)
+    return cli.run(args, code=NO_WEIGHTS, env={**os.environ, **env}, cwd=tmp_path, timeout=600)
 
 
 def _one_paragraph(stderr: str) -> str:

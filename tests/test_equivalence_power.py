@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures import cli
 from scipy import stats as st
 
 from kvprime.analysis import power
@@ -157,18 +158,14 @@ def test_power_plan_rows(tmp_path):
 
 @pytest.mark.integration
 def test_power_command(tmp_path):
-    import subprocess
-    import sys
 
     _pilot(tmp_path)
-    ok = subprocess.run([sys.executable, "-m", "kvprime", "power", str(tmp_path), "--effect", "0.02"],
-                        capture_output=True, text=True)
+    ok = cli.run(["power", str(tmp_path), "--effect", "0.02"])
     assert ok.returncode == 0, ok.stderr
     assert "| primed vs base |" in ok.stdout and "n_for_equivalence" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "kvprime", "power", str(tmp_path), "--effect", "0.02",
-                          "--power", "1.5"], capture_output=True, text=True)
+    bad = cli.run(["power", str(tmp_path), "--effect", "0.02",
+                          "--power", "1.5"])
     assert bad.returncode == 2 and "--power=1.5" in bad.stderr and "Traceback" not in bad.stderr
     (tmp_path / "summary.csv").unlink()
-    gone = subprocess.run([sys.executable, "-m", "kvprime", "power", str(tmp_path), "--effect", "0.02"],
-                          capture_output=True, text=True)
+    gone = cli.run(["power", str(tmp_path), "--effect", "0.02"])
     assert gone.returncode == 2 and "summary.csv is missing" in gone.stderr

@@ -5,13 +5,12 @@ masked entries provably receive no attention."""
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from fixtures import cli
 
 from kvprime.builders import BUILDERS
 from kvprime.builders.conditions import ConditionSpec, validate
@@ -112,11 +111,11 @@ def test_builder_settings_are_checked_before_the_model_loads(masked, monkeypatch
 def test_outside_folder_runs_through_kvprime_run(study, tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "kvprime", "run", "--config-dir", str(study),
+    proc = cli.run(["run", "--config-dir", str(study),
                            "plugins=[masked_prefix]", "condition=masked_surrogate", "model=tiny_random_llama",
                            "model.sink=none", "dataset=exp21_sanity", "stats.n_boot=1000", "progress=false",
                            f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+                          env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     summary = pd.read_csv(run_dir / "summary.csv")
     assert list(summary.condition) == ["bare", "masked_surrogate"]
@@ -127,8 +126,7 @@ def test_outside_folder_runs_through_kvprime_run(study, tmp_path):
     assert "masked_prefix keeps" in (run_dir / "report.md").read_text()
     # A later `kvprime report`, without --config-dir, finds the run's plugin through the file it recorded.
     summary_bytes = (run_dir / "summary.csv").read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "kvprime", "report", str(run_dir)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path / "..", timeout=600)
+    proc = cli.run(["report", str(run_dir)], env=env, cwd=tmp_path / "..", timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "summary.csv").read_bytes() == summary_bytes
 

@@ -37,7 +37,6 @@ import json
 import os
 import queue
 import random
-import select
 import signal
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from fixtures.cli import ForkServer
 from fixtures.jsonl import write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -89,9 +89,7 @@ class Launcher:
     def __init__(self, env: dict, cwd: Path):
         self.env, self.cwd = env, cwd
         self.fresh = os.environ.get("KVPRIME_FAULT_FRESH") == "1"
-        self.server = None if self.fresh else subprocess.Popen(
-            [sys.executable, str(RUNNER), "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env=env, cwd=cwd, start_new_session=True)
+        self.server = None if self.fresh else ForkServer(env, cwd)
 
     def __call__(self, argv: list[str], output: Path, *, events: Path | None = None, kill_at: int = 0,
                  mode: str = "before") -> tuple[int, str]:
@@ -103,23 +101,15 @@ class Launcher:
             return proc.returncode, output.read_text()
         req = {"argv": argv, "events": str(events) if events else None, "kill_at": kill_at, "mode": mode,
                "output": str(output), "cwd": str(self.cwd)}
-        self.server.stdin.write(json.dumps(req) + "\n")
-        self.server.stdin.flush()
-        ready, _, _ = select.select([self.server.stdout], [], [], TIMEOUT_S)
-        line = self.server.stdout.readline() if ready else ""
-        if not line:
-            self.close()
-            raise RuntimeError(f"no answer from the fork server within {TIMEOUT_S} s for {argv}")
-        return json.loads(line)["returncode"], output.read_text() if output.exists() else ""
+        try:
+            code = self.server.request(req, TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(f"{argv} ran past {TIMEOUT_S} s") from None
+        return code, output.read_text() if output.exists() else ""
 
     def close(self) -> None:
-        if self.server is not None and self.server.poll() is None:
-            self.server.stdin.close()
-            try:
-                self.server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.server.pid, signal.SIGKILL)
-                self.server.wait()
+        if self.server is not None:
+            self.server.close()
 
 
 def _tail(text: str, n: int = 1500) -> str:

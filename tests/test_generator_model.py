@@ -6,10 +6,9 @@ conf/model/tiny_random_llama.yaml (seed 0), so they are different weights with t
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from fixtures import cli
 from fixtures.jsonl import FRANCE_PASSAGE
 
 from kvprime.errors import ConfigError
@@ -122,9 +121,9 @@ def test_generator_config_takes_the_runs_device_and_dtype():
 def test_unknown_generator_is_one_paragraph_before_any_model_loads(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
     env.pop("KVPRIME_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "kvprime", "run", "experiment=routing", "model=tiny_random_llama",
+    proc = cli.run(["run", "experiment=routing", "model=tiny_random_llama",
                            "dataset=exp21_sanity", "generation.model=qwen_typo", "progress=false"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                          env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr
     assert "Traceback" not in err and "generation.model='qwen_typo'" in err

@@ -5,11 +5,10 @@ import ast
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fixtures import cli
 
 PKG = Path(__file__).resolve().parent.parent / "kvprime"
 
@@ -213,9 +212,7 @@ def test_report_and_merge_import_neither_torch_nor_transformers(tmp_path):
     base = ["run", "model=tiny_random_llama", "dataset=jsonl", f"dataset.path={data}", "stats.n_boot=1000",
             "progress=false", "batch.samples=1", "run.num_shards=2"]
     for i in (0, 1):
-        proc = subprocess.run([sys.executable, "-m", "kvprime", *base, f"run.shard={i}",
-                               f"hydra.run.dir={tmp_path / f'shard{i}'}"], capture_output=True, text=True, env=env,
-                              timeout=600)
+        proc = cli.run([*base, f"run.shard={i}", f"hydra.run.dir={tmp_path / f'shard{i}'}"], env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr
     probe = ("import sys\nfrom kvprime.commands.cli import app\n"
              "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
@@ -223,7 +220,7 @@ def test_report_and_merge_import_neither_torch_nor_transformers(tmp_path):
              "assert not heavy, heavy\nprint('model-free')\n")
     for args in (["report", str(tmp_path / "shard0")],
                  ["merge", str(tmp_path / "shard0"), str(tmp_path / "shard1"), "--out", str(tmp_path / "merged")]):
-        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env,
-                              timeout=600)
+        # a fresh interpreter: what the command imports is the question
+        proc = cli.run(args, code=probe, env=env, timeout=600, fresh=True)
         assert proc.returncode == 0 and "model-free" in proc.stdout, proc.stderr
     assert (tmp_path / "merged" / "summary.csv").exists()

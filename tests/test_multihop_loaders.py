@@ -5,10 +5,9 @@ is checked offline by its error."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from fixtures import cli
 
 from kvprime.data import load_samples
 from kvprime.errors import ConfigError, DataError, MissingFileError, UnavailableError
@@ -278,9 +277,9 @@ def test_an_offline_hub_dataset_is_one_paragraph_naming_the_option_and_the_offli
 @pytest.mark.integration
 def test_the_cli_says_it_in_one_paragraph_with_exit_2_and_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVPRIME_OUTPUT_ROOT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "kvprime", "run", "model=tiny_random_llama", "dataset=musique",
+    proc = cli.run(["run", "model=tiny_random_llama", "dataset=musique",
                            "dataset.hf_dataset=bdsaglam/musique", "progress=false"],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "dataset.hf_dataset=bdsaglam/musique" in proc.stderr and "HF_HUB_OFFLINE is set" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -4,11 +4,10 @@ that records it in metadata.json or refuses, before any score, with one paragrap
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from fixtures import cli
 
 from kvprime.builders import floor
 from kvprime.builders.conditions import ConditionSpec
@@ -128,8 +127,7 @@ def samples_file(river_samples):
 def _cli(tmp_path, *args):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "kvprime", "run", *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
+    return cli.run(["run", *args], env=env, cwd=tmp_path, timeout=300)
 
 
 @pytest.mark.integration

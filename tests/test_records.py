@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from fixtures import cli
 from fixtures.jsonl import write_jsonl
 
 from kvprime.scaleout.sweep import sweep_report
@@ -23,7 +23,7 @@ def _kvprime(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "KVPRIME_HOME": str(tmp_path / "home")}
     env.pop("KVPRIME_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "kvprime", *args], capture_output=True, text=True, env=env,
+    return cli.run([*args], env=env,
                           cwd=tmp_path, timeout=600)
 
 

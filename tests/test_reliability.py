@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fixtures import cli
 from fixtures.jsonl import TOWER_PASSAGE
 
 from kvprime.config.compose import compose
@@ -48,9 +49,7 @@ def _env(tmp_path, **extra):
 
 
 def _cli(args, tmp_path, code=None, timeout=600, **env):
-    argv = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "kvprime", *args]
-    return subprocess.run(argv, capture_output=True, text=True, env=_env(tmp_path, **env), cwd=tmp_path,
-                          timeout=timeout)
+    return cli.run(args, code=code, env=_env(tmp_path, **env), cwd=tmp_path, timeout=timeout)
 
 
 def _popen(args, tmp_path, **env):

@@ -5,12 +5,10 @@ version and commit, the settings added since and the two ways forward, and chang
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from fixtures import runs
+from fixtures import cli, runs
 
 from kvprime.config.compose import compose
 from kvprime.pipeline import metadata, runner
@@ -115,8 +113,8 @@ def test_the_cli_refuses_in_one_paragraph_exit_2_and_leaves_the_directory_byte_i
     _as_if_started_by_an_older_kvprime(finished)
     before = _tree(finished)
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "kvprime", "run", *_args(data_file),
-                          "resume=true", f"hydra.run.dir={finished}"], capture_output=True, text=True, env=env,
+    out = cli.run(["run", *_args(data_file),
+                          "resume=true", f"hydra.run.dir={finished}"], env=env,
                          cwd=tmp_path, timeout=600)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and "change of kvprime version" in " ".join(out.stderr.split())

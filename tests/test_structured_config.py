@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import fields
 
 import pytest
+from fixtures import cli
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -197,8 +196,7 @@ def test_the_typed_fields_accept_what_the_shipped_configs_give():
 def _kvprime(args, tmp_path, timeout=600):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "kvprime", "run", *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=timeout)
+    return cli.run(["run", *args], env=env, cwd=tmp_path, timeout=timeout)
 
 
 @pytest.mark.integration

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fixtures import cli
 from fixtures.jsonl import write_jsonl
 
 from kvprime.config.compose import compose
@@ -187,8 +188,7 @@ def _kvprime(args, tmp_path, env=None, timeout=600):
     full_env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "kvprime", "run", "-m", *args], capture_output=True, text=True,
-                          check=False, env=full_env, cwd=tmp_path, timeout=timeout)
+    proc = cli.run(["run", "-m", *args], env=full_env, cwd=tmp_path, timeout=timeout)
     proc.wall_s = time.perf_counter() - t
     return proc
 

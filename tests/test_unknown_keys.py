@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fixtures import cli
 from omegaconf import OmegaConf
 
 from kvprime.config import compose as composition
@@ -167,8 +166,8 @@ def test_hydras_refusal_gets_a_paragraph_that_does_not_steer_to_plus():
 def test_the_cli_refuses_a_key_added_with_plus_in_one_paragraph(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, "-m", "kvprime", "run", *BASE, "+dataset.n_sample=3"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    out = cli.run(["run", *BASE, "+dataset.n_sample=3"],
+                         env=env, cwd=tmp_path, timeout=600)
     message = " ".join(out.stderr.split())
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
@@ -188,8 +187,8 @@ def test_the_cli_refuses_a_key_added_with_plus_in_one_paragraph(tmp_path):
 def test_the_cli_names_the_key_instead_of_hydras_hint(tmp_path, override, expected):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, "-m", "kvprime", "run", *BASE, override],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    out = cli.run(["run", *BASE, override],
+                         env=env, cwd=tmp_path, timeout=600)
     message = " ".join(out.stderr.split())
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
