@@ -207,6 +207,8 @@ def _child(req: dict) -> None:
             os.environ.clear()
             os.environ.update(req["env"])
         os.chdir(req["cwd"])
+        # as under the console script: neither the current directory nor this file's folder (tests/) is on the path
+        sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != Path(__file__).resolve().parent]
         if req.get("events"):
             _install(int(req.get("kill_at") or 0), req.get("mode") or "before", Path(req["events"]))
         code = _program(req["code"], list(req["argv"])) if req.get("code") is not None else _cli(list(req["argv"]))

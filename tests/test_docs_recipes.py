@@ -11,11 +11,11 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from fixtures import cli
 
 pytestmark = pytest.mark.integration  # each recipe runs as the console script, in a process of its own
 
@@ -60,12 +60,8 @@ def run_shown(recipe: str, study: Path, run_dir: Path, extra: list[str] = ()) ->
     on sys.path: a plugin is found by kvprime's own search, beside --config-dir), plus ``extra`` settings."""
     argv = commands(PAGE.read_text())[recipe]
     assert argv[:2] == ["kvprime", "run"], argv
-    launcher = run_dir.parent / "bin" / "kvprime_launcher.py"
-    launcher.parent.mkdir(parents=True, exist_ok=True)
-    launcher.write_text("from kvprime.commands.cli import main\nmain()\n")
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(run_dir.parent / "out"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(launcher), *argv[1:], *SMALL, *extra, f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True, env=env, cwd=study, timeout=600)
+    return cli.run([*argv[1:], *SMALL, *extra, f"hydra.run.dir={run_dir}"], env=env, cwd=study, timeout=600)
 
 
 def inputs(run_dir: Path) -> list[dict]:

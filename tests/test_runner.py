@@ -39,17 +39,14 @@ def tiny_cfg(samples_file, *extra):
                     "save_tokens=true", "progress=false", *extra])
 
 
-# Every pair of shipped choices, not every triple: a config can depend on two groups at once (conf/config.yaml's
-# `experiment_data: ${experiment}/${dataset}`), never on three, and the triples cost 700 compositions of 0.2 s.
+# Not every triple of shipped choices (700 compositions of 0.2 s): only the experiment and the dataset shape a config
+# together (conf/config.yaml's `experiment_data: ${experiment}/${dataset}`), and neither plans conditions by model.
 @pytest.mark.parametrize("group, name", [("experiment", e) for e in confdir.names("experiment")]
                          + [("model", m) for m in confdir.names("model")])
 def test_every_shipped_config_composes_and_validates(group, name):
-    if group == "experiment":  # with every model, then every dataset
-        others = [f"model={m}" for m in confdir.names("model")] + [f"dataset={d}" for d in confdir.names("dataset")]
-    else:  # the default experiment's model with every dataset
-        others = [f"dataset={d}" for d in confdir.names("dataset")]
+    others = [f"dataset={d}" for d in confdir.names("dataset")] if group == "experiment" else [None]
     for other in others:
-        cfg = compose([f"{group}={name}", other, "++dataset.path=x"])
+        cfg = compose([f"{group}={name}", *([other] if other else []), "++dataset.path=x"])
         assert plan.plan_conditions(cfg), (name, other)
 
 

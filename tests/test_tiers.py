@@ -35,4 +35,5 @@ def test_a_fast_test_that_starts_a_process_fails_naming_the_marker(pytester):
     pytester.makepyfile(test_inner=STARTS_A_PROCESS)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-W", "ignore")
     result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["E *TierError: a fast test started a process (python*): mark it @pytest.mark.integration*"])
+    result.stdout.fnmatch_lines(["E *TierError: a fast test started a process (python*): mark it "
+                                 "@pytest.mark.integration*"])
