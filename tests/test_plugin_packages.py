@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fixtures import cli
 
 from kvprime.config import plugins
 from kvprime.errors import ConfigError
@@ -48,14 +49,9 @@ def _write_condition(config_dir: Path) -> None:
 
 def _kvprime(tmp_path: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`kvprime ...` as the console script runs it: the current directory is not on sys.path (``python -m``
-    would put it there and find a package in it without kvprime's help)."""
-    launcher = tmp_path / "bin" / "kvprime_launcher.py"
-    if not launcher.exists():
-        launcher.parent.mkdir(parents=True)
-        launcher.write_text("from kvprime.commands.cli import main\nmain()\n")
+    would put it there and find a package in it without kvprime's help; ``fixtures.cli`` keeps it off)."""
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(launcher), *args], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=600)
+    return cli.run(args, env=env, cwd=cwd, timeout=600)
 
 
 @pytest.mark.integration
