@@ -109,7 +109,7 @@ def test_bench_runs_on_the_tiny_model_and_both_paths_agree(tmp_path, monkeypatch
                         lambda *a, **k: stacked.append(k.get("from_spans", True)) or real_stack(*a, **k))
     r = bench(["model=tiny_random_llama", "dataset.n_samples=2", "generation.max_new_tokens=4", "generation.model=null",
                f"generation.store={tmp_path / 'store'}"], out_dir=tmp_path, progress=False, one_by_one=True,
-              recompute=None)  # the recompute row: tests/test_bench_recompute.py
+              recompute=None, throughput_s=0.1)  # the recompute row: tests/test_bench_recompute.py
     assert True in stacked and False in stacked
     assert r["encode_score"]["max_abs_nll_diff"] <= 1e-4
     assert r["generation"]["identical_outputs"]

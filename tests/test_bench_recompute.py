@@ -30,7 +30,7 @@ def bench_run(tmp_path_factory):
     patch.setattr(bench_module, "generate", lambda *a, **k: events.append(("generate", 1)) or real_generate(*a, **k))
     try:
         r = bench_module.bench([*TINY, f"generation.store={tmp / 'store'}"], out_dir=tmp, progress=False,
-                               one_by_one=False)
+                               one_by_one=False, throughput_s=0.05)
     finally:
         patch.undo()
     return r, events, tmp
@@ -88,6 +88,22 @@ def test_the_cli_options_choose_or_skip_the_row(tmp_path, monkeypatch, options, 
     result = CliRunner().invoke(cli.app, ["bench", *options, "dataset.n_samples=2"])
     assert result.exit_code == 0, result.output
     assert seen["recompute"] == chosen and seen["args"] == ["dataset.n_samples=2"]
+
+
+def test_the_throughput_measurement_time_is_an_option_checked_before_the_bench(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kvprime.commands import cli
+
+    seen = {}
+    monkeypatch.setattr(bench_module, "bench", lambda args, **kw: seen.update(kw))
+    monkeypatch.setattr(cli, "_new_out_dir", lambda kind: tmp_path)
+    assert CliRunner().invoke(cli.app, ["bench"]).exit_code == 0 and "throughput_s" not in seen  # the bench's own
+    assert CliRunner().invoke(cli.app, ["bench", "--throughput-seconds", "0.5"]).exit_code == 0
+    assert seen["throughput_s"] == 0.5
+    seen.clear()
+    result = CliRunner().invoke(cli.app, ["bench", "--throughput-seconds", "0"])
+    assert result.exit_code == 2 and "--throughput-seconds 0.0 is not accepted" in result.output and not seen
 
 
 def test_the_cli_refuses_both_options(tmp_path, monkeypatch):

@@ -71,7 +71,10 @@ def matmul_size(device) -> int:
     return 8192 if torch.device(device).type == "cuda" else 2048
 
 
-def matmul_gflops(device="cpu", dtype=torch.float32, n: int | None = None, seconds: float = 2.0) -> float:
+THROUGHPUT_S = 2.0  # seconds each throughput measurement runs (kvprime bench --throughput-seconds)
+
+
+def matmul_gflops(device="cpu", dtype=torch.float32, n: int | None = None, seconds: float = THROUGHPUT_S) -> float:
     """fp32 (or ``dtype``) matmul throughput of ``device`` on an ``n``-sided square product, over at least
     ``seconds`` (a shared machine's throughput moves from minute to minute: the bench measures it around each
     stage)."""
@@ -246,20 +249,22 @@ def recompute_row(model, tok, blend: Session, condition: str, say) -> dict:
 
 # ---------------------------------------------------------------- the benchmark
 def bench(args: list[str], out_dir: Path | None = None, progress: bool = True,
-          one_by_one: bool | None = None, recompute: str | None = RECOMPUTE_CONDITION) -> dict:
+          one_by_one: bool | None = None, recompute: str | None = RECOMPUTE_CONDITION,
+          throughput_s: float = THROUGHPUT_S) -> dict:
     """Both paths on the session that ``args`` (Hydra overrides, after ``DEFAULTS``) describe; returns what
     ``bench.json`` holds and, with ``out_dir``, writes it and ``bench.md`` there. ``one_by_one``: also time
     kvprime's path with every cache assembled alone and stacked row by row (None: on a GPU only, where that
     per-cache host work is what bounds a small model). ``recompute``: the experiment=blend condition whose
-    selective recompute is timed one sample at a time and in the run's batches (None: no such row)."""
+    selective recompute is timed one sample at a time and in the run's batches (None: no such row).
+    ``throughput_s``: how long each of the four matmul-throughput measurements runs."""
     session = Session.from_overrides(args, defaults=DEFAULTS)
     blend = recompute_session(args, recompute) if recompute else None  # its settings checked before any load
     with loading.loading_bars(bool(session.cfg["progress"])):
-        return _measure(session, out_dir, progress, one_by_one, blend, recompute)
+        return _measure(session, out_dir, progress, one_by_one, blend, recompute, throughput_s)
 
 
 def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | None, blend: Session | None = None,
-             recompute: str | None = None) -> dict:
+             recompute: str | None = None, throughput_s: float = THROUGHPUT_S) -> dict:
     cfg, specs, samples = session.cfg, session.specs, session.samples
     service = session.surrogate_service
     model, tok = session.model, session.tokenizer
@@ -276,7 +281,7 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
     # The throughput a shared or throttled machine gives moves within minutes, so it is measured
     # around each stage (before generation, before and after kvprime's encode+score, after the naive path) and
     # each stage's share is taken against the mean of the two measurements around it.
-    peaks = [matmul_gflops(device, dtype, n)]
+    peaks = [matmul_gflops(device, dtype, n, throughput_s)]
     say(f"  {str(dtype).removeprefix('torch.')} matmul throughput ({n}^3, torch.mm on {device}): "
         f"{peaks[0]:.1f} GFLOP/s")
 
@@ -325,9 +330,9 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
             eng.forget()
         return out, time.perf_counter() - t
 
-    peaks.append(matmul_gflops(device, dtype, n))
+    peaks.append(matmul_gflops(device, dtype, n, throughput_s))
     fast, fast_s = kvprime_path(engine)
-    peaks.append(matmul_gflops(device, dtype, n))
+    peaks.append(matmul_gflops(device, dtype, n, throughput_s))
     fast_rss = metadata.peak_rss_mb()
     fast_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     # A continued encode runs its new tokens against its past: (new, past) pairs, counted exactly.
@@ -351,7 +356,7 @@ def _measure(session, out_dir: Path | None, progress: bool, one_by_one: bool | N
         primed = naive_engine.build(spec, seg)
         slow.append(naive_score(model, primed, seg))
     slow_s = time.perf_counter() - t
-    peaks.append(matmul_gflops(device, dtype, n))
+    peaks.append(matmul_gflops(device, dtype, n, throughput_s))
     gen_peak, fast_peak, slow_peak = ((peaks[i] + peaks[i + 1]) / 2 for i in range(3))
     say(f"  naive encode+score: {slow_s:.1f} s ({naive_engine.n_encodes} encodes)")
     score_flops = sum(forward_flops(config, len(seg.prompt) + len(seg.answer), cache_len, len(seg.answer) + 1)

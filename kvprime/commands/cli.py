@@ -146,7 +146,11 @@ def bench(ctx: typer.Context,
               None, "--recompute", metavar="CONDITION", show_default="bare_dev15",
               help="The experiment=blend selective-recompute condition timed one sample at a time and in the "
                    "run's batches, side by side, on k=3 passages of the same model, data and n."),
-          no_recompute: bool = typer.Option(False, "--no-recompute", help="Skip the selective-recompute row.")
+          no_recompute: bool = typer.Option(False, "--no-recompute", help="Skip the selective-recompute row."),
+          throughput_seconds: float | None = typer.Option(
+              None, "--throughput-seconds", metavar="S", show_default="2",
+              help="How long each of the four matmul-throughput measurements runs (the throughput each stage's "
+                   "share is taken against; a noisy machine wants longer).")
           ) -> None:
     """Time kvprime's path against the notebooks' naive path on the same work, side by side, and print the
     speed-ups, the largest NLL difference, the share of the measured matmul throughput and peak memory; then
@@ -164,12 +168,16 @@ def bench(ctx: typer.Context,
     """
     if no_recompute and recompute is not None:
         _guarded(_refuse, f"--recompute {recompute} and --no-recompute contradict each other: give one of them.")
+    if throughput_seconds is not None and not throughput_seconds > 0:
+        _guarded(_refuse, f"--throughput-seconds {throughput_seconds} is not accepted: give a positive number of "
+                          "seconds (default 2).")
     from .bench import RECOMPUTE_CONDITION  # lazy: torch; model-free commands run without it
     from .bench import bench as run_bench
 
     out = _new_out_dir("bench")
     chosen = None if no_recompute else recompute or RECOMPUTE_CONDITION
-    _guarded(run_bench, list(ctx.args), out_dir=out, one_by_one=one_by_one, recompute=chosen)
+    timing = {} if throughput_seconds is None else {"throughput_s": throughput_seconds}
+    _guarded(run_bench, list(ctx.args), out_dir=out, one_by_one=one_by_one, recompute=chosen, **timing)
 
 
 @app.command("bench-scale")
