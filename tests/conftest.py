@@ -98,6 +98,39 @@ def _tier_guard(request, monkeypatch):
     yield
 
 
+# A 1x1 PNG: what a figure's file holds in a fast test that does not test figures.
+_BLANK_PNG: list[bytes] = []
+
+
+@pytest.fixture(autouse=True)
+def _figures_drawn_not_rasterised(request, monkeypatch):
+    """In a fast test not marked ``figures``, every figure is built (each plotting call runs, so a figure that
+    fails on its data still fails) but not rasterised: ``Figure.savefig`` writes a 1x1 PNG instead of the 0.35 s
+    of layout and rendering. A test that reads a figure's pixels, size or metadata is marked ``figures``."""
+    if not request.node.get_closest_marker("fast") or request.node.get_closest_marker("figures"):
+        yield
+        return
+    import io
+
+    from matplotlib.figure import Figure
+
+    if not _BLANK_PNG:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (1, 1), "white").save(buf, format="png")
+        _BLANK_PNG.append(buf.getvalue())
+
+    def savefig(self, fname, *args, **kwargs):
+        if hasattr(fname, "write"):
+            fname.write(_BLANK_PNG[0])
+        else:
+            Path(fname).write_bytes(_BLANK_PNG[0])
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    yield
+
+
 # ---------------------------------------------------------------- shared fixtures
 
 

@@ -269,6 +269,7 @@ def png_size(path):
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
+@pytest.mark.figures
 def test_exp01_figure_full(tmp_path, data):
     _, long, sim = data
     out = exp01_figure(long, sim, tmp_path / "fig" / "exp01.png")
@@ -277,6 +278,7 @@ def test_exp01_figure_full(tmp_path, data):
     assert [p.name for p in out.parent.iterdir()] == ["exp01.png"]  # no temp file left behind
 
 
+@pytest.mark.figures
 def test_exp01_figure_subset_nan_and_no_similarity(tmp_path, data):
     full, _, _ = data
     w = full[[A1, C2, D1]].copy()
@@ -287,6 +289,7 @@ def test_exp01_figure_subset_nan_and_no_similarity(tmp_path, data):
     assert png_size(out)[0] >= 1500
 
 
+@pytest.mark.figures
 def test_conditions_figure_from_summary(tmp_path, data):
     _, long, _ = data
     summary, _ = summarize(long, baseline=A1, n_boot=NB)

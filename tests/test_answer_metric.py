@@ -101,6 +101,7 @@ def test_answer_statistics_sit_beside_nll_in_summary_comparisons_and_report(answ
     assert sum(sum(v for k, v in s.items() if k != "condition") for s in results["answer_quality"]["stops"]) == 25
 
 
+@pytest.mark.figures
 def test_the_report_command_rebuilds_the_answer_tables_byte_for_byte(answer_run):
     from kvprime.reporting.finalize import finalize
 

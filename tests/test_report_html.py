@@ -96,6 +96,7 @@ def test_the_page_is_self_contained(run_dir):
     assert sum(len(s[1]) for s in page.scripts[1:]) < 20_000  # the inlined script stays small
 
 
+@pytest.mark.figures
 def test_kvprime_report_rebuilds_the_page_byte_for_byte(run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

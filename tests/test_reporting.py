@@ -62,6 +62,7 @@ def test_formats_per_column_and_rows_as_sequences():
 
 
 # ---------------------------------------------------------------- the figure writer
+@pytest.mark.figures
 def test_every_figure_goes_through_one_atomic_writer(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
@@ -168,6 +169,7 @@ def _set_config(run_dir, **exp):
     (run_dir / "config.json").write_text(json.dumps(cfg))
 
 
+@pytest.mark.figures
 def test_finalize_again_gives_the_same_bytes(tiny_run, tmp_path):
     run = _copy(tiny_run, tmp_path)
     names = [*TABLES, "results.json", "report.md", "conditions.png", "exp01_figure.png",
