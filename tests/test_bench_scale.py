@@ -11,7 +11,7 @@ from fixtures import cli
 def test_bench_scale_runs_reports_and_merges_and_checks_the_merge(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     out = cli.run(["bench-scale", "--n", "6", "--shards", "2",
-                          "stats.n_boot=1000"], env=env, timeout=900)
+                   "stats.n_boot=1000"], env=env, timeout=900)
     assert out.returncode == 0, out.stderr
     (found,) = (tmp_path / "bench-scale").glob("*/scale.json")
     record = json.loads(found.read_text())

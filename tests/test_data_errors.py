@@ -273,8 +273,8 @@ def test_the_cli_refuses_a_latin1_file_with_one_paragraph_and_exit_2(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     out = cli.run(["run", "dataset=jsonl", f"dataset.path={path}",
-                          "model=tiny_random_llama", "progress=false"],
-                         env=env, cwd=tmp_path, timeout=600)
+                   "model=tiny_random_llama", "progress=false"],
+                  env=env, cwd=tmp_path, timeout=600)
     message = " ".join(out.stderr.split())
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and "internal error" not in message

@@ -158,13 +158,12 @@ def test_power_plan_rows(tmp_path):
 
 @pytest.mark.integration
 def test_power_command(tmp_path):
-
     _pilot(tmp_path)
     ok = cli.run(["power", str(tmp_path), "--effect", "0.02"])
     assert ok.returncode == 0, ok.stderr
     assert "| primed vs base |" in ok.stdout and "n_for_equivalence" in ok.stdout
     bad = cli.run(["power", str(tmp_path), "--effect", "0.02",
-                          "--power", "1.5"])
+                   "--power", "1.5"])
     assert bad.returncode == 2 and "--power=1.5" in bad.stderr and "Traceback" not in bad.stderr
     (tmp_path / "summary.csv").unlink()
     gone = cli.run(["power", str(tmp_path), "--effect", "0.02"])

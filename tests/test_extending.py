@@ -112,10 +112,10 @@ def test_outside_folder_runs_through_kvprime_run(study, tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
     run_dir = tmp_path / "run"
     proc = cli.run(["run", "--config-dir", str(study),
-                           "plugins=[masked_prefix]", "condition=masked_surrogate", "model=tiny_random_llama",
-                           "model.sink=none", "dataset=exp21_sanity", "stats.n_boot=1000", "progress=false",
-                           f"hydra.run.dir={run_dir}"],
-                          env=env, cwd=tmp_path, timeout=600)
+                    "plugins=[masked_prefix]", "condition=masked_surrogate", "model=tiny_random_llama",
+                    "model.sink=none", "dataset=exp21_sanity", "stats.n_boot=1000", "progress=false",
+                    f"hydra.run.dir={run_dir}"],
+                   env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     summary = pd.read_csv(run_dir / "summary.csv")
     assert list(summary.condition) == ["bare", "masked_surrogate"]

@@ -122,8 +122,8 @@ def test_unknown_generator_is_one_paragraph_before_any_model_loads(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
     env.pop("KVPRIME_DEBUG", None)
     proc = cli.run(["run", "experiment=routing", "model=tiny_random_llama",
-                           "dataset=exp21_sanity", "generation.model=qwen_typo", "progress=false"],
-                          env=env, cwd=tmp_path, timeout=300)
+                    "dataset=exp21_sanity", "generation.model=qwen_typo", "progress=false"],
+                   env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr
     assert "Traceback" not in err and "generation.model='qwen_typo'" in err

@@ -278,8 +278,8 @@ def test_an_offline_hub_dataset_is_one_paragraph_naming_the_option_and_the_offli
 def test_the_cli_says_it_in_one_paragraph_with_exit_2_and_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVPRIME_OUTPUT_ROOT": str(tmp_path)}
     proc = cli.run(["run", "model=tiny_random_llama", "dataset=musique",
-                           "dataset.hf_dataset=bdsaglam/musique", "progress=false"],
-                          env=env, timeout=300)
+                    "dataset.hf_dataset=bdsaglam/musique", "progress=false"],
+                   env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "dataset.hf_dataset=bdsaglam/musique" in proc.stderr and "HF_HUB_OFFLINE is set" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

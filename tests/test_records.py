@@ -23,8 +23,7 @@ def _kvprime(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "KVPRIME_HOME": str(tmp_path / "home")}
     env.pop("KVPRIME_DEBUG", None)
-    return cli.run([*args], env=env,
-                          cwd=tmp_path, timeout=600)
+    return cli.run(args, env=env, cwd=tmp_path, timeout=600)
 
 
 def _data(path: Path) -> Path:

@@ -114,8 +114,8 @@ def test_the_cli_refuses_in_one_paragraph_exit_2_and_leaves_the_directory_byte_i
     before = _tree(finished)
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1"}
     out = cli.run(["run", *_args(data_file),
-                          "resume=true", f"hydra.run.dir={finished}"], env=env,
-                         cwd=tmp_path, timeout=600)
+                   "resume=true", f"hydra.run.dir={finished}"], env=env,
+                  cwd=tmp_path, timeout=600)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and "change of kvprime version" in " ".join(out.stderr.split())
     assert _tree(finished) == before

@@ -232,8 +232,7 @@ def test_gpu_model_on_cpu_machine_stops_with_the_reason(tmp_path, samples_file):
 
 
 def run_cli(*args, **kw):
-    return cli.run([*args], timeout=300,
-                          **kw)
+    return cli.run(args, timeout=300, **kw)
 
 
 @pytest.mark.integration

@@ -167,7 +167,7 @@ def test_the_cli_refuses_a_key_added_with_plus_in_one_paragraph(tmp_path):
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     out = cli.run(["run", *BASE, "+dataset.n_sample=3"],
-                         env=env, cwd=tmp_path, timeout=600)
+                  env=env, cwd=tmp_path, timeout=600)
     message = " ".join(out.stderr.split())
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
@@ -188,7 +188,7 @@ def test_the_cli_names_the_key_instead_of_hydras_hint(tmp_path, override, expect
     env = {**os.environ, "KVPRIME_OUTPUT_ROOT": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     out = cli.run(["run", *BASE, override],
-                         env=env, cwd=tmp_path, timeout=600)
+                  env=env, cwd=tmp_path, timeout=600)
     message = " ".join(out.stderr.split())
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
